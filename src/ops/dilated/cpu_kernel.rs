@@ -1,0 +1,950 @@
+//! The CPU kernel: blocked online softmax over compact tiles of dilated rows.
+//!
+//! # Design
+//!
+//! For pattern `i`, head `h` with offset `o` and segment `s` (start `a`), the rows that
+//! take part form an arithmetic progression `a + o + j·r`, `j < m`. The kernel never
+//! materialises `N×N` scores or a `w×w` segment matrix: it gathers a tile of `BQ` query
+//! rows and walks the key progression in tiles of `BK` rows, keeping the running max,
+//! running sum and accumulator of the online softmax (FlashAttention's recurrence).
+//! Scratch per worker is `O(BQ·D + BK·D + BQ·BK)`; nothing grows with `N`.
+//!
+//! Patterns run one after another. Inside a pattern every (batch, position, head) is owned
+//! by exactly one work item, so items run in parallel (rayon) and merge their partial
+//! `(out_i, lse_i)` straight into the output with the log-sum-exp rule — which is both
+//! the LSE combine of SPEC §1a and, with factor `1/G`, the head-group combine of §1b.
+//!
+//! The inner routines work on [`Prog`]ressions of (buffer row, global position), not on
+//! "the whole sequence", so the ring driver reuses them for a local query chunk against a
+//! received key block: causal and mask decisions always use global positions.
+//!
+//! Backward (FlashAttention-2 style, recomputing scores): per pattern, one parallel pass
+//! owns key tiles and accumulates `dK`, `dV` over all query tiles that see them; a second
+//! pass owns query tiles and accumulates `dQ`. `Δ = dO·O` (or the per-pattern `dO·out_i`
+//! with `detach_weights`) is precomputed, one scalar per (batch, position, head).
+//!
+//! Inner loops are written as `axpy` over contiguous rows (`S[i,:] += q[i,d]·Kᵀ[d,:]`,
+//! `acc[i,:] += p[i,j]·V[j,:]`) so LLVM vectorises them without reassociating sums.
+
+use crate::dtype::Element;
+use crate::shape::Plan;
+use rayon::prelude::*;
+
+/// Query rows per tile.
+pub(crate) const BQ: usize = 32;
+/// Key rows per tile.
+pub(crate) const BK: usize = 64;
+
+/// An arithmetic progression of rows: element `j` is buffer row `row0 + j·row_step` at
+/// global position `pos0 + j·pos_step`. Positions increase with `j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Prog {
+    pub row0: usize,
+    pub row_step: usize,
+    pub pos0: usize,
+    pub pos_step: usize,
+    pub count: usize,
+}
+
+impl Prog {
+    #[inline(always)]
+    pub fn row(&self, j: usize) -> usize {
+        self.row0 + j * self.row_step
+    }
+    #[inline(always)]
+    pub fn pos(&self, j: usize) -> usize {
+        self.pos0 + j * self.pos_step
+    }
+    /// Elements `[start, start + len)` of this progression.
+    #[inline(always)]
+    pub fn sub(&self, start: usize, len: usize) -> Prog {
+        Prog {
+            row0: self.row(start),
+            pos0: self.pos(start),
+            count: len,
+            ..*self
+        }
+    }
+}
+
+/// A read-only `(batch, rows, heads, D)` buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub heads: usize,
+    pub d: usize,
+}
+
+impl<T> View<'_, T> {
+    #[inline(always)]
+    pub fn at(&self, b: usize, row: usize, h: usize) -> usize {
+        ((b * self.rows + row) * self.heads + h) * self.d
+    }
+}
+
+/// A raw pointer shared by workers that write disjoint rows.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+// SAFETY: the pointer is only dereferenced by workers that, by construction of the work
+// decomposition (documented at each use), touch disjoint elements; the buffer outlives
+// the parallel region because it is borrowed mutably for the whole call.
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+/// A mutable `(batch, rows, heads, D)` buffer written through a raw pointer.
+#[derive(Clone, Copy)]
+pub(crate) struct ViewMut<T> {
+    pub ptr: SyncPtr<T>,
+    pub len: usize,
+    pub rows: usize,
+    pub heads: usize,
+    pub d: usize,
+}
+
+impl<T> ViewMut<T> {
+    pub fn new(data: &mut [T], rows: usize, heads: usize, d: usize) -> Self {
+        ViewMut {
+            ptr: SyncPtr(data.as_mut_ptr()),
+            len: data.len(),
+            rows,
+            heads,
+            d,
+        }
+    }
+    #[inline(always)]
+    fn at(&self, b: usize, row: usize, h: usize) -> usize {
+        ((b * self.rows + row) * self.heads + h) * self.d
+    }
+    /// # Safety
+    /// No other thread may access elements `[at(b,row,h), +d)` during the borrow.
+    #[inline(always)]
+    pub unsafe fn row_mut(&self, b: usize, row: usize, h: usize) -> &mut [T] {
+        let i = self.at(b, row, h);
+        assert!(i + self.d <= self.len, "row out of bounds");
+        // SAFETY: in bounds (checked above); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.0.add(i), self.d) }
+    }
+}
+
+/// Everything a forward block needs besides the progressions.
+pub(crate) struct FwdCtx<'a, T> {
+    pub q: View<'a, T>,
+    pub k: View<'a, T>,
+    pub v: View<'a, T>,
+    /// Key padding mask over the kv buffer's rows: `(batch, rows)`.
+    pub kmask: Option<&'a [bool]>,
+    pub causal: bool,
+    pub scale: T,
+    /// Output `(batch, q rows, H, D)` and `L` `(batch, q rows, H)` (with `d = 1`).
+    pub out: ViewMut<T>,
+    pub lse: ViewMut<T>,
+}
+
+/// Per-worker scratch, allocated once per rayon job split.
+pub(crate) struct Scratch<T> {
+    q: Vec<T>,   // BQ × D (scaled)
+    kt: Vec<T>,  // D × BK
+    vt: Vec<T>,  // D × BK (backward)
+    kv: Vec<T>,  // BK × D (V forward, K backward)
+    s: Vec<T>,   // BQ × BK
+    acc: Vec<T>, // BQ × D
+    m: Vec<T>,   // BQ
+    l: Vec<T>,   // BQ
+    dkt: Vec<T>, // BK × D (backward)
+    dvt: Vec<T>, // BK × D (backward)
+    go: Vec<T>,  // BQ × D (backward: dO·fac)
+    ds: Vec<T>,  // BQ × BK (backward)
+    qp: Vec<usize>,
+    kp: Vec<usize>,
+    kok: Vec<bool>,
+}
+
+impl<T: Element> Scratch<T> {
+    pub fn new(d: usize) -> Self {
+        let z = T::zero();
+        Scratch {
+            q: vec![z; BQ * d],
+            kt: vec![z; d * BK],
+            vt: vec![z; d * BK],
+            kv: vec![z; BK * d],
+            s: vec![z; BQ * BK],
+            acc: vec![z; BQ * d],
+            m: vec![z; BQ],
+            l: vec![z; BQ],
+            dkt: vec![z; BK * d],
+            dvt: vec![z; BK * d],
+            go: vec![z; BQ * d],
+            ds: vec![z; BQ * BK],
+            qp: vec![0; BQ],
+            kp: vec![0; BK],
+            kok: vec![false; BK],
+        }
+    }
+}
+
+/// Gather query rows of `qp` (at most `BQ`) for batch `b`, head `h`, times `mul`.
+#[inline]
+fn gather_rows<T: Element>(dst: &mut [T], src: View<'_, T>, b: usize, h: usize, p: &Prog, mul: T) {
+    let d = src.d;
+    for j in 0..p.count {
+        let s = &src.data[src.at(b, p.row(j), h)..][..d];
+        for (x, y) in dst[j * d..(j + 1) * d].iter_mut().zip(s) {
+            *x = *y * mul;
+        }
+    }
+}
+
+/// Gather key rows transposed: `dst[dd·BK + j] = src[row j][dd]`.
+#[inline]
+fn gather_t<T: Element>(dst: &mut [T], src: View<'_, T>, b: usize, g: usize, p: &Prog) {
+    let d = src.d;
+    for j in 0..p.count {
+        let s = &src.data[src.at(b, p.row(j), g)..][..d];
+        for (dd, y) in s.iter().enumerate() {
+            dst[dd * BK + j] = *y;
+        }
+    }
+}
+
+/// `S[i, :bk] = sum_d Q[i, d] · Kᵀ[d, :bk]` for `i < bq`.
+#[inline]
+fn scores<T: Element>(s: &mut [T], q: &[T], kt: &[T], bq: usize, bk: usize, d: usize) {
+    for i in 0..bq {
+        let row = &mut s[i * BK..i * BK + bk];
+        row.fill(T::zero());
+        let qi = &q[i * d..(i + 1) * d];
+        for (dd, &a) in qi.iter().enumerate() {
+            let kr = &kt[dd * BK..dd * BK + bk];
+            for (x, &y) in row.iter_mut().zip(kr) {
+                *x += a * y;
+            }
+        }
+    }
+}
+
+/// Set masked scores to `-inf`: key invalid, or causal future.
+#[inline]
+fn apply_mask<T: Element>(s: &mut [T], qpos: &[usize], kpos: &[usize], kok: &[bool], causal: bool) {
+    let ninf = T::neg_infinity();
+    for (i, &qp) in qpos.iter().enumerate() {
+        let row = &mut s[i * BK..i * BK + kpos.len()];
+        for ((x, &kp), &ok) in row.iter_mut().zip(kpos).zip(kok) {
+            if !ok || (causal && kp > qp) {
+                *x = ninf;
+            }
+        }
+    }
+}
+
+/// Fill `kpos`, `kok` (mask only) for the key tile.
+#[inline]
+fn key_meta(
+    kpos: &mut [usize],
+    kok: &mut [bool],
+    kmask: Option<&[bool]>,
+    rows: usize,
+    b: usize,
+    p: &Prog,
+) {
+    for j in 0..p.count {
+        kpos[j] = p.pos(j);
+        kok[j] = kmask.is_none_or(|m| m[b * rows + p.row(j)]);
+    }
+}
+
+/// Forward of one query tile `qp` (at most `BQ` rows) of head `h` against the key
+/// progression `kp` (kv head `g`), merged into `out`/`lse` with factor `fac`.
+///
+/// # Safety
+/// No other thread may touch the `out`/`lse` rows of `(b, qp rows, h)` during the call.
+pub(crate) unsafe fn fwd_tile<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &FwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    g: usize,
+    qp: Prog,
+    kp: Prog,
+    fac: T,
+) {
+    fwd_accumulate(sc, cx, b, h, g, qp, kp);
+    // SAFETY: forwarded contract.
+    unsafe { merge_tile(sc, cx, b, h, qp, fac) };
+}
+
+/// Online-softmax accumulation of one query tile against a key progression. On return,
+/// for tile row `i`: `sc.m[i]` running max, `sc.l[i]` sum (0 if no key), `sc.acc` the
+/// unnormalised output.
+pub(crate) fn fwd_accumulate<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &FwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    g: usize,
+    qp: Prog,
+    kp: Prog,
+) {
+    let d = cx.q.d;
+    let bq = qp.count;
+    debug_assert!(bq <= BQ);
+    let ninf = T::neg_infinity();
+    gather_rows(&mut sc.q, cx.q, b, h, &qp, cx.scale);
+    for j in 0..bq {
+        sc.qp[j] = qp.pos(j);
+    }
+    let qmax = sc.qp[bq - 1];
+    sc.m[..bq].fill(ninf);
+    sc.l[..bq].fill(T::zero());
+    sc.acc[..bq * d].fill(T::zero());
+
+    let mut k0 = 0;
+    while k0 < kp.count {
+        let bk = BK.min(kp.count - k0);
+        let kt = kp.sub(k0, bk);
+        if cx.causal && kt.pos0 > qmax {
+            break; // positions increase: every later key is in the future
+        }
+        gather_t(&mut sc.kt, cx.k, b, g, &kt);
+        gather_rows(&mut sc.kv, cx.v, b, g, &kt, T::one());
+        key_meta(&mut sc.kp, &mut sc.kok, cx.kmask, cx.k.rows, b, &kt);
+        scores(&mut sc.s, &sc.q, &sc.kt, bq, bk, d);
+        apply_mask(
+            &mut sc.s,
+            &sc.qp[..bq],
+            &sc.kp[..bk],
+            &sc.kok[..bk],
+            cx.causal,
+        );
+        for i in 0..bq {
+            let row = &mut sc.s[i * BK..i * BK + bk];
+            let mx = row.iter().fold(ninf, |a, &x| a.max(x));
+            let m_new = sc.m[i].max(mx);
+            if m_new == ninf {
+                continue; // nothing valid yet for this query
+            }
+            let alpha = (sc.m[i] - m_new).exp();
+            let mut sum = T::zero();
+            for x in row.iter_mut() {
+                *x = (*x - m_new).exp();
+                sum += *x;
+            }
+            sc.l[i] = sc.l[i] * alpha + sum;
+            sc.m[i] = m_new;
+            let acc = &mut sc.acc[i * d..(i + 1) * d];
+            if alpha != T::one() {
+                for a in acc.iter_mut() {
+                    *a *= alpha;
+                }
+            }
+            for (j, &p) in row.iter().enumerate() {
+                if p == T::zero() {
+                    continue;
+                }
+                let vr = &sc.kv[j * d..(j + 1) * d];
+                for (a, &y) in acc.iter_mut().zip(vr) {
+                    *a += p * y;
+                }
+            }
+        }
+        k0 += bk;
+    }
+}
+
+/// Merge a tile's accumulated `(out_i, lse_i)` into `out`/`lse` with the log-sum-exp rule,
+/// `out_i` weighted by `fac`.
+///
+/// # Safety
+/// No other thread may touch the `out`/`lse` rows of `(b, qp rows, h)` during the call.
+pub(crate) unsafe fn merge_tile<T: Element>(
+    sc: &Scratch<T>,
+    cx: &FwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    qp: Prog,
+    fac: T,
+) {
+    let d = cx.q.d;
+    let ninf = T::neg_infinity();
+    for i in 0..qp.count {
+        if sc.l[i] == T::zero() {
+            continue; // empty key set: lse_i = -inf, out_i = 0, nothing to merge
+        }
+        let lse_i = sc.m[i] + sc.l[i].ln();
+        let row = qp.row(i);
+        // SAFETY: exclusivity of (b, row, h) is this function's contract.
+        let (o, l) = unsafe { (cx.out.row_mut(b, row, h), cx.lse.row_mut(b, row, h)) };
+        let l_old = l[0];
+        let l_new = if l_old == ninf {
+            lse_i
+        } else {
+            let mx = l_old.max(lse_i);
+            mx + ((l_old - mx).exp() + (lse_i - mx).exp()).ln()
+        };
+        let w_old = if l_old == ninf {
+            T::zero()
+        } else {
+            (l_old - l_new).exp()
+        };
+        let w_new = (lse_i - l_new).exp() * fac / sc.l[i];
+        let acc = &sc.acc[i * d..(i + 1) * d];
+        for (x, &a) in o.iter_mut().zip(acc) {
+            *x = *x * w_old + a * w_new;
+        }
+        l[0] = l_new;
+    }
+}
+
+/// The whole single-device forward: `out`, `lse` are overwritten.
+pub(crate) fn forward<T: Element>(
+    plan: &Plan,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+    out: &mut [T],
+    lse: &mut [T],
+) {
+    let dm = *plan.dims();
+    out.fill(T::zero());
+    lse.fill(T::neg_infinity());
+    let (n, d) = (dm.seq, dm.head_dim);
+    let cx = FwdCtx {
+        q: View {
+            data: q,
+            rows: n,
+            heads: dm.heads,
+            d,
+        },
+        k: View {
+            data: k,
+            rows: n,
+            heads: dm.kv_heads,
+            d,
+        },
+        v: View {
+            data: v,
+            rows: n,
+            heads: dm.kv_heads,
+            d,
+        },
+        kmask: mask,
+        causal: plan.options().causal,
+        scale: T::of(plan.scale()),
+        out: ViewMut::new(out, n, dm.heads, d),
+        lse: ViewMut::new(lse, n, dm.heads, 1),
+    };
+    let fac = T::of(plan.pattern_factor());
+    for (i, pat) in plan.patterns().iter().enumerate() {
+        let (w, r) = (pat.segment, pat.dilation);
+        let nseg = n / w;
+        let nqt = w.div_ceil(r).div_ceil(BQ);
+        let total = dm.batch * dm.heads * nseg * nqt;
+        (0..total).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, item| {
+                let qt = item % nqt;
+                let s = (item / nqt) % nseg;
+                let h = (item / (nqt * nseg)) % dm.heads;
+                let b = item / (nqt * nseg * dm.heads);
+                let Some(o) = plan.offset(i, h) else { return };
+                let m = plan.rows_per_segment(i, o);
+                if qt * BQ >= m {
+                    return;
+                }
+                let a = s * w + o;
+                let kp = Prog {
+                    row0: a,
+                    row_step: r,
+                    pos0: a,
+                    pos_step: r,
+                    count: m,
+                };
+                let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
+                // SAFETY: within pattern i, the item (b, h, s, qt) is the only one that
+                // covers rows a + (qt·BQ + j)·r of head h in batch b.
+                unsafe { fwd_tile(sc, &cx, b, h, h / dm.group(), qp, kp, fac) };
+            },
+        );
+    }
+}
+
+/// Everything a backward block needs.
+pub(crate) struct BwdCtx<'a, T> {
+    pub q: View<'a, T>,
+    pub k: View<'a, T>,
+    pub v: View<'a, T>,
+    pub kmask: Option<&'a [bool]>,
+    pub causal: bool,
+    pub scale: T,
+    /// Upstream gradient `(batch, q rows, H, D)`.
+    pub go: View<'a, T>,
+    /// Saved `L` `(batch, q rows, H)` (`d = 1`).
+    pub lse: View<'a, T>,
+    /// `Δ` `(batch, q rows, H)` (`d = 1`).
+    pub delta: View<'a, T>,
+    /// Factor on the upstream gradient (1 or `1/G`).
+    pub fac: T,
+}
+
+/// Recompute `P = exp(S - L)` and `dS = P·(dO'·v - Δ)` for one (query tile, key tile)
+/// pair. On return `sc.s` holds `P` and `ds` holds `dS`.
+/// Requires `sc.q` (scaled Q), `sc.go` (dO'), `sc.kt`, `sc.vt`, key meta set.
+#[inline]
+fn p_ds<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &BwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    qp: &Prog,
+    bk: usize,
+    ds: &mut [T],
+) {
+    let d = cx.q.d;
+    let bq = qp.count;
+    scores(&mut sc.s, &sc.q, &sc.kt, bq, bk, d);
+    apply_mask(
+        &mut sc.s,
+        &sc.qp[..bq],
+        &sc.kp[..bk],
+        &sc.kok[..bk],
+        cx.causal,
+    );
+    // dP = dO' · Vᵀ into ds.
+    scores(ds, &sc.go, &sc.vt, bq, bk, d);
+    for i in 0..bq {
+        let row = qp.row(i);
+        let l = cx.lse.data[cx.lse.at(b, row, h)];
+        let delta = cx.delta.data[cx.delta.at(b, row, h)];
+        let srow = &mut sc.s[i * BK..i * BK + bk];
+        let drow = &mut ds[i * BK..i * BK + bk];
+        if l == T::neg_infinity() {
+            srow.fill(T::zero());
+            drow.fill(T::zero());
+            continue;
+        }
+        for (x, y) in srow.iter_mut().zip(drow.iter_mut()) {
+            *x = (*x - l).exp();
+            *y = *x * (*y - delta);
+        }
+    }
+}
+
+/// Load the query-side tiles for backward: scaled Q, dO', positions.
+#[inline]
+fn load_q_side<T: Element>(sc: &mut Scratch<T>, cx: &BwdCtx<'_, T>, b: usize, h: usize, qp: &Prog) {
+    gather_rows(&mut sc.q, cx.q, b, h, qp, cx.scale);
+    gather_rows(&mut sc.go, cx.go, b, h, qp, cx.fac);
+    for j in 0..qp.count {
+        sc.qp[j] = qp.pos(j);
+    }
+}
+
+/// Load the key-side tiles for backward: Kᵀ, Vᵀ, K rows (for dQ), meta.
+#[inline]
+fn load_k_side<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &BwdCtx<'_, T>,
+    b: usize,
+    g: usize,
+    kt: &Prog,
+    rows_k: bool,
+) {
+    gather_t(&mut sc.kt, cx.k, b, g, kt);
+    gather_t(&mut sc.vt, cx.v, b, g, kt);
+    if rows_k {
+        gather_rows(&mut sc.kv, cx.k, b, g, kt, T::one());
+    }
+    key_meta(&mut sc.kp, &mut sc.kok, cx.kmask, cx.k.rows, b, kt);
+}
+
+/// `dK`, `dV` of the key tile `kt` (at most `BK` rows, kv head `g`) from the query
+/// progressions `qps` (each with its head). Accumulates into `dk`, `dv` rows.
+///
+/// # Safety
+/// No other thread may touch the `dk`/`dv` rows of `(b, kt rows, g)` during the call.
+pub(crate) unsafe fn bwd_kv_tile<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &BwdCtx<'_, T>,
+    b: usize,
+    g: usize,
+    kt: Prog,
+    qps: &[(usize, Prog)],
+    dk: &ViewMut<T>,
+    dv: &ViewMut<T>,
+) {
+    let d = cx.q.d;
+    let bk = kt.count;
+    load_k_side(sc, cx, b, g, &kt, false);
+    let kmin = kt.pos0;
+    sc.dkt[..bk * d].fill(T::zero());
+    sc.dvt[..bk * d].fill(T::zero());
+    let mut ds = std::mem::take(&mut sc.ds);
+    for &(h, qfull) in qps {
+        let mut q0 = 0;
+        // Causal: skip query tiles entirely before the key tile.
+        if cx.causal {
+            while q0 < qfull.count && qfull.pos((q0 + BQ).min(qfull.count) - 1) < kmin {
+                q0 += BQ;
+            }
+        }
+        while q0 < qfull.count {
+            let bq = BQ.min(qfull.count - q0);
+            let qp = qfull.sub(q0, bq);
+            load_q_side(sc, cx, b, h, &qp);
+            p_ds(sc, cx, b, h, &qp, bk, &mut ds);
+            for i in 0..bq {
+                let prow = &sc.s[i * BK..i * BK + bk];
+                let dsrow = &ds[i * BK..i * BK + bk];
+                let gi = &sc.go[i * d..(i + 1) * d];
+                let qi = &sc.q[i * d..(i + 1) * d];
+                for j in 0..bk {
+                    let (p, s) = (prow[j], dsrow[j]);
+                    if p != T::zero() {
+                        for (x, &y) in sc.dvt[j * d..(j + 1) * d].iter_mut().zip(gi) {
+                            *x += p * y;
+                        }
+                    }
+                    if s != T::zero() {
+                        // q is pre-scaled, so this is scale · dS · q.
+                        for (x, &y) in sc.dkt[j * d..(j + 1) * d].iter_mut().zip(qi) {
+                            *x += s * y;
+                        }
+                    }
+                }
+            }
+            q0 += bq;
+        }
+    }
+    sc.ds = ds;
+    for j in 0..bk {
+        let row = kt.row(j);
+        // SAFETY: exclusivity of (b, row, g) is this function's contract.
+        let (dkr, dvr) = unsafe { (dk.row_mut(b, row, g), dv.row_mut(b, row, g)) };
+        for (x, &y) in dkr.iter_mut().zip(&sc.dkt[j * d..(j + 1) * d]) {
+            *x += y;
+        }
+        for (x, &y) in dvr.iter_mut().zip(&sc.dvt[j * d..(j + 1) * d]) {
+            *x += y;
+        }
+    }
+}
+
+/// `dQ` of the query tile `qp` (head `h`, kv head `g`) from the key progression `kp`.
+///
+/// # Safety
+/// No other thread may touch the `dq` rows of `(b, qp rows, h)` during the call.
+pub(crate) unsafe fn bwd_q_tile<T: Element>(
+    sc: &mut Scratch<T>,
+    cx: &BwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    g: usize,
+    qp: Prog,
+    kp: Prog,
+    dq: &ViewMut<T>,
+) {
+    let d = cx.q.d;
+    let bq = qp.count;
+    load_q_side(sc, cx, b, h, &qp);
+    let qmax = qp.pos(bq - 1);
+    let mut dqt = std::mem::take(&mut sc.dkt); // BQ × D ≤ BK × D
+    dqt[..bq * d].fill(T::zero());
+    let mut ds = std::mem::take(&mut sc.ds);
+    let mut k0 = 0;
+    while k0 < kp.count {
+        let bk = BK.min(kp.count - k0);
+        let kt = kp.sub(k0, bk);
+        if cx.causal && kt.pos0 > qmax {
+            break;
+        }
+        load_k_side(sc, cx, b, g, &kt, true);
+        p_ds(sc, cx, b, h, &qp, bk, &mut ds);
+        for i in 0..bq {
+            let acc = &mut dqt[i * d..(i + 1) * d];
+            for (j, &s) in ds[i * BK..i * BK + bk].iter().enumerate() {
+                if s != T::zero() {
+                    for (x, &y) in acc.iter_mut().zip(&sc.kv[j * d..(j + 1) * d]) {
+                        *x += s * y;
+                    }
+                }
+            }
+        }
+        k0 += bk;
+    }
+    for i in 0..bq {
+        // SAFETY: exclusivity of (b, row, h) is this function's contract.
+        let r = unsafe { dq.row_mut(b, qp.row(i), h) };
+        for (x, &y) in r.iter_mut().zip(&dqt[i * d..(i + 1) * d]) {
+            *x += y * cx.scale;
+        }
+    }
+    sc.ds = ds;
+    sc.dkt = dqt;
+}
+
+/// `Δ = rowsum(dO ∘ O)` per (batch, row, head).
+pub(crate) fn delta_full<T: Element>(go: &[T], out: &[T], d: usize, delta: &mut [T]) {
+    delta
+        .par_chunks_mut(1024)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (k, x) in chunk.iter_mut().enumerate() {
+                let i = (c * 1024 + k) * d;
+                *x = go[i..i + d]
+                    .iter()
+                    .zip(&out[i..i + d])
+                    .map(|(a, b)| *a * *b)
+                    .sum();
+            }
+        });
+}
+
+/// The whole single-device backward. `dq`, `dk`, `dv` are overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: Element>(
+    plan: &Plan,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+    out: &[T],
+    lse: &[T],
+    go: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let dm = *plan.dims();
+    let (n, d) = (dm.seq, dm.head_dim);
+    dq.fill(T::zero());
+    dk.fill(T::zero());
+    dv.fill(T::zero());
+    let detach =
+        plan.options().detach_weights && plan.options().combine == crate::shape::Combine::Lse;
+    let mut delta = vec![T::zero(); dm.lse_len()];
+    if !detach {
+        delta_full(go, out, d, &mut delta);
+    }
+    let qv = View {
+        data: q,
+        rows: n,
+        heads: dm.heads,
+        d,
+    };
+    let kv = View {
+        data: k,
+        rows: n,
+        heads: dm.kv_heads,
+        d,
+    };
+    let vv = View {
+        data: v,
+        rows: n,
+        heads: dm.kv_heads,
+        d,
+    };
+    let dqv = ViewMut::new(dq, n, dm.heads, d);
+    let dkv = ViewMut::new(dk, n, dm.kv_heads, d);
+    let dvv = ViewMut::new(dv, n, dm.kv_heads, d);
+    let fac = T::of(plan.pattern_factor());
+    let group = dm.group();
+    for (i, pat) in plan.patterns().iter().enumerate() {
+        let (w, r) = (pat.segment, pat.dilation);
+        let nseg = n / w;
+        if detach {
+            pattern_delta(plan, i, q, k, v, mask, go, &mut delta);
+        }
+        let cx = BwdCtx {
+            q: qv,
+            k: kv,
+            v: vv,
+            kmask: mask,
+            causal: plan.options().causal,
+            scale: T::of(plan.scale()),
+            go: View {
+                data: go,
+                rows: n,
+                heads: dm.heads,
+                d,
+            },
+            lse: View {
+                data: lse,
+                rows: n,
+                heads: dm.heads,
+                d: 1,
+            },
+            delta: View {
+                data: &delta,
+                rows: n,
+                heads: dm.heads,
+                d: 1,
+            },
+            fac,
+        };
+        // Distinct offsets per kv head (at most H/Hkv of them).
+        let offsets: Vec<Vec<usize>> = (0..dm.kv_heads)
+            .map(|g| {
+                let mut os: Vec<usize> = (g * group..(g + 1) * group)
+                    .filter_map(|h| plan.offset(i, h))
+                    .collect();
+                os.sort_unstable();
+                os.dedup();
+                os
+            })
+            .collect();
+        let nkt = w.div_ceil(r).div_ceil(BK);
+        // Pass A: dK, dV. Item = (b, g, offset slot, segment, key tile).
+        let total = dm.batch * dm.kv_heads * group * nseg * nkt;
+        (0..total).into_par_iter().for_each_init(
+            || (Scratch::new(d), Vec::with_capacity(group)),
+            |(sc, qps), item| {
+                let kt_i = item % nkt;
+                let s = (item / nkt) % nseg;
+                let slot = (item / (nkt * nseg)) % group;
+                let g = (item / (nkt * nseg * group)) % dm.kv_heads;
+                let b = item / (nkt * nseg * group * dm.kv_heads);
+                let Some(&o) = offsets[g].get(slot) else {
+                    return;
+                };
+                let m = plan.rows_per_segment(i, o);
+                if kt_i * BK >= m {
+                    return;
+                }
+                let a = s * w + o;
+                let full = Prog {
+                    row0: a,
+                    row_step: r,
+                    pos0: a,
+                    pos_step: r,
+                    count: m,
+                };
+                let kt = full.sub(kt_i * BK, BK.min(m - kt_i * BK));
+                qps.clear();
+                qps.extend(
+                    (g * group..(g + 1) * group)
+                        .filter(|&h| plan.offset(i, h) == Some(o))
+                        .map(|h| (h, full)),
+                );
+                // SAFETY: within pattern i, rows a + j·r (this tile's j) of kv head g in
+                // batch b belong to exactly this (b, g, offset, s, tile) item.
+                unsafe { bwd_kv_tile(sc, &cx, b, g, kt, qps, &dkv, &dvv) };
+            },
+        );
+        // Pass B: dQ. Item = (b, h, segment, query tile).
+        let nqt = w.div_ceil(r).div_ceil(BQ);
+        let total = dm.batch * dm.heads * nseg * nqt;
+        (0..total).into_par_iter().for_each_init(
+            || Scratch::new(d),
+            |sc, item| {
+                let qt = item % nqt;
+                let s = (item / nqt) % nseg;
+                let h = (item / (nqt * nseg)) % dm.heads;
+                let b = item / (nqt * nseg * dm.heads);
+                let Some(o) = plan.offset(i, h) else { return };
+                let m = plan.rows_per_segment(i, o);
+                if qt * BQ >= m {
+                    return;
+                }
+                let a = s * w + o;
+                let kp = Prog {
+                    row0: a,
+                    row_step: r,
+                    pos0: a,
+                    pos_step: r,
+                    count: m,
+                };
+                let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
+                // SAFETY: the item (b, h, s, qt) is the only one covering these dq rows.
+                unsafe { bwd_q_tile(sc, &cx, b, h, h / group, qp, kp, &dqv) };
+            },
+        );
+    }
+}
+
+/// `Δ_i = dO · out_i` for pattern `i` alone (used with `detach_weights`): recomputes the
+/// pattern's normalised output tile by tile and dots it with `dO`.
+#[allow(clippy::too_many_arguments)]
+fn pattern_delta<T: Element>(
+    plan: &Plan,
+    i: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+    go: &[T],
+    delta: &mut [T],
+) {
+    let dm = *plan.dims();
+    let (n, d) = (dm.seq, dm.head_dim);
+    let (w, r) = (plan.patterns()[i].segment, plan.patterns()[i].dilation);
+    let nseg = n / w;
+    let nqt = w.div_ceil(r).div_ceil(BQ);
+    let total = dm.batch * dm.heads * nseg * nqt;
+    let dptr = ViewMut::new(delta, n, dm.heads, 1);
+    let cx = FwdCtx {
+        q: View {
+            data: q,
+            rows: n,
+            heads: dm.heads,
+            d,
+        },
+        k: View {
+            data: k,
+            rows: n,
+            heads: dm.kv_heads,
+            d,
+        },
+        v: View {
+            data: v,
+            rows: n,
+            heads: dm.kv_heads,
+            d,
+        },
+        kmask: mask,
+        causal: plan.options().causal,
+        scale: T::of(plan.scale()),
+        out: dptr, // unused by fwd_accumulate
+        lse: dptr,
+    };
+    (0..total).into_par_iter().for_each_init(
+        || Scratch::new(d),
+        |sc, item| {
+            let qt = item % nqt;
+            let s = (item / nqt) % nseg;
+            let h = (item / (nqt * nseg)) % dm.heads;
+            let b = item / (nqt * nseg * dm.heads);
+            let Some(o) = plan.offset(i, h) else { return };
+            let m = plan.rows_per_segment(i, o);
+            if qt * BQ >= m {
+                return;
+            }
+            let a = s * w + o;
+            let kp = Prog {
+                row0: a,
+                row_step: r,
+                pos0: a,
+                pos_step: r,
+                count: m,
+            };
+            let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
+            fwd_accumulate(sc, &cx, b, h, h / dm.group(), qp, kp);
+            for j in 0..qp.count {
+                let val = if sc.l[j] == T::zero() {
+                    T::zero()
+                } else {
+                    let gi = &go[((b * n + qp.row(j)) * dm.heads + h) * d..][..d];
+                    let dot: T = gi
+                        .iter()
+                        .zip(&sc.acc[j * d..(j + 1) * d])
+                        .map(|(x, y)| *x * *y)
+                        .sum();
+                    dot / sc.l[j]
+                };
+                // SAFETY: within pattern i the item owns these (b, row, h) entries.
+                unsafe { dptr.row_mut(b, qp.row(j), h)[0] = val };
+            }
+        },
+    );
+}
