@@ -239,7 +239,8 @@ fn typed_world_mismatch_is_an_error() {
     let e = RingDilatedAttention::<_, Seg<8, 1>, LseCombine, 8, 4>::try_new(&comms[0], Layout::Contiguous)
         .unwrap_err();
     assert!(e.to_string().contains("4 ranks") && e.to_string().contains("has 3"), "{e}");
-    let e = RingDilatedAttention::<_, Seg<8, 1>, LseCombine, 3, 3>::try_new(&comms[0], Layout::Zigzag)
+    let comms2 = Loopback::ring(2, CommConfig::default()).unwrap();
+    let e = RingDilatedAttention::<_, Seg<6, 1>, LseCombine, 3, 2>::try_new(&comms2[0], Layout::Zigzag)
         .unwrap_err();
     assert!(e.to_string().contains("even"), "{e}");
 }
