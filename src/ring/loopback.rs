@@ -31,7 +31,12 @@ use crate::shape::Plan;
 enum Body {
     Packet(Box<dyn Any + Send>),
     Scalar(f64),
-    Abort { step: usize, msg: String },
+    /// `timeout`: the sender gave up because a peer was silent, not because one died.
+    Abort {
+        step: usize,
+        msg: String,
+        timeout: bool,
+    },
 }
 
 struct Envelope {
@@ -51,6 +56,8 @@ pub struct Loopback {
     rx: Vec<Option<Receiver<Envelope>>>,
     /// Messages taken from an inbox while waiting on another one.
     stash: RefCell<Vec<VecDeque<Envelope>>>,
+    /// The last fault this rank saw was a timeout.
+    timed_out: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for Loopback {
@@ -105,6 +112,7 @@ impl Loopback {
                 tx,
                 rx,
                 stash: RefCell::new((0..world).map(|_| VecDeque::new()).collect()),
+                timed_out: std::cell::Cell::new(false),
             })
             .collect())
     }
@@ -114,14 +122,44 @@ impl Loopback {
             return Err(CommFault::fatal(Some(to), format!("no link to rank {to}")));
         };
         tx.send(env).map_err(|_| {
+            // The peer is gone; if it said why before leaving, report that.
+            let why = self.abort_notice(to);
             CommFault::fatal(
                 Some(to),
-                format!("rank {to} is gone (its end disconnected: it panicked or returned)"),
+                match why {
+                    Some(m) => m,
+                    None => {
+                        format!("rank {to} is gone (its end disconnected: it panicked or returned)")
+                    }
+                },
             )
         })
     }
 
-    /// Abort notices waiting in any inbox other than `from`'s.
+    /// An abort notice left by rank `j` in our inbox, if any (other messages are stashed).
+    fn abort_notice(&self, j: usize) -> Option<String> {
+        let rx = self.rx.get(j)?.as_ref()?;
+        let mut stash = self.stash.borrow_mut();
+        let mut found = stash[j].iter().find_map(|e| match &e.body {
+            Body::Abort { step, msg, .. } => {
+                Some(format!("rank {j} aborted at its step {step}: {msg}"))
+            }
+            _ => None,
+        });
+        while let Ok(env) = rx.try_recv() {
+            if let Body::Abort { step, msg, .. } = &env.body {
+                found.get_or_insert_with(|| format!("rank {j} aborted at its step {step}: {msg}"));
+            }
+            stash[j].push_back(env);
+        }
+        found
+    }
+
+    /// Abort notices waiting in any inbox other than `from`'s. A notice caused by a
+    /// death ends the wait at once; one caused by a timeout does not (the sender may
+    /// have been waiting on us or on a rank that was itself waiting): this rank keeps
+    /// waiting on `from` until its own deadline, so the rank that waited on a stalled
+    /// peer names that peer.
     fn poll_others(&self, from: usize) -> Result<(), CommFault> {
         let mut stash = self.stash.borrow_mut();
         for (j, rx) in self.rx.iter().enumerate() {
@@ -132,7 +170,12 @@ impl Loopback {
             loop {
                 match rx.try_recv() {
                     Ok(Envelope {
-                        body: Body::Abort { step, msg },
+                        body:
+                            Body::Abort {
+                                step,
+                                msg,
+                                timeout: false,
+                            },
                         ..
                     }) => {
                         return Err(CommFault::fatal(
@@ -160,6 +203,7 @@ impl Loopback {
         loop {
             let now = Instant::now();
             if now >= deadline {
+                self.timed_out.set(true);
                 return Err(CommFault::fatal(
                     Some(from),
                     format!(
@@ -183,7 +227,7 @@ impl Loopback {
 
     fn expect(&self, from: usize, tag: u64) -> Result<Body, CommFault> {
         let env = self.recv(from)?;
-        if let Body::Abort { step, msg } = env.body {
+        if let Body::Abort { step, msg, .. } = env.body {
             return Err(CommFault::fatal(
                 Some(from),
                 format!("rank {from} aborted at its step {step}: {msg}"),
@@ -298,6 +342,7 @@ impl RingComm for Loopback {
                         body: Body::Abort {
                             step,
                             msg: msg.to_string(),
+                            timeout: self.timed_out.get(),
                         },
                     },
                 );
