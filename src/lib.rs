@@ -56,13 +56,14 @@ pub mod prelude {
     pub use crate::dtype::Element;
     pub use crate::error::{Error, Result};
     pub use crate::ops::dilated::{try_backward, try_forward, Forward, Grads};
-    pub use crate::shape::typed::{
-        Checked, CheckedRing, CheckedRingConfig, CombineKind, HeadGroupCombine, LseCombine, Schedule, Seg,
-    };
-    pub use crate::shape::{Combine, Dims, Options, Pattern, Plan};
     pub use crate::ring::{
         CommConfig, Layout, Loopback, RingComm, RingDilatedAttention, RingStats,
     };
+    pub use crate::shape::typed::{
+        Checked, CheckedRing, CheckedRingConfig, CombineKind, HeadGroupCombine, LseCombine,
+        Schedule, Seg,
+    };
+    pub use crate::shape::{Combine, Dims, Options, Pattern, Plan};
     pub use crate::tensor::{Bnh, Bnhd, DilatedAttention, KeyMask};
     pub use dfdx::shapes::{Const, Dim, HasShape, Rank1, Rank2, Rank3, Rank4, Shape};
     pub use dfdx::tensor::{

@@ -29,9 +29,10 @@ fn stats(world: usize, layout: Layout, plan: &Plan) -> (Vec<RingStats>, Vec<Ring
     let (q, k, v, go) = inputs(plan, 5);
     let cfg = CommConfig::default();
     let (f, sf) = simulate_forward(world, layout, cfg, plan, &q, &k, &v, None).unwrap();
-    let (_, sb) =
-        simulate_backward(world, layout, cfg, plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-            .unwrap();
+    let (_, sb) = simulate_backward(
+        world, layout, cfg, plan, &q, &k, &v, None, &f.out, &f.lse, &go,
+    )
+    .unwrap();
     (sf, sb)
 }
 
@@ -143,8 +144,12 @@ fn blocks_move_only_among_the_ranks_of_a_segment() {
     // ranks by four. Every send stays inside its group; one step per extra member.
     let world = 8;
     for (w, group) in [(16usize, 2usize), (32, 4)] {
-        let plan = Plan::new(Dims::mha(1, 64, 2, 4), &[Pattern::new(w, 1)], Options::default())
-            .unwrap();
+        let plan = Plan::new(
+            Dims::mha(1, 64, 2, 4),
+            &[Pattern::new(w, 1)],
+            Options::default(),
+        )
+        .unwrap();
         let (q, k, v, _) = inputs(&plan, 9);
         let qs = Layout::Contiguous.split(&q, 1, 8, world).unwrap();
         let ks = Layout::Contiguous.split(&k, 1, 8, world).unwrap();
@@ -155,7 +160,15 @@ fn blocks_move_only_among_the_ranks_of_a_segment() {
                 sends: RefCell::new(Vec::new()),
             };
             let r = c.rank();
-            let f = ring::try_forward(&rec, &plan, Layout::Contiguous, &qs[r], &ks[r], &vs[r], None)?;
+            let f = ring::try_forward(
+                &rec,
+                &plan,
+                Layout::Contiguous,
+                &qs[r],
+                &ks[r],
+                &vs[r],
+                None,
+            )?;
             Ok((rec.sends.into_inner(), f.stats))
         })
         .unwrap();
@@ -204,13 +217,21 @@ fn remote_blocks_held_are_bounded_by_a_constant() {
 
 #[test]
 fn causal_blocks_nobody_sees_are_skipped() {
-    let plan = Plan::new(Dims::mha(1, 256, 2, 8), &[Pattern::new(256, 1)], Options::default().causal(true))
-        .unwrap();
+    let plan = Plan::new(
+        Dims::mha(1, 256, 2, 8),
+        &[Pattern::new(256, 1)],
+        Options::default().causal(true),
+    )
+    .unwrap();
     let (sf, _) = stats(4, Layout::Contiguous, &plan);
     // Rank 0 holds the first positions: every remote key is in its future.
     assert!(sf[0].blocks_skipped > 0);
-    let plan_nc = Plan::new(Dims::mha(1, 256, 2, 8), &[Pattern::new(256, 1)], Options::default())
-        .unwrap();
+    let plan_nc = Plan::new(
+        Dims::mha(1, 256, 2, 8),
+        &[Pattern::new(256, 1)],
+        Options::default(),
+    )
+    .unwrap();
     let (snc, _) = stats(4, Layout::Contiguous, &plan_nc);
     assert!(sf[0].blocks_computed < snc[0].blocks_computed);
     assert!(sf[3].blocks_computed > sf[0].blocks_computed);
@@ -219,8 +240,12 @@ fn causal_blocks_nobody_sees_are_skipped() {
 
 #[test]
 fn zigzag_balances_causal_work() {
-    let plan = Plan::new(Dims::mha(1, 1024, 1, 8), &[Pattern::new(1024, 1)], Options::default().causal(true))
-        .unwrap();
+    let plan = Plan::new(
+        Dims::mha(1, 1024, 1, 8),
+        &[Pattern::new(1024, 1)],
+        Options::default().causal(true),
+    )
+    .unwrap();
     let imbalance = |layout| {
         let p: Vec<u64> = (0..4)
             .map(|r| ring::attended_pairs(&plan, layout, 4, r).unwrap())

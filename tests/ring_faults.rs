@@ -125,7 +125,12 @@ type RankResult = (Result<RingStats>, Duration);
 
 /// Run a forward + backward ring of `world` ranks with `fault` on rank `bad`; returns
 /// each rank's result and how long it took. Panics if the whole run exceeds 20 s.
-fn run_with_fault(world: usize, bad: usize, fault: Option<(usize, Fault)>, cfg: CommConfig) -> Vec<RankResult> {
+fn run_with_fault(
+    world: usize,
+    bad: usize,
+    fault: Option<(usize, Fault)>,
+    cfg: CommConfig,
+) -> Vec<RankResult> {
     let n = 16 * world;
     let plan = Plan::new(
         Dims {
@@ -216,7 +221,10 @@ fn check_others_fail(world: usize, bad: usize, fault: Fault, at: usize, bound: D
             "W={world} {fault:?}@{at}: rank {r} took {took:?} (bound {bound:?})"
         );
     }
-    assert!(named >= 1, "W={world} {fault:?}@{at}: nobody named rank {bad}");
+    assert!(
+        named >= 1,
+        "W={world} {fault:?}@{at}: nobody named rank {bad}"
+    );
 }
 
 #[test]

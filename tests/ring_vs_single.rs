@@ -34,7 +34,11 @@ fn ring_case(max_local: usize, max_b: usize) -> impl Strategy<Value = RingCase> 
         1usize..=6,
     )
         .prop_flat_map(move |(world, n, zig, b, hkv, grp, d)| {
-            let layout = if zig { Layout::Zigzag } else { Layout::Contiguous };
+            let layout = if zig {
+                Layout::Zigzag
+            } else {
+                Layout::Contiguous
+            };
             let n = if zig { 2 * n.div_ceil(2) } else { n };
             let seq = world * n;
             let h = hkv * grp;
@@ -100,10 +104,19 @@ fn check_vs_single(rc: &RingCase) {
         rc,
     );
     assert_lse(&from_f32(&ring.lse), &from_f32(&single.lse), 1e-5, rc);
-    let gs = dilated::try_backward(&plan, &q, &k, &v, mask, &single.out, &single.lse, &go)
-        .unwrap();
+    let gs = dilated::try_backward(&plan, &q, &k, &v, mask, &single.out, &single.lse, &go).unwrap();
     let (gr, _) = simulate_backward(
-        rc.world, rc.layout, cfg(), &plan, &q, &k, &v, mask, &ring.out, &ring.lse, &go,
+        rc.world,
+        rc.layout,
+        cfg(),
+        &plan,
+        &q,
+        &k,
+        &v,
+        mask,
+        &ring.out,
+        &ring.lse,
+        &go,
     )
     .unwrap_or_else(|e| panic!("ring backward failed: {e}; case {rc:?}"));
     assert_close("dq", &from_f32(&gr.dq), &from_f32(&gs.dq), 1e-5, 1e-5, rc);
@@ -123,7 +136,17 @@ fn check_vs_oracle(rc: &RingCase) {
     assert_lse(&ring.lse, &want.lse, 1e-12, rc);
     let gw = reference::backward(&plan, &q, &k, &v, mask, &go).unwrap();
     let (gr, _) = simulate_backward(
-        rc.world, rc.layout, cfg(), &plan, &q, &k, &v, mask, &ring.out, &ring.lse, &go,
+        rc.world,
+        rc.layout,
+        cfg(),
+        &plan,
+        &q,
+        &k,
+        &v,
+        mask,
+        &ring.out,
+        &ring.lse,
+        &go,
     )
     .unwrap();
     assert_close("dq", &gr.dq, &gw.dq, 1e-12, 1e-11, rc);
@@ -179,10 +202,38 @@ fn fixed_cases() {
         },
     };
     let cases = [
-        mk(4, Layout::Contiguous, 64, vec![Pattern::new(8, 1), Pattern::new(32, 2)], true, 2, 2),
+        mk(
+            4,
+            Layout::Contiguous,
+            64,
+            vec![Pattern::new(8, 1), Pattern::new(32, 2)],
+            true,
+            2,
+            2,
+        ),
         mk(4, Layout::Zigzag, 64, vec![Pattern::new(64, 1)], true, 1, 2),
-        mk(3, Layout::Contiguous, 96, vec![Pattern::new(24, 3), Pattern::new(96, 4)], false, 2, 3),
-        mk(8, Layout::Zigzag, 128, vec![Pattern::new(16, 1), Pattern::new(64, 2), Pattern::new(128, 4)], true, 2, 2),
+        mk(
+            3,
+            Layout::Contiguous,
+            96,
+            vec![Pattern::new(24, 3), Pattern::new(96, 4)],
+            false,
+            2,
+            3,
+        ),
+        mk(
+            8,
+            Layout::Zigzag,
+            128,
+            vec![
+                Pattern::new(16, 1),
+                Pattern::new(64, 2),
+                Pattern::new(128, 4),
+            ],
+            true,
+            2,
+            2,
+        ),
     ];
     for rc in &cases {
         check_vs_single(rc);
@@ -213,9 +264,12 @@ fn typed_ring_matches_typed_single() {
         let attn =
             RingDilatedAttention::<_, S, LseCombine, 8, 4>::try_new(&comm, layout)?.causal(true);
         let dev = Cpu::default();
-        let ql: Tensor<Rank4<1, 8, 4, 8>, f32, _> = dev.tensor_from_vec(qs[r].clone(), Default::default());
-        let kl: Tensor<Rank4<1, 8, 2, 8>, f32, _> = dev.tensor_from_vec(ks[r].clone(), Default::default());
-        let vl: Tensor<Rank4<1, 8, 2, 8>, f32, _> = dev.tensor_from_vec(vs[r].clone(), Default::default());
+        let ql: Tensor<Rank4<1, 8, 4, 8>, f32, _> =
+            dev.tensor_from_vec(qs[r].clone(), Default::default());
+        let kl: Tensor<Rank4<1, 8, 2, 8>, f32, _> =
+            dev.tensor_from_vec(ks[r].clone(), Default::default());
+        let vl: Tensor<Rank4<1, 8, 2, 8>, f32, _> =
+            dev.tensor_from_vec(vs[r].clone(), Default::default());
         let (o, _, _) = attn.try_forward(&ql, &kl, &vl, None)?;
         Ok(o.as_vec())
     })
@@ -236,19 +290,31 @@ fn typed_ring_matches_typed_single() {
 #[test]
 fn typed_world_mismatch_is_an_error() {
     let comms = Loopback::ring(3, CommConfig::default()).unwrap();
-    let e = RingDilatedAttention::<_, Seg<8, 1>, LseCombine, 8, 4>::try_new(&comms[0], Layout::Contiguous)
-        .unwrap_err();
-    assert!(e.to_string().contains("4 ranks") && e.to_string().contains("has 3"), "{e}");
+    let e = RingDilatedAttention::<_, Seg<8, 1>, LseCombine, 8, 4>::try_new(
+        &comms[0],
+        Layout::Contiguous,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("4 ranks") && e.to_string().contains("has 3"),
+        "{e}"
+    );
     let comms2 = Loopback::ring(2, CommConfig::default()).unwrap();
-    let e = RingDilatedAttention::<_, Seg<6, 1>, LseCombine, 3, 2>::try_new(&comms2[0], Layout::Zigzag)
-        .unwrap_err();
+    let e =
+        RingDilatedAttention::<_, Seg<6, 1>, LseCombine, 3, 2>::try_new(&comms2[0], Layout::Zigzag)
+            .unwrap_err();
     assert!(e.to_string().contains("even"), "{e}");
 }
 
 /// Invalid runtime inputs are errors on every rank, never a panic or a hang.
 #[test]
 fn runtime_errors_not_panics() {
-    let plan = Plan::new(Dims::mha(1, 12, 1, 2), &[Pattern::new(12, 1)], Options::default()).unwrap();
+    let plan = Plan::new(
+        Dims::mha(1, 12, 1, 2),
+        &[Pattern::new(12, 1)],
+        Options::default(),
+    )
+    .unwrap();
     let x = vec![0.5f32; 24];
     // 12 positions over 5 ranks.
     assert!(simulate_forward(5, Layout::Contiguous, cfg(), &plan, &x, &x, &x, None).is_err());
@@ -257,7 +323,15 @@ fn runtime_errors_not_panics() {
     // A rank with a short buffer: every rank returns Err (the others are told).
     let res = dilated_attention::ring::loopback::run(2, cfg(), |c| {
         let n = if c.rank() == 1 { 10 } else { 12 };
-        dilated_attention::ring::try_forward(&c, &plan, Layout::Contiguous, &x[..n], &x[..12], &x[..12], None)
+        dilated_attention::ring::try_forward(
+            &c,
+            &plan,
+            Layout::Contiguous,
+            &x[..n],
+            &x[..12],
+            &x[..12],
+            None,
+        )
     })
     .unwrap();
     assert!(res.iter().all(|r| r.is_err()), "{res:?}");

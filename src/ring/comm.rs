@@ -63,11 +63,7 @@ impl CommFault {
 
 impl std::fmt::Display for CommFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if self.transient {
-            "transient"
-        } else {
-            "fatal"
-        };
+        let kind = if self.transient { "transient" } else { "fatal" };
         match self.peer {
             Some(p) => write!(f, "{kind} fault with rank {p}: {}", self.msg),
             None => write!(f, "{kind} fault: {}", self.msg),

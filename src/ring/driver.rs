@@ -88,7 +88,10 @@ pub(crate) fn component(geo: &Geometry, w: usize, rank: usize) -> Vec<usize> {
     let cl = geo.chunk_len();
     for c in 0..geo.num_chunks().saturating_sub(1) {
         if ((c + 1) * cl) % w != 0 {
-            let (a, b) = (find(&mut parent, geo.owner(c)), find(&mut parent, geo.owner(c + 1)));
+            let (a, b) = (
+                find(&mut parent, geo.owner(c)),
+                find(&mut parent, geo.owner(c + 1)),
+            );
             parent[a] = b;
         }
     }
@@ -221,7 +224,13 @@ impl<T> Block<'_, T> {
 }
 
 /// Pack the exported key runs: `K (B, R, D)`, then `V (B, R, D)`; mask bits `(B, R)`.
-fn pack<T: Element>(runs: &[Run], entries: usize, loc: &Local<'_, T>, plan: &Plan, n: usize) -> Packet<T> {
+fn pack<T: Element>(
+    runs: &[Run],
+    entries: usize,
+    loc: &Local<'_, T>,
+    plan: &Plan,
+    n: usize,
+) -> Packet<T> {
     let dm = plan.dims();
     let (b, hkv, d) = (dm.batch, dm.kv_heads, dm.head_dim);
     let mut data = Vec::with_capacity(2 * b * entries * d);
@@ -277,9 +286,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
         let n_glob = plan.dims().seq;
         if n_glob % world != 0 {
             return Err(Error::Ring {
-                msg: format!(
-                    "global length {n_glob} is not a multiple of the world size {world}"
-                ),
+                msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
             });
         }
         let geo = Geometry::new(layout, world, n_glob / world)?;
@@ -752,10 +759,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
             let mut k0 = 0;
             while k0 < kr.prog.count {
                 let first = kr.prog.pos(k0);
-                let visible = !causal
-                    || qs
-                        .iter()
-                        .any(|(_, p)| p.pos(p.count - 1) >= first);
+                let visible = !causal || qs.iter().any(|(_, p)| p.pos(p.count - 1) >= first);
                 if visible {
                     self.stats.blocks_computed += 1;
                     for b in 0..dm.batch {
@@ -790,7 +794,14 @@ struct BwdSide<'a, T> {
     fac: T,
 }
 
-fn check_local<T>(plan: &Plan, n: usize, q: &[T], k: &[T], v: &[T], mask: Option<&[bool]>) -> Result<()> {
+fn check_local<T>(
+    plan: &Plan,
+    n: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+) -> Result<()> {
     let dm = plan.dims();
     check_len("q", dm.batch * n * dm.heads * dm.head_dim, q.len())?;
     check_len("k", dm.batch * n * dm.kv_heads * dm.head_dim, k.len())?;

@@ -88,10 +88,12 @@ impl Loopback {
                 msg: "loopback world size must be >= 1".into(),
             });
         }
-        let mut tx: Vec<Vec<Option<Sender<Envelope>>>> =
-            (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
-        let mut rx: Vec<Vec<Option<Receiver<Envelope>>>> =
-            (0..world).map(|_| (0..world).map(|_| None).collect()).collect();
+        let mut tx: Vec<Vec<Option<Sender<Envelope>>>> = (0..world)
+            .map(|_| (0..world).map(|_| None).collect())
+            .collect();
+        let mut rx: Vec<Vec<Option<Receiver<Envelope>>>> = (0..world)
+            .map(|_| (0..world).map(|_| None).collect())
+            .collect();
         for i in 0..world {
             for j in 0..world {
                 if i != j {
@@ -197,7 +199,10 @@ impl Loopback {
             return Ok(env);
         }
         let Some(rx) = self.rx.get(from).and_then(Option::as_ref) else {
-            return Err(CommFault::fatal(Some(from), format!("no link from rank {from}")));
+            return Err(CommFault::fatal(
+                Some(from),
+                format!("no link from rank {from}"),
+            ));
         };
         let deadline = Instant::now() + self.cfg.timeout;
         loop {

@@ -140,7 +140,10 @@ impl<'c, Cm: RingComm, S: Schedule, C: CombineKind, const LOCAL: usize, const WO
     }
 
     /// The global plan for batch `batch`.
-    pub fn plan<const H: usize, const HKV: usize, const D: usize>(&self, batch: usize) -> Result<Plan> {
+    pub fn plan<const H: usize, const HKV: usize, const D: usize>(
+        &self,
+        batch: usize,
+    ) -> Result<Plan> {
         #[allow(clippy::let_unit_value)]
         let () = CheckedRingConfig::<LOCAL, WORLD, H, HKV, D, S, C>::OK;
         Plan::new(
