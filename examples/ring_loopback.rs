@@ -18,7 +18,10 @@ fn random(seed: u64, len: usize) -> Vec<f32> {
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn main() -> Result<()> {
@@ -51,7 +54,11 @@ fn main() -> Result<()> {
 
     // ANCHOR: split
     // Each rank gets its rows: (batch, n, heads, dim) in the layout's local order.
-    let (b, hd, kd) = (dims.batch, dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim);
+    let (b, hd, kd) = (
+        dims.batch,
+        dims.heads * dims.head_dim,
+        dims.kv_heads * dims.head_dim,
+    );
     let qs = layout.split(&q, b, hd, WORLD)?;
     let ks = layout.split(&k, b, kd, WORLD)?;
     let vs = layout.split(&v, b, kd, WORLD)?;
@@ -87,7 +94,10 @@ fn main() -> Result<()> {
     let out = layout.gather(&outs, b, hd)?;
     let single = dilated::try_forward(&plan, &q, &k, &v, None)?;
     let gsingle = dilated::try_backward(&plan, &q, &k, &v, None, &single.out, &single.lse, &go)?;
-    println!("max |out_ring - out_single| = {:.2e}", max_abs_diff(&out, &single.out));
+    println!(
+        "max |out_ring - out_single| = {:.2e}",
+        max_abs_diff(&out, &single.out)
+    );
     println!(
         "max |dq| diff = {:.2e}, |dk| = {:.2e}, |dv| = {:.2e}",
         max_abs_diff(&layout.gather(&dqs, b, hd)?, &gsingle.dq),
