@@ -93,7 +93,7 @@ fn check_vs_single(rc: &RingCase) {
     let (q, k, v, go) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&go));
     let mask = case.mask.as_deref();
     let single = dilated::try_forward(&plan, &q, &k, &v, mask).unwrap();
-    let (ring, _) = simulate_forward(rc.world, rc.layout, cfg(), &plan, &q, &k, &v, mask)
+    let (ring, sf) = simulate_forward(rc.world, rc.layout, cfg(), &plan, &q, &k, &v, mask)
         .unwrap_or_else(|e| panic!("ring forward failed: {e}; case {rc:?}"));
     assert_close(
         "out",
@@ -105,7 +105,7 @@ fn check_vs_single(rc: &RingCase) {
     );
     assert_lse(&from_f32(&ring.lse), &from_f32(&single.lse), 1e-5, rc);
     let gs = dilated::try_backward(&plan, &q, &k, &v, mask, &single.out, &single.lse, &go).unwrap();
-    let (gr, _) = simulate_backward(
+    let (gr, sb) = simulate_backward(
         rc.world,
         rc.layout,
         cfg(),
@@ -119,9 +119,31 @@ fn check_vs_single(rc: &RingCase) {
         &go,
     )
     .unwrap_or_else(|e| panic!("ring backward failed: {e}; case {rc:?}"));
+    check_stats(rc, &sf, &sb);
     assert_close("dq", &from_f32(&gr.dq), &from_f32(&gs.dq), 1e-5, 1e-5, rc);
     assert_close("dk", &from_f32(&gr.dk), &from_f32(&gs.dk), 1e-5, 1e-5, rc);
     assert_close("dv", &from_f32(&gr.dv), &from_f32(&gs.dv), 1e-5, 1e-5, rc);
+}
+
+/// Invariants of the statistics on every case: what is sent is received, a rank never
+/// holds more than 2 (forward) or 4 (backward) remote packets, nor more remote bytes
+/// than that many of its own full K/V blocks (with mask bits).
+fn check_stats(rc: &RingCase, sf: &[RingStats], sb: &[RingStats]) {
+    let dm = rc.case.dims;
+    let n = dm.seq / rc.world;
+    let block = (2 * dm.batch * n * dm.kv_heads * dm.head_dim * 4 + dm.batch * n) as u64;
+    for (s, most) in [(sf, 2u64), (sb, 4)] {
+        let sent: u64 = s.iter().map(|x| x.bytes_sent).sum();
+        let recv: u64 = s.iter().map(|x| x.bytes_recv).sum();
+        assert_eq!(sent, recv, "case {rc:?}");
+        for x in s {
+            assert!(x.max_remote_blocks as u64 <= most, "{x:?}; case {rc:?}");
+            assert!(x.peak_remote_bytes <= most * block, "{x:?}; case {rc:?}");
+        }
+    }
+    if rc.world == 1 {
+        assert!(sf.iter().chain(sb).all(|x| x.bytes_sent == 0 && x.steps == 0));
+    }
 }
 
 /// f64 ring vs the float64 oracle (tight).
