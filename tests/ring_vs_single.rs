@@ -142,7 +142,10 @@ fn check_stats(rc: &RingCase, sf: &[RingStats], sb: &[RingStats]) {
         }
     }
     if rc.world == 1 {
-        assert!(sf.iter().chain(sb).all(|x| x.bytes_sent == 0 && x.steps == 0));
+        assert!(sf
+            .iter()
+            .chain(sb)
+            .all(|x| x.bytes_sent == 0 && x.steps == 0));
     }
 }
 
