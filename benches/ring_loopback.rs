@@ -61,7 +61,7 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, PEAK.load(Ordering::Relaxed).saturating_sub(base))
 }
 
-const REPS: usize = 3;
+const REPS: usize = 5;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
