@@ -138,10 +138,44 @@ impl<C: RingComm> RingComm for Recording<'_, C> {
     }
 }
 
+/// Every send of a forward + backward, recorded: `(from, to)` per rank.
+fn recorded_sends(
+    world: usize,
+    layout: Layout,
+    plan: &Plan,
+) -> Vec<(Vec<(usize, usize)>, RingStats)> {
+    let (q, k, v, go) = inputs(plan, 9);
+    let dm = *plan.dims();
+    let (b, hd, kd) = (dm.batch, dm.heads * dm.head_dim, dm.kv_heads * dm.head_dim);
+    let qs = layout.split(&q, b, hd, world).unwrap();
+    let ks = layout.split(&k, b, kd, world).unwrap();
+    let vs = layout.split(&v, b, kd, world).unwrap();
+    let gs = layout.split(&go, b, hd, world).unwrap();
+    let res = loopback::run(world, CommConfig::default(), |c| {
+        let rec = Recording {
+            inner: &c,
+            sends: RefCell::new(Vec::new()),
+        };
+        let r = c.rank();
+        let f = ring::try_forward(&rec, plan, layout, &qs[r], &ks[r], &vs[r], None)?;
+        let (_, sb) = ring::try_backward(
+            &rec, plan, layout, &qs[r], &ks[r], &vs[r], None, &f.out, &f.lse, &gs[r],
+        )?;
+        Ok((rec.sends.into_inner(), f.stats, sb))
+    })
+    .unwrap();
+    res.into_iter()
+        .map(|r| {
+            let (sends, sf, _) = r.unwrap();
+            (sends, sf)
+        })
+        .collect()
+}
+
 #[test]
 fn blocks_move_only_among_the_ranks_of_a_segment() {
-    // W = 8, n = 8: segments of 16 pair ranks (0,1), (2,3), ...; segments of 32 group
-    // ranks by four. Every send stays inside its group; one step per extra member.
+    // Aligned: W = 8, n = 8, contiguous: segments of 16 pair ranks (0,1), (2,3), ...;
+    // segments of 32 group them by four; one forward step per extra member.
     let world = 8;
     for (w, group) in [(16usize, 2usize), (32, 4)] {
         let plan = Plan::new(
@@ -150,33 +184,46 @@ fn blocks_move_only_among_the_ranks_of_a_segment() {
             Options::default(),
         )
         .unwrap();
-        let (q, k, v, _) = inputs(&plan, 9);
-        let qs = Layout::Contiguous.split(&q, 1, 8, world).unwrap();
-        let ks = Layout::Contiguous.split(&k, 1, 8, world).unwrap();
-        let vs = Layout::Contiguous.split(&v, 1, 8, world).unwrap();
-        let res = loopback::run(world, CommConfig::default(), |c| {
-            let rec = Recording {
-                inner: &c,
-                sends: RefCell::new(Vec::new()),
-            };
-            let r = c.rank();
-            let f = ring::try_forward(
-                &rec,
-                &plan,
-                Layout::Contiguous,
-                &qs[r],
-                &ks[r],
-                &vs[r],
-                None,
-            )?;
-            Ok((rec.sends.into_inner(), f.stats))
-        })
-        .unwrap();
-        for r in res {
-            let (sends, st) = r.unwrap();
+        for (sends, st) in recorded_sends(world, Layout::Contiguous, &plan) {
             assert_eq!(st.steps, group - 1, "{st:?}");
             for (from, to) in sends {
                 assert_eq!(from / group, to / group, "segment {w}: {from} -> {to}");
+            }
+        }
+    }
+    // Unaligned and zigzag: every send goes to a rank that shares a segment with the
+    // sender (a chain of overlapping segments is not one big ring).
+    for (world, layout, n, w) in [
+        (4, Layout::Contiguous, 12, 4),
+        (4, Layout::Contiguous, 12, 2),
+        (5, Layout::Contiguous, 15, 5),
+        (4, Layout::Zigzag, 16, 4),
+        (3, Layout::Zigzag, 24, 8),
+        (4, Layout::Zigzag, 32, 16),
+    ] {
+        let plan = Plan::new(
+            Dims::mha(1, n, 2, 4),
+            &[Pattern::new(w, 1)],
+            Options::default().causal(true),
+        )
+        .unwrap();
+        let geo = ring::Geometry::new(layout, world, n / world).unwrap();
+        let owners: Vec<Vec<usize>> = (0..n / w)
+            .map(|s| {
+                let mut o: Vec<usize> = (0..world)
+                    .filter(|&r| geo.positions(r).iter().any(|p| p / w == s))
+                    .collect();
+                o.dedup();
+                o
+            })
+            .collect();
+        let share = |a: usize, b: usize| owners.iter().any(|o| o.contains(&a) && o.contains(&b));
+        for (sends, _) in recorded_sends(world, layout, &plan) {
+            for (from, to) in sends {
+                assert!(
+                    share(from, to),
+                    "W={world} {layout:?} N={n} w={w}: {from} -> {to}"
+                );
             }
         }
     }

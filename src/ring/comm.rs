@@ -113,6 +113,8 @@ impl CommConfig {
 pub struct Tag {
     /// Pattern index (or `u32::MAX` for collectives).
     pub pattern: u32,
+    /// Exchange group within the pattern (its first segment).
+    pub group: u32,
     /// Ring step.
     pub step: u32,
     /// What the message carries (0: K/V block, 1: dK/dV accumulator, 2: collective,
@@ -121,9 +123,13 @@ pub struct Tag {
 }
 
 impl Tag {
-    /// Encoded as one integer for transports.
+    /// Encoded as one integer for transports (fields truncated to 16, 24, 20 and 4 bits:
+    /// a consistency check, not an identity).
     pub fn code(&self) -> u64 {
-        ((self.pattern as u64) << 36) | ((self.step as u64) << 4) | self.kind as u64
+        ((self.pattern as u64 & 0xffff) << 48)
+            | ((self.group as u64 & 0xff_ffff) << 24)
+            | ((self.step as u64 & 0xf_ffff) << 4)
+            | (self.kind as u64 & 0xf)
     }
 }
 

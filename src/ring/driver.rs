@@ -7,12 +7,13 @@
 //!    that take part form an arithmetic progression of global positions — a kernel
 //!    [`Prog`]. Runs are a pure function of `(plan, layout, rank)`, so a receiver
 //!    recomputes the sender's run table instead of receiving it.
-//! 2. **Sub-ring.** Ranks that share a segment of pattern `i` are joined (union-find over
-//!    chunk boundaries that fall inside a segment); each connected component is a
-//!    sub-ring. A component of one rank exchanges nothing.
-//! 3. **Exported block.** A rank packs only key runs of segments it shares with another
-//!    rank: `(row, kv head)` entries of `K`, then `V`, plus mask bits. That is the dilated
-//!    `1/r` of the rows, never a full K/V.
+//! 2. **Groups.** The ranks holding positions of one segment are its owners; each distinct
+//!    owner set of more than one rank is an exchange group (a sub-ring), visited by all
+//!    members in the same global order (by its first segment). A pattern whose segments
+//!    each lie in one rank has no group and exchanges nothing.
+//! 3. **Exported block.** For a group, a rank packs only its key runs of the group's
+//!    segments: `(row, kv head)` entries of `K`, then `V`, plus mask bits. That is the
+//!    dilated `1/r` of the rows, never a full K/V, and it goes only to the segment's ranks.
 //! 4. **Rotation.** The block of member `j` visits every other member in `k-1` steps.
 //!    The next exchange is posted before the current block is computed (double
 //!    buffering). Each (query run, key run) pair of the same (kv head, offset, segment) is
@@ -66,50 +67,51 @@ pub(crate) struct Run {
     pub prog: Prog,
 }
 
-/// Does segment `s` of length `w` hold positions of more than one rank?
-pub(crate) fn seg_shared(geo: &Geometry, w: usize, s: usize) -> bool {
+/// The ranks holding positions of segment `s` (length `w`), sorted.
+pub(crate) fn seg_owners(geo: &Geometry, w: usize, s: usize) -> Vec<usize> {
     let cl = geo.chunk_len();
     let a = s * w;
-    let (c0, c1) = (a / cl, (a + w - 1) / cl);
-    (c0..c1).any(|c| geo.owner(c) != geo.owner(c + 1))
+    let mut o: Vec<usize> = (a / cl..=(a + w - 1) / cl).map(|c| geo.owner(c)).collect();
+    o.sort_unstable();
+    o.dedup();
+    o
 }
 
-/// The ranks that share a segment of length `w` with `rank`, transitively: the
-/// sub-ring `rank` rotates blocks in, in increasing rank order.
-pub(crate) fn component(geo: &Geometry, w: usize, rank: usize) -> Vec<usize> {
-    let mut parent: Vec<usize> = (0..geo.world).collect();
-    fn find(p: &mut [usize], mut x: usize) -> usize {
-        while p[x] != x {
-            p[x] = p[p[x]];
-            x = p[x];
-        }
-        x
-    }
+/// The exchange groups of `rank` for segments of length `w`: one per distinct set of
+/// ranks that share a segment with it (the segment's owners), as `(key, owners)`, in
+/// increasing `key` = the first segment with that owner set. The key is the same on
+/// every member, so members meet their common groups in the same order.
+pub(crate) fn groups(geo: &Geometry, w: usize, rank: usize) -> Vec<(usize, Vec<usize>)> {
     let cl = geo.chunk_len();
-    for c in 0..geo.num_chunks().saturating_sub(1) {
-        if ((c + 1) * cl) % w != 0 {
-            let (a, b) = (
-                find(&mut parent, geo.owner(c)),
-                find(&mut parent, geo.owner(c + 1)),
-            );
-            parent[a] = b;
+    let mut found: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (c, _) in geo.chunks_of(rank) {
+        let (p0, p1) = (c * cl, (c + 1) * cl);
+        // Only the first and the last segment touching a chunk can cross its edges.
+        for s in [p0 / w, (p1 - 1) / w] {
+            let o = seg_owners(geo, w, s);
+            if o.len() < 2 {
+                continue;
+            }
+            match found.iter_mut().find(|(_, os)| *os == o) {
+                Some(e) => e.0 = e.0.min(s),
+                None => found.push((s, o)),
+            }
         }
     }
-    let root = find(&mut parent, rank);
-    (0..geo.world)
-        .filter(|&x| find(&mut parent, x) == root)
-        .collect()
+    found.sort();
+    found
 }
 
-/// Runs of `rank` for pattern `i` and the given `(head, offset)` pairs; with `shared_only`
-/// only runs of segments that span several ranks (what a rank exports).
+/// Runs of `rank` for pattern `i` and the given `(head, offset)` pairs; with
+/// `only = Some(owners)` only runs of segments held by exactly those ranks (what a rank
+/// exports to that group).
 pub(crate) fn runs(
     plan: &Plan,
     geo: &Geometry,
     i: usize,
     rank: usize,
     heads: &[(usize, usize)],
-    shared_only: bool,
+    only: Option<&[usize]>,
 ) -> Vec<Run> {
     let pat = plan.patterns()[i];
     let (w, r) = (pat.segment, pat.dilation);
@@ -121,7 +123,7 @@ pub(crate) fn runs(
             let mut s = p0 / w;
             while s * w < p1 {
                 let a = s * w;
-                if !shared_only || seg_shared(geo, w, s) {
+                if only.is_none_or(|g| seg_owners(geo, w, s) == g) {
                     let (lo, hi) = (a.max(p0), (a + w).min(p1));
                     let first = a + o;
                     let pos0 = if lo <= first {
@@ -384,6 +386,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
     fn health(&mut self) -> Result<()> {
         let tag = Tag {
             pattern: u32::MAX,
+            group: 0,
             step: 0,
             kind: KIND_HEALTH,
         };
@@ -447,40 +450,76 @@ impl<'a, C: RingComm> Ring<'a, C> {
         }
         let kh = key_heads(plan, i);
         let geo = self.geo;
-        let (w, n) = (plan.patterns()[i].segment, geo.local);
-        let qruns = runs(plan, &geo, i, self.rank, &qh, false);
-        let members = component(&geo, w, self.rank);
-        let k = members.len();
-        let idx = members.iter().position(|&x| x == self.rank).unwrap_or(0);
-        let (next, prev) = (members[(idx + 1) % k], members[(idx + k - 1) % k]);
-        let tag = |t: usize| Tag {
-            pattern: i as u32,
-            step: t as u32,
-            kind,
-        };
-        let mut pending = None;
-        if k > 1 {
-            let exported = runs(plan, &geo, i, self.rank, &kh, true);
-            let (_, entries) = packed(&exported);
-            let pkt = pack(&exported, entries, loc, plan, n);
-            pending = Some(self.post(tag(1), next, &pkt, prev)?);
+        let w = plan.patterns()[i].segment;
+        let qruns = runs(plan, &geo, i, self.rank, &qh, None);
+        let mut local = Some(runs(plan, &geo, i, self.rank, &kh, None));
+        for (key, members) in groups(&geo, w, self.rank) {
+            let g = Group {
+                i,
+                key,
+                members: &members,
+                kind,
+            };
+            self.fwd_rotate(&g, loc, &qruns, &kh, &mut local, out, lse, fac)?;
         }
+        if let Some(own) = local.take() {
+            self.fwd_local(loc, &qruns, own, out, lse, fac);
+        }
+        Ok(())
+    }
+
+    /// Local queries against local keys.
+    fn fwd_local<T: Element>(
+        &mut self,
+        loc: &Local<'_, T>,
+        qruns: &[Run],
+        own: Vec<Run>,
+        out: &mut [T],
+        lse: &mut [T],
+        fac: T,
+    ) {
         let t0 = Instant::now();
-        let own = self.local_block(loc, runs(plan, &geo, i, self.rank, &kh, false));
-        self.fwd_block(loc, &qruns, &own, out, lse, fac);
+        let own = self.local_block(loc, own);
+        self.fwd_block(loc, qruns, &own, out, lse, fac);
         self.stats.compute += t0.elapsed();
+    }
+
+    /// Rotate the blocks of one group around its members; the local block is computed
+    /// (once, if still pending) while the first exchange is in flight.
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_rotate<T: Element>(
+        &mut self,
+        g: &Group<'_>,
+        loc: &Local<'_, T>,
+        qruns: &[Run],
+        kh: &[(usize, usize)],
+        local: &mut Option<Vec<Run>>,
+        out: &mut [T],
+        lse: &mut [T],
+        fac: T,
+    ) -> Result<()> {
+        let (plan, geo) = (self.plan, self.geo);
+        let (k, idx, next, prev) = g.ring(self.rank);
+        let exported = runs(plan, &geo, g.i, self.rank, kh, Some(g.members));
+        let (_, entries) = packed(&exported);
+        let pkt = pack(&exported, entries, loc, plan, geo.local);
+        let mut pending = Some(self.post(g.tag(1, g.kind), next, &pkt, prev)?);
+        drop(pkt);
+        if let Some(own) = local.take() {
+            self.fwd_local(loc, qruns, own, out, lse, fac);
+        }
         for t in 1..k {
-            let origin = members[(idx + k - t) % k];
+            let origin = g.members[(idx + k - t) % k];
             let Some(tk) = pending.take() else { break };
             let pkt: Packet<T> = self.wait(tk)?;
             if t + 1 < k {
-                pending = Some(self.post(tag(t + 1), next, &pkt, prev)?);
+                pending = Some(self.post(g.tag(t + 1, g.kind), next, &pkt, prev)?);
             }
             let t0 = Instant::now();
-            let (oruns, entries) = packed(&runs(plan, &geo, i, origin, &kh, true));
+            let (oruns, entries) = packed(&runs(plan, &geo, g.i, origin, kh, Some(g.members)));
             self.check_kv(&pkt, entries, origin)?;
             let blk = self.block_view(&pkt, oruns, entries);
-            self.fwd_block(loc, &qruns, &blk, out, lse, fac);
+            self.fwd_block(loc, qruns, &blk, out, lse, fac);
             self.stats.compute += t0.elapsed();
             self.release(pkt);
         }
@@ -580,44 +619,84 @@ impl<'a, C: RingComm> Ring<'a, C> {
             return Ok(());
         }
         let kh = key_heads(plan, i);
-        let dm = *plan.dims();
         let geo = self.geo;
-        let (w, n) = (plan.patterns()[i].segment, geo.local);
-        let qruns = runs(plan, &geo, i, self.rank, &qh, false);
-        let members = component(&geo, w, self.rank);
-        let k = members.len();
-        let idx = members.iter().position(|&x| x == self.rank).unwrap_or(0);
-        let (next, prev) = (members[(idx + 1) % k], members[(idx + k - 1) % k]);
-        let tag = |t: usize, kind: u8| Tag {
-            pattern: i as u32,
-            step: t as u32,
-            kind,
-        };
-        let exported = runs(plan, &geo, i, self.rank, &kh, true);
-        let mut pending_kv = None;
-        if k > 1 {
-            let (_, entries) = packed(&exported);
-            let pkt = pack(&exported, entries, loc, plan, n);
-            pending_kv = Some(self.post(tag(1, KIND_KV), next, &pkt, prev)?);
+        let w = plan.patterns()[i].segment;
+        let qruns = runs(plan, &geo, i, self.rank, &qh, None);
+        let mut local = Some(runs(plan, &geo, i, self.rank, &kh, None));
+        for (key, members) in groups(&geo, w, self.rank) {
+            let g = Group {
+                i,
+                key,
+                members: &members,
+                kind: KIND_KV,
+            };
+            self.bwd_rotate(&g, loc, side, &qruns, &kh, &mut local, dq, dk, dv)?;
         }
+        if let Some(own) = local.take() {
+            self.bwd_local(loc, side, &qruns, own, dq, dk, dv);
+        }
+        Ok(())
+    }
+
+    /// Local queries against local keys: `dq`, `dk`, `dv` accumulate.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_local<T: Element>(
+        &mut self,
+        loc: &Local<'_, T>,
+        side: &BwdSide<'_, T>,
+        qruns: &[Run],
+        own: Vec<Run>,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) {
+        let dm = *self.plan.dims();
+        let n = self.geo.local;
         let t0 = Instant::now();
-        {
-            let own = self.local_block(loc, runs(plan, &geo, i, self.rank, &kh, false));
-            let dkv = ViewMut::new(dk, n, dm.kv_heads, dm.head_dim);
-            let dvv = ViewMut::new(dv, n, dm.kv_heads, dm.head_dim);
-            self.bwd_block(loc, side, &qruns, &own, dq, &dkv, &dvv);
-        }
+        let own = self.local_block(loc, own);
+        let dkv = ViewMut::new(dk, n, dm.kv_heads, dm.head_dim);
+        let dvv = ViewMut::new(dv, n, dm.kv_heads, dm.head_dim);
+        self.bwd_block(loc, side, qruns, &own, dq, &dkv, &dvv);
         self.stats.compute += t0.elapsed();
+    }
+
+    /// Backward rotation of one group: K/V blocks travel `k-1` hops; their `dK`/`dV`
+    /// accumulators follow and take one more hop home.
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_rotate<T: Element>(
+        &mut self,
+        g: &Group<'_>,
+        loc: &Local<'_, T>,
+        side: &BwdSide<'_, T>,
+        qruns: &[Run],
+        kh: &[(usize, usize)],
+        local: &mut Option<Vec<Run>>,
+        dq: &mut [T],
+        dk: &mut [T],
+        dv: &mut [T],
+    ) -> Result<()> {
+        let (plan, geo) = (self.plan, self.geo);
+        let dm = *plan.dims();
+        let n = geo.local;
+        let (k, idx, next, prev) = g.ring(self.rank);
+        let exported = runs(plan, &geo, g.i, self.rank, kh, Some(g.members));
+        let (_, own_entries) = packed(&exported);
+        let pkt = pack(&exported, own_entries, loc, plan, n);
+        let mut pending_kv = Some(self.post(g.tag(1, KIND_KV), next, &pkt, prev)?);
+        drop(pkt);
+        if let Some(own) = local.take() {
+            self.bwd_local(loc, side, qruns, own, dq, dk, dv);
+        }
         let mut pending_acc = None;
         for t in 1..k {
-            let origin = members[(idx + k - t) % k];
+            let origin = g.members[(idx + k - t) % k];
             let Some(tk) = pending_kv.take() else { break };
             let pkt: Packet<T> = self.wait(tk)?;
             if t + 1 < k {
-                pending_kv = Some(self.post(tag(t + 1, KIND_KV), next, &pkt, prev)?);
+                pending_kv = Some(self.post(g.tag(t + 1, KIND_KV), next, &pkt, prev)?);
             }
             let t0 = Instant::now();
-            let (oruns, entries) = packed(&runs(plan, &geo, i, origin, &kh, true));
+            let (oruns, entries) = packed(&runs(plan, &geo, g.i, origin, kh, Some(g.members)));
             self.check_kv(&pkt, entries, origin)?;
             let half = dm.batch * entries * dm.head_dim;
             let mut acc = vec![T::zero(); 2 * half];
@@ -626,7 +705,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
                 let (a, b) = acc.split_at_mut(half);
                 let dkv = ViewMut::new(a, entries, 1, dm.head_dim);
                 let dvv = ViewMut::new(b, entries, 1, dm.head_dim);
-                self.bwd_block(loc, side, &qruns, &blk, dq, &dkv, &dvv);
+                self.bwd_block(loc, side, qruns, &blk, dq, &dkv, &dvv);
             }
             self.stats.compute += t0.elapsed();
             self.release(pkt);
@@ -644,13 +723,12 @@ impl<'a, C: RingComm> Ring<'a, C> {
                 data: acc,
                 bits: Vec::new(),
             };
-            pending_acc = Some(self.post(tag(t, KIND_ACC), next, &accp, prev)?);
+            pending_acc = Some(self.post(g.tag(t, KIND_ACC), next, &accp, prev)?);
         }
         if let Some(tk) = pending_acc.take() {
             // The last hop: the accumulator of our own block, home after a full turn.
             let mine: Packet<T> = self.wait(tk)?;
-            let (_, entries) = packed(&exported);
-            let half = dm.batch * entries * dm.head_dim;
+            let half = dm.batch * own_entries * dm.head_dim;
             if mine.data.len() != 2 * half {
                 return Err(self.bad_block(prev, "own gradient accumulator"));
             }
@@ -783,6 +861,40 @@ impl<'a, C: RingComm> Ring<'a, C> {
                 unsafe { bwd_kv_tile(sc, &cx, b, blk.kv_head(kr.head), kt, qps, dk, dv) };
             },
         );
+    }
+}
+
+/// One exchange group of a pattern: the ranks that share a set of segments.
+struct Group<'g> {
+    /// Pattern index.
+    i: usize,
+    /// The group's first segment (the same on every member).
+    key: usize,
+    /// Members, sorted; the sub-ring order.
+    members: &'g [usize],
+    /// Message kind of the K/V blocks.
+    kind: u8,
+}
+
+impl Group<'_> {
+    /// `(size, my index, next, prev)` in the sub-ring.
+    fn ring(&self, rank: usize) -> (usize, usize, usize, usize) {
+        let k = self.members.len();
+        let idx = self.members.iter().position(|&x| x == rank).unwrap_or(0);
+        (
+            k,
+            idx,
+            self.members[(idx + 1) % k],
+            self.members[(idx + k - 1) % k],
+        )
+    }
+    fn tag(&self, step: usize, kind: u8) -> Tag {
+        Tag {
+            pattern: self.i as u32,
+            group: self.key as u32,
+            step: step as u32,
+            kind,
+        }
     }
 }
 
@@ -944,7 +1056,7 @@ pub fn attended_pairs(plan: &Plan, layout: Layout, world: usize, rank: usize) ->
         let pat = plan.patterns()[i];
         let (w, r) = (pat.segment, pat.dilation);
         for (h, o) in query_heads(plan, i) {
-            for q in runs(plan, &geo, i, rank, &[(h, o)], false) {
+            for q in runs(plan, &geo, i, rank, &[(h, o)], None) {
                 let a = q.seg * w;
                 let m = (w - o).div_ceil(r) as u64;
                 for j in 0..q.prog.count {
