@@ -1072,3 +1072,61 @@ pub fn attended_pairs(plan: &Plan, layout: Layout, world: usize, rank: usize) ->
     }
     Ok(total * plan.dims().batch as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners_of(g: &[(usize, Vec<usize>)]) -> Vec<Vec<usize>> {
+        g.iter().map(|(_, o)| o.clone()).collect()
+    }
+
+    #[test]
+    fn groups_follow_segment_owners() {
+        let c = |w, n| Geometry::new(Layout::Contiguous, w, n).unwrap();
+        // Segments inside a chunk: no group.
+        assert!(groups(&c(4, 8), 4, 1).is_empty());
+        // Aligned: pairs.
+        assert_eq!(owners_of(&groups(&c(4, 8), 16, 2)), vec![vec![2, 3]]);
+        // Unaligned chain n = 3, w = 4: rank 1 is in {0,1} (segment 0) then {1,2}.
+        let g = groups(&c(4, 3), 4, 1);
+        assert_eq!(g, vec![(0, vec![0, 1]), (1, vec![1, 2])]);
+        // Zigzag W = 4, chunk 4, w = 8: segments own {0,1}, {2,3}, {2,3}, {0,1};
+        // one group per owner set, keyed by its first segment.
+        let z = Geometry::new(Layout::Zigzag, 4, 8).unwrap();
+        assert_eq!(groups(&z, 8, 3), vec![(1, vec![2, 3])]);
+        assert_eq!(groups(&z, 8, 0), vec![(0, vec![0, 1])]);
+        // Dense: everyone.
+        assert_eq!(owners_of(&groups(&z, 32, 2)), vec![vec![0, 1, 2, 3]]);
+    }
+
+    #[test]
+    fn runs_cover_each_position_once() {
+        use crate::shape::{Dims, Options, Pattern};
+        for layout in [Layout::Contiguous, Layout::Zigzag] {
+            let plan = Plan::new(
+                Dims::mha(1, 48, 3, 2),
+                &[Pattern::new(12, 3)],
+                Options::default(),
+            )
+            .unwrap();
+            let geo = Geometry::new(layout, 4, 12).unwrap();
+            for h in 0..3 {
+                let o = plan.offset(0, h).unwrap();
+                let mut seen = vec![0; 48];
+                for r in 0..4 {
+                    for run in runs(&plan, &geo, 0, r, &[(h, o)], None) {
+                        for j in 0..run.prog.count {
+                            let p = run.prog.pos(j);
+                            assert_eq!(geo.position(r, run.prog.row(j)), p);
+                            assert_eq!((p % 12) % 3, o);
+                            seen[p] += 1;
+                        }
+                    }
+                }
+                let want: Vec<usize> = (0..48).map(|p| usize::from((p % 12) % 3 == o)).collect();
+                assert_eq!(seen, want, "{layout:?} h={h}");
+            }
+        }
+    }
+}
