@@ -180,7 +180,7 @@ fn check_vs_oracle(rc: &RingCase) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(96), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128), ..ProptestConfig::default() })]
 
     /// Every feature, forward and gradients, f32 against the single-device kernel.
     #[test]
@@ -196,7 +196,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(96) / 6, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(128) / 4, ..ProptestConfig::default() })]
 
     /// Longer local chunks: several query/key tiles per run, tiles cut by causality.
     #[test]

@@ -109,13 +109,21 @@ fn input(u: &mut Unstructured<'_>) -> Result<Input> {
 
 fn close(what: &str, a: &[f64], b: &[f64]) {
     assert_eq!(a.len(), b.len(), "{what}: length");
-    let norm = b.iter().filter(|x| x.is_finite()).map(|x| x * x).sum::<f64>().sqrt();
+    let norm = b
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt();
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!(!x.is_nan(), "{what}[{i}] is NaN");
         if y.is_infinite() {
             assert_eq!(x, y, "{what}[{i}]");
         } else {
-            assert!((x - y).abs() <= 1e-9 * norm.max(1.0), "{what}[{i}]: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-9 * norm.max(1.0),
+                "{what}[{i}]: {x} vs {y}"
+            );
         }
     }
 }
@@ -131,7 +139,9 @@ fuzz_target!(|data: &[u8]| {
     let cfg = CommConfig::default();
     let single = dilated::try_forward(&plan, &inp.q, &inp.k, &inp.v, mask)
         .expect("a valid plan runs on one device");
-    let ring = simulate_forward(inp.world, inp.layout, cfg, &plan, &inp.q, &inp.k, &inp.v, mask);
+    let ring = simulate_forward(
+        inp.world, inp.layout, cfg, &plan, &inp.q, &inp.k, &inp.v, mask,
+    );
     let ring_ok = inp.dims.seq % inp.world == 0
         && (inp.layout == Layout::Contiguous || (inp.dims.seq / inp.world) % 2 == 0);
     let (ring, _) = match ring {
@@ -147,7 +157,14 @@ fuzz_target!(|data: &[u8]| {
     close("out", &ring.out, &single.out);
     close("lse", &ring.lse, &single.lse);
     let gs = dilated::try_backward(
-        &plan, &inp.q, &inp.k, &inp.v, mask, &single.out, &single.lse, &inp.go,
+        &plan,
+        &inp.q,
+        &inp.k,
+        &inp.v,
+        mask,
+        &single.out,
+        &single.lse,
+        &inp.go,
     )
     .expect("single-device backward");
     let (gr, _) = simulate_backward(
