@@ -197,7 +197,7 @@ fn packed(runs: &[Run]) -> (Vec<Run>, usize) {
     (out, e)
 }
 
-/// Local tensors of one rank, with their shapes.
+/// Local tensors of one rank: `q` `(B, n, H, D)`, `k`/`v` `(B, n, Hkv, D)`, mask `(B, n)`.
 struct Local<'a, T> {
     q: &'a [T],
     k: &'a [T],
