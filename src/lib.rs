@@ -26,6 +26,12 @@
 //! * Runtime: [`Plan::new`] + [`ops::dilated::try_forward`] on slices — every invalid input
 //!   is an [`Error`], never a panic.
 //!
+//! ## Ring attention
+//!
+//! [`ring`] splits the sequence over `W` ranks (threads through [`ring::Loopback`], GPUs
+//! through a later NCCL backend) and gives every rank exactly its rows of the
+//! single-device result, moving only dilated K/V rows point to point.
+//!
 //! ## Feature flags
 //!
 //! * `reference` (default): the float64 oracle [`ops::reference`] is public.
@@ -35,6 +41,7 @@
 pub mod dtype;
 pub mod error;
 pub mod ops;
+pub mod ring;
 pub mod shape;
 pub mod tensor;
 
@@ -49,8 +56,12 @@ pub mod prelude {
     pub use crate::dtype::Element;
     pub use crate::error::{Error, Result};
     pub use crate::ops::dilated::{try_backward, try_forward, Forward, Grads};
+    pub use crate::ring::{
+        CommConfig, Layout, Loopback, RingComm, RingDilatedAttention, RingStats,
+    };
     pub use crate::shape::typed::{
-        Checked, CheckedRing, CombineKind, HeadGroupCombine, LseCombine, Schedule, Seg,
+        Checked, CheckedRing, CheckedRingConfig, CombineKind, HeadGroupCombine, LseCombine,
+        Schedule, Seg,
     };
     pub use crate::shape::{Combine, Dims, Options, Pattern, Plan};
     pub use crate::tensor::{Bnh, Bnhd, DilatedAttention, KeyMask};

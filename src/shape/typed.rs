@@ -280,6 +280,59 @@ impl<const LOCAL: usize, const WORLD: usize, S: Schedule> CheckedRing<LOCAL, WOR
     };
 }
 
+/// The full typed ring check: the global length `N = LOCAL·WORLD` with heads `H`, kv
+/// heads `HKV`, head dim `D`, schedule `S` and combine `C` must satisfy every rule of
+/// SPEC §1 (the message names the numbers and the factorisation).
+///
+/// ```compile_fail,E0080
+/// use dilated_attention::prelude::*;
+/// // error: ring global length 6x4: pattern 0: segment 16 does not divide sequence length 24
+/// let _ = CheckedRingConfig::<6, 4, 2, 2, 8, Seg<16, 1>, LseCombine>::OK;
+/// ```
+pub struct CheckedRingConfig<
+    const LOCAL: usize,
+    const WORLD: usize,
+    const H: usize,
+    const HKV: usize,
+    const D: usize,
+    S,
+    C,
+>(core::marker::PhantomData<(S, C)>);
+
+impl<
+        const LOCAL: usize,
+        const WORLD: usize,
+        const H: usize,
+        const HKV: usize,
+        const D: usize,
+        S: Schedule,
+        C: CombineKind,
+    > CheckedRingConfig<LOCAL, WORLD, H, HKV, D, S, C>
+{
+    const MSG: Option<Msg> = if WORLD == 0 {
+        Some(Msg::new().s("ring world size must be >= 1"))
+    } else if LOCAL == 0 {
+        Some(Msg::new().s("ring local length must be >= 1"))
+    } else {
+        match check_config(LOCAL * WORLD, H, HKV, D, S::PATTERNS, C::COMBINE) {
+            Some(m) => Some(
+                Msg::new()
+                    .s("ring global length ")
+                    .n(LOCAL)
+                    .s("x")
+                    .n(WORLD)
+                    .s(": ")
+                    .s(m.as_str()),
+            ),
+            None => None,
+        }
+    };
+    /// Evaluates to `()` for a valid ring configuration; fails to compile otherwise.
+    pub const OK: () = if let Some(m) = &Self::MSG {
+        panic!("{}", m.as_str())
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,7 +122,7 @@ impl<T> ViewMut<T> {
     /// # Safety
     /// No other thread may access elements `[at(b,row,h), +d)` during the borrow.
     #[inline(always)]
-    #[allow(clippy::mut_from_ref)]
+    #[allow(clippy::mut_from_ref)] // the raw pointer, not `&self`, grants the access
     pub unsafe fn row_mut(&self, b: usize, row: usize, h: usize) -> &mut [T] {
         let i = self.at(b, row, h);
         assert!(i + self.d <= self.len, "row out of bounds");
@@ -333,6 +333,7 @@ fn key_meta(
 ///
 /// # Safety
 /// No other thread may touch the `out`/`lse` rows of `(b, qp rows, h)` during the call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn fwd_tile<T: Element>(
     sc: &mut Scratch<T>,
     cx: &FwdCtx<'_, T>,
@@ -624,6 +625,7 @@ fn load_k_side<T: Element>(sc: &mut Scratch<T>, cx: &BwdCtx<'_, T>, b: usize, kt
 ///
 /// # Safety
 /// No other thread may touch the `dk`/`dv` rows of `(b, kt rows, g)` during the call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn bwd_kv_tile<T: Element>(
     sc: &mut Scratch<T>,
     cx: &BwdCtx<'_, T>,
@@ -696,6 +698,7 @@ pub(crate) unsafe fn bwd_kv_tile<T: Element>(
 ///
 /// # Safety
 /// No other thread may touch the `dq` rows of `(b, qp rows, h)` during the call.
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn bwd_q_tile<T: Element>(
     sc: &mut Scratch<T>,
     cx: &BwdCtx<'_, T>,
