@@ -34,6 +34,7 @@
 
 pub mod dtype;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod shape;
 pub mod tensor;
@@ -48,6 +49,7 @@ pub use tensor::DilatedAttention;
 pub mod prelude {
     pub use crate::dtype::Element;
     pub use crate::error::{Error, Result};
+    pub use crate::nn::{Causal, MultiheadDilatedAttention, NonCausal};
     pub use crate::ops::dilated::{try_backward, try_forward, Forward, Grads};
     pub use crate::shape::typed::{
         Checked, CheckedRing, CombineKind, HeadGroupCombine, LseCombine, Schedule, Seg,
