@@ -15,7 +15,7 @@
 //! (A run of `RUN >= r` tokens is visible from every dilation offset, so every query
 //! head sees every fact.)
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
 use dfdx::losses::cross_entropy_with_logits_loss;
@@ -29,6 +29,22 @@ use dilated_attention::nn::builder::MultiheadDilatedAttention;
 use dilated_attention::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The op on its own: gradients of `q`, `k`, `v` through `loss.backward()`.
+pub fn op_gradients() -> [usize; 3] {
+    use dfdx::tensor_ops::SumTo;
+    // ANCHOR: op
+    let dev = Cpu::default();
+    let q: Tensor<Rank4<1, 64, 4, 8>, f32, _> = dev.sample_normal();
+    let k: Tensor<Rank4<1, 64, 2, 8>, f32, _> = dev.sample_normal();
+    let v: Tensor<Rank4<1, 64, 2, 8>, f32, _> = dev.sample_normal();
+    let attn = DilatedAttention::<(Seg<16, 1>, Seg<64, 4>)>::new().causal(true);
+    let out = attn.forward_taped(q.leaky_trace(), k.leaky_trace(), v.leaky_trace());
+    let grads = out.square().sum().backward();
+    let (dq, dk, dv) = (grads.get(&q), grads.get(&k), grads.get(&v));
+    // ANCHOR_END: op
+    [dq.as_vec().len(), dk.as_vec().len(), dv.as_vec().len()]
+}
 
 // ANCHOR: task
 /// Number of distinct keys (every sequence states one fact per key).
@@ -270,7 +286,10 @@ impl Progress {
         }
     }
     fn tick(&mut self, done: usize, loss: f32) {
-        if done != self.total && self.last.elapsed().as_millis() < 100 {
+        // Redraw at most every 100 ms; when stderr is not a terminal (CI, `cargo test`),
+        // only the final state is printed.
+        let tty = std::io::stderr().is_terminal();
+        if done != self.total && (!tty || self.last.elapsed().as_millis() < 100) {
             return;
         }
         self.last = Instant::now();

@@ -16,3 +16,11 @@ fn longnet_ci_run_reduces_the_loss() {
         "loss did not decrease: first 10 steps {first}, last 10 steps {last}"
     );
 }
+
+#[test]
+fn op_snippet_of_the_book_runs() {
+    assert_eq!(
+        longnet_train::op_gradients(),
+        [64 * 4 * 8, 64 * 2 * 8, 64 * 2 * 8]
+    );
+}
