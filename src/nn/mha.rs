@@ -341,6 +341,7 @@ where
 
     /// Self-attention over `x: (batch, seq, M)` with an optional `(batch, seq)` key
     /// padding mask (`true` = attend). The tape of `x` carries the whole backward.
+    #[allow(clippy::type_complexity)]
     pub fn try_forward_masked<B: Dim, const N: usize, T>(
         &self,
         x: Tensor<(B, Const<N>, Const<M>), E, Cpu, T>,
