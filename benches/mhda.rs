@@ -2,8 +2,8 @@
 //! dense attention (matmul, softmax, matmul), f32 on the CPU: time and peak heap.
 //!
 //! ```text
-//! cargo bench --bench mhda                          # N = 16384, both (dense needs ~40 GB)
-//! cargo bench --bench mhda -- --seq 4096            # 1024 | 4096 | 16384
+//! cargo bench --bench mhda                          # N = 16384 (dense needs ~22 GiB)
+//! cargo bench --bench mhda -- --seq 4096            # 1024 | 4096 | 8192 | 16384
 //! cargo bench --bench mhda -- --seq 16384 --no-dense
 //! ```
 //!
@@ -130,6 +130,7 @@ fn run<const N: usize>(dense: bool, iters: usize) {
     let x: Tensor<Rank3<1, N, M>, f32, Cpu> = dev.sample_normal();
     let mut grads = Some(m.alloc_grads());
     let mut rows = vec![];
+    let mut rows_note = String::new();
     let ours = measure(iters, || {
         let y = m.forward(x.trace(grads.take().unwrap()));
         let mut g = y.sum().backward();
@@ -138,6 +139,21 @@ fn run<const N: usize>(dense: bool, iters: usize) {
         dev.empty_cache();
     });
     rows.push(("dilated (ours)", ours));
+    // dfdx's dense attention keeps about 5.25 `(B, H, N, N)` f32 tensors alive at its peak
+    // (measured at N = 1024..8192); skip it where that cannot fit.
+    let dense_need = 5.25 * (H * N * N * 4) as f64;
+    let avail = mem_available();
+    let dense = dense && {
+        let fits = avail.map_or(true, |a| dense_need < 0.8 * a as f64);
+        if !fits {
+            rows_note = format!(
+                "  dense (dfdx)    skipped: needs ~{:.1} GiB, {:.1} GiB available",
+                dense_need / (1u64 << 30) as f64,
+                avail.unwrap_or(0) as f64 / (1u64 << 30) as f64
+            );
+        }
+        fits
+    };
     if dense {
         let d = measure(iters, || {
             let y = dense_forward::<N>(&m, x.trace(grads.take().unwrap()));
@@ -164,6 +180,17 @@ fn run<const N: usize>(dense: bool, iters: usize) {
             N as f64 / s.median_s
         );
     }
+    if !rows_note.is_empty() {
+        println!("{rows_note}");
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (Linux only).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn main() {
@@ -180,7 +207,8 @@ fn main() {
     match seq {
         1024 => run::<1024>(dense, iters),
         4096 => run::<4096>(dense, iters),
+        8192 => run::<8192>(dense, iters),
         16384 => run::<16384>(dense, iters),
-        other => eprintln!("--seq must be 1024, 4096 or 16384, not {other}"),
+        other => eprintln!("--seq must be 1024, 4096, 8192 or 16384, not {other}"),
     }
 }
