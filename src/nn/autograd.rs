@@ -50,6 +50,8 @@ impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
     ///
     /// ```
     /// use dilated_attention::prelude::*;
+    /// use dfdx::tensor::Trace;
+    /// use dfdx::tensor_ops::{Backward, SumTo};
     /// let dev = Cpu::default();
     /// let q: Tensor<Rank4<1, 16, 2, 4>, f64, _> = dev.sample_normal();
     /// let k: Tensor<Rank4<1, 16, 2, 4>, f64, _> = dev.sample_normal();
