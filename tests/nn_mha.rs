@@ -9,7 +9,7 @@ use common::{assert_close, normal};
 use dfdx::losses::mse_loss;
 use dfdx::nn::builders::{LayerNorm1D, Linear, Residual};
 use dfdx::nn::{
-    DeviceBuildExt, LoadFromSafetensors, Module, ModuleMut, SaveToSafetensors, ZeroGrads,
+    DeviceBuildExt, LoadFromSafetensors, Module, ModuleMut, SaveToSafetensors, ToDtype, ZeroGrads,
 };
 use dfdx::optim::{Adam, AdamConfig, Optimizer};
 use dfdx::tensor::{NoneTape, Trace};
@@ -126,14 +126,42 @@ fn unbatched_equals_batched_rows() {
     let dev = Cpu::seed_from_u64(4);
     let m: Built = dev.build_module::<Attn, f64>();
     let x = x_of::<2>(&dev, 5);
+    let mask_v: Vec<bool> = (0..2 * N).map(|i| i % 5 != 3).collect();
+    let mask: KeyMask<Const<2>, N> = dev.tensor_from_vec(mask_v.clone(), (Const, Const));
     let yb = m.forward(x.clone()).as_vec();
+    let ybm = m.forward((x.clone(), mask)).as_vec();
     let xv = x.as_vec();
     for b in 0..2 {
+        let rows = b * N * M..(b + 1) * N * M;
         let row: Tensor<Rank2<N, M>, f64, Cpu> =
-            dev.tensor_from_vec(xv[b * N * M..(b + 1) * N * M].to_vec(), (Const, Const));
-        let y = m.forward(row).as_vec();
-        assert_close("row", &y, &yb[b * N * M..(b + 1) * N * M], 1e-12, 0.0, &b);
+            dev.tensor_from_vec(xv[rows.clone()].to_vec(), (Const, Const));
+        let y = m.forward(row.clone()).as_vec();
+        assert_close("row", &y, &yb[rows.clone()], 1e-12, 0.0, &b);
+        let mrow: Tensor<Rank1<N>, bool, Cpu> =
+            dev.tensor_from_vec(mask_v[b * N..(b + 1) * N].to_vec(), (Const,));
+        let y = m.forward((row, mrow)).as_vec();
+        assert_close("masked row", &y, &ybm[rows], 1e-12, 0.0, &b);
     }
+}
+
+#[test]
+fn converts_to_f32() {
+    let dev = Cpu::seed_from_u64(14);
+    let m: Built = dev.build_module::<Attn, f64>();
+    let m32 = m.to_dtype::<f32>();
+    let x = x_of::<1>(&dev, 15);
+    let x32: Tensor<Rank3<1, N, M>, f32, Cpu> = dev.tensor_from_vec(
+        x.as_vec().iter().map(|&v| v as f32).collect(),
+        (Const, Const, Const),
+    );
+    let y64 = m.forward(x).as_vec();
+    let y32: Vec<f64> = m32
+        .forward(x32)
+        .as_vec()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    assert_close("f32 vs f64", &y32, &y64, 1e-5, 0.0, &"to_dtype");
 }
 
 /// Output rows `0..n` under an input whose rows `n..` are replaced by noise.

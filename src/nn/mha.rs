@@ -484,3 +484,49 @@ where
         y.try_reshape_like(&(Const::<N>, Const::<M>))
     }
 }
+
+impl<
+        const M: usize,
+        const H: usize,
+        const HKV: usize,
+        const HD: usize,
+        S,
+        E,
+        A,
+        C,
+        T,
+        const N: usize,
+    >
+    Module<(
+        Tensor<(Const<N>, Const<M>), E, Cpu, T>,
+        Tensor<(Const<N>,), bool, Cpu>,
+    )> for MultiheadDilatedAttention<M, H, HKV, HD, S, E, Cpu, A, C>
+where
+    S: Schedule,
+    E: Dtype + Element + Float + SampleUniform,
+    Cpu: Device<E>,
+    A: Causality,
+    C: CombineKind,
+    T: Tape<E, Cpu> + Merge<T>,
+{
+    type Output = Tensor<(Const<N>, Const<M>), E, Cpu, T>;
+    type Error = CpuError;
+
+    /// Unbatched self-attention with a `(seq,)` key padding mask.
+    fn try_forward(
+        &self,
+        (x, mask): (
+            Tensor<(Const<N>, Const<M>), E, Cpu, T>,
+            Tensor<(Const<N>,), bool, Cpu>,
+        ),
+    ) -> std::result::Result<Self::Output, CpuError> {
+        let x = x.try_reshape_like(&(Const::<1>, Const::<N>, Const::<M>))?;
+        let mask: KeyMask<Const<1>, N> = dfdx::tensor::TensorFromVec::try_tensor_from_vec(
+            mask.device(),
+            mask.as_vec(),
+            (Const::<1>, Const::<N>),
+        )?;
+        let y = self.try_forward_masked(x, Some(&mask)).map_err(to_cpu)?;
+        y.try_reshape_like(&(Const::<N>, Const::<M>))
+    }
+}
