@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example longnet_train            # N = 256, a few minutes at most
 //! cargo run --release --example longnet_train -- --ci    # N = 128, seconds
+//! cargo run --release --example longnet_train -- --steps 800
 //! ```
 //!
 //! The task: each sequence holds `KEYS` facts `key -> value`, each written as a run of
@@ -345,7 +346,11 @@ fn main() {
         let (first, last) = r.first_last(10);
         assert!(last < first, "loss did not decrease: {first} -> {last}");
     } else {
-        let steps = 400;
+        let steps = std::env::args()
+            .skip_while(|a| a != "--steps")
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(400);
         let longnet = train::<LongNetSchedule, 16, 256>("longnet", steps, 1);
         let local = train::<LocalOnly, 16, 256>("local", steps, 1);
         show("LongNet (N=256)", &longnet);
