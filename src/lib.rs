@@ -26,6 +26,9 @@
 //! * Runtime: [`Plan::new`] + [`ops::dilated::try_forward`] on slices — every invalid input
 //!   is an [`Error`], never a panic.
 //!
+//! In dfdx models: [`DilatedAttention::try_forward_taped`] records its backward on the
+//! dfdx tape, and [`nn::MultiheadDilatedAttention`] is a dfdx module (see [`nn`]).
+//!
 //! ## Feature flags
 //!
 //! * `reference` (default): the float64 oracle [`ops::reference`] is public.

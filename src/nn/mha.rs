@@ -27,7 +27,7 @@
 //!   dfdx scalar field, so both survive `to_device`, `to_dtype` and serialisation.
 //! * `Module::Error` is dfdx's device error, as for every dfdx module, so the module can
 //!   sit in tuples and `Residual`s with dfdx's own; [`MultiheadDilatedAttention::try_forward_masked`]
-//!   returns this crate's [`Error`](crate::Error) with its context.
+//!   returns this crate's [`Error`] with its context.
 
 use std::marker::PhantomData;
 
