@@ -309,3 +309,75 @@ fn composes_with_dfdx_trains_and_round_trips_safetensors() {
         model.forward(x.clone()).as_vec()
     );
 }
+
+#[test]
+fn fused_qkv_equals_separate_projections() {
+    use dilated_attention::nn::{FusedBuilder, FusedMultiheadDilatedAttention};
+    type Sep = builder::MultiheadDilatedAttention<M, 2, 2, 4, Sched, Causal>;
+    type Fused = FusedBuilder<M, 2, 4, Sched, Causal>;
+    let dev = Cpu::seed_from_u64(16);
+    let mut sep = dev.build_module::<Sep, f64>();
+    sep.try_reset_magneto(magneto_gamma(3)).unwrap();
+    sep.w_q.bias.copy_from(&normal(17, 8));
+    sep.w_v.bias.copy_from(&normal(18, 8));
+    let mut fused: FusedMultiheadDilatedAttention<M, 2, 4, Sched, f64, Cpu, Causal> =
+        dev.build_module::<Fused, f64>();
+    let cat = |a: Vec<f64>, b: Vec<f64>, c: Vec<f64>| [a, b, c].concat();
+    fused.w_qkv.weight.copy_from(&cat(
+        sep.w_q.weight.as_vec(),
+        sep.w_k.weight.as_vec(),
+        sep.w_v.weight.as_vec(),
+    ));
+    fused.w_qkv.bias.copy_from(&cat(
+        sep.w_q.bias.as_vec(),
+        sep.w_k.bias.as_vec(),
+        sep.w_v.bias.as_vec(),
+    ));
+    fused.norm = sep.norm.clone();
+    fused.w_o = sep.w_o.clone();
+
+    let x = x_of::<2>(&dev, 19);
+    let w: Tensor<Rank3<2, N, M>, f64, Cpu> =
+        dev.tensor_from_vec(normal(20, 2 * N * M), (Const, Const, Const));
+    let ys = sep.forward(x.leaky_trace());
+    let yf = fused.forward(x.leaky_trace());
+    assert_close("out", &yf.as_vec(), &ys.as_vec(), 1e-12, 0.0, &"fused");
+    let gs = (ys * w.clone()).sum().backward();
+    let gf = (yf * w).sum().backward();
+    assert_close(
+        "dx",
+        &gf.get(&x).as_vec(),
+        &gs.get(&x).as_vec(),
+        1e-12,
+        0.0,
+        &"fused",
+    );
+    let want = cat(
+        gs.get(&sep.w_q.weight).as_vec(),
+        gs.get(&sep.w_k.weight).as_vec(),
+        gs.get(&sep.w_v.weight).as_vec(),
+    );
+    let got = gf.get(&fused.w_qkv.weight).as_vec();
+    assert_close("dw_qkv", &got, &want, 1e-12, 0.0, &"fused");
+    let want = cat(
+        gs.get(&sep.w_q.bias).as_vec(),
+        gs.get(&sep.w_k.bias).as_vec(),
+        gs.get(&sep.w_v.bias).as_vec(),
+    );
+    let got = gf.get(&fused.w_qkv.bias).as_vec();
+    assert_close("db_qkv", &got, &want, 1e-12, 0.0, &"fused");
+
+    // MAGNETO on the fused weight scales only the v block.
+    type Wide = FusedBuilder<64, 8, 8, Sched>;
+    let mut wide = dev.build_module::<Wide, f64>();
+    let gamma = magneto_gamma(12);
+    wide.try_reset_magneto(gamma).unwrap();
+    let wv = wide.w_qkv.weight.as_vec();
+    let std = |v: &[f64]| (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
+    let (b, xavier) = (64 * 64, (2.0f64 / 128.0).sqrt());
+    assert!((std(&wv[..b]) / xavier - 1.0).abs() < 0.05);
+    assert!((std(&wv[2 * b..]) / (gamma * xavier) - 1.0).abs() < 0.05);
+    // Unbatched and masked inputs, as for the separate module.
+    let row: Tensor<Rank2<N, 64>, f64, Cpu> = dev.sample_normal();
+    let _ = wide.forward(row);
+}

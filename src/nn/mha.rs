@@ -108,7 +108,7 @@ pub struct HeadLinear<const M: usize, const G: usize, const HD: usize, E: Dtype,
 }
 
 /// Xavier-uniform bound `gain · sqrt(6 / (fan_in + fan_out))`.
-fn xavier_bound(fan_in: usize, fan_out: usize, gain: f64) -> f64 {
+pub(crate) fn xavier_bound(fan_in: usize, fan_out: usize, gain: f64) -> f64 {
     gain * (6.0 / (fan_in + fan_out) as f64).sqrt()
 }
 
@@ -357,18 +357,45 @@ where
         let k = self.w_k.try_forward(x.retaped::<T>()).map_err(dfdx_err)?;
         let v = self.w_v.try_forward(x).map_err(dfdx_err)?;
         let o = self.attention().try_forward_taped(q, k, v, mask)?;
-        let mut o = o
-            .try_reshape_like(&(b, Const::<N>, Const::<M>))
-            .map_err(dfdx_err)?;
-        if T::OWNS_TAPE && self.dropout > 0.0 {
-            o = o.try_dropout(self.dropout).map_err(dfdx_err)?;
-        }
-        let o = self.norm.try_forward(o).map_err(dfdx_err)?;
-        self.w_o.try_forward(o).map_err(dfdx_err)
+        output_block(o, b, self.dropout, &self.norm, &self.w_o)
     }
 }
 
-fn dfdx_err(e: CpuError) -> Error {
+/// What follows the attention op in both module flavours: heads merged back to `M`,
+/// dropout (training only), sub-LayerNorm, output projection.
+#[allow(clippy::type_complexity)]
+pub(crate) fn output_block<
+    B,
+    const N: usize,
+    const M: usize,
+    const H: usize,
+    const HD: usize,
+    E,
+    T,
+>(
+    o: Tensor<(B, Const<N>, Const<H>, Const<HD>), E, Cpu, T>,
+    b: B,
+    dropout: f64,
+    norm: &LayerNorm1D<M, E, Cpu>,
+    w_o: &Linear<M, M, E, Cpu>,
+) -> Result<Tensor<(B, Const<N>, Const<M>), E, Cpu, T>>
+where
+    B: Dim,
+    E: Dtype,
+    Cpu: Device<E>,
+    T: Tape<E, Cpu> + Merge<T>,
+{
+    let mut o = o
+        .try_reshape_like(&(b, Const::<N>, Const::<M>))
+        .map_err(dfdx_err)?;
+    if T::OWNS_TAPE && dropout > 0.0 {
+        o = o.try_dropout(dropout).map_err(dfdx_err)?;
+    }
+    let o = norm.try_forward(o).map_err(dfdx_err)?;
+    w_o.try_forward(o).map_err(dfdx_err)
+}
+
+pub(crate) fn dfdx_err(e: CpuError) -> Error {
     Error::Device {
         msg: format!("dfdx: {e}"),
     }
@@ -376,7 +403,7 @@ fn dfdx_err(e: CpuError) -> Error {
 
 /// Only this crate's shape/mask errors can occur here, and a dfdx module reports the
 /// device error type; the message is lost, the failure is not.
-fn to_cpu(_: Error) -> CpuError {
+pub(crate) fn to_cpu(_: Error) -> CpuError {
     CpuError::WrongNumElements
 }
 

@@ -27,9 +27,11 @@
 //! ```
 
 pub mod autograd;
+pub mod fused;
 pub mod mha;
 
 pub use autograd::TapedBnhd;
+pub use fused::{FusedBuilder, FusedMultiheadDilatedAttention, QkvLinear};
 pub use mha::{
     builder, magneto_gamma, Causal, Causality, HeadLinear, MultiheadDilatedAttention, NonCausal,
 };
