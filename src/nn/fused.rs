@@ -248,7 +248,7 @@ where
         self.w_qkv.weight.try_fill_with_distr(Uniform::new(-b, b))?;
         let mut w = self.w_qkv.weight.as_vec();
         let gamma = E::from(gamma_init).unwrap();
-        w[2 * H * HD * M..].iter_mut().for_each(|x| *x = *x * gamma);
+        w[2 * H * HD * M..].iter_mut().for_each(|x| *x *= gamma);
         self.w_qkv.weight.copy_from(&w);
         let b = E::from(xavier_bound(M, M, gamma_init)).unwrap();
         self.w_o.weight.try_fill_with_distr(Uniform::new(-b, b))?;
