@@ -144,7 +144,7 @@ fn run<const N: usize>(dense: bool, iters: usize) {
     let dense_need = 5.25 * (H * N * N * 4) as f64;
     let avail = mem_available();
     let dense = dense && {
-        let fits = avail.map_or(true, |a| dense_need < 0.8 * a as f64);
+        let fits = avail.is_none_or(|a| dense_need < 0.8 * a as f64);
         if !fits {
             rows_note = format!(
                 "  dense (dfdx)    skipped: needs ~{:.1} GiB, {:.1} GiB available",
