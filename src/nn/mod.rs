@@ -9,6 +9,8 @@
 //!   MAGNETO's sub-LayerNorm and `gamma_init`, attention-output dropout and
 //!   causal / key-padding masks. It composes with dfdx's `Linear`, `LayerNorm1D`,
 //!   `Residual`, tuples, optimizers and `ZeroGrads`.
+//! * [`FusedMultiheadDilatedAttention`] ([`fused`]): the same with one fused q/k/v
+//!   projection `(3, H, HD, M)` (PyTorch's `in_proj_weight` layout), for `HKV = H`.
 //!
 //! ```
 //! use dilated_attention::prelude::*;
