@@ -32,6 +32,11 @@
 //! through a later NCCL backend) and gives every rank exactly its rows of the
 //! single-device result, moving only dilated K/V rows point to point.
 //!
+//! ## In dfdx models
+//!
+//! In dfdx models: [`DilatedAttention::try_forward_taped`] records its backward on the
+//! dfdx tape, and [`nn::MultiheadDilatedAttention`] is a dfdx module (see [`nn`]).
+//!
 //! ## Feature flags
 //!
 //! * `reference` (default): the float64 oracle [`ops::reference`] is public.
@@ -40,6 +45,7 @@
 
 pub mod dtype;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod ring;
 pub mod shape;
@@ -55,6 +61,7 @@ pub use tensor::DilatedAttention;
 pub mod prelude {
     pub use crate::dtype::Element;
     pub use crate::error::{Error, Result};
+    pub use crate::nn::{Causal, MultiheadDilatedAttention, NonCausal};
     pub use crate::ops::dilated::{try_backward, try_forward, Forward, Grads};
     pub use crate::ring::{
         CommConfig, Layout, Loopback, RingComm, RingDilatedAttention, RingStats,
