@@ -116,3 +116,16 @@ fn fully_masked_rows_are_zero() {
     assert!(f.lse[..8 * 2].iter().all(|&x| x == f32::NEG_INFINITY));
     assert!(f.out.iter().all(|x| !x.is_nan()));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(300) / 6, ..ProptestConfig::default() })]
+
+    /// Head dims that take the AVX-512 fast path (multiples of 16 up to 128) on CPUs that
+    /// have it; the generic path elsewhere. Long enough for several tiles per segment.
+    #[test]
+    fn simd_head_dims_match_oracle(base in case(200, 2), dsel in 0usize..8) {
+        let mut case = base;
+        case.dims.head_dim = [16, 32, 48, 64, 80, 96, 112, 128][dsel];
+        check_f32(&case, true);
+    }
+}

@@ -159,6 +159,9 @@ pub(crate) struct Scratch<T> {
     qp: Vec<usize>,
     kp: Vec<usize>,
     kok: Vec<bool>,
+    /// The AVX-512 forward path's scratch, when it applies (f32, D % 16 == 0, CPU).
+    #[cfg(target_arch = "x86_64")]
+    simd: Option<super::cpu_simd::SimdScratch>,
 }
 
 impl<T: Element> Scratch<T> {
@@ -177,6 +180,10 @@ impl<T: Element> Scratch<T> {
             qp: vec![0; BQ],
             kp: vec![0; BK],
             kok: vec![false; BK],
+            #[cfg(target_arch = "x86_64")]
+            simd: (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && super::cpu_simd::available(d))
+            .then(|| super::cpu_simd::SimdScratch::new(d)),
         }
     }
 }
@@ -361,6 +368,43 @@ pub(crate) fn fwd_accumulate<T: Element>(
     qp: Prog,
     kp: Prog,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ss) = sc.simd.as_mut() {
+        // SAFETY: `simd` is only built when T is f32 (TypeId checked in Scratch::new), so
+        // these reinterpretations are identities.
+        let f = |x: &[T]| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
+        let fm = |x: &mut [T]| unsafe {
+            std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len())
+        };
+        let vf = |v: View<'_, T>| View {
+            data: f(v.data),
+            rows: v.rows,
+            heads: v.heads,
+            d: v.d,
+        };
+        let t = super::cpu_simd::TileIn {
+            q: vf(cx.q),
+            k: vf(cx.k),
+            v: vf(cx.v),
+            kmask: cx.kmask,
+            causal: cx.causal,
+            scale: cx.scale.f64() as f32,
+        };
+        // SAFETY: `simd` exists only when `cpu_simd::available(d)` held.
+        unsafe {
+            super::cpu_simd::fwd_accumulate(
+                ss,
+                &t,
+                (b, h, g),
+                qp,
+                kp,
+                fm(&mut sc.m),
+                fm(&mut sc.l),
+                fm(&mut sc.acc),
+            )
+        };
+        return;
+    }
     let d = cx.q.d;
     let bq = qp.count;
     debug_assert!(bq <= BQ);

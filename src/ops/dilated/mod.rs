@@ -24,6 +24,8 @@
 //! the key padding mask is `(batch, seq)` with `true` = attend.
 
 pub(crate) mod cpu_kernel;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod cpu_simd;
 
 use crate::dtype::Element;
 use crate::error::Result;
