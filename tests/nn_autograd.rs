@@ -121,7 +121,7 @@ fn check_vs_oracle<S: Schedule, C: CombineKind, E>(
     let v = tensor::<B, N, HKV, D, E>(&dev, seed + 2);
     let w = tensor::<B, N, H, D, E>(&dev, seed + 3);
     let mask_v: Vec<bool> = (0..B * N)
-        .map(|i| (i * 7 + seed as usize) % 5 != 0)
+        .map(|i| !(i * 7 + seed as usize).is_multiple_of(5))
         .collect();
     let mask: KeyMask<Const<B>, N> = dev.tensor_from_vec(mask_v.clone(), (Const, Const));
     let mask = with_mask.then_some(&mask);

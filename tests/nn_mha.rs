@@ -272,7 +272,13 @@ fn composes_with_dfdx_trains_and_round_trips_safetensors() {
     // Target: each row's features shifted one row down (needs attention to the past).
     let xv = x.as_vec();
     let tv: Vec<f64> = (0..xv.len())
-        .map(|i| if (i / M) % N == 0 { 0.0 } else { xv[i - M] })
+        .map(|i| {
+            if (i / M).is_multiple_of(N) {
+                0.0
+            } else {
+                xv[i - M]
+            }
+        })
         .collect();
     let target: Tensor<Rank3<2, N, M>, f64, Cpu> = dev.tensor_from_vec(tv, (Const, Const, Const));
 

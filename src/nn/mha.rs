@@ -227,7 +227,7 @@ impl<const M: usize, const H: usize, const HKV: usize, const HD: usize, S, A, C>
 {
     /// `M = H · HD`; evaluated when the module is built or run.
     pub const TYPE_CHECK: () = assert!(
-        M == H * HD && H > 0 && HKV > 0 && H % HKV == 0,
+        M == H * HD && H > 0 && HKV > 0 && H.is_multiple_of(HKV),
         "MultiheadDilatedAttention<M, H, HKV, HD>: needs M == H * HD and H % HKV == 0"
     );
 }

@@ -286,7 +286,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
             });
         }
         let n_glob = plan.dims().seq;
-        if n_glob % world != 0 {
+        if !n_glob.is_multiple_of(world) {
             return Err(Error::Ring {
                 msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
             });
@@ -1044,7 +1044,7 @@ pub fn try_backward<T: Element, C: RingComm>(
 /// the per-rank compute a layout assigns. Used to compare layouts' balance.
 pub fn attended_pairs(plan: &Plan, layout: Layout, world: usize, rank: usize) -> Result<u64> {
     let n_glob = plan.dims().seq;
-    if world == 0 || n_glob % world != 0 {
+    if world == 0 || !n_glob.is_multiple_of(world) {
         return Err(Error::Ring {
             msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
         });

@@ -50,7 +50,7 @@ impl Geometry {
                 msg: "local length must be >= 1".into(),
             });
         }
-        if layout == Layout::Zigzag && local % 2 != 0 {
+        if layout == Layout::Zigzag && !local.is_multiple_of(2) {
             return Err(Error::Ring {
                 msg: format!("zigzag layout needs an even local length, got n = {local}"),
             });
@@ -185,7 +185,7 @@ impl Layout {
         world: usize,
     ) -> Result<(Geometry, usize)> {
         let per = batch * inner * world;
-        if per == 0 || len % per != 0 {
+        if per == 0 || !len.is_multiple_of(per) {
             return Err(Error::Ring {
                 msg: format!(
                     "{len} elements do not split into batch {batch} x {world} ranks x {inner} per position"

@@ -160,7 +160,7 @@ pub fn validate(dims: &Dims, schedule: &[Pattern], opts: &Options) -> Result<()>
             return Err(Error::ZeroDim { dim });
         }
     }
-    if dims.heads % dims.kv_heads != 0 {
+    if !dims.heads.is_multiple_of(dims.kv_heads) {
         return Err(Error::HeadsNotMultiple {
             heads: dims.heads,
             kv_heads: dims.kv_heads,
@@ -181,7 +181,7 @@ pub fn validate(dims: &Dims, schedule: &[Pattern], opts: &Options) -> Result<()>
             });
         }
         let w = p.segment.min(dims.seq);
-        if dims.seq % w != 0 {
+        if !dims.seq.is_multiple_of(w) {
             return Err(Error::SegmentNotDividing {
                 pattern: i,
                 segment: p.segment,

@@ -171,7 +171,7 @@ const fn check_config(
     if d == 0 {
         return Some(Msg::new().s("head dim D must be >= 1"));
     }
-    if h % hkv != 0 {
+    if !h.is_multiple_of(hkv) {
         return Some(
             Msg::new()
                 .s("query heads ")
@@ -202,7 +202,7 @@ const fn check_config(
             );
         }
         let wc = if w < n { w } else { n };
-        if n % wc != 0 {
+        if !n.is_multiple_of(wc) {
             return Some(
                 Msg::new()
                     .s("pattern ")

@@ -52,7 +52,7 @@ impl Case {
 }
 
 fn divisors(n: usize) -> Vec<usize> {
-    (1..=n).filter(|w| n % w == 0).collect()
+    (1..=n).filter(|w| n.is_multiple_of(*w)).collect()
 }
 
 /// Strategy for one pattern valid for sequence length `n`: a divisor of `n` or a segment

@@ -32,7 +32,9 @@ const _: () = assert!(BQ == 64 && BK == 64, "the AVX-512 tiles assume 64 × 64")
 
 /// Whether the fast path can run for head dim `d` on this CPU.
 pub(crate) fn available(d: usize) -> bool {
-    d % 16 == 0 && (16..=128).contains(&d) && std::arch::is_x86_feature_detected!("avx512f")
+    d.is_multiple_of(16)
+        && (16..=128).contains(&d)
+        && std::arch::is_x86_feature_detected!("avx512f")
 }
 
 /// Scratch of the fast path (per worker).
@@ -88,7 +90,7 @@ pub(crate) unsafe fn fwd_accumulate(
 ) {
     let d = t.q.d;
     let bq = qp.count;
-    debug_assert!(bq <= QC && d % 16 == 0);
+    debug_assert!(bq <= QC && d.is_multiple_of(16));
     // Qᵀ, scaled, zero past bq.
     ss.qt.fill(0.0);
     for i in 0..bq {
