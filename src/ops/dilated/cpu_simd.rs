@@ -152,13 +152,8 @@ pub(crate) unsafe fn fwd_accumulate(
         let mut alpha = [1.0f32; QC];
         let mut msafe = [0.0f32; QC];
         let mut mnew = [f32::NEG_INFINITY; QC];
-        mnew.copy_from_slice(&ss.mx);
-        for j in 0..bk {
-            let row = &ss.st[j * QC..j * QC + QC];
-            for (m, &x) in mnew.iter_mut().zip(row) {
-                *m = if x > *m { x } else { *m };
-            }
-        }
+        // SAFETY: `mx` has QC = 64 floats, Sᵀ rows j < bk ≤ BK have QC floats each.
+        unsafe { col_max(&mut mnew, &ss.mx, &ss.st, bk) };
         for i in 0..QC {
             msafe[i] = if mnew[i] == f32::NEG_INFINITY {
                 0.0
@@ -194,6 +189,33 @@ pub(crate) unsafe fn fwd_accumulate(
     }
     m_out[..bq].copy_from_slice(&ss.mx[..bq]);
     l_out[..bq].copy_from_slice(&ss.l[..bq]);
+}
+
+/// `out[i] = max(m[i], max_j Sᵀ[j, i])` over the `QC` columns, in four registers.
+///
+/// # Safety
+/// AVX-512F; `st` holds at least `bk` rows of `QC` floats.
+#[target_feature(enable = "avx512f")]
+unsafe fn col_max(out: &mut [f32; QC], m: &[f32], st: &[f32], bk: usize) {
+    assert!(m.len() >= QC && st.len() >= bk * QC);
+    let (mp, sp) = (m.as_ptr(), st.as_ptr());
+    // SAFETY: in bounds by the assert above.
+    unsafe {
+        let mut v = [
+            _mm512_loadu_ps(mp),
+            _mm512_loadu_ps(mp.add(16)),
+            _mm512_loadu_ps(mp.add(32)),
+            _mm512_loadu_ps(mp.add(48)),
+        ];
+        for j in 0..bk {
+            for (c, x) in v.iter_mut().enumerate() {
+                *x = _mm512_max_ps(*x, _mm512_loadu_ps(sp.add(j * QC + c * 16)));
+            }
+        }
+        for (c, x) in v.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *x);
+        }
+    }
 }
 
 /// `Sᵀ[j, :] = Σ_d K[j, d] · Qᵀ[d, :]` for `j < bk` (all `QC` columns).
