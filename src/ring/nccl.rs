@@ -911,6 +911,36 @@ impl RingComm for NcclComm {
     }
 }
 
+/// Run `f` on every communicator of [`NcclComm::from_devices`], one thread each; results
+/// in rank order. A rank that panics yields `Err` with the panic message (its
+/// communicator is dropped, i.e. aborted, so its peers time out and return `Err` too).
+pub fn run<R, F>(comms: Vec<NcclComm>, f: F) -> Vec<Result<R>>
+where
+    R: Send,
+    F: Fn(NcclComm) -> Result<R> + Sync,
+{
+    let f = &f;
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let rank = c.rank;
+                (rank, s.spawn(move || f(c)))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|(rank, h)| match h.join() {
+                Ok(r) => r,
+                Err(e) => Err(Error::Comm {
+                    rank,
+                    step: 0,
+                    msg: format!("rank {rank} panicked: {}", panic_text(&*e)),
+                }),
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
