@@ -166,7 +166,10 @@ struct RankReport {
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -226,7 +229,13 @@ fn run_rank(
 }
 
 /// This rank's rows of the single-device result.
-fn reference_rows(a: &Args, p: &Plan, prob: &Problem, world: usize, r: usize) -> Result<[Vec<f32>; 4]> {
+fn reference_rows(
+    a: &Args,
+    p: &Plan,
+    prob: &Problem,
+    world: usize,
+    r: usize,
+) -> Result<[Vec<f32>; 4]> {
     let d = *p.dims();
     let (b, hd, kd) = (d.batch, d.heads * d.head_dim, d.kv_heads * d.head_dim);
     let f = dilated::try_forward(p, &prob.q, &prob.k, &prob.v, None)?;
@@ -275,7 +284,11 @@ fn print_report(a: &Args, p: &Plan, world: usize, reps: &[RankReport]) {
             median(&r.bwd_ms)
         );
         for (name, s) in [("forward", &r.fwd), ("backward", &r.bwd)] {
-            let per_step = if s.steps > 0 { s.bytes_sent / s.steps as u64 } else { 0 };
+            let per_step = if s.steps > 0 {
+                s.bytes_sent / s.steps as u64
+            } else {
+                0
+            };
             println!(
                 "  {name}: steps {}, payload sent {} B, received {} B ({} B per step; own K/V block {} B), compute {:?}, wait {:?}, blocks computed {}, skipped {}, max remote blocks {}",
                 s.steps, s.bytes_sent, s.bytes_recv, per_step, own_kv, s.compute, s.wait,
@@ -315,13 +328,20 @@ fn main() -> Result<()> {
             let p = plan(&a, world)?;
             let prob = Problem::new(&p);
             let want: Option<Vec<[Vec<f32>; 4]>> = if a.check {
-                Some((0..world).map(|r| reference_rows(&a, &p, &prob, world, r)).collect::<Result<_>>()?)
+                Some(
+                    (0..world)
+                        .map(|r| reference_rows(&a, &p, &prob, world, r))
+                        .collect::<Result<_>>()?,
+                )
             } else {
                 None
             };
             let t = Instant::now();
             let comms = NcclComm::from_devices(world, cfg)?;
-            println!("{world} communicators (one thread per GPU) in {:?}", t.elapsed());
+            println!(
+                "{world} communicators (one thread per GPU) in {:?}",
+                t.elapsed()
+            );
             let res = nccl::run(comms, |c| {
                 let r = c.rank();
                 run_rank(&c, &a, &p, &prob, want.as_ref().map(|w| &w[r]))

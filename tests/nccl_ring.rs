@@ -78,8 +78,11 @@ fn nccl_ring<T: Element>(
     let vs = layout.split(v, b, kd, world).unwrap();
     let gs = layout.split(go, b, hd, world).unwrap();
     let ms = mask.map(|m| layout.split(m, b, 1, world).unwrap());
-    let comms = NcclComm::from_devices(world, CommConfig::default().timeout(Duration::from_secs(60)))
-        .expect("2 GPUs with NCCL");
+    let comms = NcclComm::from_devices(
+        world,
+        CommConfig::default().timeout(Duration::from_secs(60)),
+    )
+    .expect("2 GPUs with NCCL");
     let res = nccl::run(comms, |c| {
         let r = c.rank();
         let m = ms.as_ref().map(|m| m[r].as_slice());
@@ -104,7 +107,8 @@ fn nccl_ring<T: Element>(
         let (o, l, dq, dk, dv) = first.expect("repeat >= 1");
         Ok((o, l, dq, dk, dv, stats.expect("repeat >= 1")))
     });
-    let (mut o, mut l, mut dq, mut dk, mut dv, mut st) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut o, mut l, mut dq, mut dk, mut dv, mut st) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for (r, x) in res.into_iter().enumerate() {
         let x = x.unwrap_or_else(|e| panic!("rank {r} failed: {e}"));
         o.push(x.0);
@@ -134,11 +138,39 @@ fn check_vs_single(case: &Case, layout: Layout) {
     let gs = dilated::try_backward(&plan, &q, &k, &v, mask, &single.out, &single.lse, &go).unwrap();
     let ring = nccl_ring(2, layout, &plan, &q, &k, &v, mask, &go, 2);
     let ctx = (case, layout);
-    assert_close("out", &from_f32(&ring.out), &from_f32(&single.out), 1e-5, 1e-6, &ctx);
+    assert_close(
+        "out",
+        &from_f32(&ring.out),
+        &from_f32(&single.out),
+        1e-5,
+        1e-6,
+        &ctx,
+    );
     assert_lse(&from_f32(&ring.lse), &from_f32(&single.lse), 1e-5, &ctx);
-    assert_close("dq", &from_f32(&ring.dq), &from_f32(&gs.dq), 1e-5, 1e-5, &ctx);
-    assert_close("dk", &from_f32(&ring.dk), &from_f32(&gs.dk), 1e-5, 1e-5, &ctx);
-    assert_close("dv", &from_f32(&ring.dv), &from_f32(&gs.dv), 1e-5, 1e-5, &ctx);
+    assert_close(
+        "dq",
+        &from_f32(&ring.dq),
+        &from_f32(&gs.dq),
+        1e-5,
+        1e-5,
+        &ctx,
+    );
+    assert_close(
+        "dk",
+        &from_f32(&ring.dk),
+        &from_f32(&gs.dk),
+        1e-5,
+        1e-5,
+        &ctx,
+    );
+    assert_close(
+        "dv",
+        &from_f32(&ring.dv),
+        &from_f32(&gs.dv),
+        1e-5,
+        1e-5,
+        &ctx,
+    );
     for (name, pick) in [("forward", 0), ("backward", 1)] {
         let s: Vec<&RingStats> = ring
             .stats
@@ -192,7 +224,13 @@ fn dense_causal_zigzag_matches_single_device() {
         kv_heads: 2,
         head_dim: 16,
     };
-    let c = case(dims, &[Pattern::new(192, 1)], Options::default().causal(true), false, 11);
+    let c = case(
+        dims,
+        &[Pattern::new(192, 1)],
+        Options::default().causal(true),
+        false,
+        11,
+    );
     check_vs_single(&c, Layout::Zigzag);
 }
 
@@ -206,7 +244,11 @@ fn dilated_schedule_matches_single_device() {
         kv_heads: 4,
         head_dim: 16,
     };
-    let schedule = [Pattern::new(64, 1), Pattern::new(128, 2), Pattern::new(256, 4)];
+    let schedule = [
+        Pattern::new(64, 1),
+        Pattern::new(128, 2),
+        Pattern::new(256, 4),
+    ];
     // Contiguous with a key padding mask, then zigzag causal.
     let c = case(dims, &schedule, Options::default(), true, 12);
     check_vs_single(&c, Layout::Contiguous);
@@ -224,7 +266,13 @@ fn small_cases_match_the_float64_oracle() {
         kv_heads: 1,
         head_dim: 4,
     };
-    let dense = case(dims, &[Pattern::new(16, 1)], Options::default().causal(true), false, 21);
+    let dense = case(
+        dims,
+        &[Pattern::new(16, 1)],
+        Options::default().causal(true),
+        false,
+        21,
+    );
     check_vs_oracle(&dense, Layout::Zigzag);
     let schedule = [Pattern::new(4, 1), Pattern::new(8, 2), Pattern::new(16, 4)];
     let dil = case(dims, &schedule, Options::default().causal(true), true, 22);
@@ -245,9 +293,16 @@ fn all_reduce_max_over_nccl() {
         };
         let m = c
             .all_reduce_max(tag, 1.5 + c.rank() as f64)
-            .map_err(|f| Error::Comm { rank: c.rank(), step: 0, msg: f.to_string() })?;
-        c.barrier(tag)
-            .map_err(|f| Error::Comm { rank: c.rank(), step: 0, msg: f.to_string() })?;
+            .map_err(|f| Error::Comm {
+                rank: c.rank(),
+                step: 0,
+                msg: f.to_string(),
+            })?;
+        c.barrier(tag).map_err(|f| Error::Comm {
+            rank: c.rank(),
+            step: 0,
+            msg: f.to_string(),
+        })?;
         Ok(m)
     });
     for r in res {
@@ -259,7 +314,8 @@ fn all_reduce_max_over_nccl() {
 #[ignore = "needs 2 GPUs with NCCL"]
 fn stalled_rank_gives_err_within_timeout() {
     let timeout = Duration::from_secs(3);
-    let comms = NcclComm::from_devices(2, CommConfig::default().timeout(timeout)).expect("2 GPUs with NCCL");
+    let comms = NcclComm::from_devices(2, CommConfig::default().timeout(timeout))
+        .expect("2 GPUs with NCCL");
     let dims = Dims {
         batch: 1,
         seq: 2 * 32,
@@ -267,7 +323,12 @@ fn stalled_rank_gives_err_within_timeout() {
         kv_heads: 2,
         head_dim: 8,
     };
-    let plan = Plan::new(dims, &[Pattern::new(64, 1)], Options::default().causal(true)).unwrap();
+    let plan = Plan::new(
+        dims,
+        &[Pattern::new(64, 1)],
+        Options::default().causal(true),
+    )
+    .unwrap();
     let x = to_f32(&normal(5, dims.batch * 32 * dims.heads * dims.head_dim));
     let t0 = Instant::now();
     let res = nccl::run(comms, |c| {
@@ -283,15 +344,27 @@ fn stalled_rank_gives_err_within_timeout() {
                 let msg = e.to_string();
                 eprintln!("rank 0 got: {msg}");
                 assert!(matches!(e, Error::Comm { rank: 0, .. }), "{e:?}");
-                assert!(msg.contains("rank 1"), "the error names the stalled peer: {msg}");
+                assert!(
+                    msg.contains("did not finish within"),
+                    "the error is the timeout, not another fault: {msg}"
+                );
+                assert!(
+                    msg.contains("rank 1"),
+                    "the error names the stalled peer: {msg}"
+                );
                 Ok(t.elapsed())
             }
         }
     });
-    let waited = res[0].as_ref().expect("rank 0 reports the stall as its result");
+    let waited = res[0]
+        .as_ref()
+        .expect("rank 0 reports the stall as its result");
     assert!(
         *waited < timeout * 2 + Duration::from_secs(2),
         "rank 0 took {waited:?} with a {timeout:?} timeout"
     );
-    eprintln!("rank 0 returned Err after {waited:?} (timeout {timeout:?}); whole test {:?}", t0.elapsed());
+    eprintln!(
+        "rank 0 returned Err after {waited:?} (timeout {timeout:?}); whole test {:?}",
+        t0.elapsed()
+    );
 }

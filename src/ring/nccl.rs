@@ -292,7 +292,9 @@ impl NcclComm {
         no_panic("counting GPUs", || {
             // SAFETY: opening the library by name only.
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
-                return Err(dev_err("the CUDA driver library (libcuda.so) cannot be loaded"));
+                return Err(dev_err(
+                    "the CUDA driver library (libcuda.so) cannot be loaded",
+                ));
             }
             CudaContext::device_count()
                 .map(|n| n.max(0) as usize)
@@ -312,13 +314,9 @@ impl NcclComm {
         probe()?;
         let have = Self::device_count()?;
         if have < n {
-            return Err(dev_err(format!(
-                "{n} GPUs asked for, {have} visible"
-            )));
+            return Err(dev_err(format!("{n} GPUs asked for, {have} visible")));
         }
-        let id = no_panic("ncclGetUniqueId", || {
-            nccl_unique_id()
-        })?;
+        let id = no_panic("ncclGetUniqueId", nccl_unique_id)?;
         let res: Vec<Result<NcclComm>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..n)
                 .map(|r| s.spawn(move || NcclComm::init(r, n, r, id, cfg)))
@@ -327,7 +325,10 @@ impl NcclComm {
                 .enumerate()
                 .map(|(r, h)| {
                     h.join().unwrap_or_else(|e| {
-                        Err(dev_err(format!("rank {r} init panicked: {}", panic_text(&*e))))
+                        Err(dev_err(format!(
+                            "rank {r} init panicked: {}",
+                            panic_text(&*e)
+                        )))
                     })
                 })
                 .collect()
@@ -544,8 +545,10 @@ impl NcclComm {
     }
 
     /// Wait until a non-blocking NCCL call has finished its host-side work.
+    /// (A non-blocking communicator accepts no new call until its state is
+    /// `ncclSuccess` again.)
     fn settle(&self, peer: Option<usize>, what: &str) -> std::result::Result<(), CommFault> {
-        self.poll(peer, what, || Ok(true))
+        self.poll(peer, what, || self.async_state().map(|busy| !busy))
     }
 
     /// Check an NCCL return code; `ncclInProgress` is settled within the timeout.
@@ -558,7 +561,10 @@ impl NcclComm {
         match r {
             nsys::ncclResult_t::ncclSuccess => Ok(()),
             nsys::ncclResult_t::ncclInProgress => self.settle(peer, what),
-            e => Err(self.fail(peer, format!("rank {}: {what}: {}", self.rank, nccl_text(e)))),
+            e => Err(self.fail(
+                peer,
+                format!("rank {}: {what}: {}", self.rank, nccl_text(e)),
+            )),
         }
     }
 
@@ -572,23 +578,39 @@ impl NcclComm {
     }
 
     /// A device buffer holding `bytes`, written and made visible before return.
-    fn upload(&self, bytes: &[u8], peer: Option<usize>) -> std::result::Result<CudaSlice<u8>, CommFault> {
+    fn upload(
+        &self,
+        bytes: &[u8],
+        peer: Option<usize>,
+    ) -> std::result::Result<CudaSlice<u8>, CommFault> {
         let d = self.cuda(self.copy.clone_htod(bytes), peer, "host-to-device copy")?;
         self.cuda(self.copy.synchronize(), peer, "staging copy")?;
         Ok(d)
     }
 
     /// A zeroed device buffer of `n` bytes, allocated before return.
-    fn buffer(&self, n: usize, peer: Option<usize>) -> std::result::Result<CudaSlice<u8>, CommFault> {
+    fn buffer(
+        &self,
+        n: usize,
+        peer: Option<usize>,
+    ) -> std::result::Result<CudaSlice<u8>, CommFault> {
         let d = self.cuda(self.copy.alloc_zeros::<u8>(n), peer, "allocation")?;
         self.cuda(self.copy.synchronize(), peer, "staging copy")?;
         Ok(d)
     }
 
     /// Copy a device buffer whose producer has completed back to the host.
-    fn download(&self, d: &CudaSlice<u8>, peer: Option<usize>) -> std::result::Result<Vec<u8>, CommFault> {
+    fn download(
+        &self,
+        d: &CudaSlice<u8>,
+        peer: Option<usize>,
+    ) -> std::result::Result<Vec<u8>, CommFault> {
         let mut h = vec![0u8; d.len()];
-        self.cuda(self.copy.memcpy_dtoh(d, &mut h), peer, "device-to-host copy")?;
+        self.cuda(
+            self.copy.memcpy_dtoh(d, &mut h),
+            peer,
+            "device-to-host copy",
+        )?;
         self.cuda(self.copy.synchronize(), peer, "staging copy")?;
         Ok(h)
     }
@@ -625,7 +647,10 @@ impl NcclComm {
             if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
                 // SAFETY: closes the group opened above.
                 let _ = unsafe { nsys::ncclGroupEnd() };
-                return Err(self.fail(peer, format!("rank {}: {what}: ncclSend: {}", self.rank, nccl_text(r))));
+                return Err(self.fail(
+                    peer,
+                    format!("rank {}: {what}: ncclSend: {}", self.rank, nccl_text(r)),
+                ));
             }
         }
         if let Some((from, buf)) = from {
@@ -647,7 +672,10 @@ impl NcclComm {
             if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
                 // SAFETY: closes the group opened above.
                 let _ = unsafe { nsys::ncclGroupEnd() };
-                return Err(self.fail(peer, format!("rank {}: {what}: ncclRecv: {}", self.rank, nccl_text(r))));
+                return Err(self.fail(
+                    peer,
+                    format!("rank {}: {what}: ncclRecv: {}", self.rank, nccl_text(r)),
+                ));
             }
         }
         // SAFETY: closes the group opened above.
@@ -663,7 +691,8 @@ impl NcclComm {
         what: &str,
     ) -> std::result::Result<(), CommFault> {
         self.poll(peer, what, || {
-            ev.try_is_complete().map_err(|e| format!("CUDA event: {e:?}"))
+            ev.try_is_complete()
+                .map_err(|e| format!("CUDA event: {e:?}"))
         })
     }
 
@@ -734,7 +763,10 @@ impl RingComm for NcclComm {
             )),
             _ => None,
         };
-        let at = format!("pattern {} step {} kind {}", tag.pattern, tag.step, tag.kind);
+        let at = format!(
+            "pattern {} step {} kind {}",
+            tag.pattern, tag.step, tag.kind
+        );
         // Phase 1: headers, so the receiver can allocate and check the tag.
         let hdr_send = match &payload {
             Some((_, elems, bits)) => {
@@ -831,7 +863,10 @@ impl RingComm for NcclComm {
         })
     }
 
-    fn wait<T: Element>(&self, ticket: NcclTicket) -> std::result::Result<Option<Packet<T>>, CommFault> {
+    fn wait<T: Element>(
+        &self,
+        ticket: NcclTicket,
+    ) -> std::result::Result<Option<Packet<T>>, CommFault> {
         let peer = ticket.from.or(ticket.to);
         if let Err(f) = self.bind(peer) {
             // The buffers may still be in use by an aborted transfer: leak them.
