@@ -57,6 +57,9 @@ struct RingRun<T> {
     stats: Vec<(RingStats, RingStats)>,
 }
 
+/// One rank's `(out, L, dq, dk, dv)`.
+type Outputs<T> = (Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<T>);
+
 /// Forward then backward on `world` GPUs (one thread each), on global inputs split by
 /// `layout`; `repeat` times on the same communicators (all repeats must agree).
 #[allow(clippy::too_many_arguments)]
@@ -86,7 +89,7 @@ fn nccl_ring<T: Element>(
     let res = nccl::run(comms, |c| {
         let r = c.rank();
         let m = ms.as_ref().map(|m| m[r].as_slice());
-        let mut first: Option<(Vec<T>, Vec<T>, Vec<T>, Vec<T>, Vec<T>)> = None;
+        let mut first: Option<Outputs<T>> = None;
         let mut stats = None;
         for _ in 0..repeat {
             let f = ring_mod::try_forward(&c, plan, layout, &qs[r], &ks[r], &vs[r], m)?;
