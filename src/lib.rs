@@ -40,6 +40,9 @@
 //! ## Feature flags
 //!
 //! * `reference` (default): the float64 oracle [`ops::reference`] is public.
+//! * `nccl`: `ring::NcclComm`, the NCCL backend of [`ring::RingComm`] (one GPU per rank;
+//!   CUDA and NCCL are loaded at run time, so the crate still builds without them and
+//!   construction returns `Err` where they are missing).
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -34,12 +34,16 @@ mod comm;
 mod driver;
 mod layout;
 pub mod loopback;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod rendezvous;
 
 pub use comm::{CommConfig, CommFault, Packet, RingComm, RingStats, Tag};
 pub use driver::{attended_pairs, try_backward, try_forward, RingForward};
 pub use layout::{Geometry, Layout};
 pub use loopback::{simulate_backward, simulate_forward, Loopback};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclComm;
 
 use std::marker::PhantomData;
 
