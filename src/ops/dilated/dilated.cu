@@ -1,0 +1,930 @@
+// Dilated attention (SPEC §1) on CUDA, compiled at run time by NVRTC.
+//
+// No header is included: bf16/f16 conversions, tensor-core MMAs, ldmatrix and cp.async are
+// written as inline PTX, so NVRTC needs no include path for these kernels.
+//
+// Work decomposition (see CUDA.md beside this file). Positions are cut into blocks of
+// `blk` rows (`blk` divides every capped segment, so a block lies inside one segment of
+// every pattern); inside a block, rows are split into `step` classes by residue; a class
+// is cut into tiles of R rows. A tile is an arithmetic progression of positions
+// `base + j*step`, j < cnt. A CTA owns one tile of one (batch, head) and loops over every
+// pattern of the schedule: for pattern i the tile's rows that take part (a per-row flag;
+// uniform for the whole tile when r_i divides `step`) all share one key progression
+// `a + o + jj*r`, jj < m, gathered straight from the (B, N, Hkv, D) buffers. The online
+// softmax simply continues across patterns, which *is* the LSE combine of SPEC §1a
+// (softmax over the multiset union of key sets); under HeadGroups a head takes part in one
+// pattern only and the output gets the factor 1/G.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+struct bf16 { u16 x; };
+struct f16 { u16 x; };
+
+#define MAXP 16
+
+// Mirrored by `Params` in cuda_kernel.rs (#[repr(C)]): keep the field order identical.
+struct Params {
+    long long delta_stride;  // 0, or B*N*H when Δ is per pattern (detach_weights)
+    int B, N, H, Hkv, D;
+    int G;                   // number of patterns
+    int headgroups;          // Combine::HeadGroups
+    int causal;
+    int has_mask;
+    int blk;                 // block length (divides every capped segment)
+    int step;                // class step (divides blk)
+    int pad0;
+    float scale;             // softmax scale
+    float fac;               // output factor: 1 (Lse) or 1/G (HeadGroups)
+    int w[MAXP];             // capped segment lengths
+    int r[MAXP];             // dilations
+    int hg0[MAXP];           // head group [hg0, hg1) per pattern (HeadGroups)
+    int hg1[MAXP];
+};
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(bf16 x) { return __uint_as_float(((u32)x.x) << 16); }
+__device__ __forceinline__ float to_f(f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.x));
+    return f;
+}
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.x) : "f"(x));
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_f<f16>(float x) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(x));
+    return r;
+}
+
+// A tile: positions base + j*step, j < cnt.
+struct Tile {
+    int base;
+    int step;
+    int cnt;
+};
+
+// Decode tile index x of tiles of R rows; false if the tile is empty.
+__device__ __forceinline__ bool decode_tile(const Params& P, int x, int R, Tile& t) {
+    int cls_rows = (P.blk + P.step - 1) / P.step;
+    int tpc = (cls_rows + R - 1) / R;
+    int tic = x % tpc;
+    int c = (x / tpc) % P.step;
+    int bi = x / (tpc * P.step);
+    if (c >= P.blk || bi * P.blk >= P.N) return false;
+    int cnt_c = (P.blk - c + P.step - 1) / P.step;
+    int j0 = tic * R;
+    if (j0 >= cnt_c) return false;
+    t.base = bi * P.blk + c + j0 * P.step;
+    t.step = P.step;
+    t.cnt = min(R, cnt_c - j0);
+    return true;
+}
+
+// Offset of head h in pattern i, or -1 if the head does not take part.
+__device__ __forceinline__ int pat_offset(const Params& P, int i, int h) {
+    int w = P.w[i], r = P.r[i];
+    int o;
+    if (P.headgroups) {
+        if (h < P.hg0[i] || h >= P.hg1[i]) return -1;
+        o = i % r;
+    } else {
+        o = h % r;
+    }
+    return o < w ? o : -1;
+}
+
+__device__ __forceinline__ long long qidx(const Params& P, int b, int p, int h) {
+    return ((long long)(b * (long long)P.N + p) * P.H + h) * P.D;
+}
+__device__ __forceinline__ long long kidx(const Params& P, int b, int p, int g) {
+    return ((long long)(b * (long long)P.N + p) * P.Hkv + g) * P.D;
+}
+__device__ __forceinline__ long long lidx(const Params& P, int b, int p, int h) {
+    return (long long)(b * (long long)P.N + p) * P.H + h;
+}
+
+// ---------------------------------------------------------------------------------------
+// Generic kernels: any element type, any D <= 128, f32 arithmetic on CUDA cores.
+// 128 threads; owner tile GR rows, streamed tile GC rows.
+// ---------------------------------------------------------------------------------------
+
+#define GT 128
+#define GR 16
+#define GDMAX 128
+#define GACC (GR * GDMAX / GT)
+
+// Forward. delta_mode = 0: writes out, lse. delta_mode = 1: for each pattern i writes
+// Δ_i = dO · out_i into delta[i * delta_stride + (b, p, h)] (per-pattern softmax, used by
+// detach_weights), out/lse untouched.
+template <typename T, int GC>
+__device__ void fwd_generic(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                            const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                            T* __restrict__ out, float* __restrict__ lse,
+                            const T* __restrict__ dout, float* __restrict__ delta,
+                            int delta_mode) {
+    __shared__ float Qs[GR][GDMAX];
+    __shared__ float Ks[GC][GDMAX + 1];
+    __shared__ float Vs[GC][GDMAX];
+    __shared__ float S[GR][GC + 1];
+    __shared__ float rowm[GR], rowl[GR], alpha[GR], dsum[GR];
+    __shared__ int qpos[GR], part[GR], kpos[GC], kok[GC];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, GR, t)) return;
+    const int D = P.D, g = h / (P.H / P.Hkv);
+
+    if (tid < GR) {
+        qpos[tid] = tid < t.cnt ? t.base + tid * t.step : -1;
+        rowm[tid] = neg_inf();
+        rowl[tid] = 0.f;
+    }
+    for (int e = tid; e < GR * D; e += GT) {
+        int rr = e / D, d = e % D;
+        Qs[rr][d] = rr < t.cnt ? to_f(q[qidx(P, b, t.base + rr * t.step, h) + d]) * P.scale : 0.f;
+    }
+    float acc[GACC];
+#pragma unroll
+    for (int u = 0; u < GACC; ++u) acc[u] = 0.f;
+    __syncthreads();
+
+    for (int i = 0; i < P.G; ++i) {
+        const int o = pat_offset(P, i, h);
+        if (o < 0) continue;  // uniform
+        const int w = P.w[i], r = P.r[i];
+        const int a = (t.base / w) * w;
+        const int m = (w - o + r - 1) / r;
+        if (tid < GR) part[tid] = (tid < t.cnt) && (((qpos[tid] - a) % r) == o);
+        if (delta_mode) {
+            if (tid < GR) {
+                rowm[tid] = neg_inf();
+                rowl[tid] = 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < GACC; ++u) acc[u] = 0.f;
+        }
+        __syncthreads();
+        int any = 0, qmax = -1;
+        for (int j = 0; j < GR; ++j)
+            if (part[j]) {
+                any = 1;
+                qmax = max(qmax, qpos[j]);
+            }
+        if (any) {
+            for (int k0 = 0; k0 < m; k0 += GC) {
+                if (P.causal && a + o + k0 * r > qmax) break;  // uniform
+                if (tid < GC) {
+                    int jj = k0 + tid;
+                    int kp = a + o + jj * r;
+                    int ok = jj < m;
+                    if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+                    kpos[tid] = kp;
+                    kok[tid] = ok;
+                }
+                for (int e = tid; e < GC * D; e += GT) {
+                    int j = e / D, d = e % D;
+                    int jj = k0 + j;
+                    float kv = 0.f, vv = 0.f;
+                    if (jj < m) {
+                        long long ix = kidx(P, b, a + o + jj * r, g) + d;
+                        kv = to_f(k[ix]);
+                        vv = to_f(v[ix]);
+                    }
+                    Ks[j][d] = kv;
+                    Vs[j][d] = vv;
+                }
+                __syncthreads();
+                for (int e = tid; e < GR * GC; e += GT) {
+                    int rr = e / GC, c = e % GC;
+                    float s = 0.f;
+                    for (int d = 0; d < D; ++d) s += Qs[rr][d] * Ks[c][d];
+                    bool ok = part[rr] && kok[c] && (!P.causal || kpos[c] <= qpos[rr]);
+                    S[rr][c] = ok ? s : neg_inf();
+                }
+                __syncthreads();
+                // Online softmax: each warp takes GR/4 rows; lanes walk the columns.
+                for (int rr = warp * (GR / 4); rr < (warp + 1) * (GR / 4); ++rr) {
+                    float mx = neg_inf();
+                    for (int c = lane; c < GC; c += 32) mx = fmaxf(mx, S[rr][c]);
+#pragma unroll
+                    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                    float mold = rowm[rr];
+                    float mnew = fmaxf(mold, mx);
+                    float muse = mnew == neg_inf() ? 0.f : mnew;
+                    float sum = 0.f;
+                    for (int c = lane; c < GC; c += 32) {
+                        float p = __expf(S[rr][c] - muse);
+                        S[rr][c] = p;
+                        sum += p;
+                    }
+#pragma unroll
+                    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                    __syncwarp();
+                    if (lane == 0) {
+                        float al = __expf(mold - muse);
+                        rowl[rr] = rowl[rr] * al + sum;
+                        rowm[rr] = mnew;
+                        alpha[rr] = al;
+                    }
+                }
+                __syncthreads();
+#pragma unroll
+                for (int u = 0; u < GACC; ++u) {
+                    int e = tid + GT * u;
+                    if (e < GR * D) {
+                        int rr = e / D, d = e % D;
+                        float x = acc[u] * alpha[rr];
+                        for (int c = 0; c < GC; ++c) x += S[rr][c] * Vs[c][d];
+                        acc[u] = x;
+                    }
+                }
+                __syncthreads();
+            }
+            if (delta_mode) {
+                if (tid < GR) dsum[tid] = 0.f;
+                __syncthreads();
+#pragma unroll
+                for (int u = 0; u < GACC; ++u) {
+                    int e = tid + GT * u;
+                    if (e < GR * D) {
+                        int rr = e / D, d = e % D;
+                        if (part[rr]) atomicAdd(&dsum[rr], acc[u] * to_f(dout[qidx(P, b, qpos[rr], h) + d]));
+                    }
+                }
+                __syncthreads();
+                if (tid < GR && part[tid]) {
+                    float l = rowl[tid];
+                    delta[(long long)i * P.delta_stride + lidx(P, b, qpos[tid], h)] = l > 0.f ? dsum[tid] / l : 0.f;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (!delta_mode) {
+#pragma unroll
+        for (int u = 0; u < GACC; ++u) {
+            int e = tid + GT * u;
+            if (e < GR * D) {
+                int rr = e / D, d = e % D;
+                if (rr < t.cnt) {
+                    float l = rowl[rr];
+                    float val = l > 0.f ? acc[u] / l * P.fac : 0.f;
+                    out[qidx(P, b, qpos[rr], h) + d] = from_f<T>(val);
+                }
+            }
+        }
+        if (tid < t.cnt) {
+            float l = rowl[tid];
+            lse[lidx(P, b, qpos[tid], h)] = l > 0.f ? rowm[tid] + logf(l) : neg_inf();
+        }
+    }
+}
+
+// dQ: owner = query tile (GR rows), streamed = key tiles (GC rows).
+// P = exp(s - L), dP = fac·dO·v, dS = P (dP - Δ_i), dQ = scale · Σ dS k.
+template <typename T, int GC>
+__device__ void dq_generic(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                           const float* __restrict__ lse, const T* __restrict__ dout,
+                           const float* __restrict__ delta, T* __restrict__ dq) {
+    __shared__ float Qs[GR][GDMAX];
+    __shared__ float Os[GR][GDMAX];
+    __shared__ float Ks[GC][GDMAX + 1];
+    __shared__ float Vs[GC][GDMAX + 1];
+    __shared__ float S[GR][GC + 1];
+    __shared__ float Lr[GR], Dr[GR];
+    __shared__ int qpos[GR], part[GR], kpos[GC], kok[GC];
+
+    const int tid = threadIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, GR, t)) return;
+    const int D = P.D, g = h / (P.H / P.Hkv);
+    if (tid < GR) {
+        qpos[tid] = tid < t.cnt ? t.base + tid * t.step : -1;
+        Lr[tid] = tid < t.cnt ? lse[lidx(P, b, qpos[tid], h)] : neg_inf();
+    }
+    for (int e = tid; e < GR * D; e += GT) {
+        int rr = e / D, d = e % D;
+        bool in = rr < t.cnt;
+        long long ix = in ? qidx(P, b, t.base + rr * t.step, h) + d : 0;
+        Qs[rr][d] = in ? to_f(q[ix]) * P.scale : 0.f;
+        Os[rr][d] = in ? to_f(dout[ix]) * P.fac : 0.f;
+    }
+    float acc[GACC];
+#pragma unroll
+    for (int u = 0; u < GACC; ++u) acc[u] = 0.f;
+    __syncthreads();
+
+    for (int i = 0; i < P.G; ++i) {
+        const int o = pat_offset(P, i, h);
+        if (o < 0) continue;
+        const int w = P.w[i], r = P.r[i];
+        const int a = (t.base / w) * w;
+        const int m = (w - o + r - 1) / r;
+        if (tid < GR) {
+            part[tid] = (tid < t.cnt) && (((qpos[tid] - a) % r) == o) && Lr[tid] != neg_inf();
+            Dr[tid] = part[tid] ? delta[(long long)i * P.delta_stride + lidx(P, b, qpos[tid], h)] : 0.f;
+        }
+        __syncthreads();
+        int any = 0, qmax = -1;
+        for (int j = 0; j < GR; ++j)
+            if (part[j]) {
+                any = 1;
+                qmax = max(qmax, qpos[j]);
+            }
+        if (any) {
+            for (int k0 = 0; k0 < m; k0 += GC) {
+                if (P.causal && a + o + k0 * r > qmax) break;
+                if (tid < GC) {
+                    int jj = k0 + tid;
+                    int kp = a + o + jj * r;
+                    int ok = jj < m;
+                    if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+                    kpos[tid] = kp;
+                    kok[tid] = ok;
+                }
+                for (int e = tid; e < GC * D; e += GT) {
+                    int j = e / D, d = e % D;
+                    int jj = k0 + j;
+                    float kv = 0.f, vv = 0.f;
+                    if (jj < m) {
+                        long long ix = kidx(P, b, a + o + jj * r, g) + d;
+                        kv = to_f(k[ix]);
+                        vv = to_f(v[ix]);
+                    }
+                    Ks[j][d] = kv;
+                    Vs[j][d] = vv;
+                }
+                __syncthreads();
+                for (int e = tid; e < GR * GC; e += GT) {
+                    int rr = e / GC, c = e % GC;
+                    float ds = 0.f;
+                    if (part[rr] && kok[c] && (!P.causal || kpos[c] <= qpos[rr])) {
+                        float s = 0.f, dp = 0.f;
+                        for (int d = 0; d < D; ++d) {
+                            s += Qs[rr][d] * Ks[c][d];
+                            dp += Os[rr][d] * Vs[c][d];
+                        }
+                        float p = __expf(s - Lr[rr]);
+                        ds = p * (dp - Dr[rr]);
+                    }
+                    S[rr][c] = ds;
+                }
+                __syncthreads();
+#pragma unroll
+                for (int u = 0; u < GACC; ++u) {
+                    int e = tid + GT * u;
+                    if (e < GR * D) {
+                        int rr = e / D, d = e % D;
+                        float x = acc[u];
+                        for (int c = 0; c < GC; ++c) x += S[rr][c] * Ks[c][d];
+                        acc[u] = x;
+                    }
+                }
+                __syncthreads();
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int u = 0; u < GACC; ++u) {
+        int e = tid + GT * u;
+        if (e < GR * D) {
+            int rr = e / D, d = e % D;
+            if (rr < t.cnt) dq[qidx(P, b, qpos[rr], h) + d] = from_f<T>(acc[u] * P.scale);
+        }
+    }
+}
+
+// dK, dV: owner = key tile (GR rows) of kv head g, streamed = query tiles (GC rows) of every
+// query head of the group, every pattern. No atomics: a key row belongs to one tile.
+template <typename T, int GC>
+__device__ void dkdv_generic(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                             const float* __restrict__ lse, const T* __restrict__ dout,
+                             const float* __restrict__ delta, T* __restrict__ dk,
+                             T* __restrict__ dv) {
+    __shared__ float Kown[GR][GDMAX + 1];
+    __shared__ float Vown[GR][GDMAX + 1];
+    __shared__ float Qs[GC][GDMAX + 1];
+    __shared__ float Os[GC][GDMAX + 1];
+    __shared__ float Ps[GR][GC + 1];
+    __shared__ float Ds[GR][GC + 1];
+    __shared__ float Lq[GC], Dq[GC];
+    __shared__ int kpos[GR], kpart[GR], kin[GR], qpos[GC], qok[GC];
+
+    const int tid = threadIdx.x;
+    const int g = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, GR, t)) return;
+    const int D = P.D, grp = P.H / P.Hkv;
+    if (tid < GR) {
+        kpos[tid] = tid < t.cnt ? t.base + tid * t.step : -1;
+        int ok = tid < t.cnt;
+        if (ok && P.has_mask) ok = mask[(long long)b * P.N + kpos[tid]] != 0;
+        kin[tid] = ok;
+    }
+    for (int e = tid; e < GR * D; e += GT) {
+        int rr = e / D, d = e % D;
+        bool in = rr < t.cnt;
+        long long ix = in ? kidx(P, b, t.base + rr * t.step, g) + d : 0;
+        Kown[rr][d] = in ? to_f(k[ix]) : 0.f;
+        Vown[rr][d] = in ? to_f(v[ix]) : 0.f;
+    }
+    float adk[GACC], adv[GACC];
+#pragma unroll
+    for (int u = 0; u < GACC; ++u) {
+        adk[u] = 0.f;
+        adv[u] = 0.f;
+    }
+    __syncthreads();
+
+    for (int hh = 0; hh < grp; ++hh) {
+        const int h = g * grp + hh;
+        for (int i = 0; i < P.G; ++i) {
+            const int o = pat_offset(P, i, h);
+            if (o < 0) continue;
+            const int w = P.w[i], r = P.r[i];
+            const int a = (t.base / w) * w;
+            const int m = (w - o + r - 1) / r;
+            if (tid < GR) kpart[tid] = kin[tid] && (((kpos[tid] - a) % r) == o);
+            __syncthreads();
+            int any = 0, kmin = 0x7fffffff;
+            for (int j = 0; j < GR; ++j)
+                if (kpart[j]) {
+                    any = 1;
+                    kmin = min(kmin, kpos[j]);
+                }
+            if (any) {
+                int q0 = 0;
+                if (P.causal) q0 = ((kmin - a - o) / r) / GC * GC;
+                for (; q0 < m; q0 += GC) {
+                    if (tid < GC) {
+                        int jj = q0 + tid;
+                        int qp = a + o + jj * r;
+                        int ok = jj < m;
+                        float L = ok ? lse[lidx(P, b, qp, h)] : neg_inf();
+                        ok = ok && L != neg_inf();
+                        qpos[tid] = qp;
+                        qok[tid] = ok;
+                        Lq[tid] = L;
+                        Dq[tid] = ok ? delta[(long long)i * P.delta_stride + lidx(P, b, qp, h)] : 0.f;
+                    }
+                    for (int e = tid; e < GC * D; e += GT) {
+                        int j = e / D, d = e % D;
+                        int jj = q0 + j;
+                        float qv = 0.f, ov = 0.f;
+                        if (jj < m) {
+                            long long ix = qidx(P, b, a + o + jj * r, h) + d;
+                            qv = to_f(q[ix]) * P.scale;
+                            ov = to_f(dout[ix]) * P.fac;
+                        }
+                        Qs[j][d] = qv;
+                        Os[j][d] = ov;
+                    }
+                    __syncthreads();
+                    for (int e = tid; e < GR * GC; e += GT) {
+                        int kr = e / GC, c = e % GC;
+                        float p = 0.f, ds = 0.f;
+                        if (kpart[kr] && qok[c] && (!P.causal || kpos[kr] <= qpos[c])) {
+                            float s = 0.f, dp = 0.f;
+                            for (int d = 0; d < D; ++d) {
+                                s += Kown[kr][d] * Qs[c][d];
+                                dp += Vown[kr][d] * Os[c][d];
+                            }
+                            p = __expf(s - Lq[c]);
+                            ds = p * (dp - Dq[c]);
+                        }
+                        Ps[kr][c] = p;
+                        Ds[kr][c] = ds;
+                    }
+                    __syncthreads();
+#pragma unroll
+                    for (int u = 0; u < GACC; ++u) {
+                        int e = tid + GT * u;
+                        if (e < GR * D) {
+                            int kr = e / D, d = e % D;
+                            float xv = adv[u], xk = adk[u];
+                            for (int c = 0; c < GC; ++c) {
+                                xv += Ps[kr][c] * Os[c][d];
+                                xk += Ds[kr][c] * Qs[c][d];
+                            }
+                            adv[u] = xv;
+                            adk[u] = xk;
+                        }
+                    }
+                    __syncthreads();
+                }
+            }
+            __syncthreads();
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < GACC; ++u) {
+        int e = tid + GT * u;
+        if (e < GR * D) {
+            int kr = e / D, d = e % D;
+            if (kr < t.cnt) {
+                long long ix = kidx(P, b, kpos[kr], g) + d;
+                dk[ix] = from_f<T>(adk[u]);
+                dv[ix] = from_f<T>(adv[u]);
+            }
+        }
+    }
+}
+
+// Δ = rowsum(dO ∘ O) per (b, p, h): one warp per row.
+template <typename T>
+__device__ void delta_dot(const Params& P, const T* __restrict__ out, const T* __restrict__ dout,
+                          float* __restrict__ delta) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x & 31;
+    long long rows = (long long)P.B * P.N * P.H;
+    if (row >= rows) return;
+    float s = 0.f;
+    for (int d = lane; d < P.D; d += 32) s += to_f(out[row * P.D + d]) * to_f(dout[row * P.D + d]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (lane == 0) delta[row] = s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core forward (bf16 / f16, D = 64 or 128): FlashAttention-2 style on mma.sync
+// m16n8k16 with f32 accumulation. 4 warps, 64 query rows (16 per warp), key tiles of 64
+// rows double-buffered in shared memory through cp.async, gathered row by row from the
+// dilated progression.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<bf16> {
+    __device__ __forceinline__ static void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // Pack (lo, hi) into one register: lo in the low half.
+    __device__ __forceinline__ static u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct Mma<f16> {
+    __device__ __forceinline__ static void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    __device__ __forceinline__ static u32 pack(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+#define TBQ 64
+#define TBK 64
+
+// Per-pattern state shared by every thread of the CTA (computed redundantly).
+struct PatState {
+    int i;     // pattern index (G when done)
+    int k0;    // first key index of the current tile
+    int o, a, m, r;
+    int qmax;  // largest participating query position
+    int qmin;  // smallest participating query position
+    int all;   // every tile row takes part
+};
+
+// Set up pattern st.i; false if no row of the tile takes part.
+__device__ __forceinline__ bool tc_setup(const Params& P, const Tile& t, int h, PatState& st) {
+    int o = pat_offset(P, st.i, h);
+    if (o < 0) return false;
+    int w = P.w[st.i], r = P.r[st.i];
+    int a = (t.base / w) * w;
+    int qmax = -1, qmin = 0x7fffffff, cntp = 0;
+    if (t.step % r == 0) {
+        // Uniform participation.
+        if (((t.base - a) % r) == o) {
+            cntp = t.cnt;
+            qmin = t.base;
+            qmax = t.base + (t.cnt - 1) * t.step;
+        }
+    } else {
+        for (int j = 0; j < t.cnt; ++j) {
+            int p = t.base + j * t.step;
+            if (((p - a) % r) == o) {
+                ++cntp;
+                qmax = p;
+                qmin = min(qmin, p);
+            }
+        }
+    }
+    if (cntp == 0) return false;
+    st.o = o;
+    st.a = a;
+    st.r = r;
+    st.m = (w - o + r - 1) / r;
+    st.qmax = qmax;
+    st.qmin = qmin;
+    st.all = cntp == TBQ;
+    st.k0 = 0;
+    return true;
+}
+
+// Advance to the next key tile (possibly of a later pattern); false when done.
+__device__ __forceinline__ bool tc_next(const Params& P, const Tile& t, int h, PatState& st) {
+    st.k0 += TBK;
+    while (true) {
+        if (st.i >= 0 && st.i < P.G && st.k0 < st.m && !(P.causal && st.a + st.o + st.k0 * st.r > st.qmax))
+            return true;
+        st.i++;
+        if (st.i >= P.G) return false;
+        if (!tc_setup(P, t, h, st)) st.m = 0;  // no row: loop on to the next pattern
+    }
+}
+
+template <typename T, int D>
+__device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                       T* __restrict__ out, float* __restrict__ lse) {
+    constexpr int LD = D + 8;  // smem row stride (elements): 16-byte aligned, conflict-free
+    constexpr int CH = D / 8;  // 16-byte chunks per row
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* Qs = (u16*)smem_raw;
+    u16* Ks = Qs + TBQ * LD;
+    u16* Vs = Ks + 2 * TBK * LD;
+    int* kposS = (int*)(Vs + 2 * TBK * LD);
+    int* kokS = kposS + 2 * TBK;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    const int g = h / (P.H / P.Hkv);
+
+    // Gather Q rows.
+    for (int e = tid; e < TBQ * CH; e += 128) {
+        int rr = e / CH, c = e % CH;
+        bool in = rr < t.cnt;
+        const T* src = in ? q + qidx(P, b, t.base + rr * t.step, h) + c * 8 : q;
+        cp_async16(smem_u32(Qs + rr * LD + c * 8), src, in ? 16 : 0);
+    }
+    cp_commit();
+
+    auto load_kv = [&](const PatState& st, int stage) {
+        u16* kd = Ks + stage * TBK * LD;
+        u16* vd = Vs + stage * TBK * LD;
+        for (int e = tid; e < TBK * CH; e += 128) {
+            int rr = e / CH, c = e % CH;
+            int jj = st.k0 + rr;
+            bool in = jj < st.m;
+            long long off = in ? kidx(P, b, st.a + st.o + jj * st.r, g) + c * 8 : 0;
+            cp_async16(smem_u32(kd + rr * LD + c * 8), k + off, in ? 16 : 0);
+            cp_async16(smem_u32(vd + rr * LD + c * 8), v + off, in ? 16 : 0);
+        }
+        if (tid < TBK) {
+            int jj = st.k0 + tid;
+            int kp = st.a + st.o + jj * st.r;
+            int ok = jj < st.m;
+            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+            kposS[stage * TBK + tid] = kp;
+            kokS[stage * TBK + tid] = ok;
+        }
+    };
+
+    // This thread's two rows (of the warp's 16) and their positions.
+    const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
+    const int p0 = t.base + r0 * t.step, p1 = t.base + r1 * t.step;
+    const bool in0 = r0 < t.cnt, in1 = r1 < t.cnt;
+
+    const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
+    float m0 = neg_inf(), m1 = neg_inf(), l0 = 0.f, l1 = 0.f;
+    float oacc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+
+    PatState cur;
+    cur.i = -1;
+    cur.m = 0;
+    cur.k0 = 0;
+    bool have = tc_next(P, t, h, cur);
+    if (have) load_kv(cur, 0);
+    cp_commit();
+
+    // Q fragments.
+    cp_wait<1>();
+    __syncthreads();
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        ldm_x4(smem_u32(Qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8), qf[kk][0], qf[kk][1],
+               qf[kk][2], qf[kk][3]);
+
+    int stage = 0, cur_i = -1;
+    bool part0 = false, part1 = false;
+    while (have) {
+        PatState nx = cur;
+        bool hn = tc_next(P, t, h, nx);
+        if (hn) load_kv(nx, stage ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        if (cur.i != cur_i) {
+            cur_i = cur.i;
+            part0 = in0 && (((p0 - cur.a) % cur.r) == cur.o);
+            part1 = in1 && (((p1 - cur.a) % cur.r) == cur.o);
+        }
+        const u16* kb = Ks + stage * TBK * LD;
+        const u16* vb = Vs + stage * TBK * LD;
+        const int* kp = kposS + stage * TBK;
+        const int* ko = kokS + stage * TBK;
+
+        // S = Q Kᵀ (16 x 64 per warp).
+        float s[TBK / 8][4];
+#pragma unroll
+        for (int n = 0; n < TBK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk += 2) {
+#pragma unroll
+            for (int n = 0; n < TBK / 8; ++n) {
+                u32 b0, b1, b2, b3;
+                ldm_x4(smem_u32(kb + (n * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8), b0, b1, b2, b3);
+                Mma<T>::run(s[n], qf[kk], b0, b1);
+                Mma<T>::run(s[n], qf[kk + 1], b2, b3);
+            }
+        }
+        // Scale, mask.
+        const bool need_mask = !cur.all || P.has_mask || cur.k0 + TBK > cur.m ||
+                               (P.causal && cur.a + cur.o + (cur.k0 + TBK - 1) * cur.r > cur.qmin);
+        float mx0 = neg_inf(), mx1 = neg_inf();
+#pragma unroll
+        for (int n = 0; n < TBK / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[n][e] * sl2;
+                if (need_mask) {
+                    int col = n * 8 + (lane & 3) * 2 + (e & 1);
+                    bool pr = e < 2 ? part0 : part1;
+                    int pp = e < 2 ? p0 : p1;
+                    bool ok = pr && ko[col] && (!P.causal || kp[col] <= pp);
+                    if (!ok) x = neg_inf();
+                }
+                s[n][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x);
+                else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+        float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        m0 = mn0;
+        m1 = mn1;
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < TBK / 8; ++n) {
+            s[n][0] = exp2f(s[n][0] - mu0);
+            s[n][1] = exp2f(s[n][1] - mu0);
+            s[n][2] = exp2f(s[n][2] - mu1);
+            s[n][3] = exp2f(s[n][3] - mu1);
+            rs0 += s[n][0] + s[n][1];
+            rs1 += s[n][2] + s[n][3];
+        }
+        l0 = l0 * al0 + rs0;
+        l1 = l1 * al1 + rs1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            oacc[n][0] *= al0;
+            oacc[n][1] *= al0;
+            oacc[n][2] *= al1;
+            oacc[n][3] *= al1;
+        }
+        // O += P V.
+#pragma unroll
+        for (int kc = 0; kc < TBK / 16; ++kc) {
+            u32 a[4];
+            a[0] = Mma<T>::pack(s[2 * kc][0], s[2 * kc][1]);
+            a[1] = Mma<T>::pack(s[2 * kc][2], s[2 * kc][3]);
+            a[2] = Mma<T>::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            a[3] = Mma<T>::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int n = 0; n < D / 8; n += 2) {
+                u32 b0, b1, b2, b3;
+                ldm_x4_t(smem_u32(vb + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n * 8 + (lane >> 4) * 8),
+                         b0, b1, b2, b3);
+                Mma<T>::run(oacc[n], a, b0, b1);
+                Mma<T>::run(oacc[n + 1], a, b2, b3);
+            }
+        }
+        __syncthreads();
+        cur = nx;
+        have = hn;
+        stage ^= 1;
+    }
+    cp_wait<0>();
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float f0 = l0 > 0.f ? P.fac / l0 : 0.f, f1 = l1 > 0.f ? P.fac / l1 : 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        int d = n * 8 + (lane & 3) * 2;
+        if (in0) {
+            u32 x = Mma<T>::pack(oacc[n][0] * f0, oacc[n][1] * f0);
+            *(u32*)(out + qidx(P, b, p0, h) + d) = x;
+        }
+        if (in1) {
+            u32 x = Mma<T>::pack(oacc[n][2] * f1, oacc[n][3] * f1);
+            *(u32*)(out + qidx(P, b, p1, h) + d) = x;
+        }
+    }
+    if ((lane & 3) == 0) {
+        const float ln2 = 0.6931471805599453f;
+        if (in0) lse[lidx(P, b, p0, h)] = l0 > 0.f ? m0 * ln2 + logf(l0) : neg_inf();
+        if (in1) lse[lidx(P, b, p1, h)] = l1 > 0.f ? m1 * ln2 + logf(l1) : neg_inf();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entry points (extern "C" names looked up by cuda_kernel.rs).
+// ---------------------------------------------------------------------------------------
+
+#define GEN(T, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GT)                                              \
+        fwd_generic_##NAME(const Params P, const T* q, const T* k, const T* v,                    \
+                           const unsigned char* mask, T* out, float* lse, const T* dout,          \
+                           float* delta, int delta_mode) {                                        \
+        fwd_generic<T, 32>(P, q, k, v, mask, out, lse, dout, delta, delta_mode);                  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(GT)                                              \
+        dq_generic_##NAME(const Params P, const T* q, const T* k, const T* v,                     \
+                          const unsigned char* mask, const float* lse, const T* dout,             \
+                          const float* delta, T* dq) {                                            \
+        dq_generic<T, 16>(P, q, k, v, mask, lse, dout, delta, dq);                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(GT)                                              \
+        dkdv_generic_##NAME(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, const float* lse, const T* dout,           \
+                            const float* delta, T* dk, T* dv) {                                   \
+        dkdv_generic<T, 16>(P, q, k, v, mask, lse, dout, delta, dk, dv);                          \
+    }                                                                                             \
+    extern "C" __global__ void delta_dot_##NAME(const Params P, const T* out, const T* dout,      \
+                                                float* delta) {                                   \
+        delta_dot<T>(P, out, dout, delta);                                                        \
+    }
+
+GEN(float, f32)
+GEN(bf16, bf16)
+GEN(f16, f16)
+
+#define TC(T, NAME, D)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        fwd_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, T* out, float* lse) {                      \
+        fwd_tc<T, D>(P, q, k, v, mask, out, lse);                                                 \
+    }
+
+TC(bf16, bf16, 64)
+TC(bf16, bf16, 128)
+TC(f16, f16, 64)
+TC(f16, f16, 128)
