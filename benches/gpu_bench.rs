@@ -187,6 +187,12 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dense", n, causal, "-", "fwd", ms, fl);
+            dev.set_fwd_warps(8);
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            dev.set_fwd_warps(4);
+            emit("dense", n, causal, "-", "fwd8w", ms, fl);
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -220,6 +226,20 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dilated", n, false, cname, "fwd", ms, fl);
+            dev.set_fwd_warps(8);
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            dev.set_fwd_warps(4);
+            emit("dilated", n, false, cname, "fwd8w", ms, fl);
+            if a.bwd && n <= 65536 {
+                let go = &q; // any random tensor of the right shape
+                let ms = time_ms(&dev, a.quick, || {
+                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
+                });
+                emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
+            }
             if let (Some(dir), 16384) = (&a.check_dir, n) {
                 dump(&dev, dir, &format!("dilated_{cname}"), &plan, &q, &k, &v);
             }

@@ -90,6 +90,11 @@ fn to64<E: CudaElement>(x: &[E]) -> Vec<f64> {
 /// Run forward (and backward) of `case` on the GPU in dtype `E` with kernel preference
 /// `pref`; compare with the oracle. Returns the worst relative error seen.
 fn check<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool) -> f64 {
+    check_w::<E>(case, pref, grads, 4)
+}
+
+/// As [`check`], with the tensor-core forward on `warps` warps per CTA (4 or 8).
+fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8) -> f64 {
     let rel = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
     let lse_tol = if E::TENSOR_CORES { 2e-3 } else { 1e-5 };
     let plan = case.plan();
@@ -103,6 +108,7 @@ fn check<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool) -> f64 {
     );
     let dev = dev();
     dev.set_kernel_pref(pref);
+    dev.set_fwd_warps(warps);
     let (qd, kd, vd) = (
         dev.htod(&qe).unwrap(),
         dev.htod(&ke).unwrap(),
@@ -127,6 +133,7 @@ fn check<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool) -> f64 {
         }
     }
     dev.set_kernel_pref(KernelPref::Auto);
+    dev.set_fwd_warps(4);
     worst
 }
 
@@ -139,11 +146,15 @@ fn case_with_d(max_n: usize, max_b: usize, ds: Vec<usize>) -> impl Strategy<Valu
 }
 
 fn all_dtypes(case: &Case, pref: KernelPref, grads: bool) {
-    let e32 = check::<f32>(case, pref, grads);
-    let eb = check::<half::bf16>(case, pref, grads);
-    let eh = check::<half::f16>(case, pref, grads);
+    all_dtypes_w(case, pref, grads, 4)
+}
+
+fn all_dtypes_w(case: &Case, pref: KernelPref, grads: bool, warps: u8) {
+    let e32 = check_w::<f32>(case, pref, grads, warps);
+    let eb = check_w::<half::bf16>(case, pref, grads, warps);
+    let eh = check_w::<half::f16>(case, pref, grads, warps);
     eprintln!(
-        "ok {:?} n={} d={} G={} {:?} causal={} mask={} : rel err f32 {e32:.1e} bf16 {eb:.1e} f16 {eh:.1e}",
+        "ok {:?}/{warps}w n={} d={} G={} {:?} causal={} mask={} grads={grads} : rel err f32 {e32:.1e} bf16 {eb:.1e} f16 {eh:.1e}",
         pref,
         case.dims.seq,
         case.dims.head_dim,
@@ -194,7 +205,7 @@ proptest! {
     #[test]
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
-        all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, true, if case.seed % 2 == 0 { 8 } else { 4 });
     }
 }
 
@@ -228,7 +239,8 @@ fn longnet_schedule_matches_oracle() {
                     mask: None,
                     seed,
                 };
-                all_dtypes(&case, KernelPref::Auto, d == 64);
+                all_dtypes_w(&case, KernelPref::Auto, true, 4);
+                all_dtypes_w(&case, KernelPref::Auto, false, 8);
             }
         }
     }
@@ -255,6 +267,7 @@ fn dense_matches_oracle() {
             seed: 99 + d as u64,
         };
         all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes(&case, KernelPref::Generic, false);
     }
 }
@@ -286,5 +299,7 @@ fn sanitizer_small() {
             seed: 3,
         };
         all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 8);
+        all_dtypes(&case, KernelPref::Generic, true);
     }
 }

@@ -204,7 +204,7 @@ def main():
         try:
             if rec["kind"] == "dense":
                 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-                if rec["pass"] == "fwd":
+                if rec["pass"] != "fwdbwd":
                     ms = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
                 else:
                     qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
@@ -215,9 +215,20 @@ def main():
                         o.backward(gt)
                     ms = time_ms(fb)
                 peer = "sdpa"
+            elif rec["combine"] == "headgroups" and rec["pass"] == "fwdbwd":
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                def fb():
+                    o = headgroup_peer(qg, kg, vg, longnet4(), causal)
+                    o.backward(go)
+                ms = time_ms(fb)
+                peer = "sdpa-headgroups"
             elif rec["combine"] == "headgroups":
                 ms = time_ms(lambda: headgroup_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-headgroups"
+            elif rec["pass"] == "fwdbwd":
+                print(f"no LSE-combine backward peer (SDPA's logsumexp carries no gradient): {rec['n']} skipped")
+                continue
             else:
                 ms = time_ms(lambda: lse_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-lse"

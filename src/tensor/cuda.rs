@@ -116,6 +116,7 @@ pub struct Cuda {
     stream: Arc<CudaStream>,
     poison: AtomicBool,
     pref: AtomicU8,
+    fwd_warps: AtomicU8,
 }
 
 impl Cuda {
@@ -145,6 +146,7 @@ impl Cuda {
             stream,
             poison: AtomicBool::new(false),
             pref: AtomicU8::new(KernelPref::Auto as u8),
+            fwd_warps: AtomicU8::new(4),
         })
     }
 
@@ -185,6 +187,17 @@ impl Cuda {
             1 => KernelPref::Generic,
             _ => KernelPref::Auto,
         }
+    }
+
+    /// Warps per CTA of the tensor-core forward: 4 (64 query rows per CTA, the default)
+    /// or 8 (128 rows; each K/V tile is then shared by twice the queries).
+    pub fn set_fwd_warps(&self, warps: u8) {
+        self.fwd_warps
+            .store(if warps == 8 { 8 } else { 4 }, Ordering::Relaxed);
+    }
+    /// Warps per CTA of the tensor-core forward.
+    pub fn fwd_warps(&self) -> u8 {
+        self.fwd_warps.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

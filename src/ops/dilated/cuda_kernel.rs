@@ -205,6 +205,15 @@ fn function(dev: &Cuda, name: &str) -> Result<CudaFunction> {
         .map_err(dev_err(&format!("kernel {name}")))
 }
 
+/// Allow `bytes` of dynamic shared memory for `f` (above the 48 KiB default).
+fn set_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(dev_err("shared memory limit"))
+}
+
 /// Compile (if needed) the kernels of `dev` now, so that timing excludes NVRTC.
 pub fn warm_up(dev: &Cuda) -> Result<()> {
     module(dev).map(|_| ())
@@ -249,13 +258,17 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
 }
 
 fn grid(plan: &Plan, rows: usize, heads: usize) -> Result<LaunchConfig> {
+    grid_t(plan, rows, heads, THREADS)
+}
+
+fn grid_t(plan: &Plan, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
     let x = num_tiles(plan, rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
         msg: format!("{x} tiles exceed the grid"),
     })?;
     Ok(LaunchConfig {
         grid_dim: (x.max(1), heads as u32, plan.dims().batch as u32),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
 }
@@ -279,16 +292,20 @@ pub fn try_forward<E: CudaElement>(
     let dummy = dev.htod(&[0u8])?;
     let mask = mask.unwrap_or(&dummy);
     if let Some(name) = tensor_core_kernel::<E>(dev, plan) {
+        let warps = dev.fwd_warps() as usize;
+        let name = if warps == 8 {
+            name.replace("fwd_tc_", "fwd_tc8_")
+        } else {
+            name
+        };
+        let rows = 16 * warps;
         let f = function(dev, &name)?;
         let d = dm.head_dim;
-        // Q tile + 2 stages of K and V (rows padded by 8 elements) + key metadata.
-        let smem = (TC_ROWS * (d + 8) * 2 * 5 + 2 * 64 * 4 * 2) as u32;
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(dev_err("shared memory limit"))?;
-        let mut cfg = grid(plan, TC_ROWS, dm.heads)?;
+        // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
+        // metadata.
+        let smem = ((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32;
+        set_smem(&f, smem)?;
+        let mut cfg = grid_t(plan, rows, dm.heads, 32 * warps as u32)?;
         cfg.shared_mem_bytes = smem;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
@@ -400,10 +417,26 @@ pub fn try_backward<E: CudaElement>(
     let mut dq = dev.output::<E>(dm.q_len())?;
     let mut dk = dev.output::<E>(dm.kv_len())?;
     let mut dv = dev.output::<E>(dm.kv_len())?;
+    let tc = tensor_core_kernel::<E>(dev, plan).is_some();
+    let d = dm.head_dim;
+    // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
+    // shared memory = owner tiles (2 x 64 rows) + 2 stages x 2 streamed tiles, rows padded
+    // by 8 elements, + per-row metadata.
+    let bs = if d == 64 { 64 } else { 32 };
+    let tc_smem = (((2 * TC_ROWS + 4 * bs) * (d + 8)) * 2 + 8 * bs * 4) as u32;
+    let (suffix, rows) = if tc {
+        (format!("tc_{}_{}", E::NAME, d), TC_ROWS)
+    } else {
+        (format!("generic_{}", E::NAME), GENERIC_ROWS)
+    };
     {
-        let name = format!("dq_generic_{}", E::NAME);
+        let name = format!("dq_{suffix}");
         let f = function(dev, &name)?;
-        let cfg = grid(plan, GENERIC_ROWS, dm.heads)?;
+        let mut cfg = grid(plan, rows, dm.heads)?;
+        if tc {
+            set_smem(&f, tc_smem)?;
+            cfg.shared_mem_bytes = tc_smem;
+        }
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -414,14 +447,19 @@ pub fn try_backward<E: CudaElement>(
             .arg(grad_out)
             .arg(&delta)
             .arg(&mut dq);
-        // SAFETY: order and types match `dq_generic_*` (Params, q, k, v, mask, lse, dout,
-        // delta, dq); lengths checked above; each tile writes its own dq rows.
+        // SAFETY: order and types match `dq_generic_*` / `dq_tc_*` (Params, q, k, v, mask,
+        // lse, dout, delta, dq); lengths checked above; the grid covers every query tile
+        // and each tile writes its own dq rows only; dynamic shared memory as computed.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
     }
     {
-        let name = format!("dkdv_generic_{}", E::NAME);
+        let name = format!("dkdv_{suffix}");
         let f = function(dev, &name)?;
-        let cfg = grid(plan, GENERIC_ROWS, dm.kv_heads)?;
+        let mut cfg = grid(plan, rows, dm.kv_heads)?;
+        if tc {
+            set_smem(&f, tc_smem)?;
+            cfg.shared_mem_bytes = tc_smem;
+        }
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -433,9 +471,9 @@ pub fn try_backward<E: CudaElement>(
             .arg(&delta)
             .arg(&mut dk)
             .arg(&mut dv);
-        // SAFETY: order and types match `dkdv_generic_*` (Params, q, k, v, mask, lse,
-        // dout, delta, dk, dv); the grid is (tiles, Hkv, B) and each tile writes the dk/dv
-        // rows of its own key positions only.
+        // SAFETY: order and types match `dkdv_generic_*` / `dkdv_tc_*` (Params, q, k, v,
+        // mask, lse, dout, delta, dk, dv); the grid is (tiles, Hkv, B) and each tile writes
+        // the dk/dv rows of its own key positions only.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
     }
     Ok(CudaGrads { dq, dk, dv })

@@ -630,7 +630,7 @@ struct PatState {
 };
 
 // Set up pattern st.i; false if no row of the tile takes part.
-__device__ __forceinline__ bool tc_setup(const Params& P, const Tile& t, int h, PatState& st) {
+__device__ __forceinline__ bool tc_setup(const Params& P, const Tile& t, int h, PatState& st, int rows) {
     int o = pat_offset(P, st.i, h);
     if (o < 0) return false;
     int w = P.w[st.i], r = P.r[st.i];
@@ -660,32 +660,34 @@ __device__ __forceinline__ bool tc_setup(const Params& P, const Tile& t, int h, 
     st.m = (w - o + r - 1) / r;
     st.qmax = qmax;
     st.qmin = qmin;
-    st.all = cntp == TBQ;
+    st.all = cntp == rows;
     st.k0 = 0;
     return true;
 }
 
-// Advance to the next key tile (possibly of a later pattern); false when done.
-__device__ __forceinline__ bool tc_next(const Params& P, const Tile& t, int h, PatState& st) {
-    st.k0 += TBK;
+// Advance to the next key tile of BK rows (possibly of a later pattern); false when done.
+template <int BK = TBK>
+__device__ __forceinline__ bool tc_next(const Params& P, const Tile& t, int h, PatState& st, int rows = TBQ) {
+    st.k0 += BK;
     while (true) {
         if (st.i >= 0 && st.i < P.G && st.k0 < st.m && !(P.causal && st.a + st.o + st.k0 * st.r > st.qmax))
             return true;
         st.i++;
         if (st.i >= P.G) return false;
-        if (!tc_setup(P, t, h, st)) st.m = 0;  // no row: loop on to the next pattern
+        if (!tc_setup(P, t, h, st, rows)) st.m = 0;  // no row: loop on to the next pattern
     }
 }
 
-template <typename T, int D>
+template <typename T, int D, int WARPS>
 __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
     constexpr int LD = D + 8;  // smem row stride (elements): 16-byte aligned, conflict-free
     constexpr int CH = D / 8;  // 16-byte chunks per row
+    constexpr int RQ = 16 * WARPS, NT = 32 * WARPS;  // query rows, threads
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Qs = (u16*)smem_raw;
-    u16* Ks = Qs + TBQ * LD;
+    u16* Ks = Qs + RQ * LD;
     u16* Vs = Ks + 2 * TBK * LD;
     int* kposS = (int*)(Vs + 2 * TBK * LD);
     int* kokS = kposS + 2 * TBK;
@@ -693,11 +695,11 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
-    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    if (!decode_tile(P, blockIdx.x, RQ, t)) return;
     const int g = h / (P.H / P.Hkv);
 
     // Gather Q rows.
-    for (int e = tid; e < TBQ * CH; e += 128) {
+    for (int e = tid; e < RQ * CH; e += NT) {
         int rr = e / CH, c = e % CH;
         bool in = rr < t.cnt;
         const T* src = in ? q + qidx(P, b, t.base + rr * t.step, h) + c * 8 : q;
@@ -708,7 +710,7 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     auto load_kv = [&](const PatState& st, int stage) {
         u16* kd = Ks + stage * TBK * LD;
         u16* vd = Vs + stage * TBK * LD;
-        for (int e = tid; e < TBK * CH; e += 128) {
+        for (int e = tid; e < TBK * CH; e += NT) {
             int rr = e / CH, c = e % CH;
             int jj = st.k0 + rr;
             bool in = jj < st.m;
@@ -741,7 +743,7 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     cur.i = -1;
     cur.m = 0;
     cur.k0 = 0;
-    bool have = tc_next(P, t, h, cur);
+    bool have = tc_next<TBK>(P, t, h, cur, RQ);
     if (have) load_kv(cur, 0);
     cp_commit();
 
@@ -758,7 +760,7 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     bool part0 = false, part1 = false;
     while (have) {
         PatState nx = cur;
-        bool hn = tc_next(P, t, h, nx);
+        bool hn = tc_next<TBK>(P, t, h, nx, RQ);
         if (hn) load_kv(nx, stage ^ 1);
         cp_commit();
         cp_wait<1>();
@@ -886,6 +888,374 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
 }
 
 // ---------------------------------------------------------------------------------------
+// Tensor-core backward (bf16 / f16, D = 64 or 128), FlashAttention-2 style, two kernels:
+//   dq_tc:   owner = 64 query rows (16 per warp), streams key tiles of BS rows;
+//   dkdv_tc: owner = 64 key rows of kv head g, streams query tiles of BS rows of every
+//            query head of the group and every pattern.
+// P = exp(s - L), dP = fac·dO·vᵀ, dS = P (dP - Δ_i); dV = Σ fac·P dO, dK = scale Σ dS q,
+// dQ = scale Σ dS k. P and dS are rounded to the input type for the MMAs (as FlashAttention
+// does); every accumulator is f32. No atomics: each kernel writes only its own rows.
+// ---------------------------------------------------------------------------------------
+
+// S[16 x BS] += A(16 x D, rows `arow` of `as`) · B(BS x D, rows of `bs`)ᵀ for one warp.
+template <typename T, int D, int BS>
+__device__ __forceinline__ void mma_abt(float (*s)[4], const u16* as, const u16* bs, int lane) {
+    constexpr int LD = D + 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk += 2) {
+        u32 a0[4], a1[4];
+        ldm_x4(smem_u32(as + (lane & 15) * LD + kk * 16 + (lane >> 4) * 8), a0[0], a0[1], a0[2], a0[3]);
+        ldm_x4(smem_u32(as + (lane & 15) * LD + (kk + 1) * 16 + (lane >> 4) * 8), a1[0], a1[1], a1[2], a1[3]);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+            u32 b0, b1, b2, b3;
+            ldm_x4(smem_u32(bs + (n * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8), b0, b1, b2, b3);
+            Mma<T>::run(s[n], a0, b0, b1);
+            Mma<T>::run(s[n], a1, b2, b3);
+        }
+    }
+}
+
+// acc[16 x D] += X(16 x BS, C-fragments in registers) · B(BS x D, rows of `bs`).
+template <typename T, int D, int BS>
+__device__ __forceinline__ void mma_xb(float (*acc)[4], const float (*x)[4], const u16* bs, int lane) {
+    constexpr int LD = D + 8;
+#pragma unroll
+    for (int kc = 0; kc < BS / 16; ++kc) {
+        u32 a[4];
+        a[0] = Mma<T>::pack(x[2 * kc][0], x[2 * kc][1]);
+        a[1] = Mma<T>::pack(x[2 * kc][2], x[2 * kc][3]);
+        a[2] = Mma<T>::pack(x[2 * kc + 1][0], x[2 * kc + 1][1]);
+        a[3] = Mma<T>::pack(x[2 * kc + 1][2], x[2 * kc + 1][3]);
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+            u32 b0, b1, b2, b3;
+            ldm_x4_t(smem_u32(bs + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n * 8 + (lane >> 4) * 8), b0, b1,
+                     b2, b3);
+            Mma<T>::run(acc[n], a, b0, b1);
+            Mma<T>::run(acc[n + 1], a, b2, b3);
+        }
+    }
+}
+
+// Gather `rows` rows (positions pos0 + j*pstep, j < valid) of a (B, N, heads, D) buffer into
+// shared memory with cp.async; rows past `valid` are zero-filled.
+template <int D>
+__device__ __forceinline__ void gather_rows_async(u16* dst, const u16* src, int rows, int valid, long long base,
+                                                  long long pstride, int tid) {
+    constexpr int LD = D + 8, CH = D / 8;
+    for (int e = tid; e < rows * CH; e += 128) {
+        int rr = e / CH, c = e % CH;
+        bool in = rr < valid;
+        const u16* p = in ? src + base + rr * pstride + c * 8 : src;
+        cp_async16(smem_u32(dst + rr * LD + c * 8), p, in ? 16 : 0);
+    }
+}
+
+template <typename T, int D, int BS>
+__device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                      const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                      const float* __restrict__ lse, const T* __restrict__ dout,
+                      const float* __restrict__ delta, T* __restrict__ dq) {
+    constexpr int LD = D + 8, CH = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* Qs = (u16*)smem_raw;        // TBQ x LD
+    u16* Os = Qs + TBQ * LD;         // TBQ x LD (dO)
+    u16* Ks = Os + TBQ * LD;         // 2 x BS x LD
+    u16* Vs = Ks + 2 * BS * LD;      // 2 x BS x LD
+    int* kposS = (int*)(Vs + 2 * BS * LD);
+    int* kokS = kposS + 2 * BS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    const int g = h / (P.H / P.Hkv);
+    const long long qrow = (long long)P.H * P.D * t.step;
+    gather_rows_async<D>(Qs, (const u16*)q, TBQ, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    gather_rows_async<D>(Os, (const u16*)dout, TBQ, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    cp_commit();
+
+    auto load_kv = [&](const PatState& st, int stage) {
+        for (int e = tid; e < BS * CH; e += 128) {
+            int rr = e / CH, c = e % CH;
+            int jj = st.k0 + rr;
+            bool in = jj < st.m;
+            long long off = in ? kidx(P, b, st.a + st.o + jj * st.r, g) + c * 8 : 0;
+            cp_async16(smem_u32(Ks + stage * BS * LD + rr * LD + c * 8), k + off, in ? 16 : 0);
+            cp_async16(smem_u32(Vs + stage * BS * LD + rr * LD + c * 8), v + off, in ? 16 : 0);
+        }
+        if (tid < BS) {
+            int jj = st.k0 + tid;
+            int kp = st.a + st.o + jj * st.r;
+            int ok = jj < st.m;
+            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+            kposS[stage * BS + tid] = kp;
+            kokS[stage * BS + tid] = ok;
+        }
+    };
+
+    const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
+    const int p0 = t.base + r0 * t.step, p1 = t.base + r1 * t.step;
+    const bool in0 = r0 < t.cnt, in1 = r1 < t.cnt;
+    const float LOG2E = 1.4426950408889634f;
+    const float sl2 = P.scale * LOG2E;
+    const float L0 = in0 ? lse[lidx(P, b, p0, h)] * LOG2E : neg_inf();
+    const float L1 = in1 ? lse[lidx(P, b, p1, h)] * LOG2E : neg_inf();
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+    PatState cur;
+    cur.i = -1;
+    cur.m = 0;
+    cur.k0 = 0;
+    bool have = tc_next<BS>(P, t, h, cur);
+    if (have) load_kv(cur, 0);
+    cp_commit();
+
+    int stage = 0, cur_i = -1;
+    bool part0 = false, part1 = false;
+    float d0 = 0.f, d1 = 0.f;
+    while (have) {
+        PatState nx = cur;
+        bool hn = tc_next<BS>(P, t, h, nx);
+        if (hn) load_kv(nx, stage ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        if (cur.i != cur_i) {
+            cur_i = cur.i;
+            part0 = in0 && L0 != neg_inf() && (((p0 - cur.a) % cur.r) == cur.o);
+            part1 = in1 && L1 != neg_inf() && (((p1 - cur.a) % cur.r) == cur.o);
+            d0 = part0 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p0, h)] : 0.f;
+            d1 = part1 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p1, h)] : 0.f;
+        }
+        const u16* kb = Ks + stage * BS * LD;
+        const u16* vb = Vs + stage * BS * LD;
+        const int* kp = kposS + stage * BS;
+        const int* ko = kokS + stage * BS;
+        float s[BS / 8][4], dp[BS / 8][4];
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        mma_abt<T, D, BS>(s, Qs + warp * 16 * LD, kb, lane);
+        mma_abt<T, D, BS>(dp, Os + warp * 16 * LD, vb, lane);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int col = n * 8 + (lane & 3) * 2 + (e & 1);
+                bool pr = e < 2 ? part0 : part1;
+                int pp = e < 2 ? p0 : p1;
+                bool ok = pr && ko[col] && (!P.causal || kp[col] <= pp);
+                float pv = ok ? exp2f(s[n][e] * sl2 - (e < 2 ? L0 : L1)) : 0.f;
+                s[n][e] = pv * (dp[n][e] * P.fac - (e < 2 ? d0 : d1));  // dS
+            }
+        }
+        mma_xb<T, D, BS>(acc, s, kb, lane);
+        __syncthreads();
+        cur = nx;
+        have = hn;
+        stage ^= 1;
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        int d = n * 8 + (lane & 3) * 2;
+        if (in0) *(u32*)(dq + qidx(P, b, p0, h) + d) = Mma<T>::pack(acc[n][0] * P.scale, acc[n][1] * P.scale);
+        if (in1) *(u32*)(dq + qidx(P, b, p1, h) + d) = Mma<T>::pack(acc[n][2] * P.scale, acc[n][3] * P.scale);
+    }
+}
+
+// Query-stream state of dkdv_tc: query head hh of the group, pattern i, first query q0.
+struct KvState {
+    int hh, i, q0;
+    int h, o, a, m, r;
+};
+
+template <int BS>
+__device__ __forceinline__ bool kv_setup(const Params& P, const Tile& t, int g, int grp, int b,
+                                         const unsigned char* mask, KvState& st) {
+    st.h = g * grp + st.hh;
+    int o = pat_offset(P, st.i, st.h);
+    if (o < 0) return false;
+    int w = P.w[st.i], r = P.r[st.i];
+    int a = (t.base / w) * w;
+    int kmin = 0x7fffffff;
+    for (int j = 0; j < t.cnt; ++j) {
+        int kp = t.base + j * t.step;
+        if (((kp - a) % r) == o && (!P.has_mask || mask[(long long)b * P.N + kp] != 0)) {
+            kmin = kp;
+            break;  // positions increase with j
+        }
+    }
+    if (kmin == 0x7fffffff) return false;
+    st.o = o;
+    st.a = a;
+    st.r = r;
+    st.m = (w - o + r - 1) / r;
+    st.q0 = P.causal ? ((kmin - a - o) / r) / BS * BS : 0;
+    return true;
+}
+
+template <int BS>
+__device__ __forceinline__ bool kv_next(const Params& P, const Tile& t, int g, int grp, int b,
+                                        const unsigned char* mask, KvState& st) {
+    st.q0 += BS;
+    while (true) {
+        if (st.q0 < st.m) return true;
+        st.i++;
+        if (st.i >= P.G) {
+            st.i = 0;
+            st.hh++;
+            if (st.hh >= grp) return false;
+        }
+        if (!kv_setup<BS>(P, t, g, grp, b, mask, st)) {
+            st.m = 0;
+            st.q0 = 0;
+        }
+    }
+}
+
+template <typename T, int D, int BS>
+__device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                        const float* __restrict__ lse, const T* __restrict__ dout,
+                        const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+    constexpr int LD = D + 8, CH = D / 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* Ks = (u16*)smem_raw;        // 64 x LD (owner)
+    u16* Vs = Ks + TBQ * LD;         // 64 x LD (owner)
+    u16* Qs = Vs + TBQ * LD;         // 2 x BS x LD
+    u16* Os = Qs + 2 * BS * LD;      // 2 x BS x LD
+    float* Lq = (float*)(Os + 2 * BS * LD);  // 2 x BS (L · log2 e)
+    float* Dq = Lq + 2 * BS;                  // 2 x BS
+    int* qposS = (int*)(Dq + 2 * BS);         // 2 x BS
+    int* qokS = qposS + 2 * BS;               // 2 x BS
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    const int grp = P.H / P.Hkv;
+    const long long krow = (long long)P.Hkv * P.D * t.step;
+    gather_rows_async<D>(Ks, (const u16*)k, TBQ, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    gather_rows_async<D>(Vs, (const u16*)v, TBQ, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    cp_commit();
+    const float LOG2E = 1.4426950408889634f;
+
+    auto load_q = [&](const KvState& st, int stage) {
+        for (int e = tid; e < BS * CH; e += 128) {
+            int rr = e / CH, c = e % CH;
+            int jj = st.q0 + rr;
+            bool in = jj < st.m;
+            long long off = in ? qidx(P, b, st.a + st.o + jj * st.r, st.h) + c * 8 : 0;
+            cp_async16(smem_u32(Qs + stage * BS * LD + rr * LD + c * 8), q + off, in ? 16 : 0);
+            cp_async16(smem_u32(Os + stage * BS * LD + rr * LD + c * 8), dout + off, in ? 16 : 0);
+        }
+        if (tid < BS) {
+            int jj = st.q0 + tid;
+            int qp = st.a + st.o + jj * st.r;
+            bool ok = jj < st.m;
+            float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
+            ok = ok && L != neg_inf();
+            qposS[stage * BS + tid] = qp;
+            qokS[stage * BS + tid] = ok;
+            Lq[stage * BS + tid] = L * LOG2E;
+            Dq[stage * BS + tid] = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
+        }
+    };
+
+    const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
+    const int k0p = t.base + r0 * t.step, k1p = t.base + r1 * t.step;
+    const bool in0 = r0 < t.cnt && (!P.has_mask || mask[(long long)b * P.N + k0p] != 0);
+    const bool in1 = r1 < t.cnt && (!P.has_mask || mask[(long long)b * P.N + k1p] != 0);
+    const float sl2 = P.scale * LOG2E;
+
+    float adk[D / 8][4], adv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) adk[n][e] = adv[n][e] = 0.f;
+
+    KvState cur;
+    cur.hh = 0;
+    cur.i = -1;
+    cur.m = 0;
+    cur.q0 = 0;
+    bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
+    if (have) load_q(cur, 0);
+    cp_commit();
+
+    int stage = 0, cur_hi = -1;
+    bool part0 = false, part1 = false;
+    while (have) {
+        KvState nx = cur;
+        bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
+        if (hn) load_q(nx, stage ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+        int hi = cur.hh * MAXP + cur.i;
+        if (hi != cur_hi) {
+            cur_hi = hi;
+            part0 = in0 && (((k0p - cur.a) % cur.r) == cur.o);
+            part1 = in1 && (((k1p - cur.a) % cur.r) == cur.o);
+        }
+        const u16* qb = Qs + stage * BS * LD;
+        const u16* ob = Os + stage * BS * LD;
+        const int* qp = qposS + stage * BS;
+        const int* qo = qokS + stage * BS;
+        const float* lq = Lq + stage * BS;
+        const float* dq_ = Dq + stage * BS;
+        float s[BS / 8][4], dp[BS / 8][4];
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        mma_abt<T, D, BS>(s, Ks + warp * 16 * LD, qb, lane);   // Sᵀ = K Qᵀ
+        mma_abt<T, D, BS>(dp, Vs + warp * 16 * LD, ob, lane);  // dPᵀ = V dOᵀ (without fac)
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int col = n * 8 + (lane & 3) * 2 + (e & 1);
+                bool pr = e < 2 ? part0 : part1;
+                int kpp = e < 2 ? k0p : k1p;
+                bool ok = pr && qo[col] && (!P.causal || kpp <= qp[col]);
+                float pv = ok ? exp2f(s[n][e] * sl2 - lq[col]) : 0.f;
+                s[n][e] = pv * P.fac;                          // fac·P for dV
+                dp[n][e] = pv * (dp[n][e] * P.fac - dq_[col]);  // dS
+            }
+        }
+        mma_xb<T, D, BS>(adv, s, ob, lane);
+        mma_xb<T, D, BS>(adk, dp, qb, lane);
+        __syncthreads();
+        cur = nx;
+        have = hn;
+        stage ^= 1;
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        int d = n * 8 + (lane & 3) * 2;
+        if (r0 < t.cnt) {
+            long long ix = kidx(P, b, k0p, g) + d;
+            *(u32*)(dk + ix) = Mma<T>::pack(adk[n][0] * P.scale, adk[n][1] * P.scale);
+            *(u32*)(dv + ix) = Mma<T>::pack(adv[n][0], adv[n][1]);
+        }
+        if (r1 < t.cnt) {
+            long long ix = kidx(P, b, k1p, g) + d;
+            *(u32*)(dk + ix) = Mma<T>::pack(adk[n][2] * P.scale, adk[n][3] * P.scale);
+            *(u32*)(dv + ix) = Mma<T>::pack(adv[n][2], adv[n][3]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Entry points (extern "C" names looked up by cuda_kernel.rs).
 // ---------------------------------------------------------------------------------------
 
@@ -921,10 +1291,33 @@ GEN(f16, f16)
     extern "C" __global__ void __launch_bounds__(128)                                             \
         fwd_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
-        fwd_tc<T, D>(P, q, k, v, mask, out, lse);                                                 \
+        fwd_tc<T, D, 4>(P, q, k, v, mask, out, lse);                                              \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                             \
+        fwd_tc8_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, T* out, float* lse) {                     \
+        fwd_tc<T, D, 8>(P, q, k, v, mask, out, lse);                                              \
+    }
+
+#define TCB(T, NAME, D, BS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        dq_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
+                           const unsigned char* mask, const float* lse, const T* dout,            \
+                           const float* delta, T* dq) {                                           \
+        dq_tc<T, D, BS>(P, q, k, v, mask, lse, dout, delta, dq);                                  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        dkdv_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, const float* lse, const T* dout,          \
+                             const float* delta, T* dk, T* dv) {                                  \
+        dkdv_tc<T, D, BS>(P, q, k, v, mask, lse, dout, delta, dk, dv);                            \
     }
 
 TC(bf16, bf16, 64)
 TC(bf16, bf16, 128)
 TC(f16, f16, 64)
 TC(f16, f16, 128)
+TCB(bf16, bf16, 64, 64)
+TCB(bf16, bf16, 128, 32)
+TCB(f16, f16, 64, 64)
+TCB(f16, f16, 128, 32)
