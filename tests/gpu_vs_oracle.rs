@@ -89,13 +89,19 @@ fn to64<E: CudaElement>(x: &[E]) -> Vec<f64> {
 
 /// Run forward (and backward) of `case` on the GPU in dtype `E` with kernel preference
 /// `pref`; compare with the oracle. Returns the worst relative error seen.
-fn check<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool) -> f64 {
-    check_w::<E>(case, pref, grads, 4)
-}
-
-/// As [`check`], with the tensor-core forward on `warps` warps per CTA (4 or 8).
+///
+/// Gradients in bf16 get `2e-2` instead of `1e-2`: like FlashAttention, the backward uses
+/// `Δ = rowsum(dO ∘ O)` from the *saved* output, rounded to bf16 (2⁻⁹). Where a row's
+/// exact `dS = P·(dP − Δ)` cancels (a query whose key set is one key, e.g. segments of
+/// length 1 or the first causal row), only that rounding remains, and such rows can add
+/// up to ~1.5e-2 of `‖dq‖` (seen on the GPU; f16, with 2⁻¹¹, stays under 1e-2).
+/// The tensor-core forward runs on `warps` warps per CTA (4 or 8).
 fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8) -> f64 {
     let rel = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
+    let rel_grad = match E::NAME {
+        "bf16" => 2e-2,
+        _ => rel,
+    };
     let lse_tol = if E::TENSOR_CORES { 2e-3 } else { 1e-5 };
     let plan = case.plan();
     let (q, k, v, go) = case.data();
@@ -118,7 +124,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let f = gpu::try_forward(&dev, &plan, &qd, &kd, &vd, md.as_ref()).unwrap();
     let out = dev.dtoh(&f.out).unwrap();
     let lse = dev.dtoh(&f.lse).unwrap();
-    let mut worst = check_norm("out", &to64(&out), &want.out, rel, case);
+    let mut worst = check_norm(&format!("out ({})", E::NAME), &to64(&out), &want.out, rel, case);
     check_lse(&lse, &want.lse, lse_tol, case);
     if let Some(gw) = gw {
         let gd = dev.htod(&ge).unwrap();
@@ -129,7 +135,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
             ("dk", dev.dtoh(&g.dk).unwrap(), &gw.dk),
             ("dv", dev.dtoh(&g.dv).unwrap(), &gw.dv),
         ] {
-            worst = worst.max(check_norm(name, &to64(&got), want, rel, case));
+            let what = format!("{name} ({})", E::NAME);
+            worst = worst.max(check_norm(&what, &to64(&got), want, rel_grad, case));
         }
     }
     dev.set_kernel_pref(KernelPref::Auto);
