@@ -566,9 +566,9 @@ __device__ void delta_dot(const Params& P, const T* __restrict__ out, const T* _
 // ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
-    return r;
+    // The intrinsic (not inline PTX) lets the compiler fold constant offsets of unrolled
+    // loops into the ldmatrix / cp.async immediates.
+    return (u32)__cvta_generic_to_shared(p);
 }
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -585,6 +585,25 @@ __device__ __forceinline__ void ldm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u3
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr));
+}
+
+// cp.async ROWS rows of D 16-bit elements into shared memory at byte address `dst` (row
+// stride D + 8 elements): row j < valid comes from src + base + j*step (elements), rows
+// j >= valid are zero-filled. Each thread copies one 16-byte chunk column of rows
+// tid / CH, + NT / CH, ...: the address math is one add per row.
+template <int D, int NT, int ROWS>
+__device__ __forceinline__ void load_rows(u32 dst, const void* src, int valid, long long base, long long step,
+                                          int tid) {
+    constexpr int LD = D + 8, CH = D / 8, RPI = NT / CH;
+    static_assert(NT % CH == 0 && ROWS % RPI == 0, "tile shape");
+    const int c = tid % CH, r0 = tid / CH;
+    const u16* s = (const u16*)src + base + c * 8;
+#pragma unroll
+    for (int it = 0; it < ROWS / RPI; ++it) {
+        const int rr = r0 + it * RPI;
+        const bool in = rr < valid;
+        cp_async16(dst + (rr * LD + c * 8) * 2, in ? s + rr * step : (const u16*)src, in ? 16 : 0);
+    }
 }
 
 template <typename T> struct Mma;
@@ -683,7 +702,6 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
     constexpr int LD = D + 8;  // smem row stride (elements): 16-byte aligned, conflict-free
-    constexpr int CH = D / 8;  // 16-byte chunks per row
     constexpr int RQ = 16 * WARPS, NT = 32 * WARPS;  // query rows, threads
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Qs = (u16*)smem_raw;
@@ -699,25 +717,14 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     const int g = h / (P.H / P.Hkv);
 
     // Gather Q rows.
-    for (int e = tid; e < RQ * CH; e += NT) {
-        int rr = e / CH, c = e % CH;
-        bool in = rr < t.cnt;
-        const T* src = in ? q + qidx(P, b, t.base + rr * t.step, h) + c * 8 : q;
-        cp_async16(smem_u32(Qs + rr * LD + c * 8), src, in ? 16 : 0);
-    }
+    load_rows<D, NT, RQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), (long long)P.H * P.D * t.step, tid);
     cp_commit();
 
     auto load_kv = [&](const PatState& st, int stage) {
-        u16* kd = Ks + stage * TBK * LD;
-        u16* vd = Vs + stage * TBK * LD;
-        for (int e = tid; e < TBK * CH; e += NT) {
-            int rr = e / CH, c = e % CH;
-            int jj = st.k0 + rr;
-            bool in = jj < st.m;
-            long long off = in ? kidx(P, b, st.a + st.o + jj * st.r, g) + c * 8 : 0;
-            cp_async16(smem_u32(kd + rr * LD + c * 8), k + off, in ? 16 : 0);
-            cp_async16(smem_u32(vd + rr * LD + c * 8), v + off, in ? 16 : 0);
-        }
+        const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
+        const long long step = (long long)st.r * P.Hkv * P.D;
+        load_rows<D, NT, TBK>(smem_u32(Ks + stage * TBK * LD), k, st.m - st.k0, base, step, tid);
+        load_rows<D, NT, TBK>(smem_u32(Vs + stage * TBK * LD), v, st.m - st.k0, base, step, tid);
         if (tid < TBK) {
             int jj = st.k0 + tid;
             int kp = st.a + st.o + jj * st.r;
@@ -790,32 +797,42 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
                 Mma<T>::run(s[n], qf[kk + 1], b2, b3);
             }
         }
-        // Scale, mask.
+        // Mask (one uniform branch, branch-free inside), row max of the raw scores, then
+        // p = exp2(s·scale·log2 e − m) as one FFMA + MUFU per element.
         const bool need_mask = !cur.all || P.has_mask || cur.k0 + TBK > cur.m ||
                                (P.causal && cur.a + cur.o + (cur.k0 + TBK - 1) * cur.r > cur.qmin);
+        if (sl2 <= 0.f) {  // a non-positive scale: fold it in first so the max stays valid
+#pragma unroll
+            for (int n = 0; n < TBK / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] *= sl2;
+        }
+        const float sm = sl2 > 0.f ? sl2 : 1.f;
+        if (need_mask) {
+#pragma unroll
+            for (int n = 0; n < TBK / 8; ++n) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int col = n * 8 + (lane & 3) * 2 + j;
+                    const int kok = ko[col], kpc = kp[col];
+                    const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
+                    const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
+                    s[n][j] = c0 ? s[n][j] : neg_inf();
+                    s[n][2 + j] = c1 ? s[n][2 + j] : neg_inf();
+                }
+            }
+        }
         float mx0 = neg_inf(), mx1 = neg_inf();
 #pragma unroll
         for (int n = 0; n < TBK / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[n][e] * sl2;
-                if (need_mask) {
-                    int col = n * 8 + (lane & 3) * 2 + (e & 1);
-                    bool pr = e < 2 ? part0 : part1;
-                    int pp = e < 2 ? p0 : p1;
-                    bool ok = pr && ko[col] && (!P.causal || kp[col] <= pp);
-                    if (!ok) x = neg_inf();
-                }
-                s[n][e] = x;
-                if (e < 2) mx0 = fmaxf(mx0, x);
-                else mx1 = fmaxf(mx1, x);
-            }
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
         mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        float mn0 = fmaxf(m0, mx0 * sm), mn1 = fmaxf(m1, mx1 * sm);
         float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
         float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
         m0 = mn0;
@@ -823,10 +840,10 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
         float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
         for (int n = 0; n < TBK / 8; ++n) {
-            s[n][0] = exp2f(s[n][0] - mu0);
-            s[n][1] = exp2f(s[n][1] - mu0);
-            s[n][2] = exp2f(s[n][2] - mu1);
-            s[n][3] = exp2f(s[n][3] - mu1);
+            s[n][0] = exp2f(fmaf(s[n][0], sm, -mu0));
+            s[n][1] = exp2f(fmaf(s[n][1], sm, -mu0));
+            s[n][2] = exp2f(fmaf(s[n][2], sm, -mu1));
+            s[n][3] = exp2f(fmaf(s[n][3], sm, -mu1));
             rs0 += s[n][0] + s[n][1];
             rs1 += s[n][2] + s[n][3];
         }
@@ -938,26 +955,12 @@ __device__ __forceinline__ void mma_xb(float (*acc)[4], const float (*x)[4], con
     }
 }
 
-// Gather `rows` rows (positions pos0 + j*pstep, j < valid) of a (B, N, heads, D) buffer into
-// shared memory with cp.async; rows past `valid` are zero-filled.
-template <int D>
-__device__ __forceinline__ void gather_rows_async(u16* dst, const u16* src, int rows, int valid, long long base,
-                                                  long long pstride, int tid) {
-    constexpr int LD = D + 8, CH = D / 8;
-    for (int e = tid; e < rows * CH; e += 128) {
-        int rr = e / CH, c = e % CH;
-        bool in = rr < valid;
-        const u16* p = in ? src + base + rr * pstride + c * 8 : src;
-        cp_async16(smem_u32(dst + rr * LD + c * 8), p, in ? 16 : 0);
-    }
-}
-
 template <typename T, int D, int BS>
 __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
                       const float* __restrict__ lse, const T* __restrict__ dout,
                       const float* __restrict__ delta, T* __restrict__ dq) {
-    constexpr int LD = D + 8, CH = D / 8;
+    constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Qs = (u16*)smem_raw;        // TBQ x LD
     u16* Os = Qs + TBQ * LD;         // TBQ x LD (dO)
@@ -972,19 +975,15 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
-    gather_rows_async<D>(Qs, (const u16*)q, TBQ, t.cnt, qidx(P, b, t.base, h), qrow, tid);
-    gather_rows_async<D>(Os, (const u16*)dout, TBQ, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows<D, 128, TBQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows<D, 128, TBQ>(smem_u32(Os), dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
     cp_commit();
 
     auto load_kv = [&](const PatState& st, int stage) {
-        for (int e = tid; e < BS * CH; e += 128) {
-            int rr = e / CH, c = e % CH;
-            int jj = st.k0 + rr;
-            bool in = jj < st.m;
-            long long off = in ? kidx(P, b, st.a + st.o + jj * st.r, g) + c * 8 : 0;
-            cp_async16(smem_u32(Ks + stage * BS * LD + rr * LD + c * 8), k + off, in ? 16 : 0);
-            cp_async16(smem_u32(Vs + stage * BS * LD + rr * LD + c * 8), v + off, in ? 16 : 0);
-        }
+        const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
+        const long long step = (long long)st.r * P.Hkv * P.D;
+        load_rows<D, 128, BS>(smem_u32(Ks + stage * BS * LD), k, st.m - st.k0, base, step, tid);
+        load_rows<D, 128, BS>(smem_u32(Vs + stage * BS * LD), v, st.m - st.k0, base, step, tid);
         if (tid < BS) {
             int jj = st.k0 + tid;
             int kp = st.a + st.o + jj * st.r;
@@ -1046,13 +1045,17 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int col = n * 8 + (lane & 3) * 2 + (e & 1);
-                bool pr = e < 2 ? part0 : part1;
-                int pp = e < 2 ? p0 : p1;
-                bool ok = pr && ko[col] && (!P.causal || kp[col] <= pp);
-                float pv = ok ? exp2f(s[n][e] * sl2 - (e < 2 ? L0 : L1)) : 0.f;
-                s[n][e] = pv * (dp[n][e] * P.fac - (e < 2 ? d0 : d1));  // dS
+            for (int j = 0; j < 2; ++j) {
+                const int col = n * 8 + (lane & 3) * 2 + j;
+                const int kok = ko[col], kpc = kp[col];
+                const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
+                const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
+                // Unselected values may be inf (L = -inf rows); selects do not propagate them.
+                const float x0 = exp2f(fmaf(s[n][j], sl2, -L0));
+                const float x1 = exp2f(fmaf(s[n][2 + j], sl2, -L1));
+                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
+                s[n][j] = pv0 * (dp[n][j] * P.fac - d0);  // dS
+                s[n][2 + j] = pv1 * (dp[n][2 + j] * P.fac - d1);
             }
         }
         mma_xb<T, D, BS>(acc, s, kb, lane);
@@ -1125,7 +1128,7 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
-    constexpr int LD = D + 8, CH = D / 8;
+    constexpr int LD = D + 8;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Ks = (u16*)smem_raw;        // 64 x LD (owner)
     u16* Vs = Ks + TBQ * LD;         // 64 x LD (owner)
@@ -1142,20 +1145,16 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
     if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
-    gather_rows_async<D>(Ks, (const u16*)k, TBQ, t.cnt, kidx(P, b, t.base, g), krow, tid);
-    gather_rows_async<D>(Vs, (const u16*)v, TBQ, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows<D, 128, TBQ>(smem_u32(Ks), k, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows<D, 128, TBQ>(smem_u32(Vs), v, t.cnt, kidx(P, b, t.base, g), krow, tid);
     cp_commit();
     const float LOG2E = 1.4426950408889634f;
 
     auto load_q = [&](const KvState& st, int stage) {
-        for (int e = tid; e < BS * CH; e += 128) {
-            int rr = e / CH, c = e % CH;
-            int jj = st.q0 + rr;
-            bool in = jj < st.m;
-            long long off = in ? qidx(P, b, st.a + st.o + jj * st.r, st.h) + c * 8 : 0;
-            cp_async16(smem_u32(Qs + stage * BS * LD + rr * LD + c * 8), q + off, in ? 16 : 0);
-            cp_async16(smem_u32(Os + stage * BS * LD + rr * LD + c * 8), dout + off, in ? 16 : 0);
-        }
+        const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
+        const long long step = (long long)st.r * P.H * P.D;
+        load_rows<D, 128, BS>(smem_u32(Qs + stage * BS * LD), q, st.m - st.q0, base, step, tid);
+        load_rows<D, 128, BS>(smem_u32(Os + stage * BS * LD), dout, st.m - st.q0, base, step, tid);
         if (tid < BS) {
             int jj = st.q0 + tid;
             int qp = st.a + st.o + jj * st.r;
@@ -1221,14 +1220,19 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                int col = n * 8 + (lane & 3) * 2 + (e & 1);
-                bool pr = e < 2 ? part0 : part1;
-                int kpp = e < 2 ? k0p : k1p;
-                bool ok = pr && qo[col] && (!P.causal || kpp <= qp[col]);
-                float pv = ok ? exp2f(s[n][e] * sl2 - lq[col]) : 0.f;
-                s[n][e] = pv * P.fac;                          // fac·P for dV
-                dp[n][e] = pv * (dp[n][e] * P.fac - dq_[col]);  // dS
+            for (int j = 0; j < 2; ++j) {
+                const int col = n * 8 + (lane & 3) * 2 + j;
+                const int qok = qo[col], qpc = qp[col];
+                const float lqc = lq[col], dqc = dq_[col];
+                const bool c0 = part0 & (qok != 0) & ((!P.causal) | (k0p <= qpc));
+                const bool c1 = part1 & (qok != 0) & ((!P.causal) | (k1p <= qpc));
+                const float x0 = exp2f(fmaf(s[n][j], sl2, -lqc));
+                const float x1 = exp2f(fmaf(s[n][2 + j], sl2, -lqc));
+                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
+                s[n][j] = pv0 * P.fac;  // fac·P for dV
+                s[n][2 + j] = pv1 * P.fac;
+                dp[n][j] = pv0 * (dp[n][j] * P.fac - dqc);  // dS
+                dp[n][2 + j] = pv1 * (dp[n][2 + j] * P.fac - dqc);
             }
         }
         mma_xb<T, D, BS>(adv, s, ob, lane);
