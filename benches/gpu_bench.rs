@@ -156,7 +156,13 @@ fn main() {
     println!("device: {name}");
     gpu::warm_up(&dev).unwrap();
     let mut recs: Vec<String> = Vec::new();
-    let mut emit = |kind: &str, n: usize, causal: bool, combine: &str, pass: &str, ms: f64, flops: f64| {
+    let mut emit = |kind: &str,
+                    n: usize,
+                    causal: bool,
+                    combine: &str,
+                    pass: &str,
+                    ms: f64,
+                    flops: f64| {
         let tf = flops / (ms * 1e-3) / 1e12;
         println!(
             "{kind:8} n={n:8} causal={causal:5} combine={combine:10} {pass:7} {ms:10.3} ms {tf:8.1} TFLOP/s"
