@@ -246,9 +246,8 @@ impl<
 {
     const MSG: Option<Msg> = check_config(N, H, HKV, D, S::PATTERNS, C::COMBINE);
     /// Evaluates to `()` for a valid configuration; fails to compile otherwise.
-    pub const OK: () = match &Self::MSG {
-        Some(m) => panic!("{}", m.as_str()),
-        None => (),
+    pub const OK: () = if let Some(m) = &Self::MSG {
+        panic!("{}", m.as_str())
     };
 }
 
@@ -276,9 +275,8 @@ impl<const LOCAL: usize, const WORLD: usize, S: Schedule> CheckedRing<LOCAL, WOR
         }
     };
     /// Evaluates to `()` for a valid ring configuration; fails to compile otherwise.
-    pub const OK: () = match &Self::MSG {
-        Some(m) => panic!("{}", m.as_str()),
-        None => (),
+    pub const OK: () = if let Some(m) = &Self::MSG {
+        panic!("{}", m.as_str())
     };
 }
 

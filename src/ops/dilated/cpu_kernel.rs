@@ -23,15 +23,17 @@
 //! pass owns query tiles and accumulates `dQ`. `Δ = dO·O` (or the per-pattern `dO·out_i`
 //! with `detach_weights`) is precomputed, one scalar per (batch, position, head).
 //!
-//! Inner loops are written as `axpy` over contiguous rows (`S[i,:] += q[i,d]·Kᵀ[d,:]`,
-//! `acc[i,:] += p[i,j]·V[j,:]`) so LLVM vectorises them without reassociating sums.
+//! The tile products (`Q·Kᵀ`, `P·V`, `Pᵀ·dO`, `dSᵀ·Q`, `dS·K`) go through the `gemm`
+//! crate's single-threaded micro-kernels (runtime CPU dispatch); parallelism is over tiles.
+
+#![allow(clippy::too_many_arguments)]
 
 use crate::dtype::Element;
 use crate::shape::Plan;
 use rayon::prelude::*;
 
 /// Query rows per tile.
-pub(crate) const BQ: usize = 32;
+pub(crate) const BQ: usize = 64;
 /// Key rows per tile.
 pub(crate) const BK: usize = 64;
 
@@ -120,6 +122,7 @@ impl<T> ViewMut<T> {
     /// # Safety
     /// No other thread may access elements `[at(b,row,h), +d)` during the borrow.
     #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
     pub unsafe fn row_mut(&self, b: usize, row: usize, h: usize) -> &mut [T] {
         let i = self.at(b, row, h);
         assert!(i + self.d <= self.len, "row out of bounds");
@@ -145,9 +148,6 @@ pub(crate) struct FwdCtx<'a, T> {
 /// Per-worker scratch, allocated once per rayon job split.
 pub(crate) struct Scratch<T> {
     q: Vec<T>,   // BQ × D (scaled)
-    kt: Vec<T>,  // D × BK
-    vt: Vec<T>,  // D × BK (backward)
-    kv: Vec<T>,  // BK × D (V forward, K backward)
     s: Vec<T>,   // BQ × BK
     acc: Vec<T>, // BQ × D
     m: Vec<T>,   // BQ
@@ -166,9 +166,6 @@ impl<T: Element> Scratch<T> {
         let z = T::zero();
         Scratch {
             q: vec![z; BQ * d],
-            kt: vec![z; d * BK],
-            vt: vec![z; d * BK],
-            kv: vec![z; BK * d],
             s: vec![z; BQ * BK],
             acc: vec![z; BQ * d],
             m: vec![z; BQ],
@@ -196,38 +193,115 @@ fn gather_rows<T: Element>(dst: &mut [T], src: View<'_, T>, b: usize, h: usize, 
     }
 }
 
-/// Gather key rows transposed: `dst[dd·BK + j] = src[row j][dd]`.
+/// `dst (m×n, row stride dst_rs) (+)= lhs (m×k) · rhs (k×n)`, strides in elements
+/// (`*_rs` between rows, `*_cs` between columns). Runs the `gemm` crate's
+/// runtime-dispatched (AVX2/AVX-512/NEON) micro-kernels on one thread: the parallelism
+/// is over tiles, one level up.
+#[allow(clippy::too_many_arguments)]
 #[inline]
-fn gather_t<T: Element>(dst: &mut [T], src: View<'_, T>, b: usize, g: usize, p: &Prog) {
-    let d = src.d;
-    for j in 0..p.count {
-        let s = &src.data[src.at(b, p.row(j), g)..][..d];
-        for (dd, y) in s.iter().enumerate() {
-            dst[dd * BK + j] = *y;
+fn mm<T: Element>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
+            }
         }
+        return;
+    }
+    let last = |rs: usize, cs: usize, r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
+    assert!(last(dst_rs, 1, m, n) < dst.len(), "mm: dst too small");
+    assert!(last(lhs_rs, lhs_cs, m, k) < lhs.len(), "mm: lhs too small");
+    assert!(last(rhs_rs, rhs_cs, k, n) < rhs.len(), "mm: rhs too small");
+    // SAFETY: the three asserts above prove every element the (m, n, k) product touches
+    // lies inside its slice; `dst` is borrowed mutably and cannot alias `lhs`/`rhs`. T is
+    // f32 or f64 (the `Element` impls), both supported by `gemm`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 
-/// `S[i, :bk] = sum_d Q[i, d] · Kᵀ[d, :bk]` for `i < bq`.
+/// The rows of progression `p` (batch `b`, head `g`) of `src`, in place: the slice
+/// starting at the first row and the element stride between consecutive rows. Tile
+/// products read K and V through this view, so key rows are never copied.
+#[inline(always)]
+fn rows_view<'a, T>(src: View<'a, T>, b: usize, g: usize, p: &Prog) -> (&'a [T], usize) {
+    let start = src.at(b, p.row0, g);
+    (&src.data[start..], p.row_step * src.heads * src.d)
+}
+
+/// `S[i, j] = sum_d Q[i, d] · K[j, d]` for `i < bq`, `j < bk`; row `j` of K is
+/// `k[j·ks..][..d]`.
 #[inline]
-fn scores<T: Element>(s: &mut [T], q: &[T], kt: &[T], bq: usize, bk: usize, d: usize) {
-    for i in 0..bq {
-        let row = &mut s[i * BK..i * BK + bk];
-        row.fill(T::zero());
-        let qi = &q[i * d..(i + 1) * d];
-        for (dd, &a) in qi.iter().enumerate() {
-            let kr = &kt[dd * BK..dd * BK + bk];
-            for (x, &y) in row.iter_mut().zip(kr) {
-                *x += a * y;
-            }
+fn scores<T: Element>(
+    s: &mut [T],
+    q: &[T],
+    (k, ks): (&[T], usize),
+    bq: usize,
+    bk: usize,
+    d: usize,
+) {
+    mm((bq, bk, d), s, BK, false, q, (d, 1), k, (1, ks));
+}
+
+/// Maximum of a row, in eight independent lanes so that it vectorises.
+#[inline]
+fn row_max<T: Element>(row: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); 8];
+    let mut it = row.chunks_exact(8);
+    for c in &mut it {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
         }
     }
+    let mut m = T::neg_infinity();
+    for &x in lanes.iter().chain(it.remainder()) {
+        m = if x > m { x } else { m };
+    }
+    m
 }
 
 /// Set masked scores to `-inf`: key invalid, or causal future.
 #[inline]
 fn apply_mask<T: Element>(s: &mut [T], qpos: &[usize], kpos: &[usize], kok: &[bool], causal: bool) {
     let ninf = T::neg_infinity();
+    let (Some(&kmax), Some(&qmin)) = (kpos.last(), qpos.first()) else {
+        return;
+    };
+    if kok.iter().all(|&x| x) && (!causal || kmax <= qmin) {
+        return; // nothing masked in this tile (positions increase along both sides)
+    }
     for (i, &qp) in qpos.iter().enumerate() {
         let row = &mut s[i * BK..i * BK + kpos.len()];
         for ((x, &kp), &ok) in row.iter_mut().zip(kpos).zip(kok) {
@@ -306,10 +380,8 @@ pub(crate) fn fwd_accumulate<T: Element>(
         if cx.causal && kt.pos0 > qmax {
             break; // positions increase: every later key is in the future
         }
-        gather_t(&mut sc.kt, cx.k, b, g, &kt);
-        gather_rows(&mut sc.kv, cx.v, b, g, &kt, T::one());
         key_meta(&mut sc.kp, &mut sc.kok, cx.kmask, cx.k.rows, b, &kt);
-        scores(&mut sc.s, &sc.q, &sc.kt, bq, bk, d);
+        scores(&mut sc.s, &sc.q, rows_view(cx.k, b, g, &kt), bq, bk, d);
         apply_mask(
             &mut sc.s,
             &sc.qp[..bq],
@@ -319,17 +391,14 @@ pub(crate) fn fwd_accumulate<T: Element>(
         );
         for i in 0..bq {
             let row = &mut sc.s[i * BK..i * BK + bk];
-            let mx = row.iter().fold(ninf, |a, &x| a.max(x));
+            let mx = row_max(row);
             let m_new = sc.m[i].max(mx);
             if m_new == ninf {
-                continue; // nothing valid yet for this query
+                row.fill(T::zero()); // nothing valid yet for this query: P = 0
+                continue;
             }
             let alpha = (sc.m[i] - m_new).exp();
-            let mut sum = T::zero();
-            for x in row.iter_mut() {
-                *x = (*x - m_new).exp();
-                sum += *x;
-            }
+            let sum = T::exp_sub_sum(row, m_new);
             sc.l[i] = sc.l[i] * alpha + sum;
             sc.m[i] = m_new;
             let acc = &mut sc.acc[i * d..(i + 1) * d];
@@ -338,16 +407,19 @@ pub(crate) fn fwd_accumulate<T: Element>(
                     *a *= alpha;
                 }
             }
-            for (j, &p) in row.iter().enumerate() {
-                if p == T::zero() {
-                    continue;
-                }
-                let vr = &sc.kv[j * d..(j + 1) * d];
-                for (a, &y) in acc.iter_mut().zip(vr) {
-                    *a += p * y;
-                }
-            }
         }
+        // acc += P · V (rows with nothing valid yet hold P = 0).
+        let (vrows, vs) = rows_view(cx.v, b, g, &kt);
+        mm(
+            (bq, d, bk),
+            &mut sc.acc,
+            d,
+            true,
+            &sc.s,
+            (BK, 1),
+            vrows,
+            (vs, 1),
+        );
         k0 += bk;
     }
 }
@@ -495,15 +567,15 @@ pub(crate) struct BwdCtx<'a, T> {
 fn p_ds<T: Element>(
     sc: &mut Scratch<T>,
     cx: &BwdCtx<'_, T>,
-    b: usize,
-    h: usize,
+    (b, h, g): (usize, usize, usize),
     qp: &Prog,
-    bk: usize,
+    kt: &Prog,
     ds: &mut [T],
 ) {
     let d = cx.q.d;
     let bq = qp.count;
-    scores(&mut sc.s, &sc.q, &sc.kt, bq, bk, d);
+    let bk = kt.count;
+    scores(&mut sc.s, &sc.q, rows_view(cx.k, b, g, kt), bq, bk, d);
     apply_mask(
         &mut sc.s,
         &sc.qp[..bq],
@@ -512,7 +584,7 @@ fn p_ds<T: Element>(
         cx.causal,
     );
     // dP = dO' · Vᵀ into ds.
-    scores(ds, &sc.go, &sc.vt, bq, bk, d);
+    scores(ds, &sc.go, rows_view(cx.v, b, g, kt), bq, bk, d);
     for i in 0..bq {
         let row = qp.row(i);
         let l = cx.lse.data[cx.lse.at(b, row, h)];
@@ -524,8 +596,8 @@ fn p_ds<T: Element>(
             drow.fill(T::zero());
             continue;
         }
-        for (x, y) in srow.iter_mut().zip(drow.iter_mut()) {
-            *x = (*x - l).exp();
+        T::exp_sub_sum(srow, l);
+        for (x, y) in srow.iter().zip(drow.iter_mut()) {
             *y = *x * (*y - delta);
         }
     }
@@ -543,19 +615,7 @@ fn load_q_side<T: Element>(sc: &mut Scratch<T>, cx: &BwdCtx<'_, T>, b: usize, h:
 
 /// Load the key-side tiles for backward: Kᵀ, Vᵀ, K rows (for dQ), meta.
 #[inline]
-fn load_k_side<T: Element>(
-    sc: &mut Scratch<T>,
-    cx: &BwdCtx<'_, T>,
-    b: usize,
-    g: usize,
-    kt: &Prog,
-    rows_k: bool,
-) {
-    gather_t(&mut sc.kt, cx.k, b, g, kt);
-    gather_t(&mut sc.vt, cx.v, b, g, kt);
-    if rows_k {
-        gather_rows(&mut sc.kv, cx.k, b, g, kt, T::one());
-    }
+fn load_k_side<T: Element>(sc: &mut Scratch<T>, cx: &BwdCtx<'_, T>, b: usize, kt: &Prog) {
     key_meta(&mut sc.kp, &mut sc.kok, cx.kmask, cx.k.rows, b, kt);
 }
 
@@ -576,7 +636,7 @@ pub(crate) unsafe fn bwd_kv_tile<T: Element>(
 ) {
     let d = cx.q.d;
     let bk = kt.count;
-    load_k_side(sc, cx, b, g, &kt, false);
+    load_k_side(sc, cx, b, &kt);
     let kmin = kt.pos0;
     sc.dkt[..bk * d].fill(T::zero());
     sc.dvt[..bk * d].fill(T::zero());
@@ -593,27 +653,28 @@ pub(crate) unsafe fn bwd_kv_tile<T: Element>(
             let bq = BQ.min(qfull.count - q0);
             let qp = qfull.sub(q0, bq);
             load_q_side(sc, cx, b, h, &qp);
-            p_ds(sc, cx, b, h, &qp, bk, &mut ds);
-            for i in 0..bq {
-                let prow = &sc.s[i * BK..i * BK + bk];
-                let dsrow = &ds[i * BK..i * BK + bk];
-                let gi = &sc.go[i * d..(i + 1) * d];
-                let qi = &sc.q[i * d..(i + 1) * d];
-                for j in 0..bk {
-                    let (p, s) = (prow[j], dsrow[j]);
-                    if p != T::zero() {
-                        for (x, &y) in sc.dvt[j * d..(j + 1) * d].iter_mut().zip(gi) {
-                            *x += p * y;
-                        }
-                    }
-                    if s != T::zero() {
-                        // q is pre-scaled, so this is scale · dS · q.
-                        for (x, &y) in sc.dkt[j * d..(j + 1) * d].iter_mut().zip(qi) {
-                            *x += s * y;
-                        }
-                    }
-                }
-            }
+            p_ds(sc, cx, (b, h, g), &qp, &kt, &mut ds);
+            // dV += Pᵀ · dO';  dK += dSᵀ · (scale·Q)  (q is pre-scaled).
+            mm(
+                (bk, d, bq),
+                &mut sc.dvt,
+                d,
+                true,
+                &sc.s,
+                (1, BK),
+                &sc.go,
+                (d, 1),
+            );
+            mm(
+                (bk, d, bq),
+                &mut sc.dkt,
+                d,
+                true,
+                &ds,
+                (1, BK),
+                &sc.q,
+                (d, 1),
+            );
             q0 += bq;
         }
     }
@@ -659,18 +720,11 @@ pub(crate) unsafe fn bwd_q_tile<T: Element>(
         if cx.causal && kt.pos0 > qmax {
             break;
         }
-        load_k_side(sc, cx, b, g, &kt, true);
-        p_ds(sc, cx, b, h, &qp, bk, &mut ds);
-        for i in 0..bq {
-            let acc = &mut dqt[i * d..(i + 1) * d];
-            for (j, &s) in ds[i * BK..i * BK + bk].iter().enumerate() {
-                if s != T::zero() {
-                    for (x, &y) in acc.iter_mut().zip(&sc.kv[j * d..(j + 1) * d]) {
-                        *x += s * y;
-                    }
-                }
-            }
-        }
+        load_k_side(sc, cx, b, &kt);
+        p_ds(sc, cx, (b, h, g), &qp, &kt, &mut ds);
+        // dQ += dS · K (scaled once at the end).
+        let (krows, ks) = rows_view(cx.k, b, g, &kt);
+        mm((bq, d, bk), &mut dqt, d, true, &ds, (BK, 1), krows, (ks, 1));
         k0 += bk;
     }
     for i in 0..bq {

@@ -1,0 +1,6 @@
+// H = 0
+use dilated_attention::prelude::*;
+
+fn main() {
+    let _ = DilatedAttention::<Seg<16, 1>>::new().plan::<64, 0, 1, 8>(1);
+}

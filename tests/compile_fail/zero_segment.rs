@@ -1,0 +1,6 @@
+// segment 0
+use dilated_attention::prelude::*;
+
+fn main() {
+    let _ = DilatedAttention::<Seg<0, 1>>::new().plan::<64, 8, 8, 8>(1);
+}
