@@ -606,6 +606,14 @@ __device__ __forceinline__ void load_rows(u32 dst, const void* src, int valid, l
     }
 }
 
+// 2^x as one MUFU.EX2 (flush-to-zero; exp2f would add a denormal fix-up around it).
+// ex2(-inf) = 0.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <typename T> struct Mma;
 template <> struct Mma<bf16> {
     __device__ __forceinline__ static void run(float* c, const u32* a, u32 b0, u32 b1) {
@@ -834,16 +842,16 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         float mn0 = fmaxf(m0, mx0 * sm), mn1 = fmaxf(m1, mx1 * sm);
         float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
-        float al0 = exp2f(m0 - mu0), al1 = exp2f(m1 - mu1);
+        float al0 = ex2(m0 - mu0), al1 = ex2(m1 - mu1);
         m0 = mn0;
         m1 = mn1;
         float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
         for (int n = 0; n < TBK / 8; ++n) {
-            s[n][0] = exp2f(fmaf(s[n][0], sm, -mu0));
-            s[n][1] = exp2f(fmaf(s[n][1], sm, -mu0));
-            s[n][2] = exp2f(fmaf(s[n][2], sm, -mu1));
-            s[n][3] = exp2f(fmaf(s[n][3], sm, -mu1));
+            s[n][0] = ex2(fmaf(s[n][0], sm, -mu0));
+            s[n][1] = ex2(fmaf(s[n][1], sm, -mu0));
+            s[n][2] = ex2(fmaf(s[n][2], sm, -mu1));
+            s[n][3] = ex2(fmaf(s[n][3], sm, -mu1));
             rs0 += s[n][0] + s[n][1];
             rs1 += s[n][2] + s[n][3];
         }
@@ -933,6 +941,22 @@ __device__ __forceinline__ void mma_abt(float (*s)[4], const u16* as, const u16*
     }
 }
 
+// As mma_abt with A already in registers (fragments of ldmatrix.x4 per 16 columns).
+template <typename T, int D, int BS>
+__device__ __forceinline__ void mma_rbt(float (*s)[4], const u32 (*af)[4], const u16* bs, int lane) {
+    constexpr int LD = D + 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk += 2) {
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+            u32 b0, b1, b2, b3;
+            ldm_x4(smem_u32(bs + (n * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8), b0, b1, b2, b3);
+            Mma<T>::run(s[n], af[kk], b0, b1);
+            Mma<T>::run(s[n], af[kk + 1], b2, b3);
+        }
+    }
+}
+
 // acc[16 x D] += X(16 x BS, C-fragments in registers) · B(BS x D, rows of `bs`).
 template <typename T, int D, int BS>
 __device__ __forceinline__ void mma_xb(float (*acc)[4], const float (*x)[4], const u16* bs, int lane) {
@@ -1014,6 +1038,17 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     if (have) load_kv(cur, 0);
     cp_commit();
 
+    // Q and dO fragments stay in registers for the whole kernel.
+    cp_wait<1>();
+    __syncthreads();
+    u32 qf[D / 16][4], of[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int off = (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8;
+        ldm_x4(smem_u32(Qs + off), qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+        ldm_x4(smem_u32(Os + off), of[kk][0], of[kk][1], of[kk][2], of[kk][3]);
+    }
+
     int stage = 0, cur_i = -1;
     bool part0 = false, part1 = false;
     float d0 = 0.f, d1 = 0.f;
@@ -1040,8 +1075,8 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
         for (int n = 0; n < BS / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-        mma_abt<T, D, BS>(s, Qs + warp * 16 * LD, kb, lane);
-        mma_abt<T, D, BS>(dp, Os + warp * 16 * LD, vb, lane);
+        mma_rbt<T, D, BS>(s, qf, kb, lane);
+        mma_rbt<T, D, BS>(dp, of, vb, lane);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
@@ -1051,8 +1086,8 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
                 const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
                 const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
                 // Unselected values may be inf (L = -inf rows); selects do not propagate them.
-                const float x0 = exp2f(fmaf(s[n][j], sl2, -L0));
-                const float x1 = exp2f(fmaf(s[n][2 + j], sl2, -L1));
+                const float x0 = ex2(fmaf(s[n][j], sl2, -L0));
+                const float x1 = ex2(fmaf(s[n][2 + j], sl2, -L1));
                 const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
                 s[n][j] = pv0 * (dp[n][j] * P.fac - d0);  // dS
                 s[n][2 + j] = pv1 * (dp[n][2 + j] * P.fac - d1);
@@ -1226,8 +1261,8 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
                 const float lqc = lq[col], dqc = dq_[col];
                 const bool c0 = part0 & (qok != 0) & ((!P.causal) | (k0p <= qpc));
                 const bool c1 = part1 & (qok != 0) & ((!P.causal) | (k1p <= qpc));
-                const float x0 = exp2f(fmaf(s[n][j], sl2, -lqc));
-                const float x1 = exp2f(fmaf(s[n][2 + j], sl2, -lqc));
+                const float x0 = ex2(fmaf(s[n][j], sl2, -lqc));
+                const float x1 = ex2(fmaf(s[n][2 + j], sl2, -lqc));
                 const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
                 s[n][j] = pv0 * P.fac;  // fac·P for dV
                 s[n][2 + j] = pv1 * P.fac;
