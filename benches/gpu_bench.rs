@@ -199,6 +199,12 @@ fn main() {
             });
             dev.set_fwd_warps(4);
             emit("dense", n, causal, "-", "fwd8w", ms, fl);
+            dev.set_fwd_row_tiles(2);
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            dev.set_fwd_row_tiles(1);
+            emit("dense", n, causal, "-", "fwd2mt", ms, fl);
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -238,6 +244,12 @@ fn main() {
             });
             dev.set_fwd_warps(4);
             emit("dilated", n, false, cname, "fwd8w", ms, fl);
+            dev.set_fwd_row_tiles(2);
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            dev.set_fwd_row_tiles(1);
+            emit("dilated", n, false, cname, "fwd2mt", ms, fl);
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
                 let ms = time_ms(&dev, a.quick, || {

@@ -117,6 +117,7 @@ pub struct Cuda {
     poison: AtomicBool,
     pref: AtomicU8,
     fwd_warps: AtomicU8,
+    fwd_mt: AtomicU8,
 }
 
 impl Cuda {
@@ -147,6 +148,7 @@ impl Cuda {
             poison: AtomicBool::new(false),
             pref: AtomicU8::new(KernelPref::Auto as u8),
             fwd_warps: AtomicU8::new(4),
+            fwd_mt: AtomicU8::new(1),
         })
     }
 
@@ -194,6 +196,16 @@ impl Cuda {
     pub fn set_fwd_warps(&self, warps: u8) {
         self.fwd_warps
             .store(if warps == 8 { 8 } else { 4 }, Ordering::Relaxed);
+    }
+    /// Row tiles of 16 per warp in the tensor-core forward: 1 (default) or 2 (each K/V
+    /// fragment feeds two MMAs; 4 warps, 128 rows per CTA; `set_fwd_warps` is then ignored).
+    pub fn set_fwd_row_tiles(&self, tiles: u8) {
+        self.fwd_mt
+            .store(if tiles == 2 { 2 } else { 1 }, Ordering::Relaxed);
+    }
+    /// Row tiles of 16 per warp in the tensor-core forward.
+    pub fn fwd_row_tiles(&self) -> u8 {
+        self.fwd_mt.load(Ordering::Relaxed)
     }
     /// Warps per CTA of the tensor-core forward.
     pub fn fwd_warps(&self) -> u8 {

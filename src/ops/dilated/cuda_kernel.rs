@@ -292,13 +292,17 @@ pub fn try_forward<E: CudaElement>(
     let dummy = dev.htod(&[0u8])?;
     let mask = mask.unwrap_or(&dummy);
     if let Some(name) = tensor_core_kernel::<E>(dev, plan) {
-        let warps = dev.fwd_warps() as usize;
-        let name = if warps == 8 {
-            name.replace("fwd_tc_", "fwd_tc8_")
+        let (warps, mt) = if dev.fwd_row_tiles() == 2 {
+            (4, 2)
         } else {
-            name
+            (dev.fwd_warps() as usize, 1)
         };
-        let rows = 16 * warps;
+        let name = match (warps, mt) {
+            (_, 2) => name.replace("fwd_tc_", "fwd_tc2_"),
+            (8, _) => name.replace("fwd_tc_", "fwd_tc8_"),
+            _ => name,
+        };
+        let rows = 16 * warps * mt;
         let f = function(dev, &name)?;
         let d = dm.head_dim;
         // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key

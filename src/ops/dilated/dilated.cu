@@ -705,12 +705,15 @@ __device__ __forceinline__ bool tc_next(const Params& P, const Tile& t, int h, P
     }
 }
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, int MT>
 __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
     constexpr int LD = D + 8;  // smem row stride (elements): 16-byte aligned, conflict-free
-    constexpr int RQ = 16 * WARPS, NT = 32 * WARPS;  // query rows, threads
+    constexpr int RQ = 16 * WARPS * MT, NT = 32 * WARPS;  // query rows, threads
+    // Q fragments live in registers unless that would not fit (MT = 2 with D = 128: then
+    // they are re-read from shared memory per key tile).
+    constexpr bool QREG = MT * D <= 128;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Qs = (u16*)smem_raw;
     u16* Ks = Qs + RQ * LD;
@@ -743,16 +746,30 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
         }
     };
 
-    // This thread's two rows (of the warp's 16) and their positions.
-    const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
-    const int p0 = t.base + r0 * t.step, p1 = t.base + r1 * t.step;
-    const bool in0 = r0 < t.cnt, in1 = r1 < t.cnt;
+    // This thread's rows: m-tile mt of warp w covers tile rows (mt*WARPS + w)*16 + [0, 16);
+    // the thread holds rows lane/4 and lane/4 + 8 of it (index 2*mt and 2*mt + 1 below).
+    int rp[2 * MT];
+    bool rin[2 * MT], part[2 * MT];
+#pragma unroll
+    for (int x = 0; x < 2 * MT; ++x) {
+        const int row = ((x / 2) * WARPS + warp) * 16 + (lane >> 2) + (x & 1) * 8;
+        rp[x] = t.base + row * t.step;
+        rin[x] = row < t.cnt;
+        part[x] = false;
+    }
 
     const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
-    float m0 = neg_inf(), m1 = neg_inf(), l0 = 0.f, l1 = 0.f;
-    float oacc[D / 8][4];
+    float m[2 * MT], l[2 * MT];
+    float oacc[MT][D / 8][4];
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.f;
+    for (int x = 0; x < 2 * MT; ++x) {
+        m[x] = neg_inf();
+        l[x] = 0.f;
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) oacc[mt][n][0] = oacc[mt][n][1] = oacc[mt][n][2] = oacc[mt][n][3] = 0.f;
 
     PatState cur;
     cur.i = -1;
@@ -762,17 +779,19 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     if (have) load_kv(cur, 0);
     cp_commit();
 
-    // Q fragments.
     cp_wait<1>();
     __syncthreads();
-    u32 qf[D / 16][4];
+    u32 qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
+    if (QREG) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-        ldm_x4(smem_u32(Qs + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8), qf[kk][0], qf[kk][1],
-               qf[kk][2], qf[kk][3]);
+        for (int mt = 0; mt < (QREG ? MT : 1); ++mt)
+#pragma unroll
+            for (int kk = 0; kk < (QREG ? D / 16 : 1); ++kk)
+                ldm_x4(smem_u32(Qs + ((mt * WARPS + warp) * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8),
+                       qf[mt][kk][0], qf[mt][kk][1], qf[mt][kk][2], qf[mt][kk][3]);
+    }
 
     int stage = 0, cur_i = -1;
-    bool part0 = false, part1 = false;
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<TBK>(P, t, h, nx, RQ);
@@ -783,26 +802,43 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
 
         if (cur.i != cur_i) {
             cur_i = cur.i;
-            part0 = in0 && (((p0 - cur.a) % cur.r) == cur.o);
-            part1 = in1 && (((p1 - cur.a) % cur.r) == cur.o);
+#pragma unroll
+            for (int x = 0; x < 2 * MT; ++x) part[x] = rin[x] && (((rp[x] - cur.a) % cur.r) == cur.o);
         }
         const u16* kb = Ks + stage * TBK * LD;
         const u16* vb = Vs + stage * TBK * LD;
         const int* kp = kposS + stage * TBK;
         const int* ko = kokS + stage * TBK;
 
-        // S = Q Kᵀ (16 x 64 per warp).
-        float s[TBK / 8][4];
+        // S = Q Kᵀ (16·MT x 64 per warp): each K fragment feeds MT row tiles.
+        float s[MT][TBK / 8][4];
 #pragma unroll
-        for (int n = 0; n < TBK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int n = 0; n < TBK / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk += 2) {
+            u32 qa[MT][2][4];
+            if (!QREG) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+                        ldm_x4(smem_u32(Qs + ((mt * WARPS + warp) * 16 + (lane & 15)) * LD + (kk + j) * 16 +
+                                        (lane >> 4) * 8),
+                               qa[mt][j][0], qa[mt][j][1], qa[mt][j][2], qa[mt][j][3]);
+            }
 #pragma unroll
             for (int n = 0; n < TBK / 8; ++n) {
                 u32 b0, b1, b2, b3;
                 ldm_x4(smem_u32(kb + (n * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8), b0, b1, b2, b3);
-                Mma<T>::run(s[n], qf[kk], b0, b1);
-                Mma<T>::run(s[n], qf[kk + 1], b2, b3);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const u32* a0 = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : qa[mt][0];
+                    const u32* a1 = QREG ? qf[QREG ? mt : 0][QREG ? kk + 1 : 0] : qa[mt][1];
+                    Mma<T>::run(s[mt][n], a0, b0, b1);
+                    Mma<T>::run(s[mt][n], a1, b2, b3);
+                }
             }
         }
         // Mask (one uniform branch, branch-free inside), row max of the raw scores, then
@@ -811,9 +847,11 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
                                (P.causal && cur.a + cur.o + (cur.k0 + TBK - 1) * cur.r > cur.qmin);
         if (sl2 <= 0.f) {  // a non-positive scale: fold it in first so the max stays valid
 #pragma unroll
-            for (int n = 0; n < TBK / 8; ++n)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] *= sl2;
+                for (int n = 0; n < TBK / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[mt][n][e] *= sl2;
         }
         const float sm = sl2 > 0.f ? sl2 : 1.f;
         if (need_mask) {
@@ -823,62 +861,74 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
                 for (int j = 0; j < 2; ++j) {
                     const int col = n * 8 + (lane & 3) * 2 + j;
                     const int kok = ko[col], kpc = kp[col];
-                    const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
-                    const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
-                    s[n][j] = c0 ? s[n][j] : neg_inf();
-                    s[n][2 + j] = c1 ? s[n][2 + j] : neg_inf();
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        const bool c0 = part[2 * mt] & (kok != 0) & ((!P.causal) | (kpc <= rp[2 * mt]));
+                        const bool c1 = part[2 * mt + 1] & (kok != 0) & ((!P.causal) | (kpc <= rp[2 * mt + 1]));
+                        s[mt][n][j] = c0 ? s[mt][n][j] : neg_inf();
+                        s[mt][n][2 + j] = c1 ? s[mt][n][2 + j] : neg_inf();
+                    }
                 }
             }
         }
-        float mx0 = neg_inf(), mx1 = neg_inf();
 #pragma unroll
-        for (int n = 0; n < TBK / 8; ++n) {
-            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        float mn0 = fmaxf(m0, mx0 * sm), mn1 = fmaxf(m1, mx1 * sm);
-        float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
-        float al0 = ex2(m0 - mu0), al1 = ex2(m1 - mu1);
-        m0 = mn0;
-        m1 = mn1;
-        float rs0 = 0.f, rs1 = 0.f;
+        for (int mt = 0; mt < MT; ++mt) {
+            float mx0 = neg_inf(), mx1 = neg_inf();
 #pragma unroll
-        for (int n = 0; n < TBK / 8; ++n) {
-            s[n][0] = ex2(fmaf(s[n][0], sm, -mu0));
-            s[n][1] = ex2(fmaf(s[n][1], sm, -mu0));
-            s[n][2] = ex2(fmaf(s[n][2], sm, -mu1));
-            s[n][3] = ex2(fmaf(s[n][3], sm, -mu1));
-            rs0 += s[n][0] + s[n][1];
-            rs1 += s[n][2] + s[n][3];
-        }
-        l0 = l0 * al0 + rs0;
-        l1 = l1 * al1 + rs1;
+            for (int n = 0; n < TBK / 8; ++n) {
+                mx0 = fmaxf(mx0, fmaxf(s[mt][n][0], s[mt][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[mt][n][2], s[mt][n][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float mn0 = fmaxf(m[2 * mt], mx0 * sm), mn1 = fmaxf(m[2 * mt + 1], mx1 * sm);
+            const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+            const float al0 = ex2(m[2 * mt] - mu0), al1 = ex2(m[2 * mt + 1] - mu1);
+            m[2 * mt] = mn0;
+            m[2 * mt + 1] = mn1;
+            float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            oacc[n][0] *= al0;
-            oacc[n][1] *= al0;
-            oacc[n][2] *= al1;
-            oacc[n][3] *= al1;
+            for (int n = 0; n < TBK / 8; ++n) {
+                s[mt][n][0] = ex2(fmaf(s[mt][n][0], sm, -mu0));
+                s[mt][n][1] = ex2(fmaf(s[mt][n][1], sm, -mu0));
+                s[mt][n][2] = ex2(fmaf(s[mt][n][2], sm, -mu1));
+                s[mt][n][3] = ex2(fmaf(s[mt][n][3], sm, -mu1));
+                rs0 += s[mt][n][0] + s[mt][n][1];
+                rs1 += s[mt][n][2] + s[mt][n][3];
+            }
+            l[2 * mt] = l[2 * mt] * al0 + rs0;
+            l[2 * mt + 1] = l[2 * mt + 1] * al1 + rs1;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                oacc[mt][n][0] *= al0;
+                oacc[mt][n][1] *= al0;
+                oacc[mt][n][2] *= al1;
+                oacc[mt][n][3] *= al1;
+            }
         }
-        // O += P V.
+        // O += P V: each V fragment feeds MT row tiles.
 #pragma unroll
         for (int kc = 0; kc < TBK / 16; ++kc) {
-            u32 a[4];
-            a[0] = Mma<T>::pack(s[2 * kc][0], s[2 * kc][1]);
-            a[1] = Mma<T>::pack(s[2 * kc][2], s[2 * kc][3]);
-            a[2] = Mma<T>::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-            a[3] = Mma<T>::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = Mma<T>::pack(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                a[mt][1] = Mma<T>::pack(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                a[mt][2] = Mma<T>::pack(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                a[mt][3] = Mma<T>::pack(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+            }
 #pragma unroll
             for (int n = 0; n < D / 8; n += 2) {
                 u32 b0, b1, b2, b3;
                 ldm_x4_t(smem_u32(vb + (kc * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + n * 8 + (lane >> 4) * 8),
                          b0, b1, b2, b3);
-                Mma<T>::run(oacc[n], a, b0, b1);
-                Mma<T>::run(oacc[n + 1], a, b2, b3);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Mma<T>::run(oacc[mt][n], a[mt], b0, b1);
+                    Mma<T>::run(oacc[mt][n + 1], a[mt], b2, b3);
+                }
             }
         }
         __syncthreads();
@@ -888,27 +938,31 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     }
     cp_wait<0>();
 
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-    const float f0 = l0 > 0.f ? P.fac / l0 : 0.f, f1 = l1 > 0.f ? P.fac / l1 : 0.f;
+    const float ln2 = 0.6931471805599453f;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        int d = n * 8 + (lane & 3) * 2;
-        if (in0) {
-            u32 x = Mma<T>::pack(oacc[n][0] * f0, oacc[n][1] * f0);
-            *(u32*)(out + qidx(P, b, p0, h) + d) = x;
-        }
-        if (in1) {
-            u32 x = Mma<T>::pack(oacc[n][2] * f1, oacc[n][3] * f1);
-            *(u32*)(out + qidx(P, b, p1, h) + d) = x;
+    for (int x = 0; x < 2 * MT; ++x) {
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const float f0 = l[2 * mt] > 0.f ? P.fac / l[2 * mt] : 0.f;
+        const float f1 = l[2 * mt + 1] > 0.f ? P.fac / l[2 * mt + 1] : 0.f;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            const int d = n * 8 + (lane & 3) * 2;
+            if (rin[2 * mt])
+                *(u32*)(out + qidx(P, b, rp[2 * mt], h) + d) =
+                    Mma<T>::pack(oacc[mt][n][0] * f0, oacc[mt][n][1] * f0);
+            if (rin[2 * mt + 1])
+                *(u32*)(out + qidx(P, b, rp[2 * mt + 1], h) + d) =
+                    Mma<T>::pack(oacc[mt][n][2] * f1, oacc[mt][n][3] * f1);
         }
     }
     if ((lane & 3) == 0) {
-        const float ln2 = 0.6931471805599453f;
-        if (in0) lse[lidx(P, b, p0, h)] = l0 > 0.f ? m0 * ln2 + logf(l0) : neg_inf();
-        if (in1) lse[lidx(P, b, p1, h)] = l1 > 0.f ? m1 * ln2 + logf(l1) : neg_inf();
+#pragma unroll
+        for (int x = 0; x < 2 * MT; ++x)
+            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
     }
 }
 
@@ -1330,12 +1384,17 @@ GEN(f16, f16)
     extern "C" __global__ void __launch_bounds__(128)                                             \
         fwd_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
-        fwd_tc<T, D, 4>(P, q, k, v, mask, out, lse);                                              \
+        fwd_tc<T, D, 4, 1>(P, q, k, v, mask, out, lse);                                              \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                             \
         fwd_tc8_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
                              const unsigned char* mask, T* out, float* lse) {                     \
-        fwd_tc<T, D, 8>(P, q, k, v, mask, out, lse);                                              \
+        fwd_tc<T, D, 8, 1>(P, q, k, v, mask, out, lse);                                           \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        fwd_tc2_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, T* out, float* lse) {                     \
+        fwd_tc<T, D, 4, 2>(P, q, k, v, mask, out, lse);                                           \
     }
 
 #define TCB(T, NAME, D, BS)                                                                       \
