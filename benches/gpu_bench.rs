@@ -193,18 +193,17 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dense", n, causal, "-", "fwd", ms, fl);
-            dev.set_fwd_warps(8);
-            let ms = time_ms(&dev, a.quick, || {
-                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-            });
-            dev.set_fwd_warps(4);
-            emit("dense", n, causal, "-", "fwd8w", ms, fl);
-            dev.set_fwd_row_tiles(2);
-            let ms = time_ms(&dev, a.quick, || {
-                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-            });
+            // The other forward variants (one row tile per warp; 4 or 8 warps).
             dev.set_fwd_row_tiles(1);
-            emit("dense", n, causal, "-", "fwd2mt", ms, fl);
+            for w in [4u8, 8] {
+                dev.set_fwd_warps(w);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dense", n, causal, "-", &format!("fwd-{w}w16r"), ms, fl);
+            }
+            dev.set_fwd_warps(4);
+            dev.set_fwd_row_tiles(2);
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -238,18 +237,17 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dilated", n, false, cname, "fwd", ms, fl);
-            dev.set_fwd_warps(8);
-            let ms = time_ms(&dev, a.quick, || {
-                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-            });
-            dev.set_fwd_warps(4);
-            emit("dilated", n, false, cname, "fwd8w", ms, fl);
-            dev.set_fwd_row_tiles(2);
-            let ms = time_ms(&dev, a.quick, || {
-                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-            });
+            // The other forward variants (one row tile per warp; 4 or 8 warps).
             dev.set_fwd_row_tiles(1);
-            emit("dilated", n, false, cname, "fwd2mt", ms, fl);
+            for w in [4u8, 8] {
+                dev.set_fwd_warps(w);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dilated", n, false, cname, &format!("fwd-{w}w16r"), ms, fl);
+            }
+            dev.set_fwd_warps(4);
+            dev.set_fwd_row_tiles(2);
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
                 let ms = time_ms(&dev, a.quick, || {

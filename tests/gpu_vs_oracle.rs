@@ -155,7 +155,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     }
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_fwd_warps(4);
-    dev.set_fwd_row_tiles(1);
+    dev.set_fwd_row_tiles(2);
     worst
 }
 

@@ -148,7 +148,7 @@ impl Cuda {
             poison: AtomicBool::new(false),
             pref: AtomicU8::new(KernelPref::Auto as u8),
             fwd_warps: AtomicU8::new(4),
-            fwd_mt: AtomicU8::new(1),
+            fwd_mt: AtomicU8::new(2),
         })
     }
 
@@ -191,14 +191,15 @@ impl Cuda {
         }
     }
 
-    /// Warps per CTA of the tensor-core forward: 4 (64 query rows per CTA, the default)
-    /// or 8 (128 rows; each K/V tile is then shared by twice the queries).
+    /// Warps per CTA of the one-row-tile tensor-core forward (see `set_fwd_row_tiles`):
+    /// 4 (64 query rows per CTA, the default) or 8 (128 rows).
     pub fn set_fwd_warps(&self, warps: u8) {
         self.fwd_warps
             .store(if warps == 8 { 8 } else { 4 }, Ordering::Relaxed);
     }
-    /// Row tiles of 16 per warp in the tensor-core forward: 1 (default) or 2 (each K/V
-    /// fragment feeds two MMAs; 4 warps, 128 rows per CTA; `set_fwd_warps` is then ignored).
+    /// Row tiles of 16 per warp in the tensor-core forward: 2 (the default: each K/V
+    /// fragment feeds two MMAs; 4 warps, 128 rows per CTA; `set_fwd_warps` is then ignored)
+    /// or 1 (16 rows per warp, `set_fwd_warps` warps).
     pub fn set_fwd_row_tiles(&self, tiles: u8) {
         self.fwd_mt
             .store(if tiles == 2 { 2 } else { 1 }, Ordering::Relaxed);

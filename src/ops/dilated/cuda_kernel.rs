@@ -424,10 +424,10 @@ pub fn try_backward<E: CudaElement>(
     let tc = tensor_core_kernel::<E>(dev, plan).is_some();
     let d = dm.head_dim;
     // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
-    // shared memory = owner tiles (2 x 64 rows) + 2 stages x 2 streamed tiles, rows padded
-    // by 8 elements, + per-row metadata.
+    // shared memory = owner tiles (2 x 64 rows) + 3 stages x 2 streamed tiles, rows padded
+    // by 8 elements, + per-row metadata (up to 4 words x 3 stages).
     let bs = if d == 64 { 64 } else { 32 };
-    let tc_smem = (((2 * TC_ROWS + 4 * bs) * (d + 8)) * 2 + 8 * bs * 4) as u32;
+    let tc_smem = (((2 * TC_ROWS + 6 * bs) * (d + 8)) * 2 + 12 * bs * 4) as u32;
     let (suffix, rows) = if tc {
         (format!("tc_{}_{}", E::NAME, d), TC_ROWS)
     } else {

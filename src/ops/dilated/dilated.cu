@@ -1042,10 +1042,10 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Qs = (u16*)smem_raw;        // TBQ x LD
     u16* Os = Qs + TBQ * LD;         // TBQ x LD (dO)
-    u16* Ks = Os + TBQ * LD;         // 2 x BS x LD
-    u16* Vs = Ks + 2 * BS * LD;      // 2 x BS x LD
-    int* kposS = (int*)(Vs + 2 * BS * LD);
-    int* kokS = kposS + 2 * BS;
+    u16* Ks = Os + TBQ * LD;         // 3 x BS x LD
+    u16* Vs = Ks + 3 * BS * LD;      // 3 x BS x LD
+    int* kposS = (int*)(Vs + 3 * BS * LD);
+    int* kokS = kposS + 3 * BS;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, b = blockIdx.z;
@@ -1109,7 +1109,7 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<BS>(P, t, h, nx);
-        if (hn) load_kv(nx, stage ^ 1);
+        if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
         cp_commit();
         cp_wait<1>();
         __syncthreads();
@@ -1148,10 +1148,12 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
             }
         }
         mma_xb<T, D, BS>(acc, s, kb, lane);
-        __syncthreads();
+        // Three stages, prefetch distance one: the next iteration's load targets the
+        // stage read two iterations ago, which every warp has left (they all passed this
+        // iteration's barrier), so no trailing barrier is needed.
         cur = nx;
         have = hn;
-        stage ^= 1;
+        stage = stage == 2 ? 0 : stage + 1;
     }
     cp_wait<0>();
 #pragma unroll
@@ -1221,12 +1223,12 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Ks = (u16*)smem_raw;        // 64 x LD (owner)
     u16* Vs = Ks + TBQ * LD;         // 64 x LD (owner)
-    u16* Qs = Vs + TBQ * LD;         // 2 x BS x LD
-    u16* Os = Qs + 2 * BS * LD;      // 2 x BS x LD
-    float* Lq = (float*)(Os + 2 * BS * LD);  // 2 x BS (L · log2 e)
-    float* Dq = Lq + 2 * BS;                  // 2 x BS
-    int* qposS = (int*)(Dq + 2 * BS);         // 2 x BS
-    int* qokS = qposS + 2 * BS;               // 2 x BS
+    u16* Qs = Vs + TBQ * LD;         // 3 x BS x LD
+    u16* Os = Qs + 3 * BS * LD;      // 3 x BS x LD
+    float* Lq = (float*)(Os + 3 * BS * LD);  // 3 x BS (L · log2 e)
+    float* Dq = Lq + 3 * BS;                  // 3 x BS
+    int* qposS = (int*)(Dq + 3 * BS);         // 3 x BS
+    int* qokS = qposS + 3 * BS;               // 3 x BS
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = blockIdx.y, b = blockIdx.z;
@@ -1283,7 +1285,7 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
-        if (hn) load_q(nx, stage ^ 1);
+        if (hn) load_q(nx, stage == 2 ? 0 : stage + 1);
         cp_commit();
         cp_wait<1>();
         __syncthreads();
@@ -1326,10 +1328,10 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
         }
         mma_xb<T, D, BS>(adv, s, ob, lane);
         mma_xb<T, D, BS>(adk, dp, qb, lane);
-        __syncthreads();
+        // Three stages, prefetch distance one: no trailing barrier (see dq_tc).
         cur = nx;
         have = hn;
-        stage ^= 1;
+        stage = stage == 2 ? 0 : stage + 1;
     }
     cp_wait<0>();
 #pragma unroll
