@@ -193,8 +193,14 @@ def main():
     ours = json.load(open(a.ours))
     rows = []
     cache = {}
+    peer_ms = {}
     for rec in ours:
         n, causal = rec["n"], rec["causal"]
+        key = (rec["kind"], n, causal, rec["combine"], rec["pass"] == "fwdbwd")
+        if key in peer_ms:  # another variant of ours: same peer timing
+            ms, peer = peer_ms[key]
+            rows.append((rec, ms, rec["flops"] / (ms * 1e-3) / 1e12, peer))
+            continue
         if n not in cache:
             cache.clear()
             torch.cuda.empty_cache()
@@ -235,13 +241,14 @@ def main():
         except Exception as ex:  # out of memory at 1M, say
             print(f"peer failed for {rec}: {ex}")
             continue
+        peer_ms[key] = (ms, peer)
         peer_tf = rec["flops"] / (ms * 1e-3) / 1e12
         rows.append((rec, ms, peer_tf, peer))
     print()
-    print(f"{'config':44} {'ours ms':>9} {'peer ms':>9} {'ours TF':>8} {'peer TF':>8} {'ratio':>6} {'ours/GEMM':>9}")
+    print(f"{'config':58} {'ours ms':>9} {'peer ms':>9} {'ours TF':>8} {'peer TF':>8} {'ratio':>6} {'ours/GEMM':>9}")
     for rec, ms, ptf, peer in rows:
         name = f"{rec['kind']} n={rec['n']} c={int(rec['causal'])} {rec['combine']} {rec['pass']} vs {peer}"
-        print(f"{name:44} {rec['ms']:9.3f} {ms:9.3f} {rec['tflops']:8.1f} {ptf:8.1f} {rec['tflops'] / ptf:6.2f} {rec['tflops'] / ceiling:9.2f}")
+        print(f"{name:58} {rec['ms']:9.3f} {ms:9.3f} {rec['tflops']:8.1f} {ptf:8.1f} {rec['tflops'] / ptf:6.2f} {rec['tflops'] / ceiling:9.2f}")
 
 
 if __name__ == "__main__":
