@@ -88,6 +88,12 @@ __device__ __forceinline__ bool decode_tile(const Params& P, int x, int R, Tile&
     return true;
 }
 
+// Query-owner kernels under causal masking: later tiles have more keys, so launch them
+// first (longest-first order shortens the tail of the grid).
+__device__ __forceinline__ int heavy_first(const Params& P) {
+    return P.causal ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+}
+
 // Offset of head h in pattern i, or -1 if the head does not take part.
 __device__ __forceinline__ int pat_offset(const Params& P, int i, int h) {
     int w = P.w[i], r = P.r[i];
@@ -724,7 +730,7 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
-    if (!decode_tile(P, blockIdx.x, RQ, t)) return;
+    if (!decode_tile(P, heavy_first(P), RQ, t)) return;
     const int g = h / (P.H / P.Hkv);
 
     // Gather Q rows.
@@ -1050,7 +1056,7 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
-    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    if (!decode_tile(P, heavy_first(P), TBQ, t)) return;
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
     load_rows<D, 128, TBQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
