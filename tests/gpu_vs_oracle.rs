@@ -14,6 +14,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use common::*;
@@ -22,6 +23,9 @@ use dilated_attention::ops::reference;
 use dilated_attention::prelude::*;
 use dilated_attention::tensor::cuda::{Cuda, CudaElement, KernelPref};
 use proptest::prelude::*;
+
+/// Variant of the tensor-core dK/dV kernel the next checks use (`Cuda::set_bwd_variant`).
+static BWD: AtomicU8 = AtomicU8::new(0);
 
 const NEEDS_GPU: &str = "needs a CUDA GPU: run with --ignored on the GPU machine";
 
@@ -121,6 +125,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // warps = 2 stands for the 4-warp kernel with two row tiles per warp.
     dev.set_fwd_warps(warps);
     dev.set_fwd_row_tiles(if warps == 2 { 2 } else { 1 });
+    dev.set_bwd_variant(BWD.load(Ordering::Relaxed));
     let (qd, kd, vd) = (
         dev.htod(&qe).unwrap(),
         dev.htod(&ke).unwrap(),
@@ -156,6 +161,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
+    dev.set_bwd_variant(0);
     worst
 }
 
@@ -176,8 +182,9 @@ fn all_dtypes_w(case: &Case, pref: KernelPref, grads: bool, warps: u8) {
     let eb = check_w::<half::bf16>(case, pref, grads, warps);
     let eh = check_w::<half::f16>(case, pref, grads, warps);
     eprintln!(
-        "ok {:?}/{warps}w n={} d={} G={} {:?} causal={} mask={} grads={grads} : rel err f32 {e32:.1e} bf16 {eb:.1e} f16 {eh:.1e}",
+        "ok {:?}/{warps}w/bwd{} n={} d={} G={} {:?} causal={} mask={} grads={grads} : rel err f32 {e32:.1e} bf16 {eb:.1e} f16 {eh:.1e}",
         pref,
+        BWD.load(Ordering::Relaxed),
         case.dims.seq,
         case.dims.head_dim,
         case.schedule.len(),
@@ -227,7 +234,9 @@ proptest! {
     #[test]
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
+        BWD.store(((case.seed / 3) % 3) as u8, Ordering::Relaxed);
         all_dtypes_w(&case, KernelPref::Auto, true, [4, 8, 2][(case.seed % 3) as usize]);
+        BWD.store(0, Ordering::Relaxed);
     }
 }
 
@@ -261,7 +270,9 @@ fn longnet_schedule_matches_oracle() {
                     mask: None,
                     seed,
                 };
+                BWD.store((seed % 3) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 4);
+                BWD.store(0, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
             }
@@ -322,7 +333,11 @@ fn sanitizer_small() {
             mask: Some((0..n).map(|i| i % 5 != 0).collect()),
             seed: 3,
         };
-        all_dtypes(&case, KernelPref::Auto, true);
+        for bwd in 0..3 {
+            BWD.store(bwd, Ordering::Relaxed);
+            all_dtypes(&case, KernelPref::Auto, true);
+        }
+        BWD.store(0, Ordering::Relaxed);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
         all_dtypes(&case, KernelPref::Generic, true);

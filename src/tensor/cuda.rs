@@ -118,6 +118,7 @@ pub struct Cuda {
     pref: AtomicU8,
     fwd_warps: AtomicU8,
     fwd_mt: AtomicU8,
+    bwd_variant: AtomicU8,
 }
 
 impl Cuda {
@@ -149,6 +150,7 @@ impl Cuda {
             pref: AtomicU8::new(KernelPref::Auto as u8),
             fwd_warps: AtomicU8::new(4),
             fwd_mt: AtomicU8::new(2),
+            bwd_variant: AtomicU8::new(0),
         })
     }
 
@@ -191,6 +193,15 @@ impl Cuda {
         }
     }
 
+    /// Tensor-core `dK, dV` kernel: 0 (default: 4 warps, 64 key rows, streamed query tiles
+    /// of 32 rows for D = 128), 1 (streamed tiles of 64 rows), 2 (8 warps, 128 key rows).
+    pub fn set_bwd_variant(&self, v: u8) {
+        self.bwd_variant.store(v.min(2), Ordering::Relaxed);
+    }
+    /// The tensor-core `dK, dV` kernel variant.
+    pub fn bwd_variant(&self) -> u8 {
+        self.bwd_variant.load(Ordering::Relaxed)
+    }
     /// Warps per CTA of the one-row-tile tensor-core forward (see `set_fwd_row_tiles`):
     /// 4 (64 query rows per CTA, the default) or 8 (128 rows).
     pub fn set_fwd_warps(&self, warps: u8) {

@@ -457,12 +457,24 @@ pub fn try_backward<E: CudaElement>(
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
     }
     {
-        let name = format!("dkdv_{suffix}");
+        // dK, dV variants (tensor cores): (name prefix, owner rows, warps, streamed rows).
+        let (prefix, krows, warps, kbs) = match (tc, dev.bwd_variant()) {
+            (false, _) => ("dkdv", rows, 4, bs),
+            (true, 1) => ("dkdv_tc64", TC_ROWS, 4, 64),
+            (true, 2) => ("dkdv_tc8", 2 * TC_ROWS, 8, bs),
+            (true, _) => ("dkdv", TC_ROWS, 4, bs),
+        };
+        let name = if tc && prefix != "dkdv" {
+            format!("{prefix}_{}_{}", E::NAME, d)
+        } else {
+            format!("dkdv_{suffix}")
+        };
         let f = function(dev, &name)?;
-        let mut cfg = grid(plan, rows, dm.kv_heads)?;
+        let mut cfg = grid_t(plan, krows, dm.kv_heads, 32 * warps)?;
         if tc {
-            set_smem(&f, tc_smem)?;
-            cfg.shared_mem_bytes = tc_smem;
+            let smem = (((2 * krows + 6 * kbs) * (d + 8)) * 2 + 12 * kbs * 4) as u32;
+            set_smem(&f, smem)?;
+            cfg.shared_mem_bytes = smem;
         }
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)

@@ -1220,16 +1220,17 @@ __device__ __forceinline__ bool kv_next(const Params& P, const Tile& t, int g, i
     }
 }
 
-template <typename T, int D, int BS>
+template <typename T, int D, int BS, int WARPS>
 __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
     constexpr int LD = D + 8;
+    constexpr int RK = 16 * WARPS, NT = 32 * WARPS;  // owner key rows, threads
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* Ks = (u16*)smem_raw;        // 64 x LD (owner)
-    u16* Vs = Ks + TBQ * LD;         // 64 x LD (owner)
-    u16* Qs = Vs + TBQ * LD;         // 3 x BS x LD
+    u16* Vs = Ks + RK * LD;          // RK x LD (owner)
+    u16* Qs = Vs + RK * LD;          // 3 x BS x LD
     u16* Os = Qs + 3 * BS * LD;      // 3 x BS x LD
     float* Lq = (float*)(Os + 3 * BS * LD);  // 3 x BS (L · log2 e)
     float* Dq = Lq + 3 * BS;                  // 3 x BS
@@ -1239,19 +1240,19 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = blockIdx.y, b = blockIdx.z;
     Tile t;
-    if (!decode_tile(P, blockIdx.x, TBQ, t)) return;
+    if (!decode_tile(P, blockIdx.x, RK, t)) return;
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
-    load_rows<D, 128, TBQ>(smem_u32(Ks), k, t.cnt, kidx(P, b, t.base, g), krow, tid);
-    load_rows<D, 128, TBQ>(smem_u32(Vs), v, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows<D, NT, RK>(smem_u32(Ks), k, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows<D, NT, RK>(smem_u32(Vs), v, t.cnt, kidx(P, b, t.base, g), krow, tid);
     cp_commit();
     const float LOG2E = 1.4426950408889634f;
 
     auto load_q = [&](const KvState& st, int stage) {
         const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
         const long long step = (long long)st.r * P.H * P.D;
-        load_rows<D, 128, BS>(smem_u32(Qs + stage * BS * LD), q, st.m - st.q0, base, step, tid);
-        load_rows<D, 128, BS>(smem_u32(Os + stage * BS * LD), dout, st.m - st.q0, base, step, tid);
+        load_rows<D, NT, BS>(smem_u32(Qs + stage * BS * LD), q, st.m - st.q0, base, step, tid);
+        load_rows<D, NT, BS>(smem_u32(Os + stage * BS * LD), dout, st.m - st.q0, base, step, tid);
         if (tid < BS) {
             int jj = st.q0 + tid;
             int qp = st.a + st.o + jj * st.r;
@@ -1416,7 +1417,19 @@ GEN(f16, f16)
         dkdv_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv) {                                  \
-        dkdv_tc<T, D, BS>(P, q, k, v, mask, lse, dout, delta, dk, dv);                            \
+        dkdv_tc<T, D, BS, 4>(P, q, k, v, mask, lse, dout, delta, dk, dv);                         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                             \
+        dkdv_tc8_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, const float* lse, const T* dout,         \
+                              const float* delta, T* dk, T* dv) {                                 \
+        dkdv_tc<T, D, BS, 8>(P, q, k, v, mask, lse, dout, delta, dk, dv);                         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128)                                             \
+        dkdv_tc64_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                \
+                               const unsigned char* mask, const float* lse, const T* dout,        \
+                               const float* delta, T* dk, T* dv) {                                \
+        dkdv_tc<T, D, 64, 4>(P, q, k, v, mask, lse, dout, delta, dk, dv);                         \
     }
 
 TC(bf16, bf16, 64)
