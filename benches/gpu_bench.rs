@@ -210,7 +210,7 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 });
                 emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
-                for bv in [1u8, 2] {
+                for bv in [0u8, 1] {
                     dev.set_bwd_variant(bv);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -227,7 +227,7 @@ fn main() {
                         3.5 * fl,
                     );
                 }
-                dev.set_bwd_variant(0);
+                dev.set_bwd_variant(2);
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
                 dump(&dev, dir, "dense", &plan, &q, &k, &v);

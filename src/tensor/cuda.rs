@@ -150,7 +150,7 @@ impl Cuda {
             pref: AtomicU8::new(KernelPref::Auto as u8),
             fwd_warps: AtomicU8::new(4),
             fwd_mt: AtomicU8::new(2),
-            bwd_variant: AtomicU8::new(0),
+            bwd_variant: AtomicU8::new(2),
         })
     }
 
@@ -193,8 +193,9 @@ impl Cuda {
         }
     }
 
-    /// Tensor-core `dK, dV` kernel: 0 (default: 4 warps, 64 key rows, streamed query tiles
-    /// of 32 rows for D = 128), 1 (streamed tiles of 64 rows), 2 (8 warps, 128 key rows).
+    /// Tensor-core `dK, dV` kernel: 2 (the default: 8 warps, 128 key rows per CTA, each
+    /// streamed query tile shared by twice the keys), 0 (4 warps, 64 key rows; streamed
+    /// query tiles of 32 rows for D = 128), 1 (4 warps, streamed tiles of 64 rows).
     pub fn set_bwd_variant(&self, v: u8) {
         self.bwd_variant.store(v.min(2), Ordering::Relaxed);
     }

@@ -506,6 +506,9 @@ impl crate::ops::dilated::DilatedKernel<f32> for Cuda {
         out: &mut [f32],
         lse: &mut [f32],
     ) -> Result<()> {
+        plan.check_inputs(q.len(), k.len(), v.len(), mask.map(<[bool]>::len))?;
+        check_len("out", plan.dims().q_len(), out.len())?;
+        check_len("lse", plan.dims().lse_len(), lse.len())?;
         let (qd, kd, vd) = (self.htod(q)?, self.htod(k)?, self.htod(v)?);
         let md = mask_to_device(self, mask)?;
         let f = try_forward(self, plan, &qd, &kd, &vd, md.as_ref())?;
@@ -526,6 +529,10 @@ impl crate::ops::dilated::DilatedKernel<f32> for Cuda {
         grad_out: &[f32],
         grads: &mut crate::ops::dilated::Grads<f32>,
     ) -> Result<()> {
+        let dm = plan.dims();
+        check_len("dq", dm.q_len(), grads.dq.len())?;
+        check_len("dk", dm.kv_len(), grads.dk.len())?;
+        check_len("dv", dm.kv_len(), grads.dv.len())?;
         let (qd, kd, vd) = (self.htod(q)?, self.htod(k)?, self.htod(v)?);
         let (od, ld, gd) = (self.htod(out)?, self.htod(lse)?, self.htod(grad_out)?);
         let md = mask_to_device(self, mask)?;
