@@ -147,6 +147,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
         &to64(&out),
         &want.out,
         rel,
+        case.dims.head_dim,
         case,
     );
     check_lse(&lse, &want.lse, lse_tol, case);
