@@ -228,6 +228,13 @@ fn main() {
                     );
                 }
                 dev.set_bwd_variant(2);
+                dev.set_dq_warps(4);
+                let ms = time_ms(&dev, a.quick, || {
+                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
+                });
+                emit("dense", n, causal, "-", "fwdbwd-dq4w", ms, 3.5 * fl);
+                dev.set_dq_warps(8);
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
                 dump(&dev, dir, "dense", &plan, &q, &k, &v);

@@ -24,7 +24,8 @@ use dilated_attention::prelude::*;
 use dilated_attention::tensor::cuda::{Cuda, CudaElement, KernelPref};
 use proptest::prelude::*;
 
-/// Variant of the tensor-core dK/dV kernel the next checks use (`Cuda::set_bwd_variant`).
+/// Backward variant the next checks use: `v % 3` is the tensor-core dK/dV kernel
+/// (`Cuda::set_bwd_variant`), `v >= 3` runs dQ on 4 warps instead of 8.
 static BWD: AtomicU8 = AtomicU8::new(2);
 
 const NEEDS_GPU: &str = "needs a CUDA GPU: run with --ignored on the GPU machine";
@@ -132,7 +133,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // warps = 2 stands for the 4-warp kernel with two row tiles per warp.
     dev.set_fwd_warps(warps);
     dev.set_fwd_row_tiles(if warps == 2 { 2 } else { 1 });
-    dev.set_bwd_variant(BWD.load(Ordering::Relaxed));
+    let bwd = BWD.load(Ordering::Relaxed);
+    dev.set_bwd_variant(bwd % 3);
+    dev.set_dq_warps(if bwd >= 3 { 4 } else { 8 });
     let (qd, kd, vd) = (
         dev.htod(&qe).unwrap(),
         dev.htod(&ke).unwrap(),
@@ -177,6 +180,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
+    dev.set_dq_warps(8);
     worst
 }
 
@@ -249,7 +253,7 @@ proptest! {
     #[test]
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
-        BWD.store(((case.seed / 3) % 3) as u8, Ordering::Relaxed);
+        BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
         all_dtypes_w(&case, KernelPref::Auto, true, [4, 8, 2][(case.seed % 3) as usize]);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -285,7 +289,7 @@ fn longnet_schedule_matches_oracle() {
                     mask: None,
                     seed,
                 };
-                BWD.store((seed % 3) as u8, Ordering::Relaxed);
+                BWD.store((seed % 6) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 4);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
@@ -348,7 +352,7 @@ fn sanitizer_small() {
             mask: Some((0..n).map(|i| i % 5 != 0).collect()),
             seed: 3,
         };
-        for bwd in 0..3 {
+        for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes(&case, KernelPref::Auto, true);
         }

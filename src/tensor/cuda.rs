@@ -119,6 +119,7 @@ pub struct Cuda {
     fwd_warps: AtomicU8,
     fwd_mt: AtomicU8,
     bwd_variant: AtomicU8,
+    dq_warps: AtomicU8,
 }
 
 impl Cuda {
@@ -151,6 +152,7 @@ impl Cuda {
             fwd_warps: AtomicU8::new(4),
             fwd_mt: AtomicU8::new(2),
             bwd_variant: AtomicU8::new(2),
+            dq_warps: AtomicU8::new(8),
         })
     }
 
@@ -198,6 +200,16 @@ impl Cuda {
     /// query tiles of 32 rows for D = 128), 1 (4 warps, streamed tiles of 64 rows).
     pub fn set_bwd_variant(&self, v: u8) {
         self.bwd_variant.store(v.min(2), Ordering::Relaxed);
+    }
+    /// Warps per CTA of the tensor-core `dQ` kernel: 8 (the default: 128 query rows per
+    /// CTA) or 4 (64 rows).
+    pub fn set_dq_warps(&self, warps: u8) {
+        self.dq_warps
+            .store(if warps == 4 { 4 } else { 8 }, Ordering::Relaxed);
+    }
+    /// Warps per CTA of the tensor-core `dQ` kernel.
+    pub fn dq_warps(&self) -> u8 {
+        self.dq_warps.load(Ordering::Relaxed)
     }
     /// The tensor-core `dK, dV` kernel variant.
     pub fn bwd_variant(&self) -> u8 {

@@ -424,22 +424,28 @@ pub fn try_backward<E: CudaElement>(
     let tc = tensor_core_kernel::<E>(dev, plan).is_some();
     let d = dm.head_dim;
     // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
-    // shared memory = owner tiles (2 x 64 rows) + 3 stages x 2 streamed tiles, rows padded
-    // by 8 elements, + per-row metadata (up to 4 words x 3 stages).
+    // shared memory = owner tiles (2 x owner rows) + 3 stages x 2 streamed tiles, rows
+    // padded by 8 elements, + per-row metadata (up to 4 words x 3 stages).
     let bs = if d == 64 { 64 } else { 32 };
-    let tc_smem = (((2 * TC_ROWS + 6 * bs) * (d + 8)) * 2 + 12 * bs * 4) as u32;
     let (suffix, rows) = if tc {
         (format!("tc_{}_{}", E::NAME, d), TC_ROWS)
     } else {
         (format!("generic_{}", E::NAME), GENERIC_ROWS)
     };
     {
-        let name = format!("dq_{suffix}");
+        let qwarps = if tc { dev.dq_warps() as usize } else { 4 };
+        let name = if qwarps == 8 {
+            format!("dq_tc8_{}_{}", E::NAME, d)
+        } else {
+            format!("dq_{suffix}")
+        };
+        let qrows = if tc { 16 * qwarps } else { rows };
         let f = function(dev, &name)?;
-        let mut cfg = grid(plan, rows, dm.heads)?;
+        let mut cfg = grid_t(plan, qrows, dm.heads, 32 * qwarps as u32)?;
         if tc {
-            set_smem(&f, tc_smem)?;
-            cfg.shared_mem_bytes = tc_smem;
+            let smem = (((2 * qrows + 6 * bs) * (d + 8)) * 2 + 12 * bs * 4) as u32;
+            set_smem(&f, smem)?;
+            cfg.shared_mem_bytes = smem;
         }
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)

@@ -1039,16 +1039,17 @@ __device__ __forceinline__ void mma_xb(float (*acc)[4], const float (*x)[4], con
     }
 }
 
-template <typename T, int D, int BS>
+template <typename T, int D, int BS, int WARPS>
 __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
                       const float* __restrict__ lse, const T* __restrict__ dout,
                       const float* __restrict__ delta, T* __restrict__ dq) {
     constexpr int LD = D + 8;
+    constexpr int RQ = 16 * WARPS, NT = 32 * WARPS;  // owner query rows, threads
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    u16* Qs = (u16*)smem_raw;        // TBQ x LD
-    u16* Os = Qs + TBQ * LD;         // TBQ x LD (dO)
-    u16* Ks = Os + TBQ * LD;         // 3 x BS x LD
+    u16* Qs = (u16*)smem_raw;        // RQ x LD
+    u16* Os = Qs + RQ * LD;          // RQ x LD (dO)
+    u16* Ks = Os + RQ * LD;          // 3 x BS x LD
     u16* Vs = Ks + 3 * BS * LD;      // 3 x BS x LD
     int* kposS = (int*)(Vs + 3 * BS * LD);
     int* kokS = kposS + 3 * BS;
@@ -1056,18 +1057,18 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
-    if (!decode_tile(P, heavy_first(P), TBQ, t)) return;
+    if (!decode_tile(P, heavy_first(P), RQ, t)) return;
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
-    load_rows<D, 128, TBQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
-    load_rows<D, 128, TBQ>(smem_u32(Os), dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows<D, NT, RQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows<D, NT, RQ>(smem_u32(Os), dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
     cp_commit();
 
     auto load_kv = [&](const PatState& st, int stage) {
         const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
         const long long step = (long long)st.r * P.Hkv * P.D;
-        load_rows<D, 128, BS>(smem_u32(Ks + stage * BS * LD), k, st.m - st.k0, base, step, tid);
-        load_rows<D, 128, BS>(smem_u32(Vs + stage * BS * LD), v, st.m - st.k0, base, step, tid);
+        load_rows<D, NT, BS>(smem_u32(Ks + stage * BS * LD), k, st.m - st.k0, base, step, tid);
+        load_rows<D, NT, BS>(smem_u32(Vs + stage * BS * LD), v, st.m - st.k0, base, step, tid);
         if (tid < BS) {
             int jj = st.k0 + tid;
             int kp = st.a + st.o + jj * st.r;
@@ -1094,7 +1095,7 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     cur.i = -1;
     cur.m = 0;
     cur.k0 = 0;
-    bool have = tc_next<BS>(P, t, h, cur);
+    bool have = tc_next<BS>(P, t, h, cur, RQ);
     if (have) load_kv(cur, 0);
     cp_commit();
 
@@ -1114,7 +1115,7 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     float d0 = 0.f, d1 = 0.f;
     while (have) {
         PatState nx = cur;
-        bool hn = tc_next<BS>(P, t, h, nx);
+        bool hn = tc_next<BS>(P, t, h, nx, RQ);
         if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
         cp_commit();
         cp_wait<1>();
@@ -1411,7 +1412,13 @@ GEN(f16, f16)
         dq_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
                            const unsigned char* mask, const float* lse, const T* dout,            \
                            const float* delta, T* dq) {                                           \
-        dq_tc<T, D, BS>(P, q, k, v, mask, lse, dout, delta, dq);                                  \
+        dq_tc<T, D, BS, 4>(P, q, k, v, mask, lse, dout, delta, dq);                               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256)                                             \
+        dq_tc8_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, const float* lse, const T* dout,           \
+                            const float* delta, T* dq) {                                          \
+        dq_tc<T, D, BS, 8>(P, q, k, v, mask, lse, dout, delta, dq);                               \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(128)                                             \
         dkdv_tc_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
