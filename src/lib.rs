@@ -43,6 +43,10 @@
 //! * `nccl`: `ring::NcclComm`, the NCCL backend of [`ring::RingComm`] (one GPU per rank;
 //!   CUDA and NCCL are loaded at run time, so the crate still builds without them and
 //!   construction returns `Err` where they are missing).
+//! * `cuda`: the CUDA backend ([`tensor::cuda::Cuda`], `ops::dilated::cuda`), NVRTC
+//!   kernels loaded at run time through cudarc's dynamic loading — the crate still builds
+//!   and runs its CPU path where no CUDA is installed; a missing driver or GPU is an
+//!   [`Error::Device`] at run time.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -58,6 +62,8 @@ pub use dfdx::tensor::Cpu;
 pub use dtype::Element;
 pub use error::{Error, Result};
 pub use shape::{Combine, Dims, Options, Pattern, Plan};
+#[cfg(feature = "cuda")]
+pub use tensor::cuda::{Cuda, CudaElement, CudaTensor};
 pub use tensor::DilatedAttention;
 
 /// Everything a user needs in one import.

@@ -199,6 +199,35 @@ pub fn backward(
     mask: Option<&[bool]>,
     grad_out: &[f64],
 ) -> Result<Grads<f64>> {
+    backward_impl(plan, q, k, v, mask, grad_out, None)
+}
+
+/// [`backward`] with `Δ = dO · out` taken from a *saved* output `out` `(B, N, H, D)` (for
+/// example a kernel's output rounded to bf16) instead of the exact one — the contract of a
+/// backward "from saved output and L", as FlashAttention computes it. Everything else is
+/// exact. With `detach_weights` the per-pattern `Δ_i` do not use `out` and are exact.
+pub fn backward_from_saved(
+    plan: &Plan,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    mask: Option<&[bool]>,
+    grad_out: &[f64],
+    out: &[f64],
+) -> Result<Grads<f64>> {
+    crate::shape::check_len("out", plan.dims().q_len(), out.len())?;
+    backward_impl(plan, q, k, v, mask, grad_out, Some(out))
+}
+
+fn backward_impl(
+    plan: &Plan,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    mask: Option<&[bool]>,
+    grad_out: &[f64],
+    saved_out: Option<&[f64]>,
+) -> Result<Grads<f64>> {
     plan.check_inputs(q.len(), k.len(), v.len(), mask.map(<[bool]>::len))?;
     crate::shape::check_len("grad_out", plan.dims().q_len(), grad_out.len())?;
     let fwd = forward(plan, q, k, v, mask)?;
@@ -223,7 +252,7 @@ pub fn backward(
                 let g = h / dm.group();
                 let qi = ix.q(b, p, h);
                 let d_o = &grad_out[qi..qi + d];
-                let out_p = &fwd.out[qi..qi + d];
+                let out_p = &saved_out.unwrap_or(&fwd.out)[qi..qi + d];
                 let big_l = fwd.lse[(b * dm.seq + p) * dm.heads + h];
                 if big_l == f64::NEG_INFINITY {
                     continue;
@@ -241,6 +270,9 @@ pub fn backward(
                             (big_l, 1.0, dot(d_o, &out_i))
                         }
                         Combine::Lse => (big_l, 1.0, dot(d_o, out_p)),
+                        Combine::HeadGroups if saved_out.is_some() => {
+                            (lse_i, 1.0 / gcount, dot(d_o, out_p))
+                        }
                         Combine::HeadGroups => (lse_i, 1.0 / gcount, dot(d_o, &out_i) / gcount),
                     };
                     for (j, &kk) in keys.iter().enumerate() {

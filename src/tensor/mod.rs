@@ -18,6 +18,9 @@
 //! assert_eq!(lse.shape().1, Const::<64>);
 //! ```
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 use std::marker::PhantomData;
 
 use dfdx::shapes::{Const, Dim, Dtype, HasShape};
@@ -211,7 +214,7 @@ impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
     }
 }
 
-fn check_batch(b: usize, others: &[usize], mask: Option<usize>) -> Result<()> {
+pub(crate) fn check_batch(b: usize, others: &[usize], mask: Option<usize>) -> Result<()> {
     for &o in others.iter().chain(mask.iter()) {
         if o != b {
             return Err(crate::Error::LengthMismatch {

@@ -26,6 +26,22 @@
 pub(crate) mod cpu_kernel;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod cpu_simd;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_kernel;
+
+/// The same API on the GPU (feature `cuda`): device buffers in, device buffers out.
+///
+/// `try_forward(&dev, &plan, &q, &k, &v, mask)` returns `out` `(batch, seq, heads, dim)`
+/// and `L` `(batch, seq, heads)` (always `f32`); `try_backward` takes the saved `out` and
+/// `L` and returns `dq`, `dk`, `dv`. Elements: `f32`, `half::f16`, `half::bf16`. The mask
+/// is `(batch, seq)` bytes, nonzero = attend. Design notes: `CUDA.md` in this folder.
+#[cfg(feature = "cuda")]
+pub mod cuda {
+    pub use super::cuda_kernel::{
+        mask_to_device, tensor_core_kernel, try_backward, try_forward, warm_up, CudaForward,
+        CudaGrads, MAX_HEAD_DIM, MAX_PATTERNS,
+    };
+}
 
 use crate::dtype::Element;
 use crate::error::Result;

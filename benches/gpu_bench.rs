@@ -1,0 +1,332 @@
+//! GPU benchmark (feature `cuda`): bf16, H = 16, D = 128, CUDA-event timing, median of
+//! several runs after warm-up, random normal inputs.
+//!
+//! * dense attention (schedule `[(N, 1)]`), N = 16K, 64K, causal or not: forward and
+//!   forward + backward;
+//! * dilated attention, schedule `[(2048,1),(4096,2),(8192,4),(16384,8)]`, N = 16K … 1M,
+//!   head-group combine and LSE combine: forward.
+//!
+//! FLOPs: forward `4·D` per attended (query, key) pair (`Plan::attended_pairs`, causal
+//! halves), backward 2.5× forward. Writes one JSON record per measurement to `--json FILE`
+//! and, with `--check-dir DIR`, the inputs and outputs of three small configurations for
+//! the PyTorch peers (`benches/peers/torch_dilated.py`), which check their own output
+//! against ours before timing and print the ratios.
+//!
+//! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick]`
+
+use std::io::Write;
+
+use cudarc::driver::CudaSlice;
+use dilated_attention::ops::dilated::cuda as gpu;
+use dilated_attention::prelude::*;
+use dilated_attention::tensor::cuda::Cuda;
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+const H: usize = 16;
+const D: usize = 128;
+
+struct Args {
+    json: Option<String>,
+    check_dir: Option<String>,
+    quick: bool,
+    max_n: usize,
+    bwd: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        json: None,
+        check_dir: None,
+        quick: false,
+        max_n: 1 << 20,
+        bwd: true,
+    };
+    let v: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < v.len() {
+        match v[i].as_str() {
+            "--json" => {
+                a.json = v.get(i + 1).cloned();
+                i += 1;
+            }
+            "--check-dir" => {
+                a.check_dir = v.get(i + 1).cloned();
+                i += 1;
+            }
+            "--max-n" => {
+                a.max_n = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(a.max_n);
+                i += 1;
+            }
+            "--quick" => a.quick = true,
+            "--no-bwd" => a.bwd = false,
+            _ => {} // cargo bench passes --bench
+        }
+        i += 1;
+    }
+    a
+}
+
+/// A device buffer of `len` random normal bf16 values (a random 16M-element block repeated;
+/// the period is far larger than L2).
+fn rand_buf(dev: &Cuda, len: usize, seed: u64) -> CudaSlice<bf16> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let chunk: Vec<bf16> = (0..len.min(1 << 24))
+        .map(|_| bf16::from_f32(rng.sample::<f32, _>(StandardNormal)))
+        .collect();
+    // SAFETY: every element is written by the copies below before any read.
+    let mut buf = unsafe { dev.stream().alloc::<bf16>(len) }.unwrap();
+    let mut off = 0;
+    while off < len {
+        let n = chunk.len().min(len - off);
+        let mut view = buf.slice_mut(off..off + n);
+        dev.stream().memcpy_htod(&chunk[..n], &mut view).unwrap();
+        off += n;
+    }
+    buf
+}
+
+/// Median milliseconds of `f` over CUDA events, after warm-up.
+fn time_ms(dev: &Cuda, quick: bool, mut f: impl FnMut()) -> f64 {
+    use cudarc::driver::sys::CUevent_flags;
+    let ev = || {
+        dev.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap()
+    };
+    let once = || {
+        let (s, e) = (ev(), ev());
+        s.record(dev.stream()).unwrap();
+        (s, e)
+    };
+    // Warm-up, and a first estimate to choose the repetitions.
+    f();
+    dev.synchronize().unwrap();
+    let (s, e) = once();
+    f();
+    e.record(dev.stream()).unwrap();
+    let first = s.elapsed_ms(&e).unwrap() as f64;
+    let reps = if quick || first > 500.0 {
+        2
+    } else if first > 50.0 {
+        5
+    } else {
+        15
+    };
+    let mut ts = vec![first];
+    for _ in 0..reps {
+        let (s, e) = once();
+        f();
+        e.record(dev.stream()).unwrap();
+        ts.push(s.elapsed_ms(&e).unwrap() as f64);
+    }
+    ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    ts[ts.len() / 2]
+}
+
+fn longnet4() -> Vec<Pattern> {
+    vec![
+        Pattern::new(2048, 1),
+        Pattern::new(4096, 2),
+        Pattern::new(8192, 4),
+        Pattern::new(16384, 8),
+    ]
+}
+
+fn write_raw<T: Copy>(path: &str, data: &[T]) {
+    // SAFETY: T is a plain numeric type (bf16 / f32); viewing it as bytes is sound.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+    };
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn main() {
+    let a = args();
+    let dev = match Cuda::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("gpu_bench skipped: {e}");
+            return;
+        }
+    };
+    let name = dev.name().unwrap_or_default();
+    println!("device: {name}");
+    gpu::warm_up(&dev).unwrap();
+    let mut recs: Vec<String> = Vec::new();
+    let mut emit = |kind: &str,
+                    n: usize,
+                    causal: bool,
+                    combine: &str,
+                    pass: &str,
+                    ms: f64,
+                    flops: f64| {
+        let tf = flops / (ms * 1e-3) / 1e12;
+        println!(
+            "{kind:8} n={n:8} causal={causal:5} combine={combine:10} {pass:7} {ms:10.3} ms {tf:8.1} TFLOP/s"
+        );
+        recs.push(format!(
+            "{{\"kind\":\"{kind}\",\"n\":{n},\"causal\":{causal},\"combine\":\"{combine}\",\"pass\":\"{pass}\",\"ms\":{ms},\"tflops\":{tf},\"flops\":{flops},\"device\":\"{name}\"}}"
+        ));
+    };
+
+    // Dense.
+    for &n in &[16384usize, 65536] {
+        if n > a.max_n {
+            continue;
+        }
+        let q = rand_buf(&dev, n * H * D, 1);
+        let k = rand_buf(&dev, n * H * D, 2);
+        let v = rand_buf(&dev, n * H * D, 3);
+        let go = rand_buf(&dev, n * H * D, 4);
+        for causal in [false, true] {
+            let plan = Plan::new(
+                Dims::mha(1, n, H, D),
+                &[Pattern::new(n, 1)],
+                Options::default().causal(causal),
+            )
+            .unwrap();
+            let fl = 4.0 * plan.attended_pairs() as f64 * D as f64;
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            emit("dense", n, causal, "-", "fwd", ms, fl);
+            // The other forward variants (one row tile per warp; 4 or 8 warps).
+            dev.set_fwd_row_tiles(1);
+            for w in [4u8, 8] {
+                dev.set_fwd_warps(w);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dense", n, causal, "-", &format!("fwd-{w}w16r"), ms, fl);
+            }
+            dev.set_fwd_warps(4);
+            dev.set_fwd_row_tiles(2);
+            if a.bwd {
+                let ms = time_ms(&dev, a.quick, || {
+                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
+                });
+                emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
+                for bv in [0u8, 1] {
+                    dev.set_bwd_variant(bv);
+                    let ms = time_ms(&dev, a.quick, || {
+                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
+                            .unwrap();
+                    });
+                    emit(
+                        "dense",
+                        n,
+                        causal,
+                        "-",
+                        &format!("fwdbwd-v{bv}"),
+                        ms,
+                        3.5 * fl,
+                    );
+                }
+                dev.set_bwd_variant(2);
+                dev.set_dq_warps(4);
+                let ms = time_ms(&dev, a.quick, || {
+                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
+                });
+                emit("dense", n, causal, "-", "fwdbwd-dq4w", ms, 3.5 * fl);
+                dev.set_dq_warps(8);
+            }
+            if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
+                dump(&dev, dir, "dense", &plan, &q, &k, &v);
+            }
+        }
+    }
+
+    // Dilated.
+    for &n in &[16384usize, 65536, 262144, 1 << 20] {
+        if n > a.max_n {
+            continue;
+        }
+        let q = rand_buf(&dev, n * H * D, 5);
+        let k = rand_buf(&dev, n * H * D, 6);
+        let v = rand_buf(&dev, n * H * D, 7);
+        for (combine, cname) in [(Combine::HeadGroups, "headgroups"), (Combine::Lse, "lse")] {
+            let plan = Plan::new(
+                Dims::mha(1, n, H, D),
+                &longnet4(),
+                Options::default().combine(combine),
+            )
+            .unwrap();
+            let fl = 4.0 * plan.attended_pairs() as f64 * D as f64;
+            let ms = time_ms(&dev, a.quick, || {
+                gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            });
+            emit("dilated", n, false, cname, "fwd", ms, fl);
+            // The other forward variants (one row tile per warp; 4 or 8 warps).
+            dev.set_fwd_row_tiles(1);
+            for w in [4u8, 8] {
+                dev.set_fwd_warps(w);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dilated", n, false, cname, &format!("fwd-{w}w16r"), ms, fl);
+            }
+            dev.set_fwd_warps(4);
+            dev.set_fwd_row_tiles(2);
+            if a.bwd && n <= 65536 {
+                let go = &q; // any random tensor of the right shape
+                let ms = time_ms(&dev, a.quick, || {
+                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
+                });
+                emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
+            }
+            if let (Some(dir), 16384) = (&a.check_dir, n) {
+                dump(&dev, dir, &format!("dilated_{cname}"), &plan, &q, &k, &v);
+            }
+        }
+    }
+
+    if let Some(path) = &a.json {
+        let mut f = std::fs::File::create(path).unwrap();
+        writeln!(f, "[\n{}\n]", recs.join(",\n")).unwrap();
+        println!("wrote {path}");
+    }
+}
+
+/// Inputs and our outputs of one configuration, for the peers' own check.
+fn dump(
+    dev: &Cuda,
+    dir: &str,
+    tag: &str,
+    plan: &Plan,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let f = gpu::try_forward(dev, plan, q, k, v, None).unwrap();
+    for (name, buf) in [("q", q), ("k", k), ("v", v), ("out", &f.out)] {
+        write_raw(&format!("{dir}/{tag}_{name}.bin"), &dev.dtoh(buf).unwrap());
+    }
+    write_raw(&format!("{dir}/{tag}_lse.bin"), &dev.dtoh(&f.lse).unwrap());
+    let dm = plan.dims();
+    let pats: Vec<String> = plan
+        .patterns()
+        .iter()
+        .map(|p| format!("[{},{}]", p.segment, p.dilation))
+        .collect();
+    std::fs::write(
+        format!("{dir}/{tag}.json"),
+        format!(
+            "{{\"n\":{},\"h\":{},\"d\":{},\"causal\":{},\"combine\":\"{:?}\",\"schedule\":[{}]}}",
+            dm.seq,
+            dm.heads,
+            dm.head_dim,
+            plan.options().causal,
+            plan.options().combine,
+            pats.join(",")
+        ),
+    )
+    .unwrap();
+}

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, over the folder staged by
+# scripts/gpu_check.sh (.gpu/): GPU tests against the oracle, compute-sanitizer memcheck and
+# racecheck, the bench, then the PyTorch peers (same call, ratios printed last).
+# Usage: bash .gpu/run_all.sh [tests] [sanitize] [bench] [peers] [quick]   (default: all)
+# Logs go to $OUT (or /tmp/gpu_out).
+set -u
+G=.gpu
+O=${OUT:-/tmp/gpu_out}
+mkdir -p "$O"
+export PYTHONUNBUFFERED=1
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+stages=" ${*:-all} "
+has() { [[ "$stages" == *" $1 "* || "$stages" == *" all "* ]]; }
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee "$O/gpu.txt"
+QUICK=""
+if has quick; then QUICK="--quick"; fi
+
+if has tests; then
+  echo "== tests: every kernel vs the float64 oracle"
+  "$G/gpu_vs_oracle" --ignored --test-threads=1 > "$O/tests.log" 2>&1
+  echo "tests exit $?"
+  grep -E "^test |test result|panicked|GPU:" "$O/tests.log" | tail -20
+  grep -E "^ok " "$O/tests.log" | awk '{print $2}' | sort | uniq -c
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool (sanitizer_small)"
+    "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact sanitizer_small > "$O/$tool.log" 2>&1
+    echo "$tool exit $?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Error|error" "$O/$tool.log" | head -8
+  done
+fi
+if has bench; then
+  echo "== bench (ours)"
+  rm -rf /tmp/dilated_check
+  "$G/gpu_bench" --json /tmp/ours.json --check-dir /tmp/dilated_check $QUICK ${BENCH_ARGS:-} 2>&1 | tee "$O/bench.log"
+  cp /tmp/ours.json "$O/ours.json" 2>/dev/null
+fi
+if has peers; then
+  echo "== peers (PyTorch)"
+  python3 "$G/torch_dilated.py" --ours /tmp/ours.json --check-dir /tmp/dilated_check 2>&1 | tee "$O/peers.log" | tail -30
+fi

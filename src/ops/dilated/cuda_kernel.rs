@@ -1,0 +1,557 @@
+//! The CUDA kernels of dilated attention: NVRTC compilation, module cache, launches.
+//!
+//! The design note is `CUDA.md` beside this file; the kernels are in `dilated.cu`.
+//! Public entry points: [`try_forward`] and [`try_backward`] on device buffers, re-exported
+//! as `ops::dilated::cuda`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::CompileOptions;
+
+use crate::error::{Error, Result};
+use crate::shape::{check_len, Combine, Plan};
+use crate::tensor::cuda::{dev_err, Cuda, CudaElement, KernelPref};
+
+/// The kernel source, compiled by NVRTC once per device.
+pub(crate) const SRC: &str = include_str!("dilated.cu");
+
+/// Most patterns a schedule may have on the GPU (size of the arrays in `Params`).
+pub const MAX_PATTERNS: usize = 16;
+/// Largest head dim of the generic kernels.
+pub const MAX_HEAD_DIM: usize = 128;
+
+const THREADS: u32 = 128;
+/// Owner-tile rows of the generic kernels (`GR` in the .cu).
+const GENERIC_ROWS: usize = 16;
+/// Query rows of the tensor-core forward (`TBQ` in the .cu).
+const TC_ROWS: usize = 64;
+
+/// Kernel parameters, mirrored field by field by `struct Params` in `dilated.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Params {
+    delta_stride: i64,
+    b: i32,
+    n: i32,
+    h: i32,
+    hkv: i32,
+    d: i32,
+    g: i32,
+    headgroups: i32,
+    causal: i32,
+    has_mask: i32,
+    blk: i32,
+    step: i32,
+    pad0: i32,
+    scale: f32,
+    fac: f32,
+    w: [i32; MAX_PATTERNS],
+    r: [i32; MAX_PATTERNS],
+    hg0: [i32; MAX_PATTERNS],
+    hg1: [i32; MAX_PATTERNS],
+}
+
+// SAFETY: `Params` is plain old data with `#[repr(C)]` layout identical to the CUDA
+// `struct Params` (same field order and types: i64, 12 × i32, 2 × f32, 4 × i32[16]).
+unsafe impl DeviceRepr for Params {}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The tiling of positions: blocks of `blk` rows (dividing every capped segment), classes
+/// by residue modulo `step` (dividing `blk`).
+pub(crate) fn tiling(plan: &Plan) -> (usize, usize) {
+    let blk = plan.patterns().iter().fold(0, |acc, p| gcd(acc, p.segment));
+    // lcm of gcd(r_i, blk): divides blk, cannot overflow.
+    let step = plan.patterns().iter().fold(1usize, |acc, p| {
+        let x = gcd(p.dilation, blk);
+        acc / gcd(acc, x) * x
+    });
+    (blk, step)
+}
+
+/// Number of owner tiles of `rows` rows per (batch, head).
+pub(crate) fn num_tiles(plan: &Plan, rows: usize) -> usize {
+    let (blk, step) = tiling(plan);
+    let cls_rows = blk.div_ceil(step);
+    (plan.dims().seq / blk) * step * cls_rows.div_ceil(rows)
+}
+
+fn to_i32(what: &str, x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(|_| Error::Device {
+        msg: format!("{what} = {x} does not fit the kernels' 32-bit positions"),
+    })
+}
+
+pub(crate) fn params(plan: &Plan, delta_stride: usize, has_mask: bool) -> Result<Params> {
+    let dm = plan.dims();
+    let g = plan.num_patterns();
+    if g > MAX_PATTERNS {
+        return Err(Error::Device {
+            msg: format!("{g} patterns; the CUDA kernels take at most {MAX_PATTERNS}"),
+        });
+    }
+    if dm.head_dim > MAX_HEAD_DIM {
+        return Err(Error::Device {
+            msg: format!(
+                "head dim {} is not supported on CUDA (at most {MAX_HEAD_DIM})",
+                dm.head_dim
+            ),
+        });
+    }
+    to_i32("batch·seq·heads", dm.batch * dm.seq * dm.heads)?;
+    let (blk, step) = tiling(plan);
+    let mut p = Params {
+        delta_stride: delta_stride as i64,
+        b: to_i32("batch", dm.batch)?,
+        n: to_i32("seq", dm.seq)?,
+        h: to_i32("heads", dm.heads)?,
+        hkv: to_i32("kv_heads", dm.kv_heads)?,
+        d: to_i32("head_dim", dm.head_dim)?,
+        g: g as i32,
+        headgroups: i32::from(plan.options().combine == Combine::HeadGroups),
+        causal: i32::from(plan.options().causal),
+        has_mask: i32::from(has_mask),
+        blk: blk as i32,
+        step: step as i32,
+        pad0: 0,
+        scale: plan.scale() as f32,
+        fac: plan.pattern_factor() as f32,
+        w: [1; MAX_PATTERNS],
+        r: [1; MAX_PATTERNS],
+        hg0: [0; MAX_PATTERNS],
+        hg1: [0; MAX_PATTERNS],
+    };
+    for (i, pat) in plan.patterns().iter().enumerate() {
+        p.w[i] = to_i32("segment", pat.segment)?;
+        p.r[i] = to_i32("dilation", pat.dilation)?;
+        let hg = match plan.options().combine {
+            Combine::Lse => 0..dm.heads,
+            Combine::HeadGroups => plan.head_group(i),
+        };
+        p.hg0[i] = hg.start as i32;
+        p.hg1[i] = hg.end as i32;
+    }
+    Ok(p)
+}
+
+type Cache = Mutex<HashMap<usize, Arc<CudaModule>>>;
+
+/// The compiled module of device `dev`, compiling it at first use.
+fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = map.get(&dev.ordinal()) {
+        return Ok(m.clone());
+    }
+    // SAFETY: only tries to open the shared library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Device {
+            msg: "NVRTC (libnvrtc) was not found; it compiles the CUDA kernels at run time".into(),
+        });
+    }
+    let (major, minor) = dev
+        .context()
+        .compute_capability()
+        .map_err(dev_err("compute capability"))?;
+    if major < 8 {
+        return Err(Error::Device {
+            msg: format!("compute capability {major}.{minor}: the kernels need 8.0 or newer"),
+        });
+    }
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let mut include_paths = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = std::env::var_os(var) {
+            let root = std::path::PathBuf::from(root);
+            for sub in ["include", "include/cccl"] {
+                let p = root.join(sub);
+                if p.is_dir() {
+                    include_paths.push(p.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths,
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SRC, opts).map_err(|e| Error::Device {
+        msg: format!("NVRTC failed to compile dilated.cu: {e}"),
+    })?;
+    let m = dev
+        .context()
+        .load_module(ptx)
+        .map_err(dev_err("loading the compiled module"))?;
+    map.insert(dev.ordinal(), m.clone());
+    Ok(m)
+}
+
+fn function(dev: &Cuda, name: &str) -> Result<CudaFunction> {
+    module(dev)?
+        .load_function(name)
+        .map_err(dev_err(&format!("kernel {name}")))
+}
+
+/// Allow `bytes` of dynamic shared memory for `f` (above the 48 KiB default).
+fn set_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(dev_err("shared memory limit"))
+}
+
+/// Compile (if needed) the kernels of `dev` now, so that timing excludes NVRTC.
+pub fn warm_up(dev: &Cuda) -> Result<()> {
+    module(dev).map(|_| ())
+}
+
+/// Output of a CUDA forward.
+#[derive(Debug)]
+pub struct CudaForward<E> {
+    /// `(batch, seq, heads, dim)`.
+    pub out: CudaSlice<E>,
+    /// Log-sum-exp `L`, `(batch, seq, heads)`, always `f32` on the GPU; `-inf` where
+    /// nothing is attended.
+    pub lse: CudaSlice<f32>,
+}
+
+/// Gradients from a CUDA backward.
+#[derive(Debug)]
+pub struct CudaGrads<E> {
+    /// `(batch, seq, heads, dim)`.
+    pub dq: CudaSlice<E>,
+    /// `(batch, seq, kv_heads, dim)`.
+    pub dk: CudaSlice<E>,
+    /// `(batch, seq, kv_heads, dim)`.
+    pub dv: CudaSlice<E>,
+}
+
+fn check_inputs<E>(
+    plan: &Plan,
+    q: &CudaSlice<E>,
+    k: &CudaSlice<E>,
+    v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
+) -> Result<()> {
+    plan.check_inputs(q.len(), k.len(), v.len(), mask.map(|m| m.len()))
+}
+
+/// Which forward kernel runs for this problem: `Some(name)` for tensor cores.
+pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
+    let d = plan.dims().head_dim;
+    (E::TENSOR_CORES && dev.kernel_pref() == KernelPref::Auto && (d == 64 || d == 128))
+        .then(|| format!("fwd_tc_{}_{}", E::NAME, d))
+}
+
+fn grid(plan: &Plan, rows: usize, heads: usize) -> Result<LaunchConfig> {
+    grid_t(plan, rows, heads, THREADS)
+}
+
+fn grid_t(plan: &Plan, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
+    let x = num_tiles(plan, rows);
+    let x = u32::try_from(x).map_err(|_| Error::Device {
+        msg: format!("{x} tiles exceed the grid"),
+    })?;
+    Ok(LaunchConfig {
+        grid_dim: (x.max(1), heads as u32, plan.dims().batch as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Forward on the GPU: `out` `(B,N,H,D)` and `L` `(B,N,H)` (f32). `mask` is the key
+/// padding mask `(B,N)` as bytes, nonzero = attend. Shapes are checked; a missing or
+/// failing device is an `Err`.
+pub fn try_forward<E: CudaElement>(
+    dev: &Cuda,
+    plan: &Plan,
+    q: &CudaSlice<E>,
+    k: &CudaSlice<E>,
+    v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
+) -> Result<CudaForward<E>> {
+    check_inputs(plan, q, k, v, mask)?;
+    let dm = *plan.dims();
+    let p = params(plan, 0, mask.is_some())?;
+    let mut out = dev.output::<E>(dm.q_len())?;
+    let mut lse = dev.output::<f32>(dm.lse_len())?;
+    let dummy = dev.htod(&[0u8])?;
+    let mask = mask.unwrap_or(&dummy);
+    if let Some(name) = tensor_core_kernel::<E>(dev, plan) {
+        let (warps, mt) = if dev.fwd_row_tiles() == 2 {
+            (4, 2)
+        } else {
+            (dev.fwd_warps() as usize, 1)
+        };
+        let name = match (warps, mt) {
+            (_, 2) => name.replace("fwd_tc_", "fwd_tc2_"),
+            (8, _) => name.replace("fwd_tc_", "fwd_tc8_"),
+            _ => name,
+        };
+        let rows = 16 * warps * mt;
+        let f = function(dev, &name)?;
+        let d = dm.head_dim;
+        // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
+        // metadata.
+        let smem = ((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32;
+        set_smem(&f, smem)?;
+        let mut cfg = grid_t(plan, rows, dm.heads, 32 * warps as u32)?;
+        cfg.shared_mem_bytes = smem;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(&mut out)
+            .arg(&mut lse);
+        // SAFETY: argument order and types match `fwd_tc_*` in dilated.cu (Params, q, k,
+        // v, mask, out, lse); q/out hold B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H,
+        // mask B·N bytes when has_mask (checked above); the grid covers every tile of
+        // every (head, batch) and each tile writes its own rows only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    } else {
+        let name = format!("fwd_generic_{}", E::NAME);
+        let f = function(dev, &name)?;
+        let cfg = grid(plan, GENERIC_ROWS, dm.heads)?;
+        let mut dummy_f = dev.htod(&[0f32])?;
+        let zero = 0i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(&mut out)
+            .arg(&mut lse)
+            .arg(q)
+            .arg(&mut dummy_f)
+            .arg(&zero);
+        // SAFETY: argument order and types match `fwd_generic_*` (Params, q, k, v, mask,
+        // out, lse, dout, delta, delta_mode); with delta_mode = 0 dout/delta are not
+        // touched. Buffer lengths as checked above; each tile writes its own rows.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    }
+    Ok(CudaForward { out, lse })
+}
+
+/// Backward on the GPU from the saved `out` and `L` of [`try_forward`]: `dq`, `dk`, `dv`.
+#[allow(clippy::too_many_arguments)]
+pub fn try_backward<E: CudaElement>(
+    dev: &Cuda,
+    plan: &Plan,
+    q: &CudaSlice<E>,
+    k: &CudaSlice<E>,
+    v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
+    out: &CudaSlice<E>,
+    lse: &CudaSlice<f32>,
+    grad_out: &CudaSlice<E>,
+) -> Result<CudaGrads<E>> {
+    check_inputs(plan, q, k, v, mask)?;
+    let dm = *plan.dims();
+    check_len("out", dm.q_len(), out.len())?;
+    check_len("lse", dm.lse_len(), lse.len())?;
+    check_len("grad_out", dm.q_len(), grad_out.len())?;
+    let detach = plan.options().detach_weights && plan.options().combine == Combine::Lse;
+    let (stride, nd) = if detach {
+        (dm.lse_len(), dm.lse_len() * plan.num_patterns())
+    } else {
+        (0, dm.lse_len())
+    };
+    let p = params(plan, stride, mask.is_some())?;
+    let dummy = dev.htod(&[0u8])?;
+    let mask = mask.unwrap_or(&dummy);
+    let mut delta = dev
+        .stream()
+        .alloc_zeros::<f32>(nd)
+        .map_err(dev_err("device allocation"))?;
+    if detach {
+        // Δ_i = dO · out_i per pattern: the forward kernel in delta mode.
+        let name = format!("fwd_generic_{}", E::NAME);
+        let f = function(dev, &name)?;
+        let cfg = grid(plan, GENERIC_ROWS, dm.heads)?;
+        let mut dummy_o = dev.output::<E>(1)?;
+        let mut dummy_l = dev.htod(&[0f32])?;
+        let one = 1i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(&mut dummy_o)
+            .arg(&mut dummy_l)
+            .arg(grad_out)
+            .arg(&mut delta)
+            .arg(&one);
+        // SAFETY: order and types match `fwd_generic_*`; with delta_mode = 1 out/lse are
+        // not touched and delta (G·B·N·H floats, stride B·N·H) gets one entry per
+        // (pattern, participating row) of this tile.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    } else {
+        let name = format!("delta_dot_{}", E::NAME);
+        let f = function(dev, &name)?;
+        let rows = dm.lse_len();
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p).arg(out).arg(grad_out).arg(&mut delta);
+        // SAFETY: order and types match `delta_dot_*` (Params, out, dout, delta); one warp
+        // per (b, p, h) row, rows = B·N·H = delta.len(), out/dout hold rows·D elements.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    }
+    let mut dq = dev.output::<E>(dm.q_len())?;
+    let mut dk = dev.output::<E>(dm.kv_len())?;
+    let mut dv = dev.output::<E>(dm.kv_len())?;
+    let tc = tensor_core_kernel::<E>(dev, plan).is_some();
+    let d = dm.head_dim;
+    // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
+    // shared memory = owner tiles (2 x owner rows) + 3 stages x 2 streamed tiles, rows
+    // padded by 8 elements, + per-row metadata (up to 4 words x 3 stages).
+    let bs = if d == 64 { 64 } else { 32 };
+    let (suffix, rows) = if tc {
+        (format!("tc_{}_{}", E::NAME, d), TC_ROWS)
+    } else {
+        (format!("generic_{}", E::NAME), GENERIC_ROWS)
+    };
+    {
+        let qwarps = if tc { dev.dq_warps() as usize } else { 4 };
+        let name = if qwarps == 8 {
+            format!("dq_tc8_{}_{}", E::NAME, d)
+        } else {
+            format!("dq_{suffix}")
+        };
+        let qrows = if tc { 16 * qwarps } else { rows };
+        let f = function(dev, &name)?;
+        let mut cfg = grid_t(plan, qrows, dm.heads, 32 * qwarps as u32)?;
+        if tc {
+            let smem = (((2 * qrows + 6 * bs) * (d + 8)) * 2 + 12 * bs * 4) as u32;
+            set_smem(&f, smem)?;
+            cfg.shared_mem_bytes = smem;
+        }
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(lse)
+            .arg(grad_out)
+            .arg(&delta)
+            .arg(&mut dq);
+        // SAFETY: order and types match `dq_generic_*` / `dq_tc_*` (Params, q, k, v, mask,
+        // lse, dout, delta, dq); lengths checked above; the grid covers every query tile
+        // and each tile writes its own dq rows only; dynamic shared memory as computed.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    }
+    {
+        // dK, dV variants (tensor cores): (name prefix, owner rows, warps, streamed rows).
+        let (prefix, krows, warps, kbs) = match (tc, dev.bwd_variant()) {
+            (false, _) => ("dkdv", rows, 4, bs),
+            (true, 1) => ("dkdv_tc64", TC_ROWS, 4, 64),
+            (true, 2) => ("dkdv_tc8", 2 * TC_ROWS, 8, bs),
+            (true, _) => ("dkdv", TC_ROWS, 4, bs),
+        };
+        let name = if tc && prefix != "dkdv" {
+            format!("{prefix}_{}_{}", E::NAME, d)
+        } else {
+            format!("dkdv_{suffix}")
+        };
+        let f = function(dev, &name)?;
+        let mut cfg = grid_t(plan, krows, dm.kv_heads, 32 * warps)?;
+        if tc {
+            let smem = (((2 * krows + 6 * kbs) * (d + 8)) * 2 + 12 * kbs * 4) as u32;
+            set_smem(&f, smem)?;
+            cfg.shared_mem_bytes = smem;
+        }
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(lse)
+            .arg(grad_out)
+            .arg(&delta)
+            .arg(&mut dk)
+            .arg(&mut dv);
+        // SAFETY: order and types match `dkdv_generic_*` / `dkdv_tc_*` (Params, q, k, v,
+        // mask, lse, dout, delta, dk, dv); the grid is (tiles, Hkv, B) and each tile writes
+        // the dk/dv rows of its own key positions only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+    }
+    Ok(CudaGrads { dq, dk, dv })
+}
+
+impl crate::ops::dilated::DilatedKernel<f32> for Cuda {
+    fn forward(
+        &self,
+        plan: &Plan,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[bool]>,
+        out: &mut [f32],
+        lse: &mut [f32],
+    ) -> Result<()> {
+        plan.check_inputs(q.len(), k.len(), v.len(), mask.map(<[bool]>::len))?;
+        check_len("out", plan.dims().q_len(), out.len())?;
+        check_len("lse", plan.dims().lse_len(), lse.len())?;
+        let (qd, kd, vd) = (self.htod(q)?, self.htod(k)?, self.htod(v)?);
+        let md = mask_to_device(self, mask)?;
+        let f = try_forward(self, plan, &qd, &kd, &vd, md.as_ref())?;
+        out.copy_from_slice(&self.dtoh(&f.out)?);
+        lse.copy_from_slice(&self.dtoh(&f.lse)?);
+        Ok(())
+    }
+
+    fn backward(
+        &self,
+        plan: &Plan,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[bool]>,
+        out: &[f32],
+        lse: &[f32],
+        grad_out: &[f32],
+        grads: &mut crate::ops::dilated::Grads<f32>,
+    ) -> Result<()> {
+        let dm = plan.dims();
+        check_len("dq", dm.q_len(), grads.dq.len())?;
+        check_len("dk", dm.kv_len(), grads.dk.len())?;
+        check_len("dv", dm.kv_len(), grads.dv.len())?;
+        let (qd, kd, vd) = (self.htod(q)?, self.htod(k)?, self.htod(v)?);
+        let (od, ld, gd) = (self.htod(out)?, self.htod(lse)?, self.htod(grad_out)?);
+        let md = mask_to_device(self, mask)?;
+        let g = try_backward(self, plan, &qd, &kd, &vd, md.as_ref(), &od, &ld, &gd)?;
+        grads.dq.copy_from_slice(&self.dtoh(&g.dq)?);
+        grads.dk.copy_from_slice(&self.dtoh(&g.dk)?);
+        grads.dv.copy_from_slice(&self.dtoh(&g.dv)?);
+        Ok(())
+    }
+}
+
+/// Copy a host key padding mask `(B, N)` to the device as bytes.
+pub fn mask_to_device(dev: &Cuda, mask: Option<&[bool]>) -> Result<Option<CudaSlice<u8>>> {
+    mask.map(|m| dev.htod(&m.iter().map(|&x| u8::from(x)).collect::<Vec<_>>()))
+        .transpose()
+}

@@ -1,0 +1,431 @@
+//! The CUDA device (feature `cuda`): context, stream, typed device tensors, host copies.
+//!
+//! cudarc is built with `dynamic-loading`, so the crate builds and its CPU tests run on
+//! machines without CUDA. [`Cuda::new`] checks for the driver library first and returns
+//! [`Error::Device`] when the driver, a GPU or NVRTC is missing — never a panic.
+//!
+//! A [`CudaTensor<S, E>`] is a device buffer with a dfdx shape `S` — the same shape types
+//! as the CPU path, e.g. `(B, Const<N>, Const<H>, Const<D>)` — in one of the element types
+//! of [`CudaElement`]: `f32`, `half::f16`, `half::bf16`.
+//!
+//! ```no_run
+//! use dilated_attention::prelude::*;
+//! use dilated_attention::tensor::cuda::{Cuda, CudaTensor};
+//! let dev = Cuda::new(0)?; // Err without a GPU
+//! let host = vec![half::bf16::from_f32(0.5); 2 * 64 * 4 * 64];
+//! let q: CudaTensor<Rank4<2, 64, 4, 64>, half::bf16> = dev.tensor_from_vec(&host, Default::default())?;
+//! let attn = DilatedAttention::<(Seg<16, 1>, Seg<64, 4>)>::new().causal(true);
+//! let (out, lse) = attn.try_forward_cuda(&dev, &q, &q, &q, None)?;
+//! assert_eq!(out.to_vec()?.len(), host.len());
+//! # let _ = lse;
+//! # Ok::<(), dilated_attention::Error>(())
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use dfdx::shapes::Shape;
+
+use crate::error::{Error, Result};
+
+/// Turn any displayable CUDA error into [`Error::Device`] with context.
+pub(crate) fn dev_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Device {
+        msg: format!("{what}: {e:?}"),
+    }
+}
+
+/// An element type the CUDA kernels read and write. Accumulation is always `f32`.
+pub trait CudaElement:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
+    /// Suffix of the kernel names (`f32`, `bf16`, `f16`).
+    const NAME: &'static str;
+    /// Whether tensor-core kernels exist for this type.
+    const TENSOR_CORES: bool;
+    /// Conversion from `f64` (round to nearest).
+    fn from_f64(x: f64) -> Self;
+    /// Conversion to `f64`.
+    fn to_f64(self) -> f64;
+    /// A NaN used to poison outputs in tests.
+    fn nan() -> Self;
+}
+
+impl CudaElement for f32 {
+    const NAME: &'static str = "f32";
+    const TENSOR_CORES: bool = false;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn nan() -> Self {
+        f32::NAN
+    }
+}
+
+impl CudaElement for half::bf16 {
+    const NAME: &'static str = "bf16";
+    const TENSOR_CORES: bool = true;
+    fn from_f64(x: f64) -> Self {
+        half::bf16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn nan() -> Self {
+        half::bf16::NAN
+    }
+}
+
+impl CudaElement for half::f16 {
+    const NAME: &'static str = "f16";
+    const TENSOR_CORES: bool = true;
+    fn from_f64(x: f64) -> Self {
+        half::f16::from_f64(x)
+    }
+    fn to_f64(self) -> f64 {
+        self.to_f64()
+    }
+    fn nan() -> Self {
+        half::f16::NAN
+    }
+}
+
+/// Which forward kernel to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum KernelPref {
+    /// Tensor cores where the dtype and head dim allow (bf16/f16, D = 64 or 128), else
+    /// the generic kernel.
+    #[default]
+    Auto = 0,
+    /// Always the generic (CUDA-core, f32 arithmetic) kernel, D <= 128.
+    Generic = 1,
+}
+
+/// A CUDA device: one context (the device's primary context) and one stream.
+///
+/// Kernels are compiled by NVRTC at first use and cached per device ordinal for the
+/// process (see `ops/dilated/CUDA.md`).
+#[derive(Debug)]
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    poison: AtomicBool,
+    pref: AtomicU8,
+    fwd_warps: AtomicU8,
+    fwd_mt: AtomicU8,
+    bwd_variant: AtomicU8,
+    dq_warps: AtomicU8,
+}
+
+impl Cuda {
+    /// Open GPU `ordinal`. `Err` (never a panic) if the CUDA driver library is not
+    /// installed, no GPU is present or the ordinal is out of range.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only tries to open the shared library; no CUDA call is made.
+        let present = unsafe { cudarc::driver::sys::is_culib_present() };
+        if !present {
+            return Err(Error::Device {
+                msg: "the CUDA driver library (libcuda) was not found".into(),
+            });
+        }
+        let count = CudaContext::device_count().map_err(dev_err("cuDeviceGetCount"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::Device {
+                msg: format!("GPU {ordinal} requested, {count} present"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(dev_err("creating the CUDA context"))?;
+        // One stream per device handle: no cross-stream event tracking needed.
+        // SAFETY: every buffer of this crate is used on this device's one stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        Ok(Cuda {
+            ctx,
+            stream,
+            poison: AtomicBool::new(false),
+            pref: AtomicU8::new(KernelPref::Auto as u8),
+            fwd_warps: AtomicU8::new(4),
+            fwd_mt: AtomicU8::new(2),
+            bwd_variant: AtomicU8::new(2),
+            dq_warps: AtomicU8::new(8),
+        })
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream every kernel of this device runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
+    /// Device name.
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(dev_err("device name"))
+    }
+    /// Wait for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev_err("synchronize"))
+    }
+    /// Fill every output with NaN before kernels write it (tests: unwritten elements show).
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, Ordering::Relaxed);
+    }
+    pub(crate) fn poison(&self) -> bool {
+        self.poison.load(Ordering::Relaxed)
+    }
+    /// Choose the forward kernel (tests run every kernel).
+    pub fn set_kernel_pref(&self, p: KernelPref) {
+        self.pref.store(p as u8, Ordering::Relaxed);
+    }
+    /// The current kernel preference.
+    pub fn kernel_pref(&self) -> KernelPref {
+        match self.pref.load(Ordering::Relaxed) {
+            1 => KernelPref::Generic,
+            _ => KernelPref::Auto,
+        }
+    }
+
+    /// Tensor-core `dK, dV` kernel: 2 (the default: 8 warps, 128 key rows per CTA, each
+    /// streamed query tile shared by twice the keys), 0 (4 warps, 64 key rows; streamed
+    /// query tiles of 32 rows for D = 128), 1 (4 warps, streamed tiles of 64 rows).
+    pub fn set_bwd_variant(&self, v: u8) {
+        self.bwd_variant.store(v.min(2), Ordering::Relaxed);
+    }
+    /// Warps per CTA of the tensor-core `dQ` kernel: 8 (the default: 128 query rows per
+    /// CTA) or 4 (64 rows).
+    pub fn set_dq_warps(&self, warps: u8) {
+        self.dq_warps
+            .store(if warps == 4 { 4 } else { 8 }, Ordering::Relaxed);
+    }
+    /// Warps per CTA of the tensor-core `dQ` kernel.
+    pub fn dq_warps(&self) -> u8 {
+        self.dq_warps.load(Ordering::Relaxed)
+    }
+    /// The tensor-core `dK, dV` kernel variant.
+    pub fn bwd_variant(&self) -> u8 {
+        self.bwd_variant.load(Ordering::Relaxed)
+    }
+    /// Warps per CTA of the one-row-tile tensor-core forward (see `set_fwd_row_tiles`):
+    /// 4 (64 query rows per CTA, the default) or 8 (128 rows).
+    pub fn set_fwd_warps(&self, warps: u8) {
+        self.fwd_warps
+            .store(if warps == 8 { 8 } else { 4 }, Ordering::Relaxed);
+    }
+    /// Row tiles of 16 per warp in the tensor-core forward: 2 (the default: each K/V
+    /// fragment feeds two MMAs; 4 warps, 128 rows per CTA; `set_fwd_warps` is then ignored)
+    /// or 1 (16 rows per warp, `set_fwd_warps` warps).
+    pub fn set_fwd_row_tiles(&self, tiles: u8) {
+        self.fwd_mt
+            .store(if tiles == 2 { 2 } else { 1 }, Ordering::Relaxed);
+    }
+    /// Row tiles of 16 per warp in the tensor-core forward.
+    pub fn fwd_row_tiles(&self) -> u8 {
+        self.fwd_mt.load(Ordering::Relaxed)
+    }
+    /// Warps per CTA of the tensor-core forward.
+    pub fn fwd_warps(&self) -> u8 {
+        self.fwd_warps.load(Ordering::Relaxed)
+    }
+
+    /// Copy host data to a new device buffer.
+    pub fn htod<E: DeviceRepr>(&self, host: &[E]) -> Result<CudaSlice<E>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(dev_err("host to device copy"))
+    }
+    /// Copy a device buffer to a new host vector.
+    pub fn dtoh<E: DeviceRepr>(&self, dev: &CudaSlice<E>) -> Result<Vec<E>> {
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(dev_err("device to host copy"))
+    }
+    /// A new output buffer of `len` elements: NaN-filled when poisoning is on, else
+    /// uninitialised (the kernels write every element).
+    pub(crate) fn output<E: CudaElement>(&self, len: usize) -> Result<CudaSlice<E>> {
+        if self.poison() {
+            self.htod(&vec![E::nan(); len])
+        } else {
+            // SAFETY: callers pass the buffer to a kernel that writes all `len` elements
+            // before anything reads it.
+            unsafe { self.stream.alloc::<E>(len) }.map_err(dev_err("device allocation"))
+        }
+    }
+
+    /// A typed tensor from host data in row-major order.
+    pub fn tensor_from_vec<S: Shape, E: DeviceRepr>(
+        &self,
+        host: &[E],
+        shape: S,
+    ) -> Result<CudaTensor<S, E>> {
+        crate::shape::check_len("tensor", shape.num_elements(), host.len())?;
+        Ok(CudaTensor {
+            data: self.htod(host)?,
+            shape,
+            stream: self.stream.clone(),
+        })
+    }
+
+    /// A typed `f32` tensor from a dfdx CPU tensor of the same shape.
+    pub fn tensor_from_cpu<S: Shape>(
+        &self,
+        t: &dfdx::tensor::Tensor<S, f32, dfdx::tensor::Cpu>,
+    ) -> Result<CudaTensor<S, f32>> {
+        use dfdx::shapes::HasShape;
+        self.tensor_from_vec(&t.as_vec(), *t.shape())
+    }
+}
+
+/// A device tensor with a dfdx shape `S` (row-major), e.g. `(B, Const<N>, Const<H>, Const<D>)`.
+#[derive(Debug)]
+pub struct CudaTensor<S: Shape, E> {
+    pub(crate) data: CudaSlice<E>,
+    pub(crate) shape: S,
+    pub(crate) stream: Arc<CudaStream>,
+}
+
+impl<S: Shape, E: DeviceRepr> CudaTensor<S, E> {
+    /// Wrap a device buffer; `Err` if its length does not match the shape.
+    pub fn from_slice(dev: &Cuda, data: CudaSlice<E>, shape: S) -> Result<Self> {
+        crate::shape::check_len("tensor", shape.num_elements(), data.len())?;
+        Ok(CudaTensor {
+            data,
+            shape,
+            stream: dev.stream.clone(),
+        })
+    }
+    /// The shape.
+    pub fn shape(&self) -> &S {
+        &self.shape
+    }
+    /// The device buffer.
+    pub fn slice(&self) -> &CudaSlice<E> {
+        &self.data
+    }
+    /// Unwrap the device buffer.
+    pub fn into_slice(self) -> CudaSlice<E> {
+        self.data
+    }
+    /// Copy to the host (row-major).
+    pub fn to_vec(&self) -> Result<Vec<E>> {
+        self.stream
+            .clone_dtoh(&self.data)
+            .map_err(dev_err("device to host copy"))
+    }
+}
+
+impl<S: Shape> CudaTensor<S, f32> {
+    /// Copy to a dfdx CPU tensor of the same shape.
+    pub fn to_cpu(
+        &self,
+        cpu: &dfdx::tensor::Cpu,
+    ) -> Result<dfdx::tensor::Tensor<S, f32, dfdx::tensor::Cpu>> {
+        use dfdx::tensor::TensorFromVec;
+        Ok(cpu.tensor_from_vec(self.to_vec()?, self.shape))
+    }
+}
+
+use crate::ops::dilated::cuda_kernel;
+use crate::shape::typed::{CombineKind, Schedule};
+use crate::tensor::{check_batch, DilatedAttention};
+use dfdx::shapes::{Const, Dim};
+
+/// `(B, N, H, D)` tensor on the GPU.
+pub type CudaBnhd<B, const N: usize, const H: usize, const D: usize, E> =
+    CudaTensor<(B, Const<N>, Const<H>, Const<D>), E>;
+/// `(B, N, H)` `f32` tensor on the GPU (the log-sum-exp `L`).
+pub type CudaBnh<B, const N: usize, const H: usize> = CudaTensor<(B, Const<N>, Const<H>), f32>;
+/// `(B, N)` key padding mask on the GPU (nonzero = attend).
+pub type CudaKeyMask<B, const N: usize> = CudaTensor<(B, Const<N>), u8>;
+
+impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
+    /// Forward on the GPU: `(out, L)`. The same compile-time checks as the CPU path.
+    #[allow(clippy::type_complexity)]
+    pub fn try_forward_cuda<
+        B: Dim,
+        const N: usize,
+        const H: usize,
+        const HKV: usize,
+        const D: usize,
+        E: CudaElement,
+    >(
+        &self,
+        dev: &Cuda,
+        q: &CudaBnhd<B, N, H, D, E>,
+        k: &CudaBnhd<B, N, HKV, D, E>,
+        v: &CudaBnhd<B, N, HKV, D, E>,
+        mask: Option<&CudaKeyMask<B, N>>,
+    ) -> Result<(CudaBnhd<B, N, H, D, E>, CudaBnh<B, N, H>)> {
+        let batch = q.shape.0;
+        let plan = self.plan::<N, H, HKV, D>(batch.size())?;
+        check_batch(
+            batch.size(),
+            &[k.shape.0.size(), v.shape.0.size()],
+            mask.map(|m| m.shape.0.size()),
+        )?;
+        let f =
+            cuda_kernel::try_forward(dev, &plan, &q.data, &k.data, &v.data, mask.map(|m| &m.data))?;
+        Ok((
+            CudaTensor::from_slice(dev, f.out, q.shape)?,
+            CudaTensor::from_slice(dev, f.lse, (batch, Const::<N>, Const::<H>))?,
+        ))
+    }
+
+    /// Backward on the GPU from saved `out` and `L`: `(dq, dk, dv)`.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub fn try_backward_cuda<
+        B: Dim,
+        const N: usize,
+        const H: usize,
+        const HKV: usize,
+        const D: usize,
+        E: CudaElement,
+    >(
+        &self,
+        dev: &Cuda,
+        q: &CudaBnhd<B, N, H, D, E>,
+        k: &CudaBnhd<B, N, HKV, D, E>,
+        v: &CudaBnhd<B, N, HKV, D, E>,
+        mask: Option<&CudaKeyMask<B, N>>,
+        out: &CudaBnhd<B, N, H, D, E>,
+        lse: &CudaBnh<B, N, H>,
+        grad_out: &CudaBnhd<B, N, H, D, E>,
+    ) -> Result<(
+        CudaBnhd<B, N, H, D, E>,
+        CudaBnhd<B, N, HKV, D, E>,
+        CudaBnhd<B, N, HKV, D, E>,
+    )> {
+        let batch = q.shape.0;
+        let plan = self.plan::<N, H, HKV, D>(batch.size())?;
+        check_batch(
+            batch.size(),
+            &[k.shape.0.size(), v.shape.0.size()],
+            mask.map(|m| m.shape.0.size()),
+        )?;
+        let g = cuda_kernel::try_backward(
+            dev,
+            &plan,
+            &q.data,
+            &k.data,
+            &v.data,
+            mask.map(|m| &m.data),
+            &out.data,
+            &lse.data,
+            &grad_out.data,
+        )?;
+        Ok((
+            CudaTensor::from_slice(dev, g.dq, q.shape)?,
+            CudaTensor::from_slice(dev, g.dk, k.shape)?,
+            CudaTensor::from_slice(dev, g.dv, v.shape)?,
+        ))
+    }
+}

@@ -1,0 +1,364 @@
+//! Every CUDA kernel against the float64 oracle on random problems (SPEC §5 tolerances).
+//!
+//! These tests need a CUDA GPU. Without one they are reported as *ignored*, never as
+//! passed: run them on a GPU machine with
+//! `cargo test --release --features cuda --test gpu_vs_oracle -- --ignored --test-threads=1`
+//! (or the prebuilt binary with `--ignored`; see `scripts/gpu_check.sh`). Run that way on
+//! a machine without a GPU, they fail.
+//!
+//! Inputs are random normal, drawn per case from a logged seed (the failing `Case` is
+//! printed); outputs are poisoned with NaN before the kernels run; the oracle runs on the
+//! inputs rounded to the kernel's dtype. Tolerances: `‖got − ref‖ / ‖ref‖ ≤ 1e-2` for
+//! bf16/f16 and `1e-4` for f32, NaN never passes, `L` is `-inf` exactly where the oracle's is.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use common::*;
+use dilated_attention::ops::dilated::cuda as gpu;
+use dilated_attention::ops::reference;
+use dilated_attention::prelude::*;
+use dilated_attention::tensor::cuda::{Cuda, CudaElement, KernelPref};
+use proptest::prelude::*;
+
+/// Backward variant the next checks use: `v % 3` is the tensor-core dK/dV kernel
+/// (`Cuda::set_bwd_variant`), `v >= 3` runs dQ on 4 warps instead of 8.
+static BWD: AtomicU8 = AtomicU8::new(2);
+
+const NEEDS_GPU: &str = "needs a CUDA GPU: run with --ignored on the GPU machine";
+
+fn dev() -> std::sync::MutexGuard<'static, Cuda> {
+    static DEV: OnceLock<Mutex<Cuda>> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let d = Cuda::new(0).expect("these tests need a CUDA GPU");
+        d.set_poison(true);
+        eprintln!("GPU: {}", d.name().unwrap_or_default());
+        Mutex::new(d)
+    })
+    .lock()
+    .unwrap_or_else(|e| e.into_inner())
+}
+
+/// `‖got − want‖₂ ≤ rel·max(‖want‖₂, 0.01·√(len·D))`, no NaN; returns the relative error.
+///
+/// The floor `0.01·√(len·D)` (unit-normal inputs: dot products over `D` of order `√D`)
+/// covers references that cancel to exactly zero, e.g. the gradients of one-key segments
+/// (`dS = P·(dP − Δ) = 0`), where only rounding of those dot products is left to compare.
+fn check_norm(
+    what: &str,
+    got: &[f64],
+    want: &[f64],
+    rel: f64,
+    d: usize,
+    ctx: &dyn std::fmt::Debug,
+) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            !g.is_nan(),
+            "{what}[{i}] is NaN (unwritten or bad); case {ctx:?}"
+        );
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    let (num, den) = (num.sqrt(), den.sqrt());
+    assert!(
+        num <= rel * den.max(0.01 * ((want.len() * d) as f64).sqrt()),
+        "{what}: ‖err‖ {num:e} > {rel:e}·‖ref‖ {den:e}; case {ctx:?}"
+    );
+    if den > 0.0 {
+        num / den
+    } else {
+        num
+    }
+}
+
+fn check_lse(got: &[f32], want: &[f64], tol: f64, ctx: &dyn std::fmt::Debug) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        if w == f64::NEG_INFINITY {
+            assert_eq!(
+                g,
+                f64::NEG_INFINITY,
+                "lse[{i}] should be -inf; case {ctx:?}"
+            );
+        } else {
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "lse[{i}]: {g} vs {w}; case {ctx:?}"
+            );
+        }
+    }
+}
+
+fn round<E: CudaElement>(x: &[f64]) -> (Vec<E>, Vec<f64>) {
+    let e: Vec<E> = x.iter().map(|&v| E::from_f64(v)).collect();
+    let r = e.iter().map(|v| v.to_f64()).collect();
+    (e, r)
+}
+
+fn to64<E: CudaElement>(x: &[E]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// Run forward (and backward) of `case` on the GPU in dtype `E` with kernel preference
+/// `pref`; compare with the oracle. Returns the worst relative error seen.
+///
+/// Gradients are compared with the oracle's gradients *from the saved output*
+/// ([`reference::backward_from_saved`] with the kernel's own rounded `out`): like
+/// FlashAttention, the backward uses `Δ = rowsum(dO ∘ O)` from the saved output. Where a
+/// row's exact `dS = P·(dP − Δ)` cancels (a query with a single key), bf16 rounding of `O`
+/// (2⁻⁹) would otherwise dominate such rows; it is a property of the saved output, not of
+/// the kernel.
+fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8) -> f64 {
+    let rel = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
+    let lse_tol = if E::TENSOR_CORES { 2e-3 } else { 1e-5 };
+    let plan = case.plan();
+    let (q, k, v, go) = case.data();
+    let mask = case.mask.as_deref();
+    let ((qe, qr), (ke, kr), (ve, vr), (ge, gr)) = (
+        round::<E>(&q),
+        round::<E>(&k),
+        round::<E>(&v),
+        round::<E>(&go),
+    );
+    let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
+    let dev = dev();
+    dev.set_kernel_pref(pref);
+    // warps = 2 stands for the 4-warp kernel with two row tiles per warp.
+    dev.set_fwd_warps(warps);
+    dev.set_fwd_row_tiles(if warps == 2 { 2 } else { 1 });
+    let bwd = BWD.load(Ordering::Relaxed);
+    dev.set_bwd_variant(bwd % 3);
+    dev.set_dq_warps(if bwd >= 3 { 4 } else { 8 });
+    let (qd, kd, vd) = (
+        dev.htod(&qe).unwrap(),
+        dev.htod(&ke).unwrap(),
+        dev.htod(&ve).unwrap(),
+    );
+    let md = gpu::mask_to_device(&dev, mask).unwrap();
+    let f = gpu::try_forward(&dev, &plan, &qd, &kd, &vd, md.as_ref()).unwrap();
+    let out = dev.dtoh(&f.out).unwrap();
+    let lse = dev.dtoh(&f.lse).unwrap();
+    let mut worst = check_norm(
+        &format!("out ({})", E::NAME),
+        &to64(&out),
+        &want.out,
+        rel,
+        case.dims.head_dim,
+        case,
+    );
+    check_lse(&lse, &want.lse, lse_tol, case);
+    if grads {
+        let saved = to64(&out);
+        let gw = reference::backward_from_saved(&plan, &qr, &kr, &vr, mask, &gr, &saved).unwrap();
+        let gd = dev.htod(&ge).unwrap();
+        let g = gpu::try_backward(&dev, &plan, &qd, &kd, &vd, md.as_ref(), &f.out, &f.lse, &gd)
+            .unwrap();
+        for (name, got, want) in [
+            ("dq", dev.dtoh(&g.dq).unwrap(), &gw.dq),
+            ("dk", dev.dtoh(&g.dk).unwrap(), &gw.dk),
+            ("dv", dev.dtoh(&g.dv).unwrap(), &gw.dv),
+        ] {
+            let what = format!("{name} ({})", E::NAME);
+            worst = worst.max(check_norm(
+                &what,
+                &to64(&got),
+                want,
+                rel,
+                case.dims.head_dim,
+                case,
+            ));
+        }
+    }
+    dev.set_kernel_pref(KernelPref::Auto);
+    dev.set_fwd_warps(4);
+    dev.set_fwd_row_tiles(2);
+    dev.set_bwd_variant(2);
+    dev.set_dq_warps(8);
+    worst
+}
+
+/// A random case with the head dim replaced by one of `ds`.
+fn case_with_d(max_n: usize, max_b: usize, ds: Vec<usize>) -> impl Strategy<Value = Case> {
+    (case(max_n, max_b), prop::sample::select(ds)).prop_map(|(mut c, d)| {
+        c.dims.head_dim = d;
+        c
+    })
+}
+
+fn all_dtypes(case: &Case, pref: KernelPref, grads: bool) {
+    all_dtypes_w(case, pref, grads, 4)
+}
+
+fn all_dtypes_w(case: &Case, pref: KernelPref, grads: bool, warps: u8) {
+    let e32 = check_w::<f32>(case, pref, grads, warps);
+    let eb = check_w::<half::bf16>(case, pref, grads, warps);
+    let eh = check_w::<half::f16>(case, pref, grads, warps);
+    eprintln!(
+        "ok {:?}/{warps}w/bwd{} n={} d={} G={} {:?} causal={} mask={} grads={grads} : rel err f32 {e32:.1e} bf16 {eb:.1e} f16 {eh:.1e}",
+        pref,
+        BWD.load(Ordering::Relaxed),
+        case.dims.seq,
+        case.dims.head_dim,
+        case.schedule.len(),
+        case.opts.combine,
+        case.opts.causal,
+        case.mask.is_some(),
+    );
+}
+
+#[test]
+fn new_without_gpu_is_err_not_panic() {
+    // On a machine without CUDA this must return Err (not panic); with a GPU, Ok.
+    match Cuda::new(0) {
+        Ok(d) => eprintln!("GPU present: {}", d.name().unwrap_or_default()),
+        Err(e) => eprintln!("no GPU (expected on CPU machines): {e}"),
+    }
+    assert!(Cuda::new(usize::MAX).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(60), ..ProptestConfig::default() })]
+
+    /// Generic kernels (any D), every dtype, forward and gradients, the same random
+    /// problems as the CPU proptests.
+    #[test]
+    #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+    fn generic_kernels_match_oracle(case in case(40, 2)) {
+        all_dtypes(&case, KernelPref::Generic, true);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(60) / 3, ..ProptestConfig::default() })]
+
+    /// Longer sequences (several tiles per segment) for the generic kernels.
+    #[test]
+    #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+    fn generic_kernels_longer_sequences(case in case(300, 1)) {
+        all_dtypes(&case, KernelPref::Generic, true);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(60) / 2, ..ProptestConfig::default() })]
+
+    /// Tensor-core forward (bf16/f16, D = 64, 128) on random schedules, masks, GQA.
+    #[test]
+    #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+    fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
+        BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
+        all_dtypes_w(&case, KernelPref::Auto, true, [4, 8, 2][(case.seed % 3) as usize]);
+        BWD.store(2, Ordering::Relaxed);
+    }
+}
+
+/// A LongNet-shaped schedule, scaled down: every head its own offsets, classes of rows
+/// with uniform participation (the fast tiling), both combines, causal or not.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn longnet_schedule_matches_oracle() {
+    let _ = NEEDS_GPU;
+    let schedule = vec![
+        Pattern::new(64, 1),
+        Pattern::new(128, 2),
+        Pattern::new(256, 4),
+        Pattern::new(512, 8),
+    ];
+    let mut seed = 7;
+    for d in [64, 128] {
+        for combine in [Combine::Lse, Combine::HeadGroups] {
+            for causal in [false, true] {
+                seed += 1;
+                let case = Case {
+                    dims: Dims {
+                        batch: 1,
+                        seq: 1024,
+                        heads: 8,
+                        kv_heads: 4,
+                        head_dim: d,
+                    },
+                    schedule: schedule.clone(),
+                    opts: Options::default().combine(combine).causal(causal),
+                    mask: None,
+                    seed,
+                };
+                BWD.store((seed % 6) as u8, Ordering::Relaxed);
+                all_dtypes_w(&case, KernelPref::Auto, true, 4);
+                BWD.store(2, Ordering::Relaxed);
+                all_dtypes_w(&case, KernelPref::Auto, false, 8);
+                all_dtypes_w(&case, KernelPref::Auto, false, 2);
+            }
+        }
+    }
+}
+
+/// Dense attention is the schedule [(N, 1)]: causal, padding mask, detach.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn dense_matches_oracle() {
+    for (d, causal, masked) in [(64, true, false), (128, false, true), (128, true, true)] {
+        let n = 384;
+        let mask = masked.then(|| (0..2 * n).map(|i| i % 7 != 3).collect());
+        let case = Case {
+            dims: Dims {
+                batch: 2,
+                seq: n,
+                heads: 2,
+                kv_heads: 1,
+                head_dim: d,
+            },
+            schedule: vec![Pattern::new(n, 1)],
+            opts: Options::default().causal(causal),
+            mask,
+            seed: 99 + d as u64,
+        };
+        all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 8);
+        all_dtypes_w(&case, KernelPref::Auto, false, 2);
+        all_dtypes(&case, KernelPref::Generic, false);
+    }
+}
+
+/// Small fixed cases for compute-sanitizer (memcheck, racecheck): every kernel once.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn sanitizer_small() {
+    for (d, combine, detach) in [
+        (64, Combine::Lse, false),
+        (128, Combine::HeadGroups, false),
+        (8, Combine::Lse, true),
+    ] {
+        let n = 96;
+        let case = Case {
+            dims: Dims {
+                batch: 1,
+                seq: n,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: d,
+            },
+            schedule: vec![Pattern::new(32, 1), Pattern::new(96, 3)],
+            opts: Options::default()
+                .combine(combine)
+                .causal(true)
+                .detach_weights(detach),
+            mask: Some((0..n).map(|i| i % 5 != 0).collect()),
+            seed: 3,
+        };
+        for bwd in 0..6 {
+            BWD.store(bwd, Ordering::Relaxed);
+            all_dtypes(&case, KernelPref::Auto, true);
+        }
+        BWD.store(2, Ordering::Relaxed);
+        all_dtypes_w(&case, KernelPref::Auto, false, 8);
+        all_dtypes_w(&case, KernelPref::Auto, false, 2);
+        all_dtypes(&case, KernelPref::Generic, true);
+    }
+}
