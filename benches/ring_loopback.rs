@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Prints three tables:
-//! 1. forward + backward time of a ring of W = 2, 4 loopback ranks over the single-device
+//! 1. forward + backward time of a ring of W = 2, 4, 8 loopback ranks over the single-device
 //!    time (overhead ratio; the ranks share the machine's cores, so this measures the
 //!    ring's overhead, not a speed-up);
 //! 2. peak memory per rank vs global length: the driver's own buffers (local inputs,
@@ -174,8 +174,8 @@ fn main() {
     println!("# ring over loopback vs one device, f32, B=1 H=4 D=32, fwd+bwd, {cores} cores, median of {REPS}");
 
     println!("\n## 1. time ratio ring / single device (contiguous layout)");
-    println!("| schedule | N | single (ms) | W=2 (ms) | ratio | W=4 (ms) | ratio |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| schedule | N | single (ms) | W=2 (ms) | ratio | W=4 (ms) | ratio | W=8 (ms) | ratio | W=8 bytes sent/rank (KiB) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut mem_rows = Vec::new();
     for &n in &ns {
         for (name, sched, causal) in [
@@ -194,14 +194,20 @@ fn main() {
             let (ts, ms) = single(&p);
             let (t2, m2, s2) = ringed(&p, 2, Layout::Contiguous);
             let (t4, m4, s4) = ringed(&p, 4, Layout::Contiguous);
+            // W = 8: the same code path as a ring of 8 GPUs (issue: 4/8-GPU runs).
+            let (t8, _, s8) = ringed(&p, 8, Layout::Contiguous);
             let ms_ = |d: Duration| d.as_secs_f64() * 1e3;
+            let sent8 = s8.iter().map(|s| s.bytes_sent).max().unwrap_or(0);
             println!(
-                "| {name} | {n} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} |",
+                "| {name} | {n} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} |",
                 ms_(ts),
                 ms_(t2),
                 t2.as_secs_f64() / ts.as_secs_f64(),
                 ms_(t4),
                 t4.as_secs_f64() / ts.as_secs_f64(),
+                ms_(t8),
+                t8.as_secs_f64() / ts.as_secs_f64(),
+                kib(sent8),
             );
             if causal {
                 let b1 = rank_buffers(&p, 1, None);
