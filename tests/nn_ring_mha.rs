@@ -1,0 +1,332 @@
+//! `RingMultiheadDilatedAttention` (the module over a ring of loopback ranks) vs the
+//! single-device `MultiheadDilatedAttention` with the same parameters: for random world
+//! sizes 1–4, local lengths, schedules, causal or not, both layouts, GQA, both combines,
+//! key padding masks and batches, every rank's output rows and input-gradient rows equal
+//! the single-device ones, the per-rank parameter gradients sum to the single-device
+//! gradients, and after `try_all_reduce_grads` every rank holds exactly those (f64).
+//!
+//! Replay: the panic message prints the whole case; `PROPTEST_CASES=500 cargo test
+//! --test nn_ring_mha` runs a longer search.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::{assert_close, cases, normal};
+use dfdx::nn::DeviceBuildExt;
+use dfdx::tensor::{Gradients, Trace};
+use dfdx::tensor_ops::{Backward, SumTo};
+use dilated_attention::nn::{builder, magneto_gamma, Causality, RingMultiheadDilatedAttention};
+use dilated_attention::prelude::*;
+use dilated_attention::ring::{loopback, try_all_reduce_sum};
+use proptest::prelude::*;
+
+/// The random part of a case; the shapes and the schedule come from `config`.
+#[derive(Debug, Clone)]
+struct Draw {
+    config: usize,
+    causal: bool,
+    zigzag: bool,
+    batch: usize,
+    masked: bool,
+    seed: u64,
+}
+
+impl Draw {
+    fn layout(&self) -> Layout {
+        if self.zigzag {
+            Layout::Zigzag
+        } else {
+            Layout::Contiguous
+        }
+    }
+}
+
+type Mhda<const M: usize, const H: usize, const HKV: usize, const HD: usize, S, A, C> =
+    MultiheadDilatedAttention<M, H, HKV, HD, S, f64, Cpu, A, C>;
+
+/// Every parameter gradient of the module, in a fixed order, flattened.
+fn param_grads<const M: usize, const H: usize, const HKV: usize, const HD: usize, S, A, C>(
+    m: &Mhda<M, H, HKV, HD, S, A, C>,
+    g: &Gradients<f64, Cpu>,
+) -> Vec<(&'static str, Vec<f64>)>
+where
+    S: Schedule,
+    A: Causality,
+    C: CombineKind,
+{
+    vec![
+        ("w_q.weight", g.get(&m.w_q.weight).as_vec()),
+        ("w_q.bias", g.get(&m.w_q.bias).as_vec()),
+        ("w_k.weight", g.get(&m.w_k.weight).as_vec()),
+        ("w_k.bias", g.get(&m.w_k.bias).as_vec()),
+        ("w_v.weight", g.get(&m.w_v.weight).as_vec()),
+        ("w_v.bias", g.get(&m.w_v.bias).as_vec()),
+        ("norm.gamma", g.get(&m.norm.gamma).as_vec()),
+        ("norm.beta", g.get(&m.norm.beta).as_vec()),
+        ("w_o.weight", g.get(&m.w_o.weight).as_vec()),
+        ("w_o.bias", g.get(&m.w_o.bias).as_vec()),
+    ]
+}
+
+type Xs<const N: usize, const M: usize> = Tensor<(usize, Const<N>, Const<M>), f64, Cpu>;
+type Mask<const N: usize> = KeyMask<usize, N>;
+
+/// One rank's results: output rows, input-gradient rows, its own parameter gradients,
+/// the all-reduced parameter gradients.
+type RankOut = (
+    Vec<f64>,
+    Vec<f64>,
+    Vec<(&'static str, Vec<f64>)>,
+    Vec<(&'static str, Vec<f64>)>,
+);
+
+fn check<
+    const M: usize,
+    const H: usize,
+    const HKV: usize,
+    const HD: usize,
+    S: Schedule + Sync,
+    A: Causality,
+    C: CombineKind,
+    const LOCAL: usize,
+    const WORLD: usize,
+    const N: usize,
+>(
+    d: &Draw,
+) {
+    assert_eq!(N, LOCAL * WORLD, "test table: N = LOCAL * WORLD");
+    let (b, layout) = (d.batch, d.layout());
+    let dev = Cpu::seed_from_u64(d.seed);
+    let mut mha: Mhda<M, H, HKV, HD, S, A, C> =
+        dev.build_module::<builder::MultiheadDilatedAttention<M, H, HKV, HD, S, A, C>, f64>();
+    mha.try_reset_magneto(magneto_gamma(2)).unwrap();
+    // Non-trivial biases and LayerNorm, so that every gradient path carries signal.
+    mha.w_q.bias.copy_from(&normal(d.seed ^ 1, H * HD));
+    mha.w_k.bias.copy_from(&normal(d.seed ^ 2, HKV * HD));
+    mha.w_v.bias.copy_from(&normal(d.seed ^ 3, HKV * HD));
+    mha.norm.gamma.copy_from(&normal(d.seed ^ 4, M));
+    mha.norm.beta.copy_from(&normal(d.seed ^ 5, M));
+    mha.w_o.bias.copy_from(&normal(d.seed ^ 6, M));
+
+    let xv = normal(d.seed ^ 7, b * N * M);
+    let wv = normal(d.seed ^ 8, b * N * M);
+    let mv: Option<Vec<bool>> = d.masked.then(|| {
+        let r = normal(d.seed ^ 9, b * N);
+        r.iter().map(|&z| z > -0.8).collect()
+    });
+
+    // One device, the whole sequence.
+    let x: Xs<N, M> = dev.tensor_from_vec(xv.clone(), (b, Const, Const));
+    let w: Xs<N, M> = dev.tensor_from_vec(wv.clone(), (b, Const, Const));
+    let mask: Option<Mask<N>> = mv
+        .as_ref()
+        .map(|m| dev.tensor_from_vec(m.clone(), (b, Const)));
+    let y = mha.try_forward_masked(x.leaky_trace(), mask.as_ref()).unwrap();
+    let y_single = y.as_vec();
+    let g = (y * w).sum().backward();
+    let dx_single = g.get(&x).as_vec();
+    let p_single = param_grads(&mha, &g);
+
+    // The ring: the sequence split by the layout *before* the module.
+    let xs = layout.split(&xv, b, M, WORLD).unwrap();
+    let ws = layout.split(&wv, b, M, WORLD).unwrap();
+    let ms = mv.as_ref().map(|m| layout.split(m, b, 1, WORLD).unwrap());
+    let mha = &mha;
+    let outs = loopback::run(WORLD, CommConfig::default(), |comm| -> Result<RankOut> {
+        let ring =
+            RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(mha, Rc::new(comm), layout)?;
+        let r = ring.comm().rank();
+        let dev = Cpu::default();
+        let x: Xs<LOCAL, M> = dev.tensor_from_vec(xs[r].clone(), (b, Const, Const));
+        let w: Xs<LOCAL, M> = dev.tensor_from_vec(ws[r].clone(), (b, Const, Const));
+        let mask: Option<Mask<LOCAL>> = ms
+            .as_ref()
+            .map(|m| dev.tensor_from_vec(m[r].clone(), (b, Const)));
+        let y = ring.try_forward_masked(x.leaky_trace(), mask.as_ref())?;
+        let yv = y.as_vec();
+        let mut g = (y * w).sum().backward();
+        let own = param_grads(mha, &g);
+        ring.try_all_reduce_grads(&mut g)?;
+        Ok((yv, g.get(&x).as_vec(), own, param_grads(mha, &g)))
+    })
+    .unwrap();
+    let outs: Vec<RankOut> = outs
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("rank failed: {e}; case {d:?}")))
+        .collect();
+
+    let (rel, abs) = (1e-11, 1e-12);
+    let gather = |f: &dyn Fn(&RankOut) -> Vec<f64>| {
+        layout
+            .gather(&outs.iter().map(f).collect::<Vec<_>>(), b, M)
+            .unwrap()
+    };
+    assert_close("out", &gather(&|o| o.0.clone()), &y_single, rel, abs, d);
+    assert_close("dx", &gather(&|o| o.1.clone()), &dx_single, rel, abs, d);
+    for (i, (name, want)) in p_single.iter().enumerate() {
+        let mut sum = vec![0.0; want.len()];
+        for o in &outs {
+            sum.iter_mut().zip(&o.2[i].1).for_each(|(s, g)| *s += g);
+        }
+        assert_close(&format!("sum of rank {name}"), &sum, want, rel, abs, d);
+        for o in &outs {
+            assert_close(&format!("all-reduced {name}"), &o.3[i].1, want, rel, abs, d);
+            assert_eq!(o.3[i].1, outs[0].3[i].1, "{name}: ranks disagree; case {d:?}");
+        }
+    }
+}
+
+/// The table of typed configurations a case picks from:
+/// `(M, H, HKV, HD, schedule, combine, LOCAL, WORLD, N = LOCAL·WORLD)`, each run causal
+/// or not. Segments within a rank, across ranks (not aligned to chunks) and longer than
+/// the sequence; GQA; `HeadGroups`.
+macro_rules! dispatch {
+    ($d:expr; $($i:literal => ($m:literal, $h:literal, $hkv:literal, $hd:literal, $s:ty, $c:ty,
+                              $l:literal, $w:literal, $n:literal)),* $(,)?) => {
+        match $d.config {
+            $($i => if $d.causal {
+                check::<$m, $h, $hkv, $hd, $s, Causal, $c, $l, $w, $n>(&$d)
+            } else {
+                check::<$m, $h, $hkv, $hd, $s, NonCausal, $c, $l, $w, $n>(&$d)
+            },)*
+            other => unreachable!("config {other}"),
+        }
+    };
+}
+
+const CONFIGS: usize = 8;
+
+fn run_case(d: &Draw) {
+    dispatch!(d;
+        0 => (8, 2, 1, 4, (Seg<4, 1>, Seg<8, 2>), LseCombine, 8, 1, 8),
+        1 => (8, 2, 2, 4, (Seg<2, 1>, Seg<8, 4>), LseCombine, 4, 2, 8),
+        2 => (12, 4, 2, 3, (Seg<3, 1>, Seg<12, 2>), LseCombine, 6, 2, 12),
+        3 => (8, 2, 1, 4, (Seg<6, 2>, Seg<12, 3>), LseCombine, 4, 3, 12),
+        4 => (6, 3, 3, 2, (Seg<3, 1>, Seg<6, 3>), HeadGroupCombine, 2, 3, 6),
+        5 => (8, 4, 2, 2, (Seg<2, 1>, Seg<8, 2>, Seg<16, 4>), LseCombine, 4, 4, 16),
+        6 => (8, 2, 2, 4, (Seg<4, 1>, Seg<32, 4>), LseCombine, 2, 4, 8),
+        7 => (8, 2, 1, 4, (Seg<6, 1>, Seg<24, 3>), LseCombine, 6, 4, 24),
+    );
+}
+
+fn draw() -> impl Strategy<Value = Draw> {
+    (
+        0..CONFIGS,
+        any::<bool>(),
+        any::<bool>(),
+        1usize..=2,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|(config, causal, zigzag, batch, masked, seed)| Draw {
+            config,
+            causal,
+            zigzag,
+            batch,
+            masked,
+            seed,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// Outputs, input gradients and (summed) parameter gradients of the ring module equal
+    /// the single-device module's.
+    #[test]
+    fn ring_module_matches_single_device(d in draw()) {
+        run_case(&d);
+    }
+}
+
+/// Every configuration of the table, both causalities and layouts, at least once.
+#[test]
+fn every_configuration() {
+    for config in 0..CONFIGS {
+        for (causal, zigzag) in [(false, false), (true, true)] {
+            run_case(&Draw {
+                config,
+                causal,
+                zigzag,
+                batch: 2,
+                masked: config % 2 == 0,
+                seed: 1000 + config as u64,
+            });
+        }
+    }
+}
+
+/// A schedule every length satisfies (for the construction checks).
+type Small = builder::MultiheadDilatedAttention<8, 2, 1, 4, Seg<1, 1>, Causal>;
+/// Segments of 8 across both ranks of `2 x 4` (so the ranks must talk).
+type Cross = builder::MultiheadDilatedAttention<8, 2, 1, 4, Seg<8, 2>, Causal>;
+
+#[test]
+fn wrong_world_size_and_odd_zigzag_are_errors() {
+    let mha = Cpu::default().build_module::<Small, f64>();
+    let comm = Rc::new(Loopback::ring(3, CommConfig::default()).unwrap().remove(0));
+    let e = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(&mha, comm.clone(), Layout::Contiguous)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("world of 2 ranks, the communicator has 3"),
+        "{e}"
+    );
+    let e = RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm.clone(), Layout::Zigzag)
+        .unwrap_err();
+    assert!(e.to_string().contains("even local length"), "{e}");
+    assert!(
+        RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm, Layout::Contiguous).is_ok()
+    );
+}
+
+/// A rank that leaves after the forward: the others' backward fails with the ring's error
+/// (which rank, which step), never a hang or zero gradients.
+#[test]
+fn backward_fault_is_reported() {
+    let mha = Cpu::default().build_module::<Cross, f64>();
+    let cfg = CommConfig::default().timeout(std::time::Duration::from_secs(20));
+    let outs = loopback::run(2, cfg, |comm| {
+        let ring = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(&mha, Rc::new(comm), Layout::Contiguous)?;
+        let x: Tensor<Rank3<1, 4, 8>, f64, _> = Cpu::default().sample_normal();
+        let y = ring.try_forward_masked(x.leaky_trace(), None)?;
+        if ring.comm().rank() == 1 {
+            return Ok(None); // drops its end of the ring
+        }
+        let r = y.sum().try_backward();
+        Ok(Some((r.is_err(), ring.take_backward_error())))
+    })
+    .unwrap();
+    assert!(matches!(outs[1], Ok(None)));
+    match &outs[0] {
+        Ok(Some((true, Some(Error::Comm { rank: 0, msg, .. })))) => {
+            assert!(msg.contains("rank 1"), "{msg}")
+        }
+        other => panic!("expected a reported ring failure on rank 0, got {other:?}"),
+    }
+}
+
+#[test]
+fn all_reduce_sums_any_length() {
+    for world in 1..=4 {
+        for len in [0usize, 1, 3, 4, 7, 33] {
+            let outs = loopback::run(world, CommConfig::default(), |comm| {
+                let mut x = normal(comm.rank() as u64 * 100 + len as u64, len);
+                try_all_reduce_sum(&comm, &mut x)?;
+                Ok(x)
+            })
+            .unwrap();
+            let mut want = vec![0.0; len];
+            for r in 0..world {
+                let x = normal(r as u64 * 100 + len as u64, len);
+                want.iter_mut().zip(&x).for_each(|(s, v)| *s += v);
+            }
+            let first = outs[0].as_ref().unwrap();
+            for o in &outs {
+                let o = o.as_ref().unwrap();
+                assert_eq!(o, first, "ranks disagree, world {world}, len {len}");
+                assert_close("sum", o, &want, 1e-14, 1e-14, &(world, len));
+            }
+        }
+    }
+}
