@@ -122,7 +122,9 @@ fn check<
     let mask: Option<Mask<N>> = mv
         .as_ref()
         .map(|m| dev.tensor_from_vec(m.clone(), (b, Const)));
-    let y = mha.try_forward_masked(x.leaky_trace(), mask.as_ref()).unwrap();
+    let y = mha
+        .try_forward_masked(x.leaky_trace(), mask.as_ref())
+        .unwrap();
     let y_single = y.as_vec();
     let g = (y * w).sum().backward();
     let dx_single = g.get(&x).as_vec();
@@ -134,8 +136,11 @@ fn check<
     let ms = mv.as_ref().map(|m| layout.split(m, b, 1, WORLD).unwrap());
     let mha = &mha;
     let outs = loopback::run(WORLD, CommConfig::default(), |comm| -> Result<RankOut> {
-        let ring =
-            RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(mha, Rc::new(comm), layout)?;
+        let ring = RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(
+            mha,
+            Rc::new(comm),
+            layout,
+        )?;
         let r = ring.comm().rank();
         let dev = Cpu::default();
         let x: Xs<LOCAL, M> = dev.tensor_from_vec(xs[r].clone(), (b, Const, Const));
@@ -172,7 +177,10 @@ fn check<
         assert_close(&format!("sum of rank {name}"), &sum, want, rel, abs, d);
         for o in &outs {
             assert_close(&format!("all-reduced {name}"), &o.3[i].1, want, rel, abs, d);
-            assert_eq!(o.3[i].1, outs[0].3[i].1, "{name}: ranks disagree; case {d:?}");
+            assert_eq!(
+                o.3[i].1, outs[0].3[i].1,
+                "{name}: ranks disagree; case {d:?}"
+            );
         }
     }
 }
@@ -266,17 +274,24 @@ type Cross = builder::MultiheadDilatedAttention<8, 2, 1, 4, Seg<8, 2>, Causal>;
 fn wrong_world_size_and_odd_zigzag_are_errors() {
     let mha = Cpu::default().build_module::<Small, f64>();
     let comm = Rc::new(Loopback::ring(3, CommConfig::default()).unwrap().remove(0));
-    let e = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(&mha, comm.clone(), Layout::Contiguous)
-        .unwrap_err();
+    let e = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(
+        &mha,
+        comm.clone(),
+        Layout::Contiguous,
+    )
+    .unwrap_err();
     assert!(
-        e.to_string().contains("world of 2 ranks, the communicator has 3"),
+        e.to_string()
+            .contains("world of 2 ranks, the communicator has 3"),
         "{e}"
     );
-    let e = RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm.clone(), Layout::Zigzag)
-        .unwrap_err();
+    let e =
+        RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm.clone(), Layout::Zigzag)
+            .unwrap_err();
     assert!(e.to_string().contains("even local length"), "{e}");
     assert!(
-        RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm, Layout::Contiguous).is_ok()
+        RingMultiheadDilatedAttention::<_, _, 3, 3>::try_new(&mha, comm, Layout::Contiguous)
+            .is_ok()
     );
 }
 
@@ -287,7 +302,11 @@ fn backward_fault_is_reported() {
     let mha = Cpu::default().build_module::<Cross, f64>();
     let cfg = CommConfig::default().timeout(std::time::Duration::from_secs(20));
     let outs = loopback::run(2, cfg, |comm| {
-        let ring = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(&mha, Rc::new(comm), Layout::Contiguous)?;
+        let ring = RingMultiheadDilatedAttention::<_, _, 4, 2>::try_new(
+            &mha,
+            Rc::new(comm),
+            Layout::Contiguous,
+        )?;
         let x: Tensor<Rank3<1, 4, 8>, f64, _> = Cpu::default().sample_normal();
         let y = ring.try_forward_masked(x.leaky_trace(), None)?;
         if ring.comm().rank() == 1 {
@@ -329,4 +348,47 @@ fn all_reduce_sums_any_length() {
             }
         }
     }
+}
+
+/// The book's "Over a ring" section (`book/src/dfdx.md`) includes this test.
+#[test]
+fn over_a_ring_book_example() -> Result<()> {
+    use dfdx::nn::Module;
+    // ANCHOR: ring_module
+    type Attn = builder::MultiheadDilatedAttention<16, 4, 2, 4, (Seg<8, 1>, Seg<32, 4>), Causal>;
+    const WORLD: usize = 4;
+    const LOCAL: usize = 8; // 4 ranks x 8 rows = 32 tokens, checked against the schedule
+    let mha = Cpu::seed_from_u64(0).build_module::<Attn, f64>();
+    let x: Tensor<Rank3<1, 32, 16>, f64, _> = Cpu::seed_from_u64(1).sample_normal();
+
+    // The sequence is split before the module: a rank never sees other ranks' rows.
+    let layout = Layout::Zigzag;
+    let parts = layout.split(&x.as_vec(), 1, 16, WORLD)?;
+    let per_rank = loopback::run(WORLD, CommConfig::default(), |comm| {
+        let ring = RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(
+            &mha,
+            Rc::new(comm),
+            layout,
+        )?;
+        let rows = parts[ring.comm().rank()].clone();
+        let x_r: Tensor<Rank3<1, LOCAL, 16>, f64, _> =
+            Cpu::default().tensor_from_vec(rows, (Const, Const, Const));
+        let y_r = ring.try_forward_masked(x_r.leaky_trace(), None)?;
+        // The ring backward is collective: every rank calls backward.
+        let mut grads = y_r.square().sum().backward();
+        // A rank's parameter gradients cover its own rows only: sum them over the ring.
+        ring.try_all_reduce_grads(&mut grads)?;
+        Ok(grads.get(&mha.w_q.weight).as_vec())
+    })?;
+    // ANCHOR_END: ring_module
+
+    // ANCHOR: ring_check
+    // Every rank now holds the gradient one device computes on the whole sequence.
+    let y = mha.forward(x.leaky_trace());
+    let want = y.square().sum().backward().get(&mha.w_q.weight).as_vec();
+    for got in per_rank {
+        assert_close("dw_q", &got?, &want, 1e-12, 1e-12, &"book");
+    }
+    // ANCHOR_END: ring_check
+    Ok(())
 }
