@@ -151,6 +151,10 @@ fn check<
         let y = ring.try_forward_masked(x.leaky_trace(), mask.as_ref())?;
         let yv = y.as_vec();
         let mut g = (y * w).sum().backward();
+        let st = ring.take_stats().expect("forward and backward ran");
+        assert_eq!((st.rank, st.world), (r, WORLD));
+        assert!(WORLD > 1 || st.bytes_sent == 0, "{st:?}");
+        assert!(ring.take_stats().is_none() && ring.take_backward_error().is_none());
         let own = param_grads(mha, &g);
         ring.try_all_reduce_grads(&mut g)?;
         Ok((yv, g.get(&x).as_vec(), own, param_grads(mha, &g)))

@@ -59,7 +59,8 @@ use crate::tensor::KeyMask;
 /// dfdx tape keeps a handle; several layers may share one communicator).
 /// `LOCAL · WORLD` is checked against the schedule at compile time
 /// ([`CheckedRingConfig`]); the communicator's world size and the layout at
-/// [`try_new`](Self::try_new).
+/// [`try_new`](Self::try_new). It is cheap to make (no allocation but two `Rc`s): bind
+/// one per training step, since the optimizer needs the module mutably between steps.
 ///
 /// ```
 /// use std::rc::Rc;
