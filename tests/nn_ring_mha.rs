@@ -155,6 +155,14 @@ fn check<
         assert_eq!((st.rank, st.world), (r, WORLD));
         assert!(WORLD > 1 || st.bytes_sent == 0, "{st:?}");
         assert!(ring.take_stats().is_none() && ring.take_backward_error().is_none());
+        // Inference (NoneTape) gives the same rows and records nothing.
+        let y_inf = ring.try_forward_masked(x.clone(), mask.as_ref())?.as_vec();
+        let diff = y_inf
+            .iter()
+            .zip(&yv)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(diff <= 1e-13, "inference vs training forward: {diff:e}");
         let own = param_grads(mha, &g);
         ring.try_all_reduce_grads(&mut g)?;
         Ok((yv, g.get(&x).as_vec(), own, param_grads(mha, &g)))
@@ -351,6 +359,105 @@ fn all_reduce_sums_any_length() {
                 assert_close("sum", o, &want, 1e-14, 1e-14, &(world, len));
             }
         }
+    }
+}
+
+/// Sequence-parallel training of two stacked attention layers sharing one communicator:
+/// each rank trains its own replica on its rows with all-reduced gradients and plain SGD;
+/// after a few steps every replica equals (bit for bit) the others and (to rounding) the
+/// model trained on one device. (SGD, not Adam: Adam's normalisation turns the rounding
+/// noise of a gradient that is exactly zero in exact arithmetic, such as the key bias's,
+/// into a full step.)
+#[test]
+fn replicas_train_like_one_device() {
+    use dfdx::nn::{Module, ZeroGrads};
+    use dfdx::optim::{Optimizer, Sgd, SgdConfig};
+    type L1 = builder::MultiheadDilatedAttention<8, 2, 1, 4, (Seg<4, 1>, Seg<16, 4>), Causal>;
+    type L2 = builder::MultiheadDilatedAttention<8, 2, 2, 4, Seg<8, 2>, Causal>;
+    type Model = (L1, L2);
+    const WORLD: usize = 4;
+    const LOCAL: usize = 4;
+    const STEPS: usize = 3;
+    let layout = Layout::Zigzag;
+    let cfg = SgdConfig {
+        lr: 0.05,
+        ..Default::default()
+    };
+    let dev = Cpu::seed_from_u64(30);
+    let model0 = dev.build_module::<Model, f64>();
+    let (xv, wv) = (normal(31, 16 * 8), normal(32, 16 * 8));
+    let params = |m: &<Model as dfdx::nn::BuildOnDevice<Cpu, f64>>::Built| {
+        [
+            m.0.w_q.weight.as_vec(),
+            m.0.w_k.bias.as_vec(),
+            m.0.norm.gamma.as_vec(),
+            m.1.w_v.weight.as_vec(),
+            m.1.w_o.weight.as_vec(),
+        ]
+        .concat()
+    };
+
+    // One device.
+    let mut model = model0.clone();
+    let mut opt = Sgd::new(&model, cfg);
+    let x: Tensor<Rank3<1, 16, 8>, f64, _> = dev.tensor_from_vec(xv.clone(), (Const, Const, Const));
+    let w: Tensor<Rank3<1, 16, 8>, f64, _> = dev.tensor_from_vec(wv.clone(), (Const, Const, Const));
+    let mut grads = model.alloc_grads();
+    for _ in 0..STEPS {
+        let y = model.forward(x.trace(grads));
+        grads = (y * w.clone()).sum().backward();
+        opt.update(&mut model, &grads).unwrap();
+        model.zero_grads(&mut grads);
+    }
+    let want = params(&model);
+    assert!(
+        want.iter()
+            .zip(params(&model0))
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "training did not move the parameters"
+    );
+
+    // The ring: one replica per rank.
+    let xs = layout.split(&xv, 1, 8, WORLD).unwrap();
+    let ws = layout.split(&wv, 1, 8, WORLD).unwrap();
+    let model0 = &model0;
+    let outs = loopback::run(WORLD, CommConfig::default(), |comm| {
+        let comm = Rc::new(comm);
+        let r = comm.rank();
+        let dev = Cpu::default();
+        let x: Tensor<Rank3<1, LOCAL, 8>, f64, _> =
+            dev.tensor_from_vec(xs[r].clone(), (Const, Const, Const));
+        let w: Tensor<Rank3<1, LOCAL, 8>, f64, _> =
+            dev.tensor_from_vec(ws[r].clone(), (Const, Const, Const));
+        let mut model = model0.clone();
+        let mut opt = Sgd::new(&model, cfg);
+        let mut grads = model.alloc_grads();
+        for _ in 0..STEPS {
+            let l1 = RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(
+                &model.0,
+                comm.clone(),
+                layout,
+            )?;
+            let l2 = RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new(
+                &model.1,
+                comm.clone(),
+                layout,
+            )?;
+            let h = l1.try_forward_masked(x.trace(grads), None)?;
+            let y = l2.try_forward_masked(h, None)?;
+            grads = (y * w.clone()).sum().backward();
+            dilated_attention::nn::try_all_reduce_grads(&*comm, &model, &mut grads)?;
+            opt.update(&mut model, &grads).unwrap();
+            model.zero_grads(&mut grads);
+        }
+        Ok(params(&model))
+    })
+    .unwrap();
+    let first = outs[0].as_ref().unwrap();
+    for o in &outs {
+        let got = o.as_ref().unwrap();
+        assert_eq!(got, first, "replicas diverged");
+        assert_close("trained parameters", got, &want, 1e-11, 1e-12, &"sgd");
     }
 }
 
