@@ -43,12 +43,13 @@ use num_traits::Float;
 use rand::distributions::uniform::SampleUniform;
 
 use super::autograd::{add_into, TapedBnhd};
+use super::fused::{FusedBuilder, FusedMultiheadDilatedAttention};
 use super::mha::{builder, dfdx_err, output_block, Causality, MultiheadDilatedAttention};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ring::{self, Geometry, Layout, RingComm, RingStats};
 use crate::shape::typed::{CheckedRingConfig, CombineKind, Schedule};
-use crate::shape::{Dims, Plan};
+use crate::shape::{Dims, Options, Pattern, Plan};
 use crate::tensor::KeyMask;
 
 /// A [`MultiheadDilatedAttention`] (`Mod`) bound to one rank of a ring of `WORLD` ranks
@@ -121,9 +122,157 @@ impl Shared {
     }
 }
 
-/// The module type a [`RingMultiheadDilatedAttention`] wraps.
+/// The module types a [`RingMultiheadDilatedAttention`] wraps.
 type Mhda<const M: usize, const H: usize, const HKV: usize, const HD: usize, S, E, A, C> =
     MultiheadDilatedAttention<M, H, HKV, HD, S, E, Cpu, A, C>;
+type Fused<const M: usize, const H: usize, const HD: usize, S, E, A, C> =
+    FusedMultiheadDilatedAttention<M, H, HD, S, E, Cpu, A, C>;
+
+/// What does not depend on the wrapped module.
+impl<'m, Cm: RingComm, Mod, const LOCAL: usize, const WORLD: usize>
+    RingMultiheadDilatedAttention<'m, Cm, Mod, LOCAL, WORLD>
+{
+    /// The runtime checks of `try_new`: the communicator's world size and the layout.
+    fn bind(module: &'m Mod, comm: Rc<Cm>, layout: Layout) -> Result<Self> {
+        if comm.world_size() != WORLD {
+            return Err(Error::Ring {
+                msg: format!(
+                    "RingMultiheadDilatedAttention is typed for a world of {WORLD} ranks, the communicator has {}",
+                    comm.world_size()
+                ),
+            });
+        }
+        Geometry::new(layout, WORLD, LOCAL)?;
+        Ok(RingMultiheadDilatedAttention {
+            module,
+            comm,
+            layout,
+            shared: Rc::default(),
+        })
+    }
+
+    /// The wrapped module (its parameters are the ones the gradients refer to).
+    pub fn module(&self) -> &'m Mod {
+        self.module
+    }
+    /// The communicator.
+    pub fn comm(&self) -> &Rc<Cm> {
+        &self.comm
+    }
+    /// The layout: which global positions this rank's rows are.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+    /// The global positions of this rank's `LOCAL` rows, in local order.
+    pub fn positions(&self) -> Vec<usize> {
+        Geometry {
+            layout: self.layout,
+            world: WORLD,
+            local: LOCAL,
+        }
+        .positions(self.comm.rank())
+    }
+
+    /// Statistics of the ring calls (forward and backward attention, not the gradient
+    /// all-reduce) since the last call, merged; `None` if there was none.
+    pub fn take_stats(&self) -> Option<RingStats> {
+        self.shared.stats.borrow_mut().take()
+    }
+
+    /// Why the last ring backward failed. dfdx's `backward()` only sees a `CpuError`
+    /// (and `backward()` panics on it): call `try_backward()` and, on `Err`, read the
+    /// ring's [`Error::Comm`] (rank, step, peer) here.
+    pub fn take_backward_error(&self) -> Option<Error> {
+        self.shared.failure.borrow_mut().take()
+    }
+
+    /// Sum the module's parameter gradients over the ring, in place (see
+    /// [`try_all_reduce_grads`]). Collective.
+    pub fn try_all_reduce_grads<E>(&self, grads: &mut Gradients<E, Cpu>) -> Result<RingStats>
+    where
+        E: Dtype + Element,
+        Cpu: Device<E>,
+        Mod: TensorCollection<E, Cpu>,
+    {
+        try_all_reduce_grads(&*self.comm, self.module, grads)
+    }
+
+    /// The taped ring op on this rank's projected rows, for the global `plan`.
+    #[allow(clippy::type_complexity)]
+    fn ring_op<B, const H: usize, const HKV: usize, const HD: usize, E, T, Tk, Tv>(
+        &self,
+        plan: Plan,
+        q: TapedBnhd<B, LOCAL, H, HD, E, T>,
+        k: TapedBnhd<B, LOCAL, HKV, HD, E, Tk>,
+        v: TapedBnhd<B, LOCAL, HKV, HD, E, Tv>,
+        mask: Option<&KeyMask<B, LOCAL>>,
+    ) -> Result<TapedBnhd<B, LOCAL, H, HD, E, T>>
+    where
+        Cm: 'static,
+        B: Dim,
+        E: Dtype + Element,
+        Cpu: Device<E>,
+        T: Tape<E, Cpu> + Merge<Tk> + Merge<Tv>,
+        Tk: Tape<E, Cpu>,
+        Tv: Tape<E, Cpu>,
+    {
+        let (q, qt) = q.try_contiguous().map_err(dfdx_err)?.split_tape();
+        let (k, kt) = k.try_contiguous().map_err(dfdx_err)?.split_tape();
+        let (v, vt) = v.try_contiguous().map_err(dfdx_err)?.split_tape();
+        let mut tape = qt.merge(kt).merge(vt);
+        let mask = mask.map(|m| m.as_vec());
+        let f = ring::try_forward(
+            &*self.comm,
+            &plan,
+            self.layout,
+            &q.as_vec(),
+            &k.as_vec(),
+            &v.as_vec(),
+            mask.as_deref(),
+        )?;
+        self.shared.record(&f.stats);
+        let out = q
+            .device()
+            .try_tensor_from_vec(f.out, *q.shape())
+            .map_err(dfdx_err)?;
+        if T::OWNS_TAPE {
+            let saved = RingSaved {
+                comm: Rc::clone(&self.comm),
+                shared: Rc::clone(&self.shared),
+                plan,
+                layout: self.layout,
+                mask,
+                out: out.clone(),
+                lse: f.lse,
+                q,
+                k,
+                v,
+            };
+            tape.add_backward_op(move |grads| saved.backward(grads));
+        }
+        Ok(out.put_tape(tape))
+    }
+}
+
+/// The global plan (`seq = LOCAL · WORLD`) of a module's attention for batch `batch`.
+fn global_plan<const LOCAL: usize, const WORLD: usize, const H: usize, const HKV: usize>(
+    head_dim: usize,
+    batch: usize,
+    patterns: &[Pattern],
+    opts: Options,
+) -> Result<Plan> {
+    Plan::new(
+        Dims {
+            batch,
+            seq: LOCAL * WORLD,
+            heads: H,
+            kv_heads: HKV,
+            head_dim,
+        },
+        patterns,
+        opts,
+    )
+}
 
 impl<
         'm,
@@ -158,72 +307,18 @@ where
         let () = builder::MultiheadDilatedAttention::<M, H, HKV, HD, S, A, C>::TYPE_CHECK;
         #[allow(clippy::let_unit_value)]
         let () = CheckedRingConfig::<LOCAL, WORLD, H, HKV, HD, S, C>::OK;
-        if comm.world_size() != WORLD {
-            return Err(Error::Ring {
-                msg: format!(
-                    "RingMultiheadDilatedAttention is typed for a world of {WORLD} ranks, the communicator has {}",
-                    comm.world_size()
-                ),
-            });
-        }
-        Geometry::new(layout, WORLD, LOCAL)?;
-        Ok(RingMultiheadDilatedAttention {
-            module,
-            comm,
-            layout,
-            shared: Rc::default(),
-        })
-    }
-
-    /// The wrapped module (its parameters are the ones the gradients refer to).
-    pub fn module(&self) -> &'m Mhda<M, H, HKV, HD, S, E, A, C> {
-        self.module
-    }
-    /// The communicator.
-    pub fn comm(&self) -> &Rc<Cm> {
-        &self.comm
-    }
-    /// The layout: which global positions this rank's rows are.
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-    /// The global positions of this rank's `LOCAL` rows, in local order.
-    pub fn positions(&self) -> Vec<usize> {
-        Geometry {
-            layout: self.layout,
-            world: WORLD,
-            local: LOCAL,
-        }
-        .positions(self.comm.rank())
+        Self::bind(module, comm, layout)
     }
 
     /// The global plan (`seq = LOCAL · WORLD`) for batch `batch`, with the module's
     /// attention options.
     pub fn plan(&self, batch: usize) -> Result<Plan> {
-        Plan::new(
-            Dims {
-                batch,
-                seq: LOCAL * WORLD,
-                heads: H,
-                kv_heads: HKV,
-                head_dim: HD,
-            },
+        global_plan::<LOCAL, WORLD, H, HKV>(
+            HD,
+            batch,
             S::PATTERNS,
             self.module.attention().options(),
         )
-    }
-
-    /// Statistics of the ring calls (forward and backward attention, not the gradient
-    /// all-reduce) since the last call, merged; `None` if there was none.
-    pub fn take_stats(&self) -> Option<RingStats> {
-        self.shared.stats.borrow_mut().take()
-    }
-
-    /// Why the last ring backward failed. dfdx's `backward()` only sees a `CpuError`
-    /// (and `backward()` panics on it): call `try_backward()` and, on `Err`, read the
-    /// ring's [`Error::Comm`] (rank, step, peer) here.
-    pub fn take_backward_error(&self) -> Option<Error> {
-        self.shared.failure.borrow_mut().take()
     }
 
     /// Self-attention over this rank's rows `x: (batch, LOCAL, M)` (in the layout's local
@@ -266,49 +361,8 @@ where
         Tk: Tape<E, Cpu>,
         Tv: Tape<E, Cpu>,
     {
-        let (q, qt) = q.try_contiguous().map_err(dfdx_err)?.split_tape();
-        let (k, kt) = k.try_contiguous().map_err(dfdx_err)?.split_tape();
-        let (v, vt) = v.try_contiguous().map_err(dfdx_err)?.split_tape();
-        let mut tape = qt.merge(kt).merge(vt);
-        let batch = q.shape().0;
-        let plan = self.plan(batch.size())?;
-        let mask = mask.map(|m| m.as_vec());
-        let f = ring::try_forward(
-            &*self.comm,
-            &plan,
-            self.layout,
-            &q.as_vec(),
-            &k.as_vec(),
-            &v.as_vec(),
-            mask.as_deref(),
-        )?;
-        self.shared.record(&f.stats);
-        let out = q
-            .device()
-            .try_tensor_from_vec(f.out, *q.shape())
-            .map_err(dfdx_err)?;
-        if T::OWNS_TAPE {
-            let saved = RingSaved {
-                comm: Rc::clone(&self.comm),
-                shared: Rc::clone(&self.shared),
-                plan,
-                layout: self.layout,
-                mask,
-                out: out.clone(),
-                lse: f.lse,
-                q,
-                k,
-                v,
-            };
-            tape.add_backward_op(move |grads| saved.backward(grads));
-        }
-        Ok(out.put_tape(tape))
-    }
-
-    /// Sum the module's parameter gradients over the ring, in place (see
-    /// [`try_all_reduce_grads`]). Collective.
-    pub fn try_all_reduce_grads(&self, grads: &mut Gradients<E, Cpu>) -> Result<RingStats> {
-        try_all_reduce_grads(&*self.comm, self.module, grads)
+        let plan = self.plan(q.shape().0.size())?;
+        self.ring_op(plan, q, k, v, mask)
     }
 }
 
@@ -317,18 +371,14 @@ impl<
         Cm,
         const M: usize,
         const H: usize,
-        const HKV: usize,
         const HD: usize,
         S,
         E,
         A,
         C,
-        B,
-        T,
         const LOCAL: usize,
         const WORLD: usize,
-    > Module<Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>>
-    for RingMultiheadDilatedAttention<'m, Cm, Mhda<M, H, HKV, HD, S, E, A, C>, LOCAL, WORLD>
+    > RingMultiheadDilatedAttention<'m, Cm, Fused<M, H, HD, S, E, A, C>, LOCAL, WORLD>
 where
     Cm: RingComm + 'static,
     S: Schedule,
@@ -336,21 +386,78 @@ where
     Cpu: Device<E>,
     A: Causality,
     C: CombineKind,
-    B: Dim,
-    T: Tape<E, Cpu> + Merge<T>,
 {
-    type Output = Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>;
-    /// This crate's error: a ring can fail for reasons a device error cannot name.
-    type Error = Error;
+    /// Bind the fused-projection `module` to this rank of `comm` (see the separate
+    /// module's `try_new`).
+    pub fn try_new_fused(
+        module: &'m Fused<M, H, HD, S, E, A, C>,
+        comm: Rc<Cm>,
+        layout: Layout,
+    ) -> Result<Self> {
+        #[allow(clippy::let_unit_value)]
+        let () = FusedBuilder::<M, H, HD, S, A, C>::TYPE_CHECK;
+        #[allow(clippy::let_unit_value)]
+        let () = CheckedRingConfig::<LOCAL, WORLD, H, H, HD, S, C>::OK;
+        Self::bind(module, comm, layout)
+    }
 
-    /// This rank's rows `(batch, LOCAL, M) -> (batch, LOCAL, M)`; collective.
-    fn try_forward(
+    /// The global plan (`seq = LOCAL · WORLD`) for batch `batch`.
+    pub fn plan(&self, batch: usize) -> Result<Plan> {
+        global_plan::<LOCAL, WORLD, H, H>(HD, batch, S::PATTERNS, self.module.attention().options())
+    }
+
+    /// This rank's rows of the fused module's output (see the separate module's
+    /// `try_forward_masked`). Collective.
+    #[allow(clippy::type_complexity)]
+    pub fn try_forward_masked<B: Dim, T>(
         &self,
         x: Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>,
-    ) -> Result<Self::Output> {
-        self.try_forward_masked(x, None)
+        mask: Option<&KeyMask<B, LOCAL>>,
+    ) -> Result<Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>>
+    where
+        T: Tape<E, Cpu> + Merge<T>,
+    {
+        let m = self.module;
+        let b = x.shape().0;
+        let (q, k, v) = m.w_qkv.try_forward(x).map_err(dfdx_err)?;
+        let plan = self.plan(b.size())?;
+        let o = self.ring_op(plan, q, k, v, mask)?;
+        output_block(o, b, m.dropout, &m.norm, &m.w_o)
     }
 }
+
+macro_rules! ring_module_impl {
+    ($module:ty; $($extra:tt)*) => {
+        impl<'m, Cm, const M: usize, const H: usize, $($extra)* const HD: usize, S, E, A, C, B, T,
+             const LOCAL: usize, const WORLD: usize>
+            Module<Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>>
+            for RingMultiheadDilatedAttention<'m, Cm, $module, LOCAL, WORLD>
+        where
+            Cm: RingComm + 'static,
+            S: Schedule,
+            E: Dtype + Element + Float + SampleUniform,
+            Cpu: Device<E>,
+            A: Causality,
+            C: CombineKind,
+            B: Dim,
+            T: Tape<E, Cpu> + Merge<T>,
+        {
+            type Output = Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>;
+            /// This crate's error: a ring can fail for reasons a device error cannot name.
+            type Error = Error;
+
+            /// This rank's rows `(batch, LOCAL, M) -> (batch, LOCAL, M)`; collective.
+            fn try_forward(
+                &self,
+                x: Tensor<(B, Const<LOCAL>, Const<M>), E, Cpu, T>,
+            ) -> Result<Self::Output> {
+                self.try_forward_masked(x, None)
+            }
+        }
+    };
+}
+ring_module_impl!(Mhda<M, H, HKV, HD, S, E, A, C>; const HKV: usize,);
+ring_module_impl!(Fused<M, H, HD, S, E, A, C>;);
 
 /// What the ring backward closure keeps alive.
 struct RingSaved<
