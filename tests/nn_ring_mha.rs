@@ -277,6 +277,124 @@ fn every_configuration() {
     }
 }
 
+/// The fused-projection module over a ring vs on one device: outputs, input gradients
+/// and all-reduced parameter gradients.
+fn check_fused<
+    const M: usize,
+    const H: usize,
+    const HD: usize,
+    S: Schedule + Sync,
+    A: Causality,
+    const LOCAL: usize,
+    const WORLD: usize,
+    const N: usize,
+>(
+    layout: Layout,
+    masked: bool,
+    seed: u64,
+) {
+    use dilated_attention::nn::{FusedBuilder, FusedMultiheadDilatedAttention};
+    type F<const M: usize, const H: usize, const HD: usize, S, A> =
+        FusedMultiheadDilatedAttention<M, H, HD, S, f64, Cpu, A>;
+    assert_eq!(N, LOCAL * WORLD);
+    let ctx = (layout, masked, seed, WORLD, LOCAL);
+    let dev = Cpu::seed_from_u64(seed);
+    let mut m: F<M, H, HD, S, A> = dev.build_module::<FusedBuilder<M, H, HD, S, A>, f64>();
+    m.w_qkv.bias.copy_from(&normal(seed ^ 1, 3 * H * HD));
+    m.norm.gamma.copy_from(&normal(seed ^ 2, M));
+    let b = 2;
+    let xv = normal(seed ^ 3, b * N * M);
+    let wv = normal(seed ^ 4, b * N * M);
+    let mv: Option<Vec<bool>> =
+        masked.then(|| normal(seed ^ 5, b * N).iter().map(|&z| z > -0.8).collect());
+    let grads_of = |m: &F<M, H, HD, S, A>, g: &Gradients<f64, Cpu>| {
+        [
+            g.get(&m.w_qkv.weight).as_vec(),
+            g.get(&m.w_qkv.bias).as_vec(),
+            g.get(&m.norm.gamma).as_vec(),
+            g.get(&m.norm.beta).as_vec(),
+            g.get(&m.w_o.weight).as_vec(),
+            g.get(&m.w_o.bias).as_vec(),
+        ]
+        .concat()
+    };
+
+    let x: Xs<N, M> = dev.tensor_from_vec(xv.clone(), (b, Const, Const));
+    let w: Xs<N, M> = dev.tensor_from_vec(wv.clone(), (b, Const, Const));
+    let mask: Option<Mask<N>> = mv
+        .as_ref()
+        .map(|v| dev.tensor_from_vec(v.clone(), (b, Const)));
+    let y = m
+        .try_forward_masked(x.leaky_trace(), mask.as_ref())
+        .unwrap();
+    let y_single = y.as_vec();
+    let g = (y * w).sum().backward();
+    let (dx_single, p_single) = (g.get(&x).as_vec(), grads_of(&m, &g));
+
+    let xs = layout.split(&xv, b, M, WORLD).unwrap();
+    let ws = layout.split(&wv, b, M, WORLD).unwrap();
+    let ms = mv.as_ref().map(|v| layout.split(v, b, 1, WORLD).unwrap());
+    let m = &m;
+    let outs = loopback::run(WORLD, CommConfig::default(), |comm| {
+        let ring = RingMultiheadDilatedAttention::<_, _, LOCAL, WORLD>::try_new_fused(
+            m,
+            Rc::new(comm),
+            layout,
+        )?;
+        let r = ring.comm().rank();
+        let dev = Cpu::default();
+        let x: Xs<LOCAL, M> = dev.tensor_from_vec(xs[r].clone(), (b, Const, Const));
+        let w: Xs<LOCAL, M> = dev.tensor_from_vec(ws[r].clone(), (b, Const, Const));
+        let mask: Option<Mask<LOCAL>> = ms
+            .as_ref()
+            .map(|v| dev.tensor_from_vec(v[r].clone(), (b, Const)));
+        let y = ring.try_forward_masked(x.leaky_trace(), mask.as_ref())?;
+        let yv = y.as_vec();
+        let mut g = (y * w).sum().backward();
+        ring.try_all_reduce_grads(&mut g)?;
+        Ok((yv, g.get(&x).as_vec(), grads_of(m, &g)))
+    })
+    .unwrap();
+    let outs: Vec<_> = outs.into_iter().map(|r| r.unwrap()).collect();
+    let (rel, abs) = (1e-11, 1e-12);
+    let ys: Vec<Vec<f64>> = outs.iter().map(|o| o.0.clone()).collect();
+    let dxs: Vec<Vec<f64>> = outs.iter().map(|o| o.1.clone()).collect();
+    let ctx = &ctx;
+    assert_close(
+        "fused out",
+        &layout.gather(&ys, b, M).unwrap(),
+        &y_single,
+        rel,
+        abs,
+        ctx,
+    );
+    assert_close(
+        "fused dx",
+        &layout.gather(&dxs, b, M).unwrap(),
+        &dx_single,
+        rel,
+        abs,
+        ctx,
+    );
+    for o in &outs {
+        assert_close("fused params", &o.2, &p_single, rel, abs, ctx);
+    }
+}
+
+#[test]
+fn fused_module_over_a_ring() {
+    for (i, layout) in [Layout::Contiguous, Layout::Zigzag].into_iter().enumerate() {
+        for masked in [false, true] {
+            let seed = 40 + 2 * i as u64 + masked as u64;
+            check_fused::<8, 2, 4, (Seg<2, 1>, Seg<8, 2>), Causal, 4, 2, 8>(layout, masked, seed);
+            check_fused::<6, 3, 2, (Seg<6, 2>, Seg<12, 3>), NonCausal, 4, 3, 12>(
+                layout, masked, seed,
+            );
+            check_fused::<8, 2, 4, Seg<32, 4>, Causal, 2, 4, 8>(layout, masked, seed);
+        }
+    }
+}
+
 /// A schedule every length satisfies (for the construction checks).
 type Small = builder::MultiheadDilatedAttention<8, 2, 1, 4, Seg<1, 1>, Causal>;
 /// Segments of 8 across both ranks of `2 x 4` (so the ranks must talk).

@@ -28,6 +28,10 @@
 //!
 //! Dropout draws from each rank's own device RNG, so with `dropout > 0` the masks (not
 //! their distribution) differ from a single-device run.
+//!
+//! The wrapper also takes a [`FusedMultiheadDilatedAttention`]
+//! ([`try_new_fused`](RingMultiheadDilatedAttention::try_new_fused)): the fused q/k/v
+//! projection is row-wise as well, and the ring op is the same.
 
 use std::cell::RefCell;
 use std::rc::Rc;
