@@ -56,15 +56,16 @@ use crate::shape::typed::{CheckedRingConfig, CombineKind, Schedule};
 use crate::shape::{Dims, Options, Pattern, Plan};
 use crate::tensor::KeyMask;
 
-/// A [`MultiheadDilatedAttention`] (`Mod`) bound to one rank of a ring of `WORLD` ranks
-/// that each hold `LOCAL` rows; see the [module docs](self).
+/// A [`MultiheadDilatedAttention`] or [`FusedMultiheadDilatedAttention`] (`Mod`) bound to
+/// one rank of a ring of `WORLD` ranks that each hold `LOCAL` rows; see the
+/// [module docs](self).
 ///
 /// It borrows the module (the parameters stay in one place, visited by optimizers as
 /// usual) and shares the communicator through an [`Rc`] (the backward closure on the
 /// dfdx tape keeps a handle; several layers may share one communicator).
 /// `LOCAL · WORLD` is checked against the schedule at compile time
 /// ([`CheckedRingConfig`]); the communicator's world size and the layout at
-/// [`try_new`](Self::try_new). It is cheap to make (no allocation but two `Rc`s): bind
+/// [`try_new`](Self::try_new). It is cheap to make (one small allocation): bind
 /// one per training step, since the optimizer needs the module mutably between steps.
 ///
 /// ```
