@@ -94,7 +94,8 @@ fn exp_sub_sum_f32_avx2(row: &mut [f32], m: f32) -> f32 {
     exp_sub_sum_f32_body(row, m)
 }
 
-/// Runtime-dispatched [`exp_sub_sum_f32_body`]: AVX-512, AVX2 or the baseline build.
+/// `row[j] = exp(row[j] - m)` and the sum, runtime-dispatched: AVX-512, AVX2 or the
+/// baseline build.
 #[inline]
 pub fn exp_sub_sum_f32(row: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]

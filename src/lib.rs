@@ -35,7 +35,9 @@
 //! ## In dfdx models
 //!
 //! In dfdx models: [`DilatedAttention::try_forward_taped`] records its backward on the
-//! dfdx tape, and [`nn::MultiheadDilatedAttention`] is a dfdx module (see [`nn`]).
+//! dfdx tape, and [`nn::MultiheadDilatedAttention`] is a dfdx module (see [`nn`]);
+//! [`nn::RingMultiheadDilatedAttention`] runs that module over a ring, each rank on its
+//! own rows, with gradients equal to the single-device module's.
 //!
 //! ## Feature flags
 //!

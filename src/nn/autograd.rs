@@ -199,7 +199,7 @@ fn to_cpu_error(_: Error) -> CpuError {
 
 /// `grad += src`: the saved tensors are contiguous (see `try_forward_taped`), so their
 /// gradient buffers are row-major like `src`.
-fn add_into<E: Element>(grad: &mut [E], src: &[E]) -> std::result::Result<(), CpuError> {
+pub(crate) fn add_into<E: Element>(grad: &mut [E], src: &[E]) -> std::result::Result<(), CpuError> {
     if grad.len() != src.len() {
         return Err(CpuError::WrongNumElements);
     }

@@ -11,6 +11,10 @@
 //!   `Residual`, tuples, optimizers and `ZeroGrads`.
 //! * [`FusedMultiheadDilatedAttention`] ([`fused`]): the same with one fused q/k/v
 //!   projection `(3, H, HD, M)` (PyTorch's `in_proj_weight` layout), for `HKV = H`.
+//! * [`RingMultiheadDilatedAttention`] ([`ring_mha`]): the module over a
+//!   [`RingComm`](crate::ring::RingComm), each rank holding `LOCAL` rows; outputs and
+//!   input gradients are the rank's rows of the single-device ones, and
+//!   [`try_all_reduce_grads`] sums the parameter gradients over the ranks.
 //!
 //! ```
 //! use dilated_attention::prelude::*;
@@ -31,9 +35,11 @@
 pub mod autograd;
 pub mod fused;
 pub mod mha;
+pub mod ring_mha;
 
 pub use autograd::TapedBnhd;
 pub use fused::{FusedBuilder, FusedMultiheadDilatedAttention, QkvLinear};
 pub use mha::{
     builder, magneto_gamma, Causal, Causality, HeadLinear, MultiheadDilatedAttention, NonCausal,
 };
+pub use ring_mha::{try_all_reduce_grads, RingMultiheadDilatedAttention};

@@ -118,7 +118,7 @@ pub struct Tag {
     /// Ring step.
     pub step: u32,
     /// What the message carries (0: K/V block, 1: dK/dV accumulator, 2: collective,
-    /// 3: detached-weights forward).
+    /// 3: detached-weights forward, 4: all-reduce chunk).
     pub kind: u8,
 }
 

@@ -10,6 +10,8 @@
 //! * [`Layout`] — which global positions a rank holds (`Contiguous`, `Zigzag`), with
 //!   split/gather helpers; [`simulate_forward`] / [`simulate_backward`] run a whole
 //!   loopback ring on global tensors.
+//! * [`try_all_reduce_sum`] ([`collective`]) — a ring all-reduce, for summing the
+//!   parameter gradients of sequence-parallel training.
 //!
 //! Every rank's result equals the single-device result's rows at its positions
 //! (`ops::dilated::try_forward` on the gathered inputs). The protocol, the layouts, what
@@ -30,6 +32,7 @@
 //! # Ok::<(), dilated_attention::Error>(())
 //! ```
 
+pub mod collective;
 mod comm;
 mod driver;
 mod layout;
@@ -38,6 +41,7 @@ pub mod loopback;
 pub mod nccl;
 pub mod rendezvous;
 
+pub use collective::try_all_reduce_sum;
 pub use comm::{CommConfig, CommFault, Packet, RingComm, RingStats, Tag};
 pub use driver::{attended_pairs, try_backward, try_forward, RingForward};
 pub use layout::{Geometry, Layout};

@@ -7,7 +7,7 @@
 //!   communicators (rank `i` on GPU `i`) to move into `n` threads;
 //! * [`NcclComm::from_env`]: one process per GPU, torchrun style — `RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK` (the GPU), `MASTER_ADDR`, `MASTER_PORT`; rank 0's NCCL unique id
-//!   reaches the others over [`rendezvous`](super::rendezvous).
+//!   reaches the others over [`rendezvous`](super::rendezvous::exchange).
 //!
 //! CUDA and NCCL are loaded at run time (cudarc's `dynamic-loading`): on a machine
 //! without them, construction returns [`Error::Device`], never a panic.

@@ -13,7 +13,7 @@
 //!
 //! Rank 0 waits until all `W - 1` peers have checked in (or the deadline passes: `Err`
 //! naming the ranks that never came), then answers all of them. Every failure is an
-//! [`Error::Ring`](crate::Error::Ring) naming the rank, the address and what went wrong.
+//! [`Error::Ring`] naming the rank, the address and what went wrong.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
