@@ -553,38 +553,69 @@ pub(crate) fn forward<T: Element>(
         lse: ViewMut::new(lse, n, dm.heads, 1),
     };
     let fac = T::of(plan.pattern_factor());
-    for (i, pat) in plan.patterns().iter().enumerate() {
-        let (w, r) = (pat.segment, pat.dilation);
-        let nseg = n / w;
-        let nqt = w.div_ceil(r).div_ceil(BQ);
-        let total = dm.batch * dm.heads * nseg * nqt;
+    for i in 0..plan.num_patterns() {
+        let total = query_tiles(plan, i);
         (0..total).into_par_iter().for_each_init(
             || Scratch::new(d),
             |sc, item| {
-                let qt = item % nqt;
-                let s = (item / nqt) % nseg;
-                let h = (item / (nqt * nseg)) % dm.heads;
-                let b = item / (nqt * nseg * dm.heads);
-                let Some(o) = plan.offset(i, h) else { return };
-                let m = plan.rows_per_segment(i, o);
-                if qt * BQ >= m {
+                let Some(QueryTile { b, h, qp, kp }) = query_tile(plan, i, item) else {
                     return;
-                }
-                let a = s * w + o;
-                let kp = Prog {
-                    row0: a,
-                    row_step: r,
-                    pos0: a,
-                    pos_step: r,
-                    count: m,
                 };
-                let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
                 // SAFETY: within pattern i, the item (b, h, s, qt) is the only one that
                 // covers rows a + (qt·BQ + j)·r of head h in batch b.
                 unsafe { fwd_tile(sc, &cx, b, h, h / dm.group(), qp, kp, fac) };
             },
         );
     }
+}
+
+/// Work item `item` of a per-pattern pass over query tiles: items enumerate
+/// `(batch, head, segment, query tile)` with the tile index fastest.
+pub(crate) struct QueryTile {
+    pub b: usize,
+    pub h: usize,
+    /// The tile's query rows (at most `BQ`).
+    pub qp: Prog,
+    /// The whole key progression of the tile's segment and offset.
+    pub kp: Prog,
+}
+
+/// Number of work items of [`query_tile`] for pattern `i`.
+pub(crate) fn query_tiles(plan: &Plan, i: usize) -> usize {
+    let dm = plan.dims();
+    let p = plan.patterns()[i];
+    let nqt = p.segment.div_ceil(p.dilation).div_ceil(BQ);
+    dm.batch * dm.heads * (dm.seq / p.segment) * nqt
+}
+
+/// Decode work item `item` of pattern `i`; `None` if the head takes no part or the tile
+/// lies past the dilated rows of its offset.
+#[inline]
+pub(crate) fn query_tile(plan: &Plan, i: usize, item: usize) -> Option<QueryTile> {
+    let dm = plan.dims();
+    let p = plan.patterns()[i];
+    let (w, r) = (p.segment, p.dilation);
+    let nseg = dm.seq / w;
+    let nqt = w.div_ceil(r).div_ceil(BQ);
+    let qt = item % nqt;
+    let s = (item / nqt) % nseg;
+    let h = (item / (nqt * nseg)) % dm.heads;
+    let b = item / (nqt * nseg * dm.heads);
+    let o = plan.offset(i, h)?;
+    let m = plan.rows_per_segment(i, o);
+    if qt * BQ >= m {
+        return None;
+    }
+    let a = s * w + o;
+    let kp = Prog {
+        row0: a,
+        row_step: r,
+        pos0: a,
+        pos_step: r,
+        count: m,
+    };
+    let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
+    Some(QueryTile { b, h, qp, kp })
 }
 
 /// Everything a backward block needs.
@@ -934,29 +965,13 @@ pub(crate) fn backward<T: Element>(
             },
         );
         // Pass B: dQ. Item = (b, h, segment, query tile).
-        let nqt = w.div_ceil(r).div_ceil(BQ);
-        let total = dm.batch * dm.heads * nseg * nqt;
+        let total = query_tiles(plan, i);
         (0..total).into_par_iter().for_each_init(
             || Scratch::new(d),
             |sc, item| {
-                let qt = item % nqt;
-                let s = (item / nqt) % nseg;
-                let h = (item / (nqt * nseg)) % dm.heads;
-                let b = item / (nqt * nseg * dm.heads);
-                let Some(o) = plan.offset(i, h) else { return };
-                let m = plan.rows_per_segment(i, o);
-                if qt * BQ >= m {
+                let Some(QueryTile { b, h, qp, kp }) = query_tile(plan, i, item) else {
                     return;
-                }
-                let a = s * w + o;
-                let kp = Prog {
-                    row0: a,
-                    row_step: r,
-                    pos0: a,
-                    pos_step: r,
-                    count: m,
                 };
-                let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
                 // SAFETY: the item (b, h, s, qt) is the only one covering these dq rows.
                 unsafe { bwd_q_tile(sc, &cx, b, h, h / group, qp, kp, &dqv) };
             },
@@ -979,10 +994,7 @@ fn pattern_delta<T: Element>(
 ) {
     let dm = *plan.dims();
     let (n, d) = (dm.seq, dm.head_dim);
-    let (w, r) = (plan.patterns()[i].segment, plan.patterns()[i].dilation);
-    let nseg = n / w;
-    let nqt = w.div_ceil(r).div_ceil(BQ);
-    let total = dm.batch * dm.heads * nseg * nqt;
+    let total = query_tiles(plan, i);
     let dptr = ViewMut::new(delta, n, dm.heads, 1);
     let cx = FwdCtx {
         q: View {
@@ -1012,24 +1024,9 @@ fn pattern_delta<T: Element>(
     (0..total).into_par_iter().for_each_init(
         || Scratch::new(d),
         |sc, item| {
-            let qt = item % nqt;
-            let s = (item / nqt) % nseg;
-            let h = (item / (nqt * nseg)) % dm.heads;
-            let b = item / (nqt * nseg * dm.heads);
-            let Some(o) = plan.offset(i, h) else { return };
-            let m = plan.rows_per_segment(i, o);
-            if qt * BQ >= m {
+            let Some(QueryTile { b, h, qp, kp }) = query_tile(plan, i, item) else {
                 return;
-            }
-            let a = s * w + o;
-            let kp = Prog {
-                row0: a,
-                row_step: r,
-                pos0: a,
-                pos_step: r,
-                count: m,
             };
-            let qp = kp.sub(qt * BQ, BQ.min(m - qt * BQ));
             fwd_accumulate(sc, &cx, b, h, h / dm.group(), qp, kp);
             for j in 0..qp.count {
                 let val = if sc.l[j] == T::zero() {
