@@ -337,21 +337,29 @@ fn main() -> Result<()> {
                 None
             };
             let t = Instant::now();
+            // ANCHOR: threads
+            // One process, one thread per GPU: rank i on GPU i.
             let comms = NcclComm::from_devices(world, cfg)?;
+            // ANCHOR_END: threads
             println!(
                 "{world} communicators (one thread per GPU) in {:?}",
                 t.elapsed()
             );
+            // ANCHOR: run
             let res = nccl::run(comms, |c| {
                 let r = c.rank();
                 run_rank(&c, &a, &p, &prob, want.as_ref().map(|w| &w[r]))
             });
+            // ANCHOR_END: run
             let reps = res.into_iter().collect::<Result<Vec<_>>>()?;
             print_report(&a, &p, world, &reps);
         }
         "env" => {
             let t = Instant::now();
+            // ANCHOR: env
+            // One process per GPU: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
             let c = NcclComm::from_env(cfg)?;
+            // ANCHOR_END: env
             let world = c.world_size();
             println!(
                 "rank {} of {world} on GPU {}: communicator in {:?}",
