@@ -88,3 +88,8 @@ pub mod prelude {
         AsArray, Cpu, SampleTensor, Tensor, TensorFrom, TensorFromVec, ZerosTensor,
     };
 }
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
