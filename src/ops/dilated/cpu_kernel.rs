@@ -162,6 +162,9 @@ pub(crate) struct Scratch<T> {
     /// The AVX-512 forward path's scratch, when it applies (f32, D % 16 == 0, CPU).
     #[cfg(target_arch = "x86_64")]
     simd: Option<super::cpu_simd::SimdScratch>,
+    /// The AVX-512 backward path's scratch (same conditions).
+    #[cfg(target_arch = "x86_64")]
+    simd_bwd: Option<super::cpu_simd::SimdBwdScratch>,
 }
 
 impl<T: Element> Scratch<T> {
@@ -184,6 +187,10 @@ impl<T: Element> Scratch<T> {
             simd: (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
                 && super::cpu_simd::available(d))
             .then(|| super::cpu_simd::SimdScratch::new(d)),
+            #[cfg(target_arch = "x86_64")]
+            simd_bwd: (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+                && super::cpu_simd::available(d))
+            .then(|| super::cpu_simd::SimdBwdScratch::new(d)),
         }
     }
 }
@@ -618,6 +625,61 @@ pub(crate) fn query_tile(plan: &Plan, i: usize, item: usize) -> Option<QueryTile
     Some(QueryTile { b, h, qp, kp })
 }
 
+/// `&[T]` as `&[f32]` when `T` is `f32` (the fast paths only exist then).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn f32s<T: 'static>(x: &[T]) -> &[f32] {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
+    // SAFETY: T is f32 (asserted), so this is the identity.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
+}
+
+/// `&mut [T]` as `&mut [f32]` when `T` is `f32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn f32s_mut<T: 'static>(x: &mut [T]) -> &mut [f32] {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
+    // SAFETY: T is f32 (asserted), so this is the identity.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) }
+}
+
+/// The fast backward's view of a context (`T` = f32).
+#[cfg(target_arch = "x86_64")]
+fn bwd_in<'a, T: Element>(cx: &BwdCtx<'a, T>) -> super::cpu_simd::BwdIn<'a> {
+    let vf = |v: View<'a, T>| View {
+        data: f32s(v.data),
+        rows: v.rows,
+        heads: v.heads,
+        d: v.d,
+    };
+    super::cpu_simd::BwdIn {
+        k: vf(cx.k),
+        v: vf(cx.v),
+        kmask: cx.kmask,
+        causal: cx.causal,
+    }
+}
+
+/// Load the fast backward's query side for tile `qp` (after `load_q_side`).
+#[cfg(target_arch = "x86_64")]
+fn simd_load_q<T: Element>(
+    bs: &mut super::cpu_simd::SimdBwdScratch,
+    sc: &Scratch<T>,
+    cx: &BwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    qp: &Prog,
+) {
+    let mut lse = [0.0f32; BQ];
+    let mut delta = [0.0f32; BQ];
+    for i in 0..qp.count {
+        let row = qp.row(i);
+        lse[i] = cx.lse.data[cx.lse.at(b, row, h)].f64() as f32;
+        delta[i] = cx.delta.data[cx.delta.at(b, row, h)].f64() as f32;
+    }
+    super::cpu_simd::bwd_load_q(bs, f32s(&sc.q), f32s(&sc.go), &lse, &delta, qp, cx.q.d);
+}
+
 /// Everything a backward block needs.
 pub(crate) struct BwdCtx<'a, T> {
     pub q: View<'a, T>,
@@ -730,6 +792,27 @@ pub(crate) unsafe fn bwd_kv_tile<T: Element>(
             let bq = BQ.min(qfull.count - q0);
             let qp = qfull.sub(q0, bq);
             load_q_side(sc, cx, b, h, &qp);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(mut bs) = sc.simd_bwd.take() {
+                simd_load_q(&mut bs, sc, cx, b, h, &qp);
+                // SAFETY: `simd_bwd` exists only when `cpu_simd::available(d)` held.
+                unsafe {
+                    super::cpu_simd::bwd_p_ds(&mut bs, &bwd_in(cx), (b, g), &kt);
+                    let (dvt, dkt) = (&mut sc.dvt, &mut sc.dkt);
+                    super::cpu_simd::bwd_acc_kv(
+                        &bs,
+                        f32s_mut(dvt),
+                        f32s_mut(dkt),
+                        f32s(&sc.go),
+                        f32s(&sc.q),
+                        bk,
+                        d,
+                    );
+                }
+                sc.simd_bwd = Some(bs);
+                q0 += bq;
+                continue;
+            }
             p_ds(sc, cx, (b, h, g), &qp, &kt, &mut ds);
             // dV += Pᵀ · dO';  dK += dSᵀ · (scale·Q)  (q is pre-scaled).
             mm(
@@ -790,6 +873,12 @@ pub(crate) unsafe fn bwd_q_tile<T: Element>(
     let qmax = qp.pos(bq - 1);
     let mut dqt = std::mem::take(&mut sc.dkt); // BQ × D ≤ BK × D
     dqt[..bq * d].fill(T::zero());
+    #[cfg(target_arch = "x86_64")]
+    let mut fast = sc.simd_bwd.take();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(bs) = fast.as_mut() {
+        simd_load_q(bs, sc, cx, b, h, &qp);
+    }
     let mut ds = std::mem::take(&mut sc.ds);
     let mut k0 = 0;
     while k0 < kp.count {
@@ -797,6 +886,17 @@ pub(crate) unsafe fn bwd_q_tile<T: Element>(
         let kt = kp.sub(k0, bk);
         if cx.causal && kt.pos0 > qmax {
             break;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(bs) = fast.as_mut() {
+            // SAFETY: `simd_bwd` exists only when `cpu_simd::available(d)` held.
+            unsafe {
+                let bin = bwd_in(cx);
+                super::cpu_simd::bwd_p_ds(bs, &bin, (b, g), &kt);
+                super::cpu_simd::bwd_acc_q(bs, f32s_mut(&mut dqt), &bin, (b, g), &kt);
+            }
+            k0 += bk;
+            continue;
         }
         load_k_side(sc, cx, b, &kt);
         p_ds(sc, cx, (b, h, g), &qp, &kt, &mut ds);
@@ -814,6 +914,10 @@ pub(crate) unsafe fn bwd_q_tile<T: Element>(
     }
     sc.ds = ds;
     sc.dkt = dqt;
+    #[cfg(target_arch = "x86_64")]
+    {
+        sc.simd_bwd = fast;
+    }
 }
 
 /// `Δ = rowsum(dO ∘ O)` per (batch, row, head).

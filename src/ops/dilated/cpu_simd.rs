@@ -184,7 +184,7 @@ pub(crate) unsafe fn fwd_accumulate(
         }
         // acc += P · V.
         // SAFETY: rows j < bk of V lie in `vrows` (asserted); Pᵀ is BK × QC; acc is bq × d.
-        unsafe { pv(acc, &ss.st, vrows, v_stride, bq, bk, d) };
+        unsafe { acc_rows(acc, &ss.st, (1, QC), vrows, v_stride, bq, bk, d) };
         k0 += bk;
     }
     m_out[..bq].copy_from_slice(&ss.mx[..bq]);
@@ -279,25 +279,42 @@ unsafe fn scores_block<const JB: usize>(
     }
 }
 
-/// `acc[i, :] += Σ_{j<bk} Pᵀ[j, i] · V[j, :]` for `i < bq`.
+/// `acc[o, :] += Σ_{s < ns} A(o, s) · B[s, :]` for `o < no`, where `A(o, s)` is
+/// `a[o·a_os + s·a_ss]` (a scalar broadcast) and row `s` of `B` is `b[s·bs..][..d]`;
+/// `acc` is `no × d` row-major. The one accumulate kernel of the fast path: `P·V` in the
+/// forward (`A = Pᵀ` read down a column), and `dV`, `dK`, `dQ` in the backward.
 ///
 /// # Safety
-/// AVX-512F; `v` holds rows `j < bk` at `j·vs`, each `d` long, `d % 16 == 0`, `d ≤ 128`;
-/// `pt` is `BK × QC`; `acc` is `bq × d`.
+/// AVX-512F; `d % 16 == 0`, `16 <= d <= 128`; every index above in bounds.
 #[target_feature(enable = "avx512f")]
-unsafe fn pv(acc: &mut [f32], pt: &[f32], v: &[f32], vs: usize, bq: usize, bk: usize, d: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn acc_rows(
+    acc: &mut [f32],
+    a: &[f32],
+    (a_os, a_ss): (usize, usize),
+    b: &[f32],
+    bs: usize,
+    no: usize,
+    ns: usize,
+    d: usize,
+) {
+    assert!(acc.len() >= no * d);
+    if no > 0 && ns > 0 {
+        assert!(a.len() > (no - 1) * a_os + (ns - 1) * a_ss);
+        assert!(b.len() >= (ns - 1) * bs + d);
+    }
     macro_rules! run {
         ($c:literal, $rb:literal) => {{
-            let mut i = 0;
-            while i + $rb <= bq {
-                // SAFETY: forwarded contract.
-                unsafe { pv_block::<$c, $rb>(acc, pt, v, vs, i, bk) };
-                i += $rb;
+            let mut o = 0;
+            while o + $rb <= no {
+                // SAFETY: in bounds by the asserts above.
+                unsafe { acc_block::<$c, $rb>(acc, a, (a_os, a_ss), b, bs, o, ns) };
+                o += $rb;
             }
-            while i < bq {
-                // SAFETY: forwarded contract.
-                unsafe { pv_block::<$c, 1>(acc, pt, v, vs, i, bk) };
-                i += 1;
+            while o < no {
+                // SAFETY: as above.
+                unsafe { acc_block::<$c, 1>(acc, a, (a_os, a_ss), b, bs, o, ns) };
+                o += 1;
             }
         }};
     }
@@ -315,43 +332,210 @@ unsafe fn pv(acc: &mut [f32], pt: &[f32], v: &[f32], vs: usize, bq: usize, bk: u
 
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn pv_block<const C: usize, const RB: usize>(
+unsafe fn acc_block<const C: usize, const RB: usize>(
     acc: &mut [f32],
-    pt: &[f32],
-    v: &[f32],
-    vs: usize,
-    i0: usize,
-    bk: usize,
+    a: &[f32],
+    (a_os, a_ss): (usize, usize),
+    b: &[f32],
+    bs: usize,
+    o0: usize,
+    ns: usize,
 ) {
     let d = C * 16;
     let ap = acc.as_mut_ptr();
-    let mut a = [[_mm512_setzero_ps(); C]; RB];
-    for (r, row) in a.iter_mut().enumerate() {
+    let mut r_acc = [[_mm512_setzero_ps(); C]; RB];
+    for (r, row) in r_acc.iter_mut().enumerate() {
         for (c, x) in row.iter_mut().enumerate() {
-            // SAFETY: row i0 + r < bq of acc (bq × d), chunk c < d / 16.
-            *x = unsafe { _mm512_loadu_ps(ap.add((i0 + r) * d + c * 16)) };
+            // SAFETY: output row o0 + r < no, chunk c < d / 16 (caller's bounds).
+            *x = unsafe { _mm512_loadu_ps(ap.add((o0 + r) * d + c * 16)) };
         }
     }
-    let vp = v.as_ptr();
-    let pp = pt.as_ptr();
-    for j in 0..bk {
-        let mut vv = [_mm512_setzero_ps(); C];
-        for (c, x) in vv.iter_mut().enumerate() {
-            // SAFETY: key row j < bk of V, chunk c.
-            *x = unsafe { _mm512_loadu_ps(vp.add(j * vs + c * 16)) };
+    let bp = b.as_ptr();
+    let wp = a.as_ptr();
+    for s in 0..ns {
+        let mut bv = [_mm512_setzero_ps(); C];
+        for (c, x) in bv.iter_mut().enumerate() {
+            // SAFETY: row s < ns of B, chunk c.
+            *x = unsafe { _mm512_loadu_ps(bp.add(s * bs + c * 16)) };
         }
-        for (r, row) in a.iter_mut().enumerate() {
-            // SAFETY: Pᵀ[j, i0 + r], j < BK, i0 + r < QC.
-            let p = _mm512_set1_ps(unsafe { *pp.add(j * QC + i0 + r) });
+        for (r, row) in r_acc.iter_mut().enumerate() {
+            // SAFETY: A(o0 + r, s) in bounds (caller's bounds).
+            let w = _mm512_set1_ps(unsafe { *wp.add((o0 + r) * a_os + s * a_ss) });
             for c in 0..C {
-                row[c] = _mm512_fmadd_ps(p, vv[c], row[c]);
+                row[c] = _mm512_fmadd_ps(w, bv[c], row[c]);
             }
         }
     }
-    for (r, row) in a.iter().enumerate() {
+    for (r, row) in r_acc.iter().enumerate() {
         for (c, x) in row.iter().enumerate() {
             // SAFETY: as the loads above.
-            unsafe { _mm512_storeu_ps(ap.add((i0 + r) * d + c * 16), *x) };
+            unsafe { _mm512_storeu_ps(ap.add((o0 + r) * d + c * 16), *x) };
         }
     }
+}
+
+/// Scratch of the fast backward (per worker).
+pub(crate) struct SimdBwdScratch {
+    qt: Vec<f32>,  // D × QC: scale·Qᵀ
+    got: Vec<f32>, // D × QC: dO'ᵀ
+    pt: Vec<f32>,  // BK × QC: Pᵀ
+    dst: Vec<f32>, // BK × QC: dSᵀ
+    lsafe: [f32; QC],
+    delta: [f32; QC],
+    qpos: [usize; QC],
+    bq: usize,
+}
+
+impl SimdBwdScratch {
+    pub fn new(d: usize) -> Self {
+        SimdBwdScratch {
+            qt: vec![0.0; d * QC],
+            got: vec![0.0; d * QC],
+            pt: vec![0.0; BK * QC],
+            dst: vec![0.0; BK * QC],
+            lsafe: [f32::INFINITY; QC],
+            delta: [0.0; QC],
+            qpos: [0; QC],
+            bq: 0,
+        }
+    }
+}
+
+/// Inputs of the fast backward for one (query tile, key tile) pair.
+pub(crate) struct BwdIn<'a> {
+    pub k: View<'a, f32>,
+    pub v: View<'a, f32>,
+    pub kmask: Option<&'a [bool]>,
+    pub causal: bool,
+}
+
+/// Load the query side of a tile: `q` (scaled) and `go` (`dO'`) are the row-major tiles
+/// the generic path gathered (`bq × d`), `lse`/`delta` the tile's `L` and `Δ`.
+/// Columns past `bq` get `L = +inf` (so `P = 0`) and zero `dO'`.
+pub(crate) fn bwd_load_q(
+    bs: &mut SimdBwdScratch,
+    q: &[f32],
+    go: &[f32],
+    lse: &[f32],
+    delta: &[f32],
+    qp: &Prog,
+    d: usize,
+) {
+    let bq = qp.count;
+    bs.bq = bq;
+    bs.qt.fill(0.0);
+    bs.got.fill(0.0);
+    for i in 0..bq {
+        for dd in 0..d {
+            bs.qt[dd * QC + i] = q[i * d + dd];
+            bs.got[dd * QC + i] = go[i * d + dd];
+        }
+        // L = -inf: the query attends nothing, P must be 0 (exp(s - inf) = 0).
+        bs.lsafe[i] = if lse[i] == f32::NEG_INFINITY {
+            f32::INFINITY
+        } else {
+            lse[i]
+        };
+        bs.delta[i] = delta[i];
+        bs.qpos[i] = qp.pos(i);
+    }
+    for i in bq..QC {
+        bs.lsafe[i] = f32::INFINITY;
+        bs.delta[i] = 0.0;
+    }
+}
+
+/// `Pᵀ = exp(Sᵀ - L)` and `dSᵀ = Pᵀ ∘ (dPᵀ - Δ)` for key tile `kt` (kv head `g`), with
+/// `Sᵀ = K·(scale·Q)ᵀ` and `dPᵀ = V·dO'ᵀ`; masked pairs get `P = 0`.
+///
+/// # Safety
+/// AVX-512F ([`available`]`(d)`); [`bwd_load_q`] ran for the current query tile.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bwd_p_ds(
+    bs: &mut SimdBwdScratch,
+    t: &BwdIn<'_>,
+    (b, g): (usize, usize),
+    kt: &Prog,
+) {
+    let d = t.k.d;
+    let bk = kt.count;
+    let ks = kt.row_step * t.k.heads * d;
+    let vs = kt.row_step * t.v.heads * d;
+    let krows = &t.k.data[t.k.at(b, kt.row0, g)..];
+    let vrows = &t.v.data[t.v.at(b, kt.row0, g)..];
+    assert!(krows.len() >= (bk - 1) * ks + d && vrows.len() >= (bk - 1) * vs + d);
+    // SAFETY: rows j < bk of K and V in bounds (asserted); tiles sized D × QC, BK × QC.
+    unsafe {
+        scores_t(&mut bs.pt, &bs.qt, krows, ks, bk, d);
+        scores_t(&mut bs.dst, &bs.got, vrows, vs, bk, d);
+    }
+    let bq = bs.bq;
+    let qmin = bs.qpos[0];
+    for j in 0..bk {
+        let kpos = kt.pos(j);
+        let ok = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
+        let prow = &mut bs.pt[j * QC..j * QC + QC];
+        let drow = &mut bs.dst[j * QC..j * QC + QC];
+        if !ok {
+            prow.fill(0.0);
+            drow.fill(0.0);
+            continue;
+        }
+        for i in 0..QC {
+            let p = fast_exp_f32(prow[i] - bs.lsafe[i]);
+            prow[i] = p;
+            drow[i] = p * (drow[i] - bs.delta[i]);
+        }
+        if t.causal && kpos > qmin {
+            for i in 0..bq {
+                if kpos > bs.qpos[i] {
+                    prow[i] = 0.0;
+                    drow[i] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Pass A: `dV[j] += Σ_i P[i, j] · dO'[i]`, `dK[j] += Σ_i dS[i, j] · (scale·q)[i]` into the
+/// `bk × d` tiles, after [`bwd_p_ds`].
+///
+/// # Safety
+/// AVX-512F; `go`, `q` are the `bq × d` row-major tiles given to [`bwd_load_q`].
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bwd_acc_kv(
+    bs: &SimdBwdScratch,
+    dv: &mut [f32],
+    dk: &mut [f32],
+    go: &[f32],
+    q: &[f32],
+    bk: usize,
+    d: usize,
+) {
+    let bq = bs.bq;
+    // SAFETY: A = Pᵀ/dSᵀ (BK × QC) read along rows, B = the bq × d query-side tiles.
+    unsafe {
+        acc_rows(dv, &bs.pt, (QC, 1), go, d, bk, bq, d);
+        acc_rows(dk, &bs.dst, (QC, 1), q, d, bk, bq, d);
+    }
+}
+
+/// Pass B: `dQ[i] += Σ_j dS[i, j] · K[j]` (unscaled) into the `bq × d` tile, after
+/// [`bwd_p_ds`] for key tile `kt`.
+///
+/// # Safety
+/// AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bwd_acc_q(
+    bs: &SimdBwdScratch,
+    dq: &mut [f32],
+    t: &BwdIn<'_>,
+    (b, g): (usize, usize),
+    kt: &Prog,
+) {
+    let d = t.k.d;
+    let ks = kt.row_step * t.k.heads * d;
+    let krows = &t.k.data[t.k.at(b, kt.row0, g)..];
+    // SAFETY: A = dSᵀ read down a column, B = key rows of the tile (bounds asserted inside).
+    unsafe { acc_rows(dq, &bs.dst, (1, QC), krows, ks, bs.bq, kt.count, d) };
 }
