@@ -25,6 +25,8 @@
 //!
 //! The tile products (`Q·Kᵀ`, `P·V`, `Pᵀ·dO`, `dSᵀ·Q`, `dS·K`) go through the `gemm`
 //! crate's single-threaded micro-kernels (runtime CPU dispatch); parallelism is over tiles.
+//! For f32 with `D % 16 == 0` on AVX-512 CPUs, `cpu_simd.rs` replaces the per-tile work
+//! with packing-free micro-kernels (its module docs explain the transposed layout).
 
 #![allow(clippy::too_many_arguments)]
 

@@ -1,4 +1,5 @@
-//! AVX-512 fast path of the forward tile (f32, head dim a multiple of 16, at most 128).
+//! AVX-512 fast paths of the forward and backward tiles (f32, head dim a multiple of 16,
+//! at most 128).
 //!
 //! # Design
 //!
@@ -17,6 +18,11 @@
 //!
 //! The state left in the scratch (`m`, `l`, `acc`) is exactly what the generic
 //! `fwd_accumulate` leaves, so `merge_tile` and the ring driver do not know which path ran.
+//!
+//! The backward reuses the layout: `Pᵀ = exp(K·(scale·Q)ᵀ − L)` and
+//! `dSᵀ = Pᵀ ∘ (V·dO'ᵀ − Δ)` are computed transposed by the same score kernel, and one
+//! strided accumulate kernel ([`acc_rows`]) does `P·V`, `dV += Pᵀ·dO'`, `dK += dSᵀ·Q` and
+//! `dQ += dS·K` by choosing which way it reads the transposed tile.
 //! Tested against the oracle by `tests/cpu_vs_oracle.rs` (`simd_head_dims_*`).
 
 #![cfg(target_arch = "x86_64")]
