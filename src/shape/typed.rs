@@ -251,29 +251,42 @@ impl<
     };
 }
 
+/// The ring rules: a positive world size and local length, and the global length
+/// `LOCAL·WORLD` satisfying every rule of [`check_config`]; the message names the
+/// factorisation.
+const fn check_ring(
+    local: usize,
+    world: usize,
+    (h, hkv, d): (usize, usize, usize),
+    pats: &[Pattern],
+    combine: Combine,
+) -> Option<Msg> {
+    if world == 0 {
+        return Some(Msg::new().s("ring world size must be >= 1"));
+    }
+    if local == 0 {
+        return Some(Msg::new().s("ring local length must be >= 1"));
+    }
+    match check_config(local * world, h, hkv, d, pats, combine) {
+        Some(m) => Some(
+            Msg::new()
+                .s("ring global length ")
+                .n(local)
+                .s("x")
+                .n(world)
+                .s(": ")
+                .s(m.as_str()),
+        ),
+        None => None,
+    }
+}
+
 /// The ring check: global length `N = W·n` must satisfy the schedule, and the world size
 /// must be positive; `EVEN` requires `n` even (zigzag layout).
 pub struct CheckedRing<const LOCAL: usize, const WORLD: usize, S>(core::marker::PhantomData<S>);
 
 impl<const LOCAL: usize, const WORLD: usize, S: Schedule> CheckedRing<LOCAL, WORLD, S> {
-    const MSG: Option<Msg> = if WORLD == 0 {
-        Some(Msg::new().s("ring world size must be >= 1"))
-    } else if LOCAL == 0 {
-        Some(Msg::new().s("ring local length must be >= 1"))
-    } else {
-        match check_config(LOCAL * WORLD, 1, 1, 1, S::PATTERNS, Combine::Lse) {
-            Some(m) => Some(
-                Msg::new()
-                    .s("ring global length ")
-                    .n(LOCAL)
-                    .s("x")
-                    .n(WORLD)
-                    .s(": ")
-                    .s(m.as_str()),
-            ),
-            None => None,
-        }
-    };
+    const MSG: Option<Msg> = check_ring(LOCAL, WORLD, (1, 1, 1), S::PATTERNS, Combine::Lse);
     /// Evaluates to `()` for a valid ring configuration; fails to compile otherwise.
     pub const OK: () = if let Some(m) = &Self::MSG {
         panic!("{}", m.as_str())
@@ -309,24 +322,7 @@ impl<
         C: CombineKind,
     > CheckedRingConfig<LOCAL, WORLD, H, HKV, D, S, C>
 {
-    const MSG: Option<Msg> = if WORLD == 0 {
-        Some(Msg::new().s("ring world size must be >= 1"))
-    } else if LOCAL == 0 {
-        Some(Msg::new().s("ring local length must be >= 1"))
-    } else {
-        match check_config(LOCAL * WORLD, H, HKV, D, S::PATTERNS, C::COMBINE) {
-            Some(m) => Some(
-                Msg::new()
-                    .s("ring global length ")
-                    .n(LOCAL)
-                    .s("x")
-                    .n(WORLD)
-                    .s(": ")
-                    .s(m.as_str()),
-            ),
-            None => None,
-        }
-    };
+    const MSG: Option<Msg> = check_ring(LOCAL, WORLD, (H, HKV, D), S::PATTERNS, C::COMBINE);
     /// Evaluates to `()` for a valid ring configuration; fails to compile otherwise.
     pub const OK: () = if let Some(m) = &Self::MSG {
         panic!("{}", m.as_str())
