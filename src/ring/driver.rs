@@ -81,6 +81,18 @@ pub(crate) fn seg_owners(geo: &Geometry, w: usize, s: usize) -> Vec<usize> {
 /// ranks that share a segment with it (the segment's owners), as `(key, owners)`, in
 /// increasing `key` = the first segment with that owner set. The key is the same on
 /// every member, so members meet their common groups in the same order.
+/// The per-pattern work of one rank, see `Ring::pattern_work`.
+struct PatternWork {
+    /// `(kv head, offset)` pairs whose rows take part.
+    kh: Vec<(usize, usize)>,
+    /// Local query runs.
+    qruns: Vec<Run>,
+    /// Local key runs.
+    local: Vec<Run>,
+    /// `(group key, member ranks)` of the exchange groups this rank is in.
+    groups: Vec<(usize, Vec<usize>)>,
+}
+
 pub(crate) fn groups(geo: &Geometry, w: usize, rank: usize) -> Vec<(usize, Vec<usize>)> {
     let cl = geo.chunk_len();
     let mut found: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -432,6 +444,24 @@ impl<'a, C: RingComm> Ring<'a, C> {
         }
     }
 
+    /// What pattern `i` asks of this rank (shared by forward and backward): its kv heads
+    /// with their offsets, the local query runs, the local key runs and the exchange
+    /// groups it belongs to. `None` if no head takes part in the pattern.
+    fn pattern_work(&self, i: usize) -> Option<PatternWork> {
+        let (plan, geo) = (self.plan, self.geo);
+        let qh = query_heads(plan, i);
+        if qh.is_empty() {
+            return None;
+        }
+        let kh = key_heads(plan, i);
+        Some(PatternWork {
+            qruns: runs(plan, &geo, i, self.rank, &qh, None),
+            local: runs(plan, &geo, i, self.rank, &kh, None),
+            groups: groups(&geo, plan.patterns()[i].segment, self.rank),
+            kh,
+        })
+    }
+
     /// Forward of pattern `i`, merged into `out`/`lse` with factor `fac`.
     #[allow(clippy::too_many_arguments)]
     fn fwd_pattern<T: Element>(
@@ -443,17 +473,17 @@ impl<'a, C: RingComm> Ring<'a, C> {
         fac: T,
         kind: u8,
     ) -> Result<()> {
-        let plan = self.plan;
-        let qh = query_heads(plan, i);
-        if qh.is_empty() {
+        let Some(PatternWork {
+            kh,
+            qruns,
+            local,
+            groups,
+        }) = self.pattern_work(i)
+        else {
             return Ok(());
-        }
-        let kh = key_heads(plan, i);
-        let geo = self.geo;
-        let w = plan.patterns()[i].segment;
-        let qruns = runs(plan, &geo, i, self.rank, &qh, None);
-        let mut local = Some(runs(plan, &geo, i, self.rank, &kh, None));
-        for (key, members) in groups(&geo, w, self.rank) {
+        };
+        let mut local = Some(local);
+        for (key, members) in groups {
             let g = Group {
                 i,
                 key,
@@ -613,17 +643,17 @@ impl<'a, C: RingComm> Ring<'a, C> {
         dk: &mut [T],
         dv: &mut [T],
     ) -> Result<()> {
-        let plan = self.plan;
-        let qh = query_heads(plan, i);
-        if qh.is_empty() {
+        let Some(PatternWork {
+            kh,
+            qruns,
+            local,
+            groups,
+        }) = self.pattern_work(i)
+        else {
             return Ok(());
-        }
-        let kh = key_heads(plan, i);
-        let geo = self.geo;
-        let w = plan.patterns()[i].segment;
-        let qruns = runs(plan, &geo, i, self.rank, &qh, None);
-        let mut local = Some(runs(plan, &geo, i, self.rank, &kh, None));
-        for (key, members) in groups(&geo, w, self.rank) {
+        };
+        let mut local = Some(local);
+        for (key, members) in groups {
             let g = Group {
                 i,
                 key,

@@ -379,18 +379,8 @@ pub(crate) fn fwd_accumulate<T: Element>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(ss) = sc.simd.as_mut() {
-        // SAFETY: `simd` is only built when T is f32 (TypeId checked in Scratch::new), so
-        // these reinterpretations are identities.
-        let f = |x: &[T]| unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) };
-        let fm = |x: &mut [T]| unsafe {
-            std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len())
-        };
-        let vf = |v: View<'_, T>| View {
-            data: f(v.data),
-            rows: v.rows,
-            heads: v.heads,
-            d: v.d,
-        };
+        // `simd` is only built when T is f32 (TypeId checked in Scratch::new).
+        let vf = view_f32::<T>;
         let t = super::cpu_simd::TileIn {
             q: vf(cx.q),
             k: vf(cx.k),
@@ -407,9 +397,9 @@ pub(crate) fn fwd_accumulate<T: Element>(
                 (b, h, g),
                 qp,
                 kp,
-                fm(&mut sc.m),
-                fm(&mut sc.l),
-                fm(&mut sc.acc),
+                f32s_mut(&mut sc.m),
+                f32s_mut(&mut sc.l),
+                f32s_mut(&mut sc.acc),
             )
         };
         return;
@@ -648,17 +638,22 @@ fn f32s_mut<T: 'static>(x: &mut [T]) -> &mut [f32] {
 /// The fast backward's view of a context (`T` = f32).
 #[cfg(target_arch = "x86_64")]
 fn bwd_in<'a, T: Element>(cx: &BwdCtx<'a, T>) -> super::cpu_simd::BwdIn<'a> {
-    let vf = |v: View<'a, T>| View {
+    super::cpu_simd::BwdIn {
+        k: view_f32(cx.k),
+        v: view_f32(cx.v),
+        kmask: cx.kmask,
+        causal: cx.causal,
+    }
+}
+
+/// A `View<T>` as a `View<f32>` when `T` is `f32`.
+#[cfg(target_arch = "x86_64")]
+fn view_f32<T: 'static>(v: View<'_, T>) -> View<'_, f32> {
+    View {
         data: f32s(v.data),
         rows: v.rows,
         heads: v.heads,
         d: v.d,
-    };
-    super::cpu_simd::BwdIn {
-        k: vf(cx.k),
-        v: vf(cx.v),
-        kmask: cx.kmask,
-        causal: cx.causal,
     }
 }
 

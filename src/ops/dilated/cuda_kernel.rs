@@ -443,7 +443,7 @@ pub fn try_backward<E: CudaElement>(
         let f = function(dev, &name)?;
         let mut cfg = grid_t(plan, qrows, dm.heads, 32 * qwarps as u32)?;
         if tc {
-            let smem = (((2 * qrows + 6 * bs) * (d + 8)) * 2 + 12 * bs * 4) as u32;
+            let smem = bwd_tc_smem(qrows, bs, d);
             set_smem(&f, smem)?;
             cfg.shared_mem_bytes = smem;
         }
@@ -478,7 +478,7 @@ pub fn try_backward<E: CudaElement>(
         let f = function(dev, &name)?;
         let mut cfg = grid_t(plan, krows, dm.kv_heads, 32 * warps)?;
         if tc {
-            let smem = (((2 * krows + 6 * kbs) * (d + 8)) * 2 + 12 * kbs * 4) as u32;
+            let smem = bwd_tc_smem(krows, kbs, d);
             set_smem(&f, smem)?;
             cfg.shared_mem_bytes = smem;
         }
@@ -554,4 +554,12 @@ impl crate::ops::dilated::DilatedKernel<f32> for Cuda {
 pub fn mask_to_device(dev: &Cuda, mask: Option<&[bool]>) -> Result<Option<CudaSlice<u8>>> {
     mask.map(|m| dev.htod(&m.iter().map(|&x| u8::from(x)).collect::<Vec<_>>()))
         .transpose()
+}
+
+/// Dynamic shared memory of the tensor-core backward kernels (dQ and dK/dV share the
+/// layout, see `dilated.cu`): two owned tiles of `owned_rows` and two triple-buffered
+/// streamed tiles of `streamed_rows` 16-bit rows of `d + 8` elements, plus four
+/// triple-buffered 4-byte vectors per streamed row (`L`, `Δ`, positions, mask).
+fn bwd_tc_smem(owned_rows: usize, streamed_rows: usize, d: usize) -> u32 {
+    (((2 * owned_rows + 6 * streamed_rows) * (d + 8)) * 2 + 12 * streamed_rows * 4) as u32
 }
