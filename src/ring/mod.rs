@@ -35,6 +35,8 @@
 pub mod collective;
 mod comm;
 mod driver;
+#[cfg(all(feature = "nccl", feature = "cuda"))]
+pub mod gpu;
 mod layout;
 pub mod loopback;
 #[cfg(feature = "nccl")]

@@ -702,6 +702,122 @@ impl NcclComm {
     }
 }
 
+/// Device-buffer exchanges for the GPU-resident ring (`super::gpu`): no staging, no
+/// header (both sides derive every size from the same plan), ordered after compute-stream
+/// work through an event.
+impl NcclComm {
+    /// Enqueue on the communication stream, after `after` (an event recorded on the
+    /// compute stream, so the data to send is written and the receive buffers are free):
+    /// one NCCL group sending every `(pointer, bytes)` of `sends` to `to` and receiving
+    /// every one of `recvs` from `from`, in order. Returns the group's completion event,
+    /// to be waited for with [`wait_device`](Self::wait_device).
+    ///
+    /// # Safety
+    /// Every pointer must address the given number of bytes of device memory of this
+    /// rank's GPU that stays allocated, and (for `recvs`) unread and unwritten by anyone
+    /// else, until the returned event has completed — or, if this rank gives up first,
+    /// forever (the caller leaks the buffers).
+    pub(crate) unsafe fn exchange_raw(
+        &self,
+        after: &CudaEvent,
+        to: Option<usize>,
+        sends: &[(u64, usize)],
+        from: Option<usize>,
+        recvs: &[(u64, usize)],
+        what: &str,
+    ) -> std::result::Result<CudaEvent, CommFault> {
+        let peer = from.or(to);
+        self.bind(peer)?;
+        for p in [to, from].into_iter().flatten() {
+            if p >= self.world {
+                return Err(CommFault::fatal(
+                    Some(p),
+                    format!("rank {p} is not in this ring of {}", self.world),
+                ));
+            }
+        }
+        self.cuda(self.stream.wait(after), peer, "stream wait")?;
+        let cu = self.stream.cu_stream() as nsys::cudaStream_t;
+        // SAFETY: group start has no preconditions.
+        self.check(unsafe { nsys::ncclGroupStart() }, peer, what)?;
+        let mut ops: Vec<(bool, usize, u64, usize)> = Vec::new();
+        if let Some(t) = to {
+            ops.extend(sends.iter().map(|&(p, n)| (true, t, p, n)));
+        }
+        if let Some(f) = from {
+            ops.extend(recvs.iter().map(|&(p, n)| (false, f, p, n)));
+        }
+        for (send, peer_rank, ptr, n) in ops {
+            if n == 0 {
+                continue;
+            }
+            // SAFETY: the caller guarantees `ptr` addresses `n` live bytes on this GPU
+            // until the group completes; stream and communicator are this rank's.
+            let r = unsafe {
+                if send {
+                    nsys::ncclSend(
+                        ptr as *const std::ffi::c_void,
+                        n,
+                        nsys::ncclDataType_t::ncclUint8,
+                        peer_rank as std::ffi::c_int,
+                        self.comm,
+                        cu,
+                    )
+                } else {
+                    nsys::ncclRecv(
+                        ptr as *mut std::ffi::c_void,
+                        n,
+                        nsys::ncclDataType_t::ncclUint8,
+                        peer_rank as std::ffi::c_int,
+                        self.comm,
+                        cu,
+                    )
+                }
+            };
+            if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
+                // SAFETY: closes the group opened above.
+                let _ = unsafe { nsys::ncclGroupEnd() };
+                let op = if send { "ncclSend" } else { "ncclRecv" };
+                return Err(self.fail(
+                    Some(peer_rank),
+                    format!("rank {}: {what}: {op}: {}", self.rank, nccl_text(r)),
+                ));
+            }
+        }
+        // SAFETY: closes the group opened above.
+        self.check(unsafe { nsys::ncclGroupEnd() }, peer, what)?;
+        let sent: usize = if to.is_some() {
+            sends.iter().map(|x| x.1).sum()
+        } else {
+            0
+        };
+        let got: usize = if from.is_some() {
+            recvs.iter().map(|x| x.1).sum()
+        } else {
+            0
+        };
+        self.add_wire(|w| {
+            w.exchanges += 1;
+            w.bytes_sent += sent as u64;
+            w.bytes_recv += got as u64;
+        });
+        self.cuda(self.stream.record_event(None), peer, "event record")
+    }
+
+    /// Wait (polling, within the timeout, watching NCCL's asynchronous errors) until an
+    /// exchange of [`exchange_raw`](Self::exchange_raw) has completed. On a timeout or
+    /// an NCCL error the communicator is aborted and the fault names this rank and `peer`.
+    pub(crate) fn wait_device(
+        &self,
+        ev: &CudaEvent,
+        peer: Option<usize>,
+        what: &str,
+    ) -> std::result::Result<(), CommFault> {
+        self.bind(peer)?;
+        self.wait_event(ev, peer, what)
+    }
+}
+
 /// `ncclGetUniqueId` as a `Result`.
 fn nccl_unique_id() -> Result<nsys::ncclUniqueId> {
     let mut id = nsys::ncclUniqueId { internal: [0; 128] };

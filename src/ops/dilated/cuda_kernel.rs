@@ -13,11 +13,14 @@ use cudarc::driver::{
 use cudarc::nvrtc::CompileOptions;
 
 use crate::error::{Error, Result};
-use crate::shape::{check_len, Combine, Plan};
+use crate::shape::{check_len, Combine, Dims, Plan};
 use crate::tensor::cuda::{dev_err, Cuda, CudaElement, KernelPref};
 
 /// The kernel source, compiled by NVRTC once per device.
 pub(crate) const SRC: &str = include_str!("dilated.cu");
+/// Helper kernels of the GPU-resident ring (gather, merge, scatter-add), compiled into
+/// the same module (they use the element helpers of `dilated.cu`).
+const RING_SRC: &str = include_str!("../../ring/gpu.cu");
 
 /// Most patterns a schedule may have on the GPU (size of the arrays in `Params`).
 pub const MAX_PATTERNS: usize = 16;
@@ -53,10 +56,11 @@ pub(crate) struct Params {
     r: [i32; MAX_PATTERNS],
     hg0: [i32; MAX_PATTERNS],
     hg1: [i32; MAX_PATTERNS],
+    off: [i32; MAX_PATTERNS],
 }
 
 // SAFETY: `Params` is plain old data with `#[repr(C)]` layout identical to the CUDA
-// `struct Params` (same field order and types: i64, 12 × i32, 2 × f32, 4 × i32[16]).
+// `struct Params` (same field order and types: i64, 12 × i32, 2 × f32, 5 × i32[16]).
 unsafe impl DeviceRepr for Params {}
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -67,23 +71,16 @@ fn gcd(a: usize, b: usize) -> usize {
     }
 }
 
-/// The tiling of positions: blocks of `blk` rows (dividing every capped segment), classes
-/// by residue modulo `step` (dividing `blk`).
-pub(crate) fn tiling(plan: &Plan) -> (usize, usize) {
-    let blk = plan.patterns().iter().fold(0, |acc, p| gcd(acc, p.segment));
+/// The tiling of positions for `(capped segment, dilation)` pairs: blocks of `blk` rows
+/// (dividing every capped segment), classes by residue modulo `step` (dividing `blk`).
+fn tiling_of(pats: impl Iterator<Item = (usize, usize)> + Clone) -> (usize, usize) {
+    let blk = pats.clone().fold(0, |acc, (w, _)| gcd(acc, w));
     // lcm of gcd(r_i, blk): divides blk, cannot overflow.
-    let step = plan.patterns().iter().fold(1usize, |acc, p| {
-        let x = gcd(p.dilation, blk);
+    let step = pats.fold(1usize, |acc, (_, r)| {
+        let x = gcd(r, blk);
         acc / gcd(acc, x) * x
     });
     (blk, step)
-}
-
-/// Number of owner tiles of `rows` rows per (batch, head).
-pub(crate) fn num_tiles(plan: &Plan, rows: usize) -> usize {
-    let (blk, step) = tiling(plan);
-    let cls_rows = blk.div_ceil(step);
-    (plan.dims().seq / blk) * step * cls_rows.div_ceil(rows)
 }
 
 fn to_i32(what: &str, x: usize) -> Result<i32> {
@@ -92,56 +89,151 @@ fn to_i32(what: &str, x: usize) -> Result<i32> {
     })
 }
 
-pub(crate) fn params(plan: &Plan, delta_stride: usize, has_mask: bool) -> Result<Params> {
-    let dm = plan.dims();
-    let g = plan.num_patterns();
-    if g > MAX_PATTERNS {
-        return Err(Error::Device {
-            msg: format!("{g} patterns; the CUDA kernels take at most {MAX_PATTERNS}"),
-        });
+/// One launch problem: the kernel parameters and the buffer dims they describe. A whole
+/// plan ([`Prob::of_plan`]), some of its patterns on a rank's local rows
+/// ([`Prob::patterns`]) or one dense block of a ring ([`Prob::dense_block`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prob {
+    pub(crate) p: Params,
+    pub(crate) dims: Dims,
+    /// Patterns in `p`.
+    pub(crate) npat: usize,
+}
+
+impl Prob {
+    /// `pats`: `(capped segment, dilation, head group, head-group offset)` per pattern.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        dims: Dims,
+        pats: &[(usize, usize, std::ops::Range<usize>, usize)],
+        headgroups: bool,
+        causal: bool,
+        scale: f64,
+        fac: f64,
+        delta_stride: usize,
+        has_mask: bool,
+    ) -> Result<Prob> {
+        let g = pats.len();
+        if g > MAX_PATTERNS {
+            return Err(Error::Device {
+                msg: format!("{g} patterns; the CUDA kernels take at most {MAX_PATTERNS}"),
+            });
+        }
+        if dims.head_dim > MAX_HEAD_DIM {
+            return Err(Error::Device {
+                msg: format!(
+                    "head dim {} is not supported on CUDA (at most {MAX_HEAD_DIM})",
+                    dims.head_dim
+                ),
+            });
+        }
+        to_i32("batch·seq·heads", dims.batch * dims.seq * dims.heads)?;
+        let (blk, step) = tiling_of(pats.iter().map(|(w, r, _, _)| (*w, *r)));
+        let mut p = Params {
+            delta_stride: delta_stride as i64,
+            b: to_i32("batch", dims.batch)?,
+            n: to_i32("seq", dims.seq)?,
+            h: to_i32("heads", dims.heads)?,
+            hkv: to_i32("kv_heads", dims.kv_heads)?,
+            d: to_i32("head_dim", dims.head_dim)?,
+            g: g as i32,
+            headgroups: i32::from(headgroups),
+            causal: i32::from(causal),
+            has_mask: i32::from(has_mask),
+            blk: to_i32("block", blk)?,
+            step: to_i32("step", step)?,
+            pad0: 0,
+            scale: scale as f32,
+            fac: fac as f32,
+            w: [1; MAX_PATTERNS],
+            r: [1; MAX_PATTERNS],
+            hg0: [0; MAX_PATTERNS],
+            hg1: [0; MAX_PATTERNS],
+            off: [0; MAX_PATTERNS],
+        };
+        for (i, (w, r, hg, off)) in pats.iter().enumerate() {
+            p.w[i] = to_i32("segment", *w)?;
+            p.r[i] = to_i32("dilation", *r)?;
+            p.hg0[i] = hg.start as i32;
+            p.hg1[i] = hg.end as i32;
+            p.off[i] = *off as i32;
+        }
+        Ok(Prob { p, dims, npat: g })
     }
-    if dm.head_dim > MAX_HEAD_DIM {
-        return Err(Error::Device {
-            msg: format!(
-                "head dim {} is not supported on CUDA (at most {MAX_HEAD_DIM})",
-                dm.head_dim
-            ),
-        });
-    }
-    to_i32("batch·seq·heads", dm.batch * dm.seq * dm.heads)?;
-    let (blk, step) = tiling(plan);
-    let mut p = Params {
-        delta_stride: delta_stride as i64,
-        b: to_i32("batch", dm.batch)?,
-        n: to_i32("seq", dm.seq)?,
-        h: to_i32("heads", dm.heads)?,
-        hkv: to_i32("kv_heads", dm.kv_heads)?,
-        d: to_i32("head_dim", dm.head_dim)?,
-        g: g as i32,
-        headgroups: i32::from(plan.options().combine == Combine::HeadGroups),
-        causal: i32::from(plan.options().causal),
-        has_mask: i32::from(has_mask),
-        blk: blk as i32,
-        step: step as i32,
-        pad0: 0,
-        scale: plan.scale() as f32,
-        fac: plan.pattern_factor() as f32,
-        w: [1; MAX_PATTERNS],
-        r: [1; MAX_PATTERNS],
-        hg0: [0; MAX_PATTERNS],
-        hg1: [0; MAX_PATTERNS],
-    };
-    for (i, pat) in plan.patterns().iter().enumerate() {
-        p.w[i] = to_i32("segment", pat.segment)?;
-        p.r[i] = to_i32("dilation", pat.dilation)?;
+
+    /// `(capped segment, dilation, head group, head-group offset)` of pattern `i`.
+    fn pattern(plan: &Plan, i: usize) -> (usize, usize, std::ops::Range<usize>, usize) {
+        let pat = plan.patterns()[i];
         let hg = match plan.options().combine {
-            Combine::Lse => 0..dm.heads,
+            Combine::Lse => 0..plan.dims().heads,
             Combine::HeadGroups => plan.head_group(i),
         };
-        p.hg0[i] = hg.start as i32;
-        p.hg1[i] = hg.end as i32;
+        (pat.segment, pat.dilation, hg, i % pat.dilation)
     }
-    Ok(p)
+
+    /// The whole plan.
+    pub(crate) fn of_plan(plan: &Plan, delta_stride: usize, has_mask: bool) -> Result<Prob> {
+        let pats: Vec<_> = (0..plan.num_patterns())
+            .map(|i| Self::pattern(plan, i))
+            .collect();
+        let o = plan.options();
+        Self::build(
+            *plan.dims(),
+            &pats,
+            o.combine == Combine::HeadGroups,
+            o.causal,
+            plan.scale(),
+            plan.pattern_factor(),
+            delta_stride,
+            has_mask,
+        )
+    }
+
+    /// Patterns `pats` of `plan` on `seq` local rows whose segments all start at
+    /// multiples of their length (a rank's rows where every such segment is local), with
+    /// output factor `fac`. Offsets and head groups are the plan's.
+    pub(crate) fn patterns(plan: &Plan, seq: usize, pats: &[usize], fac: f64) -> Result<Prob> {
+        let pv: Vec<_> = pats.iter().map(|&i| Self::pattern(plan, i)).collect();
+        let o = plan.options();
+        let dims = Dims {
+            seq,
+            ..*plan.dims()
+        };
+        Self::build(
+            dims,
+            &pv,
+            o.combine == Combine::HeadGroups,
+            o.causal,
+            plan.scale(),
+            fac,
+            0,
+            false,
+        )
+    }
+
+    /// Dense attention of `rows` compact query rows against `rows` compact key rows
+    /// (`causal`: key `j` visible to query `i` iff `j <= i`), softmax scale of `plan`,
+    /// output factor `fac`.
+    pub(crate) fn dense_block(plan: &Plan, dims: Dims, causal: bool, fac: f64) -> Result<Prob> {
+        let all = 0..dims.heads;
+        Self::build(
+            dims,
+            &[(dims.seq, 1, all, 0)],
+            false,
+            causal,
+            plan.scale(),
+            fac,
+            0,
+            false,
+        )
+    }
+
+    /// Number of owner tiles of `rows` rows per (batch, head).
+    fn tiles(&self, rows: usize) -> usize {
+        let (blk, step) = (self.p.blk as usize, self.p.step as usize);
+        let cls_rows = blk.div_ceil(step);
+        (self.dims.seq / blk) * step * cls_rows.div_ceil(rows)
+    }
 }
 
 type Cache = Mutex<HashMap<usize, Arc<CudaModule>>>;
@@ -188,7 +280,8 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SRC, opts).map_err(|e| Error::Device {
+    let src = format!("{SRC}\n{RING_SRC}");
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Device {
         msg: format!("NVRTC failed to compile dilated.cu: {e}"),
     })?;
     let m = dev
@@ -199,7 +292,7 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
     Ok(m)
 }
 
-fn function(dev: &Cuda, name: &str) -> Result<CudaFunction> {
+pub(crate) fn function(dev: &Cuda, name: &str) -> Result<CudaFunction> {
     module(dev)?
         .load_function(name)
         .map_err(dev_err(&format!("kernel {name}")))
@@ -252,22 +345,21 @@ fn check_inputs<E>(
 
 /// Which forward kernel runs for this problem: `Some(name)` for tensor cores.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    let d = plan.dims().head_dim;
+    tc_kernel::<E>(dev, plan.dims().head_dim)
+}
+
+fn tc_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<String> {
     (E::TENSOR_CORES && dev.kernel_pref() == KernelPref::Auto && (d == 64 || d == 128))
         .then(|| format!("fwd_tc_{}_{}", E::NAME, d))
 }
 
-fn grid(plan: &Plan, rows: usize, heads: usize) -> Result<LaunchConfig> {
-    grid_t(plan, rows, heads, THREADS)
-}
-
-fn grid_t(plan: &Plan, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
-    let x = num_tiles(plan, rows);
+fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
+    let x = pr.tiles(rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
         msg: format!("{x} tiles exceed the grid"),
     })?;
     Ok(LaunchConfig {
-        grid_dim: (x.max(1), heads as u32, plan.dims().batch as u32),
+        grid_dim: (x.max(1), heads as u32, pr.dims.batch as u32),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -285,13 +377,26 @@ pub fn try_forward<E: CudaElement>(
     mask: Option<&CudaSlice<u8>>,
 ) -> Result<CudaForward<E>> {
     check_inputs(plan, q, k, v, mask)?;
-    let dm = *plan.dims();
-    let p = params(plan, 0, mask.is_some())?;
+    let pr = Prob::of_plan(plan, 0, mask.is_some())?;
+    forward_launch(dev, &pr, q, k, v, mask)
+}
+
+/// The forward kernels of one problem (buffer lengths already checked against `pr.dims`).
+pub(crate) fn forward_launch<E: CudaElement>(
+    dev: &Cuda,
+    pr: &Prob,
+    q: &CudaSlice<E>,
+    k: &CudaSlice<E>,
+    v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
+) -> Result<CudaForward<E>> {
+    let dm = pr.dims;
+    let p = pr.p;
     let mut out = dev.output::<E>(dm.q_len())?;
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.htod(&[0u8])?;
     let mask = mask.unwrap_or(&dummy);
-    if let Some(name) = tensor_core_kernel::<E>(dev, plan) {
+    if let Some(name) = tc_kernel::<E>(dev, dm.head_dim) {
         let (warps, mt) = if dev.fwd_row_tiles() == 2 {
             (4, 2)
         } else {
@@ -309,7 +414,7 @@ pub fn try_forward<E: CudaElement>(
         // metadata.
         let smem = ((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32;
         set_smem(&f, smem)?;
-        let mut cfg = grid_t(plan, rows, dm.heads, 32 * warps as u32)?;
+        let mut cfg = grid_t(pr, rows, dm.heads, 32 * warps as u32)?;
         cfg.shared_mem_bytes = smem;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
@@ -327,7 +432,7 @@ pub fn try_forward<E: CudaElement>(
     } else {
         let name = format!("fwd_generic_{}", E::NAME);
         let f = function(dev, &name)?;
-        let cfg = grid(plan, GENERIC_ROWS, dm.heads)?;
+        let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
         let mut dummy_f = dev.htod(&[0f32])?;
         let zero = 0i32;
         let mut b = dev.stream().launch_builder(&f);
@@ -368,12 +473,33 @@ pub fn try_backward<E: CudaElement>(
     check_len("lse", dm.lse_len(), lse.len())?;
     check_len("grad_out", dm.q_len(), grad_out.len())?;
     let detach = plan.options().detach_weights && plan.options().combine == Combine::Lse;
-    let (stride, nd) = if detach {
-        (dm.lse_len(), dm.lse_len() * plan.num_patterns())
+    let stride = if detach { dm.lse_len() } else { 0 };
+    let pr = Prob::of_plan(plan, stride, mask.is_some())?;
+    backward_launch(dev, &pr, detach, q, k, v, mask, out, lse, grad_out)
+}
+
+/// The backward kernels of one problem (buffer lengths already checked against
+/// `pr.dims`). `detach`: per-pattern Δ (`detach_weights`, `pr` built with its stride).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_launch<E: CudaElement>(
+    dev: &Cuda,
+    pr: &Prob,
+    detach: bool,
+    q: &CudaSlice<E>,
+    k: &CudaSlice<E>,
+    v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
+    out: &CudaSlice<E>,
+    lse: &CudaSlice<f32>,
+    grad_out: &CudaSlice<E>,
+) -> Result<CudaGrads<E>> {
+    let dm = pr.dims;
+    let p = pr.p;
+    let nd = if detach {
+        dm.lse_len() * pr.npat
     } else {
-        (0, dm.lse_len())
+        dm.lse_len()
     };
-    let p = params(plan, stride, mask.is_some())?;
     let dummy = dev.htod(&[0u8])?;
     let mask = mask.unwrap_or(&dummy);
     let mut delta = dev
@@ -384,7 +510,7 @@ pub fn try_backward<E: CudaElement>(
         // Δ_i = dO · out_i per pattern: the forward kernel in delta mode.
         let name = format!("fwd_generic_{}", E::NAME);
         let f = function(dev, &name)?;
-        let cfg = grid(plan, GENERIC_ROWS, dm.heads)?;
+        let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
         let mut dummy_o = dev.output::<E>(1)?;
         let mut dummy_l = dev.htod(&[0f32])?;
         let one = 1i32;
@@ -421,7 +547,7 @@ pub fn try_backward<E: CudaElement>(
     let mut dq = dev.output::<E>(dm.q_len())?;
     let mut dk = dev.output::<E>(dm.kv_len())?;
     let mut dv = dev.output::<E>(dm.kv_len())?;
-    let tc = tensor_core_kernel::<E>(dev, plan).is_some();
+    let tc = tc_kernel::<E>(dev, dm.head_dim).is_some();
     let d = dm.head_dim;
     // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
     // shared memory = owner tiles (2 x owner rows) + 3 stages x 2 streamed tiles, rows
@@ -441,7 +567,7 @@ pub fn try_backward<E: CudaElement>(
         };
         let qrows = if tc { 16 * qwarps } else { rows };
         let f = function(dev, &name)?;
-        let mut cfg = grid_t(plan, qrows, dm.heads, 32 * qwarps as u32)?;
+        let mut cfg = grid_t(pr, qrows, dm.heads, 32 * qwarps as u32)?;
         if tc {
             let smem = bwd_tc_smem(qrows, bs, d);
             set_smem(&f, smem)?;
@@ -476,7 +602,7 @@ pub fn try_backward<E: CudaElement>(
             format!("dkdv_{suffix}")
         };
         let f = function(dev, &name)?;
-        let mut cfg = grid_t(plan, krows, dm.kv_heads, 32 * warps)?;
+        let mut cfg = grid_t(pr, krows, dm.kv_heads, 32 * warps)?;
         if tc {
             let smem = bwd_tc_smem(krows, kbs, d);
             set_smem(&f, smem)?;

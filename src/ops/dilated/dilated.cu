@@ -40,6 +40,7 @@ struct Params {
     int r[MAXP];             // dilations
     int hg0[MAXP];           // head group [hg0, hg1) per pattern (HeadGroups)
     int hg1[MAXP];
+    int off[MAXP];           // offset of every head of pattern i under HeadGroups
 };
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
@@ -100,7 +101,7 @@ __device__ __forceinline__ int pat_offset(const Params& P, int i, int h) {
     int o;
     if (P.headgroups) {
         if (h < P.hg0[i] || h >= P.hg1[i]) return -1;
-        o = i % r;
+        o = P.off[i];
     } else {
         o = h % r;
     }

@@ -1,0 +1,485 @@
+//! The GPU-resident ring (`ring::gpu`, features `nccl` + `cuda`) on 2 GPUs.
+//!
+//! Every test here needs 2 GPUs with NCCL and is `#[ignore]`d: on a machine without them
+//! it is reported as ignored, never as passed. Run on the GPU machine with
+//! `cargo test --release --features nccl,cuda --test gpu_ring -- --ignored --test-threads=1`
+//! (or the prebuilt binary with `--ignored --test-threads=1`, see `scripts/gpu_check.sh`).
+//!
+//! Each case splits random global inputs (logged seed) over 2 ranks, runs forward and
+//! backward on the GPUs (one thread per GPU, `NcclComm::from_devices`, outputs poisoned
+//! with NaN before kernels write), gathers the rows and compares them with
+//! * the float64 oracle on the inputs rounded to the dtype (SPEC §5: `‖err‖/‖ref‖ ≤ 1e-2`
+//!   for bf16/f16, `1e-4` for f32; `L` is `-inf` exactly where the oracle's is), and
+//! * the single-GPU kernels on the same inputs (the same tolerance).
+#![cfg(all(feature = "nccl", feature = "cuda"))]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::normal;
+use cudarc::driver::CudaSlice;
+use dilated_attention::ops::dilated::cuda as single;
+use dilated_attention::ops::reference;
+use dilated_attention::prelude::*;
+use dilated_attention::ring::gpu;
+use dilated_attention::ring::nccl::{self, NcclComm};
+use dilated_attention::ring::{CommConfig, Layout, RingComm, RingStats};
+use dilated_attention::tensor::cuda::{Cuda, CudaElement};
+use dilated_attention::Error;
+
+const NEEDS: &str = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine";
+
+fn round<E: CudaElement>(x: &[f64]) -> (Vec<E>, Vec<f64>) {
+    let e: Vec<E> = x.iter().map(|&v| E::from_f64(v)).collect();
+    let r = e.iter().map(|v| v.to_f64()).collect();
+    (e, r)
+}
+
+fn to64<E: CudaElement>(x: &[E]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// `‖got − want‖ ≤ rel·max(‖want‖, 0.01·√(len·D))`, no NaN.
+fn check(what: &str, got: &[f64], want: &[f64], rel: f64, d: usize, ctx: &str) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length; {ctx}");
+    let (mut num, mut den) = (0.0, 0.0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}[{i}] is NaN (unwritten?); {ctx}");
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    let (num, den) = (num.sqrt(), den.sqrt());
+    assert!(
+        num <= rel * den.max(0.01 * ((want.len() * d) as f64).sqrt()),
+        "{what}: ‖err‖ {num:e} > {rel:e}·‖ref‖ {den:e}; {ctx}"
+    );
+    num / den.max(f64::MIN_POSITIVE)
+}
+
+fn check_lse(got: &[f64], want: &[f64], tol: f64, ctx: &str) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w == f64::NEG_INFINITY {
+            assert_eq!(g, f64::NEG_INFINITY, "lse[{i}] should be -inf; {ctx}");
+        } else {
+            assert!(
+                (g - w).abs() <= tol * w.abs().max(1.0),
+                "lse[{i}]: {g} vs {w}; {ctx}"
+            );
+        }
+    }
+}
+
+/// Gathered global `(out, L, dq, dk, dv)` in f64, and per-rank (forward, backward) stats.
+struct Run {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+    stats: Vec<(RingStats, RingStats)>,
+}
+
+type RankOut<E> = (
+    Vec<E>,
+    Vec<f32>,
+    Vec<E>,
+    Vec<E>,
+    Vec<E>,
+    (RingStats, RingStats),
+);
+
+#[allow(clippy::too_many_arguments)]
+fn ring_run<E: CudaElement>(
+    world: usize,
+    layout: Layout,
+    plan: &Plan,
+    q: &[E],
+    k: &[E],
+    v: &[E],
+    go: &[E],
+) -> Run {
+    let dm = *plan.dims();
+    let (b, hd, kd) = (dm.batch, dm.heads * dm.head_dim, dm.kv_heads * dm.head_dim);
+    let qs = layout.split(q, b, hd, world).unwrap();
+    let ks = layout.split(k, b, kd, world).unwrap();
+    let vs = layout.split(v, b, kd, world).unwrap();
+    let gs = layout.split(go, b, hd, world).unwrap();
+    let comms = NcclComm::from_devices(
+        world,
+        CommConfig::default().timeout(Duration::from_secs(60)),
+    )
+    .expect("2 GPUs with NCCL");
+    let res = nccl::run(comms, |c| -> dilated_attention::Result<RankOut<E>> {
+        let r = c.rank();
+        let dev = Cuda::new(c.device())?;
+        dev.set_poison(true);
+        let (qd, kd, vd, gd) = (
+            dev.htod(&qs[r])?,
+            dev.htod(&ks[r])?,
+            dev.htod(&vs[r])?,
+            dev.htod(&gs[r])?,
+        );
+        let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd)?;
+        let g = gpu::try_backward(&dev, &c, plan, layout, &qd, &kd, &vd, &f.out, &f.lse, &gd)?;
+        let host = |x: &CudaSlice<E>| dev.dtoh(x);
+        Ok((
+            host(&f.out)?,
+            dev.dtoh(&f.lse)?,
+            host(&g.dq)?,
+            host(&g.dk)?,
+            host(&g.dv)?,
+            (f.stats, g.stats),
+        ))
+    });
+    let mut parts: Vec<RankOut<E>> = Vec::new();
+    for (r, x) in res.into_iter().enumerate() {
+        parts.push(x.unwrap_or_else(|e| panic!("rank {r} failed: {e}")));
+    }
+    let cat = |f: &dyn Fn(&RankOut<E>) -> Vec<f64>, inner: usize| {
+        let p: Vec<Vec<f64>> = parts.iter().map(f).collect();
+        layout.gather(&p, b, inner).unwrap()
+    };
+    Run {
+        out: cat(&|p| to64(&p.0), hd),
+        lse: cat(&|p| p.1.iter().map(|&x| x as f64).collect(), dm.heads),
+        dq: cat(&|p| to64(&p.2), hd),
+        dk: cat(&|p| to64(&p.3), kd),
+        dv: cat(&|p| to64(&p.4), kd),
+        stats: parts.iter().map(|p| p.5.clone()).collect(),
+    }
+}
+
+/// Ring on 2 GPUs vs the oracle and vs the single-GPU kernels; returns the stats.
+fn check_case<E: CudaElement>(
+    layout: Layout,
+    world: usize,
+    dims: Dims,
+    schedule: &[Pattern],
+    opts: Options,
+    seed: u64,
+) -> Vec<(RingStats, RingStats)> {
+    let plan = Plan::new(dims, schedule, opts).unwrap();
+    let ctx = format!(
+        "{} {layout:?} W={world} dims {dims:?} schedule {schedule:?} opts {opts:?} seed {seed}",
+        E::NAME
+    );
+    eprintln!("case: {ctx}");
+    let (q, qr) = round::<E>(&normal(seed, dims.q_len()));
+    let (k, kr) = round::<E>(&normal(seed ^ 1, dims.kv_len()));
+    let (v, vr) = round::<E>(&normal(seed ^ 2, dims.kv_len()));
+    let (go, gr) = round::<E>(&normal(seed ^ 3, dims.q_len()));
+    let ring = ring_run(world, layout, &plan, &q, &k, &v, &go);
+    let want = reference::forward(&plan, &qr, &kr, &vr, None).unwrap();
+    let gw = reference::backward(&plan, &qr, &kr, &vr, None, &gr).unwrap();
+    let tol = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
+    let d = dims.head_dim;
+    let e = [
+        check("out", &ring.out, &want.out, tol, d, &ctx),
+        check("dq", &ring.dq, &gw.dq, tol, d, &ctx),
+        check("dk", &ring.dk, &gw.dk, tol, d, &ctx),
+        check("dv", &ring.dv, &gw.dv, tol, d, &ctx),
+    ];
+    check_lse(&ring.lse, &want.lse, tol, &ctx);
+    // The single-GPU kernels on the whole problem.
+    let dev = Cuda::new(0).unwrap();
+    let (qd, kd, vd, gd) = (
+        dev.htod(&q).unwrap(),
+        dev.htod(&k).unwrap(),
+        dev.htod(&v).unwrap(),
+        dev.htod(&go).unwrap(),
+    );
+    let f = single::try_forward(&dev, &plan, &qd, &kd, &vd, None).unwrap();
+    let g = single::try_backward(&dev, &plan, &qd, &kd, &vd, None, &f.out, &f.lse, &gd).unwrap();
+    let s = [
+        check(
+            "out vs 1 GPU",
+            &ring.out,
+            &to64(&dev.dtoh(&f.out).unwrap()),
+            tol,
+            d,
+            &ctx,
+        ),
+        check(
+            "dq vs 1 GPU",
+            &ring.dq,
+            &to64(&dev.dtoh(&g.dq).unwrap()),
+            tol,
+            d,
+            &ctx,
+        ),
+        check(
+            "dk vs 1 GPU",
+            &ring.dk,
+            &to64(&dev.dtoh(&g.dk).unwrap()),
+            tol,
+            d,
+            &ctx,
+        ),
+        check(
+            "dv vs 1 GPU",
+            &ring.dv,
+            &to64(&dev.dtoh(&g.dv).unwrap()),
+            tol,
+            d,
+            &ctx,
+        ),
+    ];
+    eprintln!("  rel err vs oracle (out dq dk dv) {e:?}; vs 1 GPU {s:?}");
+    for (r, (fs, bs)) in ring.stats.iter().enumerate() {
+        eprintln!("  rank {r} fwd {fs:?}\n  rank {r} bwd {bs:?}");
+    }
+    let sent: u64 = ring
+        .stats
+        .iter()
+        .map(|s| s.0.bytes_sent + s.1.bytes_sent)
+        .sum();
+    let recv: u64 = ring
+        .stats
+        .iter()
+        .map(|s| s.0.bytes_recv + s.1.bytes_recv)
+        .sum();
+    assert_eq!(sent, recv, "bytes sent == bytes received; {ctx}");
+    ring.stats
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn dense_causal_zigzag() {
+    let _ = NEEDS;
+    let dims = Dims {
+        batch: 2,
+        seq: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let st = check_case::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        dims,
+        &[Pattern::new(512, 1)],
+        Options::default().causal(true),
+        101,
+    );
+    // Zigzag: both ranks compute the same number of causal blocks.
+    assert_eq!(st[0].0.blocks_computed, st[1].0.blocks_computed);
+    // Dense: each rank's K/V crosses once (1 step forward), K/V + f32 dK/dV backward.
+    let kv = (2 * 256 * 2 * 64 * 2 * 2) as u64;
+    assert_eq!(st[0].0.bytes_sent, kv, "forward sends exactly its K/V once");
+    check_case::<half::f16>(
+        Layout::Zigzag,
+        2,
+        Dims {
+            head_dim: 128,
+            ..dims
+        },
+        &[Pattern::new(512, 1)],
+        Options::default().causal(true),
+        102,
+    );
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn dense_contiguous_f32_generic_kernels() {
+    let dims = Dims {
+        batch: 1,
+        seq: 256,
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    check_case::<f32>(
+        Layout::Contiguous,
+        2,
+        dims,
+        &[Pattern::new(256, 1)],
+        Options::default(),
+        103,
+    );
+    check_case::<f32>(
+        Layout::Contiguous,
+        2,
+        dims,
+        &[Pattern::new(256, 1)],
+        Options::default().causal(true),
+        104,
+    );
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn dilated_schedules_both_combines() {
+    // Chunk 128 (zigzag, n = 256): (64, 1) is local, (256, 2) and (512, 4) span chunks.
+    let dims = Dims {
+        batch: 1,
+        seq: 512,
+        heads: 4,
+        kv_heads: 4,
+        head_dim: 128,
+    };
+    let sched = [
+        Pattern::new(64, 1),
+        Pattern::new(256, 2),
+        Pattern::new(512, 4),
+    ];
+    for (layout, opts, seed) in [
+        (Layout::Zigzag, Options::default().causal(true), 201),
+        (Layout::Contiguous, Options::default(), 202),
+        (
+            Layout::Zigzag,
+            Options::default().causal(true).combine(Combine::HeadGroups),
+            203,
+        ),
+        (
+            Layout::Contiguous,
+            Options::default().combine(Combine::HeadGroups),
+            204,
+        ),
+    ] {
+        let st = check_case::<half::bf16>(layout, 2, dims, &sched, opts, seed);
+        // Only the dilated rows travel: per spanning pattern (w, r) a rank sends its
+        // compact K/V (n/r rows per head group member) once per step of its sub-ring.
+        assert!(st.iter().all(|s| s.0.bytes_sent > 0));
+    }
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn gqa_expanded_and_aligned_heads() {
+    // Lse with r > 1 and GQA: query heads of one kv head use different offsets, so the
+    // compact K/V carry one head per query head (expanded). HeadGroups with groups of
+    // whole kv groups: compact kv heads (aligned); with ragged groups: expanded.
+    let dims = Dims {
+        batch: 2,
+        seq: 512,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let sched = [Pattern::new(128, 1), Pattern::new(512, 2)];
+    check_case::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        dims,
+        &sched,
+        Options::default().causal(true),
+        301,
+    );
+    check_case::<half::bf16>(
+        Layout::Contiguous,
+        2,
+        dims,
+        &sched,
+        Options::default().combine(Combine::HeadGroups),
+        302,
+    );
+    let ragged = Dims {
+        heads: 6,
+        kv_heads: 3,
+        ..dims
+    };
+    let sched3 = [
+        Pattern::new(128, 1),
+        Pattern::new(256, 2),
+        Pattern::new(512, 4),
+        Pattern::new(512, 2),
+    ];
+    check_case::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        ragged,
+        &sched3,
+        Options::default().causal(true).combine(Combine::HeadGroups),
+        303,
+    );
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn unsupported_shape_is_err_on_every_rank() {
+    // Zigzag n = 96: chunk 48; a segment of 64 straddles chunk edges without covering them.
+    let dims = Dims::mha(1, 192, 2, 64);
+    let plan = Plan::new(dims, &[Pattern::new(64, 1)], Options::default()).unwrap();
+    let comms = NcclComm::from_devices(2, CommConfig::default()).expect("2 GPUs with NCCL");
+    let x = vec![half::bf16::from_f32(0.5); 96 * 2 * 64];
+    let res = nccl::run(comms, |c| {
+        let dev = Cuda::new(c.device())?;
+        let xd = dev.htod(&x)?;
+        gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd).map(|_| ())
+    });
+    for (r, x) in res.into_iter().enumerate() {
+        let e = x.expect_err("unsupported shape must be Err");
+        eprintln!("rank {r}: {e}");
+        assert!(matches!(e, Error::Ring { .. }), "{e:?}");
+        assert!(e.to_string().contains("pattern 0"), "{e}");
+    }
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn stalled_rank_gives_err_within_timeout() {
+    let timeout = Duration::from_secs(3);
+    let comms = NcclComm::from_devices(2, CommConfig::default().timeout(timeout))
+        .expect("2 GPUs with NCCL");
+    let dims = Dims::mha(1, 256, 2, 64);
+    let plan = Plan::new(
+        dims,
+        &[Pattern::new(256, 1)],
+        Options::default().causal(true),
+    )
+    .unwrap();
+    let x: Vec<half::bf16> = normal(7, 128 * 2 * 64)
+        .iter()
+        .map(|&v| half::bf16::from_f64(v))
+        .collect();
+    let res = nccl::run(comms, |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(timeout * 3);
+            return Ok(Duration::ZERO);
+        }
+        let dev = Cuda::new(c.device())?;
+        let xd = dev.htod(&x)?;
+        let t = Instant::now();
+        match gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd) {
+            Ok(_) => panic!("rank 0 finished although rank 1 never took part"),
+            Err(e) => {
+                let msg = e.to_string();
+                eprintln!("rank 0 got: {msg}");
+                assert!(matches!(e, Error::Comm { rank: 0, .. }), "{e:?}");
+                assert!(msg.contains("rank 1"), "names the stalled peer: {msg}");
+                assert!(msg.contains("step"), "names the step: {msg}");
+                Ok(t.elapsed())
+            }
+        }
+    });
+    let waited = *res[0].as_ref().expect("rank 0 reports the stall");
+    assert!(
+        waited < timeout * 2 + Duration::from_secs(2),
+        "rank 0 took {waited:?} with a {timeout:?} timeout"
+    );
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn one_rank_ring_computes_multi_chunk_segments_locally() {
+    // W = 1, zigzag: both chunks on rank 0, so every segment longer than a chunk lies on
+    // this rank alone (no exchange group): computed from local compact blocks.
+    let dims = Dims {
+        batch: 1,
+        seq: 256,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let st = check_case::<half::bf16>(
+        Layout::Zigzag,
+        1,
+        dims,
+        &[Pattern::new(64, 1), Pattern::new(256, 2)],
+        Options::default().causal(true),
+        401,
+    );
+    assert_eq!(st[0].0.bytes_sent, 0, "one rank sends nothing");
+}
