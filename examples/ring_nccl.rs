@@ -1,18 +1,21 @@
-//! Ring attention over NCCL on the visible GPUs (feature `nccl`): forward and backward,
-//! every rank's rows checked against the single-device CPU kernel, statistics printed.
+//! Ring attention over NCCL on the visible GPUs (features `nccl`, `cuda`): forward and
+//! backward, every rank's rows checked against the single-device CPU kernel, statistics
+//! printed.
 //!
-//! The ring driver computes on the CPU (host packets); NCCL moves the packets between
-//! GPUs. This example measures the transport and the protocol, not GPU attention speed.
+//! With `--gpu true` (the default) the GPU-resident ring runs (`ring::gpu`: bf16, the CUDA
+//! kernels on device buffers, K/V moved by NCCL on its own stream under the compute);
+//! with `--gpu false` the host ring driver computes on the CPU in f32 and NCCL only moves
+//! its packets (a transport check).
 //!
 //! ```text
 //! # one process, one thread per GPU (all visible GPUs, or --world W)
-//! cargo run --release --features nccl --example ring_nccl -- --mode threads
+//! cargo run --release --features nccl,cuda --example ring_nccl -- --mode threads
 //! # one process per GPU, torchrun style (here: 2 GPUs on one host)
 //! RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 ./ring_nccl --mode env &
 //! RANK=1 WORLD_SIZE=2 LOCAL_RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 ./ring_nccl --mode env
 //! ```
 //!
-//! Options: `--local N` rows per rank (default 1024), `--heads H` (8), `--dim D` (32),
+//! Options: `--gpu true|false` (true), `--local N` rows per rank (default 1024), `--heads H` (8), `--dim D` (32),
 //! `--batch B` (1), `--schedule dense|dilated` (dilated), `--layout zigzag|contiguous`
 //! (zigzag), `--causal true|false` (true), `--iters I` (3), `--timeout S` (60),
 //! `--check true|false` (true).
@@ -40,6 +43,7 @@ struct Args {
     iters: usize,
     timeout: u64,
     check: bool,
+    gpu: bool,
 }
 
 fn parse() -> Result<Args> {
@@ -56,6 +60,7 @@ fn parse() -> Result<Args> {
         iters: 3,
         timeout: 60,
         check: true,
+        gpu: true,
     };
     let bad = |m: String| Error::Ring { msg: m };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -89,6 +94,7 @@ fn parse() -> Result<Args> {
             "--iters" => a.iters = num(&val)?.max(1),
             "--timeout" => a.timeout = num(&val)? as u64,
             "--check" => a.check = val == "true",
+            "--gpu" => a.gpu = val == "true",
             _ => return Err(bad(format!("unknown option {key}"))),
         }
         i += 2;
@@ -161,8 +167,80 @@ struct RankReport {
     fwd_ms: Vec<f64>,
     bwd_ms: Vec<f64>,
     wire: WireStats,
-    /// Max abs error of out, dq, dk, dv vs the single-device kernel (if checked).
+    /// Error of out, dq, dk, dv vs the single-device CPU kernel (if checked): max abs
+    /// (host ring, f32) or ‖err‖/‖ref‖ (GPU ring, bf16).
     err: Option<[f32; 4]>,
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num.sqrt() / den.sqrt().max(f64::MIN_POSITIVE)) as f32
+}
+
+/// The GPU-resident ring on one rank (bf16), `iters` times.
+fn run_rank_gpu(
+    c: &NcclComm,
+    a: &Args,
+    p: &Plan,
+    prob: &Problem,
+    want: Option<&[Vec<f32>; 4]>,
+) -> Result<RankReport> {
+    use dilated_attention::ring::gpu;
+    use dilated_attention::tensor::cuda::Cuda;
+    use half::bf16;
+    let world = c.world_size();
+    let r = c.rank();
+    let d = *p.dims();
+    let (b, hd, kd) = (d.batch, d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let dev = Cuda::new(c.device())?;
+    let up = |x: &[f32], inner: usize| -> Result<_> {
+        let rows = a.layout.split(x, b, inner, world)?.swap_remove(r);
+        dev.htod(&rows.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())
+    };
+    let (q, k, v, go) = (
+        up(&prob.q, hd)?,
+        up(&prob.k, kd)?,
+        up(&prob.v, kd)?,
+        up(&prob.go, hd)?,
+    );
+    let (mut fwd_ms, mut bwd_ms) = (vec![], vec![]);
+    let mut last = None;
+    for _ in 0..a.iters {
+        dev.synchronize()?;
+        let t = Instant::now();
+        let f = gpu::try_forward(&dev, c, p, a.layout, &q, &k, &v)?;
+        dev.synchronize()?;
+        fwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let g = gpu::try_backward(&dev, c, p, a.layout, &q, &k, &v, &f.out, &f.lse, &go)?;
+        dev.synchronize()?;
+        bwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        last = Some((f, g));
+    }
+    let (f, g) = last.expect("iters >= 1");
+    let host = |x: &cudarc::driver::CudaSlice<bf16>| -> Result<Vec<f32>> {
+        Ok(dev.dtoh(x)?.iter().map(|v| v.to_f32()).collect())
+    };
+    let err = match want {
+        Some(w) => Some([
+            rel(&host(&f.out)?, &w[0]),
+            rel(&host(&g.dq)?, &w[1]),
+            rel(&host(&g.dk)?, &w[2]),
+            rel(&host(&g.dv)?, &w[3]),
+        ]),
+        None => None,
+    };
+    Ok(RankReport {
+        rank: r,
+        device: c.device(),
+        fwd: f.stats,
+        bwd: g.stats,
+        fwd_ms,
+        bwd_ms,
+        wire: c.wire_stats(),
+        err,
+    })
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
@@ -301,8 +379,13 @@ fn print_report(a: &Args, p: &Plan, world: usize, reps: &[RankReport]) {
             a.iters, w.exchanges, w.bytes_sent, w.header_bytes_sent, w.bytes_recv, w.all_reduces
         );
         if let Some(e) = r.err {
+            let what = if a.gpu {
+                "GPU ring (bf16) vs single-device CPU (f32), ‖err‖/‖ref‖"
+            } else {
+                "max |ring - single device|"
+            };
             println!(
-                "  max |ring - single device|: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}",
+                "  {what}: out {:.2e}, dq {:.2e}, dk {:.2e}, dv {:.2e}",
                 e[0], e[1], e[2], e[3]
             );
         }
@@ -348,7 +431,12 @@ fn main() -> Result<()> {
             // ANCHOR: run
             let res = nccl::run(comms, |c| {
                 let r = c.rank();
-                run_rank(&c, &a, &p, &prob, want.as_ref().map(|w| &w[r]))
+                let w = want.as_ref().map(|w| &w[r]);
+                if a.gpu {
+                    run_rank_gpu(&c, &a, &p, &prob, w)
+                } else {
+                    run_rank(&c, &a, &p, &prob, w)
+                }
             });
             // ANCHOR_END: run
             let reps = res.into_iter().collect::<Result<Vec<_>>>()?;
@@ -374,7 +462,11 @@ fn main() -> Result<()> {
             } else {
                 None
             };
-            let rep = run_rank(&c, &a, &p, &prob, want.as_ref())?;
+            let rep = if a.gpu {
+                run_rank_gpu(&c, &a, &p, &prob, want.as_ref())?
+            } else {
+                run_rank(&c, &a, &p, &prob, want.as_ref())?
+            };
             print_report(&a, &p, world, &[rep]);
         }
         m => {

@@ -13,19 +13,31 @@ exe() { # the executable that cargo reports for a target
 }
 test_bin=$(cargo test --release --features cuda --test gpu_vs_oracle --no-run --message-format=json 2>/dev/null | exe gpu_vs_oracle)
 bench_bin=$(cargo bench --features cuda --bench gpu_bench --no-run --message-format=json 2>/dev/null | exe gpu_bench)
-[ -n "$test_bin" ] && [ -n "$bench_bin" ] || { echo "build failed" >&2; exit 1; }
+ring_bin=$(cargo test --release --features nccl,cuda --test gpu_ring --no-run --message-format=json 2>/dev/null | exe gpu_ring)
+nccl_bin=$(cargo test --release --features nccl,cuda --test nccl_ring --no-run --message-format=json 2>/dev/null | exe nccl_ring)
+ring_bench_bin=$(cargo bench --features nccl,cuda --bench gpu_ring_bench --no-run --message-format=json 2>/dev/null | exe gpu_ring_bench)
+cargo build --release --features nccl,cuda --example ring_nccl 2>/dev/null
+example_bin=target/release/examples/ring_nccl
+[ -n "$test_bin" ] && [ -n "$bench_bin" ] && [ -n "$ring_bin" ] && [ -n "$nccl_bin" ] \
+  && [ -n "$ring_bench_bin" ] && [ -x "$example_bin" ] || { echo "build failed" >&2; exit 1; }
 
 rm -rf "$stage"
 mkdir -p "$stage"
 cp "$test_bin" "$stage/gpu_vs_oracle"
 cp "$bench_bin" "$stage/gpu_bench"
-strip "$stage/gpu_vs_oracle" "$stage/gpu_bench" 2>/dev/null || true
+cp "$ring_bin" "$stage/gpu_ring"
+cp "$nccl_bin" "$stage/nccl_ring"
+cp "$ring_bench_bin" "$stage/gpu_ring_bench"
+cp "$example_bin" "$stage/ring_nccl"
+strip "$stage"/gpu_vs_oracle "$stage"/gpu_bench "$stage"/gpu_ring "$stage"/nccl_ring \
+  "$stage"/gpu_ring_bench "$stage"/ring_nccl 2>/dev/null || true
 cp benches/peers/torch_dilated.py "$stage/"
 cp scripts/gpu_run.sh "$stage/run_all.sh"
 du -sh "$stage"
 cat <<MSG
 Staged into $stage. On the device tool (it ships the lead checkout; stage there with
 GPU_STAGE_DIR=<that checkout>/.gpu), run:
-  run  carry=[".gpu"]  command="bash .gpu/run_all.sh"
-(stages: tests sanitize bench peers quick; default all)
+  run  carry=[".gpu"]  command="bash .gpu/run_all.sh"              (1 GPU: kind nvidia-h200)
+  run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
+(stages: tests sanitize bench peers quick ring ringbench; default all but ring, ringbench)
 MSG

@@ -12,6 +12,8 @@ export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 stages=" ${*:-all} "
 has() { [[ "$stages" == *" $1 "* || "$stages" == *" all "* ]]; }
+# The 2-GPU stages run only when asked for by name.
+named() { [[ "$stages" == *" $1 "* ]]; }
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv | tee "$O/gpu.txt"
 QUICK=""
@@ -41,4 +43,31 @@ fi
 if has peers; then
   echo "== peers (PyTorch)"
   python3 "$G/torch_dilated.py" --ours /tmp/ours.json --check-dir /tmp/dilated_check 2>&1 | tee "$O/peers.log" | tail -30
+fi
+if named ring; then
+  echo "== GPU-resident ring on 2 GPUs vs the oracle and the single GPU"
+  timeout 300 "$G/gpu_ring" --ignored --test-threads=1 > "$O/gpu_ring.log" 2>&1
+  echo "gpu_ring exit $?"
+  grep -E "^test |test result|panicked|rel err" "$O/gpu_ring.log" | tail -40
+  echo "== host-path ring over NCCL"
+  timeout 200 "$G/nccl_ring" --ignored --test-threads=1 > "$O/nccl_ring.log" 2>&1
+  echo "nccl_ring exit $?"
+  grep -E "^test |test result|panicked" "$O/nccl_ring.log" | tail -12
+  echo "== example, one process per GPU (torchrun-style environment)"
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
+      timeout 120 "$G/ring_nccl" --mode env --gpu true > "$O/ring_nccl_env_$r.log" 2>&1 &
+  done
+  wait
+  tail -n 5 "$O/ring_nccl_env_0.log" "$O/ring_nccl_env_1.log"
+  echo "== example, one process, one thread per GPU"
+  timeout 120 "$G/ring_nccl" --mode threads --gpu true 2>&1 | tee "$O/ring_nccl_threads.log" | tail -8
+  echo "== compute-sanitizer memcheck on the GPU ring (small cases)"
+  timeout 240 "$SAN" --tool memcheck --report-api-errors no --error-exitcode 9 "$G/gpu_ring" --ignored --test-threads=1 --exact dense_causal_zigzag > "$O/ring_memcheck.log" 2>&1
+  echo "memcheck exit $?"
+  grep -E "ERROR SUMMARY|test result" "$O/ring_memcheck.log" | head -4
+fi
+if named ringbench; then
+  echo "== GPU ring bench"
+  timeout 540 "$G/gpu_ring_bench" --json "$O/ring_bench.json" ${RING_BENCH_ARGS:-} 2>&1 | tee "$O/ring_bench.log"
 fi

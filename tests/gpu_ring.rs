@@ -347,6 +347,38 @@ fn dilated_schedules_both_combines() {
 
 #[test]
 #[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn all_segments_local_is_one_launch_and_no_exchange() {
+    // Chunk 128: every segment lies in one chunk, LongNet's case for long sequences.
+    let dims = Dims {
+        batch: 1,
+        seq: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let sched = [
+        Pattern::new(32, 1),
+        Pattern::new(64, 2),
+        Pattern::new(128, 4),
+    ];
+    for (layout, opts, seed) in [
+        (Layout::Zigzag, Options::default().causal(true), 501),
+        (
+            Layout::Contiguous,
+            Options::default().combine(Combine::HeadGroups),
+            502,
+        ),
+    ] {
+        let st = check_case::<half::bf16>(layout, 2, dims, &sched, opts, seed);
+        for (f, b) in &st {
+            assert_eq!(f.bytes_sent + b.bytes_sent, 0, "nothing travels");
+            assert_eq!(f.steps + b.steps, 0);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
 fn gqa_expanded_and_aligned_heads() {
     // Lse with r > 1 and GQA: query heads of one kv head use different offsets, so the
     // compact K/V carry one head per query head (expanded). HeadGroups with groups of

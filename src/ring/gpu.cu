@@ -23,7 +23,7 @@ struct RowMap {
     int ob;        // offset of compact head j: per_head ? (ob + j) % r : fixed
     int per_head;
     int fixed;
-    int pad;
+    int atomic;    // scatter-add: several compact heads may share a local head (GQA)
 };
 
 // Local (row, head) index of compact (b, t, j), in units of E elements.
@@ -34,58 +34,61 @@ __device__ __forceinline__ long long map_local(const RowMap& M, int b, int t, in
     return ((long long)b * M.n + row) * M.hs + h;
 }
 
-// Compact element e = ((b*m + t)*hc + j)*E + d -> (b, t, j, d).
-__device__ __forceinline__ long long map_elem(const RowMap& M, long long e) {
-    int d = (int)(e % M.E);
-    long long x = e / M.E;
+// Local (row, head) index of compact row x = (b*m + t)*hc + j.
+__device__ __forceinline__ long long row_local(const RowMap& M, long long x) {
     int j = (int)(x % M.hc);
-    x /= M.hc;
-    int t = (int)(x % M.m);
-    int b = (int)(x / M.m);
-    return map_local(M, b, t, j) * M.E + d;
+    long long y = x / M.hc;
+    return map_local(M, (int)(y / M.m), (int)(y % M.m), j);
 }
 
-__device__ __forceinline__ long long compact_len(const RowMap& M) {
-    return (long long)M.B * M.m * M.hc * M.E;
+__device__ __forceinline__ long long compact_rows(const RowMap& M) {
+    return (long long)M.B * M.m * M.hc;
 }
 
 #define GRID_LOOP(i, count) \
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (count); i += (long long)gridDim.x * blockDim.x)
 
+// One warp per compact row: index arithmetic once per row, coalesced element access.
+#define ROW_LOOP(x, rows)                                                             \
+    const int lane = threadIdx.x & 31;                                                \
+    const long long warp0 = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5; \
+    const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;               \
+    for (long long x = warp0; x < (rows); x += nwarps)
+
 // dst (compact) = src (local) * s.
 template <typename T>
 __device__ void ring_gather(const RowMap M, const T* __restrict__ src, T* __restrict__ dst, float s) {
-    GRID_LOOP(e, compact_len(M)) {
-        T x = src[map_elem(M, e)];
-        dst[e] = s == 1.f ? x : from_f<T>(to_f(x) * s);
+    ROW_LOOP(x, compact_rows(M)) {
+        const T* a = src + row_local(M, x) * M.E;
+        T* d = dst + x * M.E;
+        for (int e = lane; e < M.E; e += 32) d[e] = s == 1.f ? a[e] : from_f<T>(to_f(a[e]) * s);
     }
 }
 
-// dst (local, f32) += src (compact). Atomic: several compact heads may share a local head
-// (GQA with expanded kv heads).
+// dst (local, f32) += src (compact). Atomic when several compact heads share a local
+// head (GQA with expanded kv heads); otherwise every local element has one writer.
 template <typename T>
 __device__ void ring_scatter_add(const RowMap M, float* __restrict__ dst, const T* __restrict__ src) {
-    GRID_LOOP(e, compact_len(M)) {
-        atomicAdd(dst + map_elem(M, e), to_f(src[e]));
+    ROW_LOOP(x, compact_rows(M)) {
+        float* a = dst + row_local(M, x) * M.E;
+        const T* d = src + x * M.E;
+        if (M.atomic) {
+            for (int e = lane; e < M.E; e += 32) atomicAdd(a + e, to_f(d[e]));
+        } else {
+            for (int e = lane; e < M.E; e += 32) a[e] += to_f(d[e]);
+        }
     }
 }
 
 // Log-sum-exp merge of a compact partial (o, l) into the local f32 accumulator
 // (acc_o, acc_l), SPEC §2: L = logaddexp(L1, L2), out = e^(L1-L) out1 + e^(L2-L) out2.
-// One warp per compact (b, t, j) row; distinct rows map to distinct local (row, head)
-// pairs (query side: hdiv = 1), so no two warps touch the same row.
+// Distinct compact rows map to distinct local (row, head) pairs (query side: hdiv = 1),
+// so no two warps touch the same row.
 template <typename T>
 __device__ void ring_merge(const RowMap M, float* __restrict__ acc_o, float* __restrict__ acc_l,
                            const T* __restrict__ o, const float* __restrict__ l) {
-    const int lane = threadIdx.x & 31;
-    const long long rows = (long long)M.B * M.m * M.hc;
-    const long long warp0 = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long x = warp0; x < rows; x += nwarps) {
-        int j = (int)(x % M.hc);
-        int t = (int)((x / M.hc) % M.m);
-        int b = (int)(x / ((long long)M.hc * M.m));
-        long long li = map_local(M, b, t, j);
+    ROW_LOOP(x, compact_rows(M)) {
+        long long li = row_local(M, x);
         float l2 = l[x];
         if (l2 == neg_inf()) continue;  // empty partial: nothing to add
         float l1 = acc_l[li];

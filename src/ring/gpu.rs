@@ -100,7 +100,7 @@ struct RowMap {
     ob: i32,
     per_head: i32,
     fixed: i32,
-    pad: i32,
+    atomic: i32,
 }
 
 // SAFETY: plain old data, `#[repr(C)]`, 14 × i32 exactly as `struct RowMap` in gpu.cu.
@@ -108,7 +108,10 @@ unsafe impl DeviceRepr for RowMap {}
 
 impl RowMap {
     fn compact_len(&self) -> usize {
-        (self.b as usize) * (self.m as usize) * (self.hc as usize) * (self.e as usize)
+        self.rows() * (self.e as usize)
+    }
+    fn rows(&self) -> usize {
+        (self.b as usize) * (self.m as usize) * (self.hc as usize)
     }
     fn with_e(self, e: usize) -> Self {
         RowMap {
@@ -269,9 +272,10 @@ struct Gpu<'a> {
     step: usize,
     at: (usize, usize),
     events: Vec<(Span2, CudaEvent, CudaEvent)>,
-    start: Option<CudaEvent>,
     held: usize,
     held_bytes: u64,
+    /// Phase events when `DILATED_RING_PROFILE` is set (printed to stderr at the end).
+    marks: Option<Vec<(String, CudaEvent)>>,
 }
 
 impl<'a> Gpu<'a> {
@@ -294,7 +298,7 @@ impl<'a> Gpu<'a> {
         }
         let geo = Geometry::new(layout, world, n_glob / world)?;
         fits("local rows·heads", geo.local * plan.dims().heads)?;
-        let mut g = Gpu {
+        let g = Gpu {
             dev,
             comm,
             plan,
@@ -304,12 +308,22 @@ impl<'a> Gpu<'a> {
             step: 0,
             at: (0, 0),
             events: Vec::new(),
-            start: None,
             held: 0,
             held_bytes: 0,
+            marks: std::env::var_os("DILATED_RING_PROFILE").map(|_| Vec::new()),
         };
-        g.start = Some(g.event()?);
         Ok(g)
+    }
+
+    /// Record a profiling mark (no-op unless `DILATED_RING_PROFILE` is set).
+    fn mark(&mut self, what: impl FnOnce() -> String) -> Result<()> {
+        if self.marks.is_some() {
+            let e = self.event()?;
+            if let Some(m) = self.marks.as_mut() {
+                m.push((what(), e));
+            }
+        }
+        Ok(())
     }
 
     fn event(&self) -> Result<CudaEvent> {
@@ -344,7 +358,7 @@ impl<'a> Gpu<'a> {
             ob: side.hb as i32,
             per_head: i32::from(side.per_head),
             fixed: side.fixed as i32,
-            pad: 0,
+            atomic: i32::from(side.hdiv > 1),
         }
     }
 
@@ -365,7 +379,7 @@ impl<'a> Gpu<'a> {
             ob: 0,
             per_head: 0,
             fixed: 0,
-            pad: 0,
+            atomic: 0,
         }
     }
 
@@ -380,7 +394,7 @@ impl<'a> Gpu<'a> {
         // SAFETY: `ring_gather_*(RowMap, const T*, T*, float)`; `dst` holds the map's
         // compact length and every source index lies in the local buffer `src`
         // (B·n·hs·E elements: rows row0 + o + t·r < row0 + c <= n by construction).
-        unsafe { b.launch(elementwise(len)) }.map_err(dev_err(&name))?;
+        unsafe { b.launch(elementwise(32 * m.rows())) }.map_err(dev_err(&name))?;
         Ok(dst)
     }
 
@@ -397,8 +411,9 @@ impl<'a> Gpu<'a> {
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(&m).arg(dst).arg(src);
         // SAFETY: `ring_scatter_add_*(RowMap, float*, const T*)`; `src` has the compact
-        // length (checked), `dst` is the local f32 buffer the map addresses; atomic adds.
-        unsafe { b.launch(elementwise(len)) }.map_err(dev_err(&name))?;
+        // length (checked), `dst` is the local f32 buffer the map addresses; atomic adds
+        // where compact heads share a local head (`hdiv > 1`), else one writer each.
+        unsafe { b.launch(elementwise(32 * m.rows())) }.map_err(dev_err(&name))?;
         Ok(())
     }
 
@@ -419,7 +434,7 @@ impl<'a> Gpu<'a> {
         // SAFETY: `ring_merge_*(RowMap, float*, float*, const T*, const float*)`; one warp
         // per compact row (32 threads each), distinct rows write distinct local rows
         // (query-side maps are one-to-one); lengths checked above.
-        unsafe { b.launch(elementwise(32 * m.with_e(1).compact_len())) }.map_err(dev_err(&name))?;
+        unsafe { b.launch(elementwise(32 * m.rows())) }.map_err(dev_err(&name))?;
         Ok(())
     }
 
@@ -578,6 +593,17 @@ impl<'a> Gpu<'a> {
             let t = a.elapsed_ms(b).map_err(dev_err("event timing"))?;
             Ok(Duration::from_secs_f64(f64::from(t.max(0.0)) / 1e3))
         };
+        if let Some(m) = &self.marks {
+            let mut line = format!("rank {} GPU timeline:", self.rank);
+            for w in m.windows(2) {
+                line += &format!(
+                    " {} {:.2} ms;",
+                    w[1].0,
+                    ms(&w[0].1, &w[1].1)?.as_secs_f64() * 1e3
+                );
+            }
+            eprintln!("{line}");
+        }
         for (kind, a, b) in &self.events {
             let t = ms(a, b)?;
             match kind {
@@ -690,8 +716,20 @@ fn forward_inner<E: CudaElement>(
     let n = g.geo.local;
     check_local(plan, n, q, k, v)?;
     let (local, spans) = classify(plan, &g.geo)?;
+    g.mark(|| "start".into())?;
+    if spans.is_empty() {
+        // Every segment lies inside a chunk: the single-GPU kernel on the local rows is
+        // the whole answer (no accumulator, no exchange).
+        g.at = (local[0], 0);
+        let pr = Prob::patterns(plan, n, &local, plan.pattern_factor())?;
+        let f = g.timed(|g| forward_launch(g.dev, &pr, q, k, v, None))?;
+        g.stats.blocks_computed += 1;
+        g.health()?;
+        return Ok((f.out, f.lse));
+    }
     let mut acc_o = g.zeros(dm.batch * n * dm.heads * dm.head_dim)?;
     let mut acc_l = g.neg_inf(dm.batch * n * dm.heads)?;
+    g.mark(|| "init".into())?;
     if !local.is_empty() {
         g.at = (local[0], 0);
         let pr = Prob::patterns(plan, n, &local, 1.0)?;
@@ -718,7 +756,9 @@ fn forward_inner<E: CudaElement>(
         }
     }
     g.health()?;
+    g.mark(|| "health".into())?;
     let out = g.convert::<E>(&acc_o, plan.pattern_factor() as f32)?;
+    g.mark(|| "convert".into())?;
     Ok((out, acc_l))
 }
 
@@ -739,6 +779,7 @@ fn fwd_group<E: CudaElement>(
     let chunks = g.group_chunks(s, members, g.rank);
     let qs = q_side(g, s, &chunks, q)?;
     let mut cur = kv_block(g, s, &chunks, k, v)?;
+    g.mark(|| format!("p{} gathers", s.i))?;
     let block_len = s.bdims.batch * s.m * s.kv.hc * s.bdims.head_dim;
     for t in 0..kk {
         g.at = (s.i, t);
@@ -755,8 +796,10 @@ fn fwd_group<E: CudaElement>(
         };
         let kchunks = g.group_chunks(s, members, origin);
         fwd_blocks(g, s, &qs, &kchunks, &cur, acc_o, acc_l)?;
+        g.mark(|| format!("p{} step {t} compute", s.i))?;
         if let Some(fl) = flight {
             let (kv, _) = g.land(fl)?;
+            g.mark(|| format!("p{} step {t} land", s.i))?;
             if t > 0 {
                 let bytes = (cur.len() * block_len * std::mem::size_of::<E>()) as u64;
                 g.release(cur.len() / 2, bytes);
@@ -924,6 +967,16 @@ fn backward_inner<E: CudaElement>(
     }
     let (local, spans) = classify(plan, &g.geo)?;
     let fac = plan.pattern_factor();
+    g.mark(|| "start".into())?;
+    if spans.is_empty() {
+        g.at = (local[0], 0);
+        let pr = Prob::patterns(plan, n, &local, fac)?;
+        let gr =
+            g.timed(|g| backward_launch(g.dev, &pr, false, q, k, v, None, out, lse, grad_out))?;
+        g.stats.blocks_computed += 1;
+        g.health()?;
+        return Ok((gr.dq, gr.dk, gr.dv));
+    }
     let mut dq = g.zeros(ql)?;
     let mut dk = g.zeros(kl)?;
     let mut dv = g.zeros(kl)?;
@@ -969,11 +1022,14 @@ fn backward_inner<E: CudaElement>(
         }
     }
     g.health()?;
-    Ok((
+    g.mark(|| "health".into())?;
+    let r = (
         g.convert::<E>(&dq, 1.0)?,
         g.convert::<E>(&dk, 1.0)?,
         g.convert::<E>(&dv, 1.0)?,
-    ))
+    );
+    g.mark(|| "convert".into())?;
+    Ok(r)
 }
 
 type Ins<'x, E> = (&'x CudaSlice<E>, &'x CudaSlice<E>, &'x CudaSlice<E>);
@@ -999,6 +1055,7 @@ fn bwd_group<E: CudaElement>(
     let chunks = g.group_chunks(s, members, g.rank);
     let side = b_side(g, s, &chunks, q, out, grad_out, lse)?;
     let mut cur = kv_block(g, s, &chunks, k, v)?;
+    g.mark(|| format!("p{} gathers", s.i))?;
     let block_len = s.bdims.batch * s.m * s.kv.hc * s.bdims.head_dim;
     let es = std::mem::size_of::<E>();
     // The finished accumulator of the block computed at the previous step.
@@ -1007,7 +1064,7 @@ fn bwd_group<E: CudaElement>(
         g.at = (s.i, t);
         // What arrives: K/V of the next block (t + 1 < k), the accumulator of the block
         // computed now (t >= 1; at t = k: this rank's own block, complete).
-        let from_kv = members[(idx + kk - t - 1) % kk];
+        let from_kv = members[(idx + 2 * kk - t - 1) % kk];
         let from_acc = members[(idx + kk - t) % kk];
         let kv_slots = if t + 1 < kk {
             g.group_chunks(s, members, from_kv).len()
@@ -1040,10 +1097,12 @@ fn bwd_group<E: CudaElement>(
                 .map(|_| g.zeros(block_len))
                 .collect::<Result<_>>()?;
             bwd_blocks(g, s, &side, &kchunks, &cur, &mut fresh, dq)?;
+            g.mark(|| format!("p{} step {t} compute", s.i))?;
         }
         let sent_done = std::mem::take(&mut done);
         if let Some(fl) = flight {
             let (kv, acc) = g.land(fl)?;
+            g.mark(|| format!("p{} step {t} land", s.i))?;
             drop(sent_done);
             if t == kk {
                 // Our own block's accumulator, home after visiting every member.

@@ -249,6 +249,16 @@ impl Cuda {
             .clone_dtoh(dev)
             .map_err(dev_err("device to host copy"))
     }
+    /// A new zero-filled device buffer (stream-ordered: no host synchronisation, unlike
+    /// [`htod`](Self::htod), which waits for the stream because the host data is borrowed).
+    pub(crate) fn zeros<E: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<E>> {
+        self.stream
+            .alloc_zeros::<E>(len)
+            .map_err(dev_err("device allocation"))
+    }
     /// A new output buffer of `len` elements: NaN-filled when poisoning is on, else
     /// uninitialised (the kernels write every element).
     pub(crate) fn output<E: CudaElement>(&self, len: usize) -> Result<CudaSlice<E>> {

@@ -394,7 +394,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let p = pr.p;
     let mut out = dev.output::<E>(dm.q_len())?;
     let mut lse = dev.output::<f32>(dm.lse_len())?;
-    let dummy = dev.htod(&[0u8])?;
+    let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
     if let Some(name) = tc_kernel::<E>(dev, dm.head_dim) {
         let (warps, mt) = if dev.fwd_row_tiles() == 2 {
@@ -433,7 +433,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
         let name = format!("fwd_generic_{}", E::NAME);
         let f = function(dev, &name)?;
         let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
-        let mut dummy_f = dev.htod(&[0f32])?;
+        let mut dummy_f = dev.zeros::<f32>(1)?;
         let zero = 0i32;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
@@ -500,7 +500,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
     } else {
         dm.lse_len()
     };
-    let dummy = dev.htod(&[0u8])?;
+    let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
     let mut delta = dev
         .stream()
@@ -512,7 +512,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
         let f = function(dev, &name)?;
         let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
         let mut dummy_o = dev.output::<E>(1)?;
-        let mut dummy_l = dev.htod(&[0f32])?;
+        let mut dummy_l = dev.zeros::<f32>(1)?;
         let one = 1i32;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
