@@ -52,6 +52,36 @@ pub trait CudaElement:
     fn nan() -> Self;
 }
 
+/// Let the device's default memory pool (cudarc allocates from it, stream-ordered) keep
+/// freed memory instead of returning it to the driver at every synchronisation: without
+/// this, each call re-maps its buffers (milliseconds per GiB). The memory stays reserved
+/// for this process; [`Cuda::trim_pool`] gives it back.
+fn keep_pool_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<()> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+    let mut dev: sys::CUdevice = 0;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: valid out-pointers; the ordinal was checked against the device count; the
+    // release threshold attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGet(&mut dev, ordinal as i32)
+            .result()
+            .map_err(dev_err("cuDeviceGet"))?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, dev)
+            .result()
+            .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(dev_err("memory pool release threshold"))?;
+    }
+    Ok(())
+}
+
 impl CudaElement for f32 {
     const NAME: &'static str = "f32";
     const TENSOR_CORES: bool = false;
@@ -125,6 +155,10 @@ pub struct Cuda {
 impl Cuda {
     /// Open GPU `ordinal`. `Err` (never a panic) if the CUDA driver library is not
     /// installed, no GPU is present or the ordinal is out of range.
+    ///
+    /// The device's default memory pool is set to keep freed memory for reuse (a caching
+    /// allocator, as deep-learning frameworks have); [`trim_pool`](Self::trim_pool)
+    /// returns it.
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: only tries to open the shared library; no CUDA call is made.
         let present = unsafe { cudarc::driver::sys::is_culib_present() };
@@ -144,6 +178,7 @@ impl Cuda {
         // SAFETY: every buffer of this crate is used on this device's one stream only.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_pool_memory(&ctx, ordinal)?;
         Ok(Cuda {
             ctx,
             stream,
@@ -154,6 +189,29 @@ impl Cuda {
             bwd_variant: AtomicU8::new(2),
             dq_warps: AtomicU8::new(8),
         })
+    }
+
+    /// Return the memory the device's pool keeps for reuse (see [`Cuda::new`]) to the
+    /// driver, after waiting for queued work.
+    pub fn trim_pool(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.synchronize()?;
+        let mut dev: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: valid out-pointers, an existing device; trimming to 0 bytes only releases
+        // memory no allocation uses.
+        unsafe {
+            sys::cuDeviceGet(&mut dev, self.ordinal() as i32)
+                .result()
+                .map_err(dev_err("cuDeviceGet"))?;
+            sys::cuDeviceGetDefaultMemPool(&mut pool, dev)
+                .result()
+                .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
+            sys::cuMemPoolTrimTo(pool, 0)
+                .result()
+                .map_err(dev_err("cuMemPoolTrimTo"))?;
+        }
+        Ok(())
     }
 
     /// The context.
