@@ -231,6 +231,28 @@ fn classify(plan: &Plan, geo: &Geometry) -> Result<(Vec<usize>, Vec<Span>)> {
     Ok((local, span))
 }
 
+/// The map of the compact blocks of the chunk starting at local row `row0`, for one side
+/// (`hs` heads in the local buffer).
+fn row_map(plan: &Plan, geo: &Geometry, s: &Span, side: &Side, hs: usize, row0: usize) -> RowMap {
+    let dm = plan.dims();
+    RowMap {
+        b: dm.batch as i32,
+        n: geo.local as i32,
+        hs: hs as i32,
+        m: s.m as i32,
+        hc: side.hc as i32,
+        e: dm.head_dim as i32,
+        row0: row0 as i32,
+        r: s.r as i32,
+        hb: side.hb as i32,
+        hdiv: side.hdiv as i32,
+        ob: side.hb as i32,
+        per_head: i32::from(side.per_head),
+        fixed: side.fixed as i32,
+        atomic: i32::from(side.hdiv > 1),
+    }
+}
+
 /// Grid of the elementwise helper kernels (grid-stride loops).
 fn elementwise(count: usize) -> LaunchConfig {
     let blocks = count.div_ceil(256).clamp(1, 16384) as u32;
@@ -343,23 +365,7 @@ impl<'a> Gpu<'a> {
 
     /// The map of compact blocks of chunk `row0` (local rows) for one side.
     fn map(&self, s: &Span, side: &Side, hs: usize, row0: usize) -> RowMap {
-        let dm = self.plan.dims();
-        RowMap {
-            b: dm.batch as i32,
-            n: self.geo.local as i32,
-            hs: hs as i32,
-            m: s.m as i32,
-            hc: side.hc as i32,
-            e: dm.head_dim as i32,
-            row0: row0 as i32,
-            r: s.r as i32,
-            hb: side.hb as i32,
-            hdiv: side.hdiv as i32,
-            ob: side.hb as i32,
-            per_head: i32::from(side.per_head),
-            fixed: side.fixed as i32,
-            atomic: i32::from(side.hdiv > 1),
-        }
+        row_map(self.plan, &self.geo, s, side, hs, row0)
     }
 
     /// The identity map of the whole local buffer (query side).
@@ -630,22 +636,26 @@ impl<'a> Gpu<'a> {
             .map_err(|f| self.err(f))
     }
 
-    /// Relation of a (query chunk, key chunk) pair of one spanning pattern: `None` if no
-    /// query sees a key (other segment, or causal future), else `Some(diagonal)`.
     fn relation(&self, s: &Span, cq: usize, ck: usize) -> Option<bool> {
-        let cl = self.geo.chunk_len();
-        if cq * cl / s.w != ck * cl / s.w {
-            return None;
+        relation(self.plan, &self.geo, s, cq, ck)
+    }
+}
+
+/// Relation of a (query chunk, key chunk) pair of one spanning pattern: `None` if no
+/// query sees a key (other segment, or causal future), else `Some(diagonal)`.
+fn relation(plan: &Plan, geo: &Geometry, s: &Span, cq: usize, ck: usize) -> Option<bool> {
+    let cl = geo.chunk_len();
+    if cq * cl / s.w != ck * cl / s.w {
+        return None;
+    }
+    if plan.options().causal {
+        match ck.cmp(&cq) {
+            std::cmp::Ordering::Greater => None,
+            std::cmp::Ordering::Equal => Some(true),
+            std::cmp::Ordering::Less => Some(false),
         }
-        if self.plan.options().causal {
-            match ck.cmp(&cq) {
-                std::cmp::Ordering::Greater => None,
-                std::cmp::Ordering::Equal => Some(true),
-                std::cmp::Ordering::Less => Some(false),
-            }
-        } else {
-            Some(false)
-        }
+    } else {
+        Some(false)
     }
 }
 
@@ -1172,4 +1182,179 @@ fn bwd_blocks<E: CudaElement>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The decomposition, checked on the host (no GPU): compact blocks hold exactly the
+    //! rows SPEC §1 lets each head use, and the chunk relation gives exactly its key sets.
+    use super::*;
+    use crate::shape::{Options, Pattern};
+    use std::collections::BTreeSet;
+
+    /// `map_local` of gpu.cu: compact `(t, j)` -> local `(row, head)` (batch 0).
+    fn local(m: &RowMap, t: usize, j: usize) -> (usize, usize) {
+        let j = j as i32;
+        let o = if m.per_head != 0 {
+            (m.ob + j) % m.r
+        } else {
+            m.fixed
+        };
+        let row = (m.row0 + o) as usize + t * m.r as usize;
+        (row, ((m.hb + j) / m.hdiv) as usize)
+    }
+
+    fn plans() -> Vec<(Plan, Layout, usize)> {
+        let mut v = Vec::new();
+        let scheds: [&[(usize, usize)]; 4] = [
+            &[(64, 1)],
+            &[(8, 1), (32, 2), (64, 4)],
+            &[(16, 2), (64, 8), (64, 2)],
+            &[(4, 4), (32, 1), (64, 16)],
+        ];
+        for (si, sched) in scheds.iter().enumerate() {
+            for combine in [Combine::Lse, Combine::HeadGroups] {
+                for (heads, kv) in [(4, 4), (6, 3), (8, 2)] {
+                    for causal in [false, true] {
+                        let dims = Dims {
+                            batch: 1,
+                            seq: 64,
+                            heads,
+                            kv_heads: kv,
+                            head_dim: 2,
+                        };
+                        let pats: Vec<Pattern> =
+                            sched.iter().map(|&(w, r)| Pattern::new(w, r)).collect();
+                        let opts = Options::default().causal(causal).combine(combine);
+                        let Ok(p) = Plan::new(dims, &pats, opts) else {
+                            continue;
+                        };
+                        for (layout, world) in [
+                            (Layout::Contiguous, 2),
+                            (Layout::Contiguous, 4),
+                            (Layout::Zigzag, 2),
+                            (Layout::Zigzag, 4),
+                            (Layout::Zigzag, 1),
+                        ] {
+                            let _ = si;
+                            v.push((p.clone(), layout, world));
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn compact_blocks_hold_exactly_the_dilated_rows() {
+        let mut spans_seen = 0;
+        for (plan, layout, world) in plans() {
+            let dm = *plan.dims();
+            let geo = Geometry::new(layout, world, dm.seq / world).unwrap();
+            let cl = geo.chunk_len();
+            // Shapes the GPU ring does not take are covered by the next tests.
+            let Ok((_, spans)) = classify(&plan, &geo) else {
+                continue;
+            };
+            for s in &spans {
+                spans_seen += 1;
+                for rank in 0..world {
+                    for (c, row0) in geo.chunks_of(rank) {
+                        let a = (c * cl / s.w) * s.w; // segment start
+                        let qm = row_map(&plan, &geo, s, &s.q, dm.heads, row0);
+                        let km = row_map(&plan, &geo, s, &s.kv, dm.kv_heads, row0);
+                        // Query side: exactly the (row, head) pairs taking part.
+                        let got: BTreeSet<_> = (0..s.m)
+                            .flat_map(|t| (0..s.q.hc).map(move |j| (t, j)))
+                            .map(|(t, j)| local(&qm, t, j))
+                            .collect();
+                        let want: BTreeSet<_> = (row0..row0 + cl)
+                            .flat_map(|row| (0..dm.heads).map(move |h| (row, h)))
+                            .filter(|&(row, h)| {
+                                let p = geo.position(rank, row);
+                                plan.offset(s.i, h) == Some((p - a) % s.r)
+                            })
+                            .collect();
+                        assert_eq!(got, want, "{plan:?} {layout:?} W={world} pattern {}", s.i);
+                        assert_eq!(got.len(), s.m * s.q.hc, "no duplicates");
+                        // Key side: compact query head j reads compact kv head
+                        // j / (hc_q / hc_kv): the rows and kv head SPEC gives it.
+                        let grp = s.q.hc / s.kv.hc;
+                        for j in 0..s.q.hc {
+                            for t in 0..s.m {
+                                let (qrow, h) = local(&qm, t, j);
+                                let (krow, g) = local(&km, t, j / grp);
+                                assert_eq!(g, h / dm.group(), "kv head of query head {h}");
+                                assert_eq!(krow, qrow, "same offset and order");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            spans_seen > 50,
+            "the cases exercise spanning patterns ({spans_seen})"
+        );
+    }
+
+    #[test]
+    fn chunk_relation_gives_the_key_sets() {
+        for (plan, layout, world) in plans() {
+            let geo = Geometry::new(layout, world, plan.dims().seq / world).unwrap();
+            let cl = geo.chunk_len();
+            let Ok((_, spans)) = classify(&plan, &geo) else {
+                continue;
+            };
+            let causal = plan.options().causal;
+            for s in &spans {
+                for cq in 0..geo.num_chunks() {
+                    for ck in 0..geo.num_chunks() {
+                        let same = cq * cl / s.w == ck * cl / s.w;
+                        // Visible pairs of compact rows (tq, tk) by SPEC: same segment,
+                        // causal => key position <= query position.
+                        let vis = |tq: usize, tk: usize| {
+                            same && (!causal || ck * cl + tk * s.r <= cq * cl + tq * s.r)
+                        };
+                        let want: Vec<bool> = (0..s.m)
+                            .flat_map(|tq| (0..s.m).map(move |tk| (tq, tk)))
+                            .map(|(tq, tk)| vis(tq, tk))
+                            .collect();
+                        let got: Vec<bool> = match relation(&plan, &geo, s, cq, ck) {
+                            None => vec![false; s.m * s.m],
+                            Some(diag) => (0..s.m)
+                                .flat_map(|tq| (0..s.m).map(move |tk| !diag || tk <= tq))
+                                .collect(),
+                        };
+                        assert_eq!(got, want, "{plan:?} chunks {cq} {ck}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_shapes_are_errors_naming_the_pattern() {
+        // Zigzag, n = 96: chunk 48; 64 neither divides 48 nor is a multiple of it.
+        let plan = Plan::new(
+            Dims::mha(1, 192, 2, 4),
+            &[Pattern::new(64, 1)],
+            Options::default(),
+        )
+        .unwrap();
+        let geo = Geometry::new(Layout::Zigzag, 2, 96).unwrap();
+        let e = classify(&plan, &geo).unwrap_err().to_string();
+        assert!(e.contains("pattern 0") && e.contains("48"), "{e}");
+        // A spanning pattern whose dilation does not divide the chunk.
+        let plan = Plan::new(
+            Dims::mha(1, 192, 2, 4),
+            &[Pattern::new(192, 5)],
+            Options::default(),
+        );
+        if let Ok(plan) = plan {
+            let e = classify(&plan, &geo).unwrap_err().to_string();
+            assert!(e.contains("dilation 5"), "{e}");
+        }
+    }
 }
