@@ -329,7 +329,7 @@ fn reference_rows(
 /// Bytes a rank must receive at least in one forward: for every pattern whose segment
 /// spans `k > 1` ranks' chunks (contiguous layout), the K and V rows of the `k - 1` other
 /// chunks that its heads' offsets select (`n / r` rows per head when `r` divides `n`).
-fn min_forward_bytes(p: &Plan, world: usize) -> u64 {
+fn min_forward_bytes(p: &Plan, world: usize, es: usize) -> u64 {
     let d = p.dims();
     let n = d.seq / world;
     p.patterns()
@@ -341,7 +341,7 @@ fn min_forward_bytes(p: &Plan, world: usize) -> u64 {
                 return 0;
             }
             let rows = n.div_ceil(pt.dilation);
-            ((k - 1) * 2 * d.batch * rows * d.kv_heads * d.head_dim * 4) as u64
+            ((k - 1) * 2 * d.batch * rows * d.kv_heads * d.head_dim * es) as u64
         })
         .sum()
 }
@@ -352,7 +352,8 @@ fn print_report(a: &Args, p: &Plan, world: usize, reps: &[RankReport]) {
         "problem: world {world}, N = {} ({} per rank), B {}, H {}, D {}, schedule {:?}, layout {:?}, causal {}, iters {}",
         d.seq, a.local, d.batch, d.heads, d.head_dim, a.schedule, a.layout, a.causal, a.iters
     );
-    let own_kv = (2 * d.batch * a.local * d.kv_heads * d.head_dim * 4) as u64;
+    let es = if a.gpu { 2 } else { 4 }; // bf16 on the GPU ring, f32 on the host ring
+    let own_kv = (2 * d.batch * a.local * d.kv_heads * d.head_dim * es) as u64;
     for r in reps {
         println!(
             "rank {} (GPU {}): forward median {:.2} ms, backward median {:.2} ms",
@@ -393,9 +394,28 @@ fn print_report(a: &Args, p: &Plan, world: usize, reps: &[RankReport]) {
     if a.layout == Layout::Contiguous {
         println!(
             "theoretical minimum forward payload per rank: {} B (contiguous layout)",
-            min_forward_bytes(p, world)
+            min_forward_bytes(p, world, es)
         );
     }
+}
+
+/// Fail (non-zero exit) when a checked rank is off: SPEC §5 for bf16 on the GPU ring
+/// (‖err‖/‖ref‖ ≤ 1e-2), a loose max-abs bound for the f32 host ring.
+fn check_errors(a: &Args, reps: &[RankReport]) -> Result<()> {
+    let tol = if a.gpu { 1e-2 } else { 1e-3 };
+    for r in reps {
+        if let Some(e) = r.err {
+            if e.iter().any(|x| !(*x <= tol)) {
+                return Err(Error::Ring {
+                    msg: format!(
+                        "rank {}: error {e:?} above {tol} against the single device",
+                        r.rank
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -441,6 +461,7 @@ fn main() -> Result<()> {
             // ANCHOR_END: run
             let reps = res.into_iter().collect::<Result<Vec<_>>>()?;
             print_report(&a, &p, world, &reps);
+            check_errors(&a, &reps)?;
         }
         "env" => {
             let t = Instant::now();
@@ -467,7 +488,8 @@ fn main() -> Result<()> {
             } else {
                 run_rank(&c, &a, &p, &prob, want.as_ref())?
             };
-            print_report(&a, &p, world, &[rep]);
+            print_report(&a, &p, world, std::slice::from_ref(&rep));
+            check_errors(&a, &[rep])?;
         }
         m => {
             return Err(Error::Ring {

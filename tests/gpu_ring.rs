@@ -24,6 +24,7 @@ use dilated_attention::ops::reference;
 use dilated_attention::prelude::*;
 use dilated_attention::ring::gpu;
 use dilated_attention::ring::nccl::{self, NcclComm};
+use dilated_attention::ring::rendezvous::RendezvousEnv;
 use dilated_attention::ring::{CommConfig, Layout, RingComm, RingStats};
 use dilated_attention::tensor::cuda::{Cuda, CudaElement};
 use dilated_attention::Error;
@@ -514,4 +515,97 @@ fn one_rank_ring_computes_multi_chunk_segments_locally() {
         401,
     );
     assert_eq!(st[0].0.bytes_sent, 0, "one rank sends nothing");
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn rendezvous_start_mode_matches_the_oracle() {
+    // The torchrun-style start (`NcclComm::from_rendezvous`: rank 0's NCCL id over TCP),
+    // here two threads standing in for two processes.
+    let dims = Dims {
+        batch: 1,
+        seq: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let sched = [Pattern::new(128, 1), Pattern::new(512, 2)];
+    let plan = Plan::new(dims, &sched, Options::default().causal(true)).unwrap();
+    let layout = Layout::Zigzag;
+    let seed = 601;
+    let (q, qr) = round::<half::bf16>(&normal(seed, dims.q_len()));
+    let (k, kr) = round::<half::bf16>(&normal(seed ^ 1, dims.kv_len()));
+    let (v, vr) = round::<half::bf16>(&normal(seed ^ 2, dims.kv_len()));
+    let (go, gr) = round::<half::bf16>(&normal(seed ^ 3, dims.q_len()));
+    let (b, hd, kd) = (1, 4 * 64, 2 * 64);
+    let qs = layout.split(&q, b, hd, 2).unwrap();
+    let ks = layout.split(&k, b, kd, 2).unwrap();
+    let vs = layout.split(&v, b, kd, 2).unwrap();
+    let gs = layout.split(&go, b, hd, 2).unwrap();
+    let port = 29400 + (std::process::id() % 500) as u16;
+    let parts: Vec<RankOut<half::bf16>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..2)
+            .map(|r| {
+                let (qs, ks, vs, gs, plan) = (&qs, &ks, &vs, &gs, &plan);
+                sc.spawn(move || -> dilated_attention::Result<RankOut<half::bf16>> {
+                    let env = RendezvousEnv {
+                        rank: r,
+                        world_size: 2,
+                        local_rank: r,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let c = NcclComm::from_rendezvous(
+                        &env,
+                        CommConfig::default().timeout(Duration::from_secs(60)),
+                    )?;
+                    let dev = Cuda::new(c.device())?;
+                    dev.set_poison(true);
+                    let (qd, kd, vd, gd) = (
+                        dev.htod(&qs[r])?,
+                        dev.htod(&ks[r])?,
+                        dev.htod(&vs[r])?,
+                        dev.htod(&gs[r])?,
+                    );
+                    let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd)?;
+                    let g = gpu::try_backward(
+                        &dev, &c, plan, layout, &qd, &kd, &vd, &f.out, &f.lse, &gd,
+                    )?;
+                    Ok((
+                        dev.dtoh(&f.out)?,
+                        dev.dtoh(&f.lse)?,
+                        dev.dtoh(&g.dq)?,
+                        dev.dtoh(&g.dk)?,
+                        dev.dtoh(&g.dv)?,
+                        (f.stats, g.stats),
+                    ))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join()
+                    .expect("rank thread")
+                    .unwrap_or_else(|e| panic!("rank {r}: {e}"))
+            })
+            .collect()
+    });
+    let cat = |f: &dyn Fn(&RankOut<half::bf16>) -> Vec<f64>, inner: usize| {
+        let p: Vec<Vec<f64>> = parts.iter().map(f).collect();
+        layout.gather(&p, b, inner).unwrap()
+    };
+    let want = reference::forward(&plan, &qr, &kr, &vr, None).unwrap();
+    let gw = reference::backward(&plan, &qr, &kr, &vr, None, &gr).unwrap();
+    let ctx = "rendezvous start, zigzag causal, seed 601";
+    check("out", &cat(&|p| to64(&p.0), hd), &want.out, 1e-2, 64, ctx);
+    check("dq", &cat(&|p| to64(&p.2), hd), &gw.dq, 1e-2, 64, ctx);
+    check("dk", &cat(&|p| to64(&p.3), kd), &gw.dk, 1e-2, 64, ctx);
+    check("dv", &cat(&|p| to64(&p.4), kd), &gw.dv, 1e-2, 64, ctx);
+    check_lse(
+        &cat(&|p| p.1.iter().map(|&x| x as f64).collect(), 4),
+        &want.lse,
+        1e-2,
+        ctx,
+    );
 }
