@@ -14,16 +14,17 @@
 //!
 //! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick]`
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+
 use std::io::Write;
 
 use cudarc::driver::CudaSlice;
 use dilated_attention::ops::dilated::cuda as gpu;
 use dilated_attention::prelude::*;
 use dilated_attention::tensor::cuda::Cuda;
+use gpu_common::rand_buf;
 use half::bf16;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
 
 const H: usize = 16;
 const D: usize = 128;
@@ -67,25 +68,6 @@ fn args() -> Args {
         i += 1;
     }
     a
-}
-
-/// A device buffer of `len` random normal bf16 values (a random 16M-element block repeated;
-/// the period is far larger than L2).
-fn rand_buf(dev: &Cuda, len: usize, seed: u64) -> CudaSlice<bf16> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let chunk: Vec<bf16> = (0..len.min(1 << 24))
-        .map(|_| bf16::from_f32(rng.sample::<f32, _>(StandardNormal)))
-        .collect();
-    // SAFETY: every element is written by the copies below before any read.
-    let mut buf = unsafe { dev.stream().alloc::<bf16>(len) }.unwrap();
-    let mut off = 0;
-    while off < len {
-        let n = chunk.len().min(len - off);
-        let mut view = buf.slice_mut(off..off + n);
-        dev.stream().memcpy_htod(&chunk[..n], &mut view).unwrap();
-        off += n;
-    }
-    buf
 }
 
 /// Median milliseconds of `f` over CUDA events, after warm-up.

@@ -19,20 +19,19 @@
 //! `cargo bench --features nccl,cuda --bench gpu_ring_bench -- [--scaling 131072,524288]
 //!  [--dilated 1048576,...] [--reps 3] [--json FILE]`
 
+#[path = "common/gpu.rs"]
+mod gpu_common;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::CudaSlice;
 use dilated_attention::ops::dilated::cuda as single;
 use dilated_attention::prelude::*;
 use dilated_attention::ring::gpu;
 use dilated_attention::ring::nccl::{self, NcclComm};
 use dilated_attention::ring::{CommConfig, Layout, RingComm, RingStats};
 use dilated_attention::tensor::cuda::Cuda;
-use half::bf16;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
+use gpu_common::rand_buf;
 
 struct Args {
     scaling: Vec<usize>,
@@ -81,24 +80,6 @@ fn args() -> Args {
         i += 1;
     }
     a
-}
-
-/// `len` random normal bf16 values on `dev` (a random 16M-element block repeated).
-fn rand_buf(dev: &Cuda, len: usize, seed: u64) -> CudaSlice<bf16> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let chunk: Vec<bf16> = (0..len.min(1 << 24))
-        .map(|_| bf16::from_f32(rng.sample::<f32, _>(StandardNormal)))
-        .collect();
-    // SAFETY: every element is written by the copies below before any read.
-    let mut buf = unsafe { dev.stream().alloc::<bf16>(len) }.unwrap();
-    let mut off = 0;
-    while off < len {
-        let n = chunk.len().min(len - off);
-        let mut view = buf.slice_mut(off..off + n);
-        dev.stream().memcpy_htod(&chunk[..n], &mut view).unwrap();
-        off += n;
-    }
-    buf
 }
 
 /// The CUDA memory pool of the current device (cudarc allocates from it).

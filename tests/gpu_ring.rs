@@ -17,6 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::gpu::{check_lse, check_norm, round, to64};
 use common::normal;
 use cudarc::driver::CudaSlice;
 use dilated_attention::ops::dilated::cuda as single;
@@ -31,50 +32,10 @@ use dilated_attention::Error;
 
 const NEEDS: &str = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine";
 
-fn round<E: CudaElement>(x: &[f64]) -> (Vec<E>, Vec<f64>) {
-    let e: Vec<E> = x.iter().map(|&v| E::from_f64(v)).collect();
-    let r = e.iter().map(|v| v.to_f64()).collect();
-    (e, r)
-}
-
-fn to64<E: CudaElement>(x: &[E]) -> Vec<f64> {
-    x.iter().map(|v| v.to_f64()).collect()
-}
-
-/// `‖got − want‖ ≤ rel·max(‖want‖, 0.01·√(len·D))`, no NaN.
-fn check(what: &str, got: &[f64], want: &[f64], rel: f64, d: usize, ctx: &str) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length; {ctx}");
-    let (mut num, mut den) = (0.0, 0.0);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{what}[{i}] is NaN (unwritten?); {ctx}");
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    let (num, den) = (num.sqrt(), den.sqrt());
-    assert!(
-        num <= rel * den.max(0.01 * ((want.len() * d) as f64).sqrt()),
-        "{what}: ‖err‖ {num:e} > {rel:e}·‖ref‖ {den:e}; {ctx}"
-    );
-    num / den.max(f64::MIN_POSITIVE)
-}
-
-fn check_lse(got: &[f64], want: &[f64], tol: f64, ctx: &str) {
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        if w == f64::NEG_INFINITY {
-            assert_eq!(g, f64::NEG_INFINITY, "lse[{i}] should be -inf; {ctx}");
-        } else {
-            assert!(
-                (g - w).abs() <= tol * w.abs().max(1.0),
-                "lse[{i}]: {g} vs {w}; {ctx}"
-            );
-        }
-    }
-}
-
 /// Gathered global `(out, L, dq, dk, dv)` in f64, and per-rank (forward, backward) stats.
 struct Run {
     out: Vec<f64>,
-    lse: Vec<f64>,
+    lse: Vec<f32>,
     dq: Vec<f64>,
     dk: Vec<f64>,
     dv: Vec<f64>,
@@ -143,7 +104,10 @@ fn ring_run<E: CudaElement>(
     };
     Run {
         out: cat(&|p| to64(&p.0), hd),
-        lse: cat(&|p| p.1.iter().map(|&x| x as f64).collect(), dm.heads),
+        lse: {
+            let p: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
+            layout.gather(&p, b, dm.heads).unwrap()
+        },
         dq: cat(&|p| to64(&p.2), hd),
         dk: cat(&|p| to64(&p.3), kd),
         dv: cat(&|p| to64(&p.4), kd),
@@ -176,10 +140,10 @@ fn check_case<E: CudaElement>(
     let tol = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
     let d = dims.head_dim;
     let e = [
-        check("out", &ring.out, &want.out, tol, d, &ctx),
-        check("dq", &ring.dq, &gw.dq, tol, d, &ctx),
-        check("dk", &ring.dk, &gw.dk, tol, d, &ctx),
-        check("dv", &ring.dv, &gw.dv, tol, d, &ctx),
+        check_norm("out", &ring.out, &want.out, tol, d, &ctx),
+        check_norm("dq", &ring.dq, &gw.dq, tol, d, &ctx),
+        check_norm("dk", &ring.dk, &gw.dk, tol, d, &ctx),
+        check_norm("dv", &ring.dv, &gw.dv, tol, d, &ctx),
     ];
     check_lse(&ring.lse, &want.lse, tol, &ctx);
     // The single-GPU kernels on the whole problem.
@@ -193,7 +157,7 @@ fn check_case<E: CudaElement>(
     let f = single::try_forward(&dev, &plan, &qd, &kd, &vd, None).unwrap();
     let g = single::try_backward(&dev, &plan, &qd, &kd, &vd, None, &f.out, &f.lse, &gd).unwrap();
     let s = [
-        check(
+        check_norm(
             "out vs 1 GPU",
             &ring.out,
             &to64(&dev.dtoh(&f.out).unwrap()),
@@ -201,7 +165,7 @@ fn check_case<E: CudaElement>(
             d,
             &ctx,
         ),
-        check(
+        check_norm(
             "dq vs 1 GPU",
             &ring.dq,
             &to64(&dev.dtoh(&g.dq).unwrap()),
@@ -209,7 +173,7 @@ fn check_case<E: CudaElement>(
             d,
             &ctx,
         ),
-        check(
+        check_norm(
             "dk vs 1 GPU",
             &ring.dk,
             &to64(&dev.dtoh(&g.dk).unwrap()),
@@ -217,7 +181,7 @@ fn check_case<E: CudaElement>(
             d,
             &ctx,
         ),
-        check(
+        check_norm(
             "dv vs 1 GPU",
             &ring.dv,
             &to64(&dev.dtoh(&g.dv).unwrap()),
@@ -598,14 +562,10 @@ fn rendezvous_start_mode_matches_the_oracle() {
     let want = reference::forward(&plan, &qr, &kr, &vr, None).unwrap();
     let gw = reference::backward(&plan, &qr, &kr, &vr, None, &gr).unwrap();
     let ctx = "rendezvous start, zigzag causal, seed 601";
-    check("out", &cat(&|p| to64(&p.0), hd), &want.out, 1e-2, 64, ctx);
-    check("dq", &cat(&|p| to64(&p.2), hd), &gw.dq, 1e-2, 64, ctx);
-    check("dk", &cat(&|p| to64(&p.3), kd), &gw.dk, 1e-2, 64, ctx);
-    check("dv", &cat(&|p| to64(&p.4), kd), &gw.dv, 1e-2, 64, ctx);
-    check_lse(
-        &cat(&|p| p.1.iter().map(|&x| x as f64).collect(), 4),
-        &want.lse,
-        1e-2,
-        ctx,
-    );
+    check_norm("out", &cat(&|p| to64(&p.0), hd), &want.out, 1e-2, 64, &ctx);
+    check_norm("dq", &cat(&|p| to64(&p.2), hd), &gw.dq, 1e-2, 64, &ctx);
+    check_norm("dk", &cat(&|p| to64(&p.3), kd), &gw.dk, 1e-2, 64, &ctx);
+    check_norm("dv", &cat(&|p| to64(&p.4), kd), &gw.dv, 1e-2, 64, &ctx);
+    let lse: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
+    check_lse(&layout.gather(&lse, b, 4).unwrap(), &want.lse, 1e-2, &ctx);
 }

@@ -665,10 +665,23 @@ struct QSide<E> {
     q: Vec<CudaSlice<E>>,
 }
 
-/// Run `f`; on error abort the communicator so the peers stop waiting for this rank.
-fn guarded<R>(comm: &NcclComm, f: impl FnOnce(&mut usize) -> Result<R>) -> Result<R> {
+/// Run `f` on a fresh per-call state and return its result with the statistics; on
+/// error abort the communicator so the peers stop waiting for this rank.
+fn with_ring<R>(
+    dev: &Cuda,
+    comm: &NcclComm,
+    plan: &Plan,
+    layout: Layout,
+    f: impl FnOnce(&mut Gpu<'_>) -> Result<R>,
+) -> Result<(R, RingStats)> {
     let mut step = 0;
-    let r = f(&mut step);
+    let r = (|| -> Result<(R, RingStats)> {
+        let mut g = Gpu::new(dev, comm, plan, layout)?;
+        let r = f(&mut g);
+        step = g.step;
+        let r = r?;
+        Ok((r, g.finish_stats()?))
+    })();
     if let Err(e) = &r {
         comm.abort(step, &e.to_string());
     }
@@ -705,14 +718,8 @@ pub fn try_forward<E: CudaElement>(
     k: &CudaSlice<E>,
     v: &CudaSlice<E>,
 ) -> Result<DeviceRingForward<E>> {
-    guarded(comm, |step| {
-        let mut g = Gpu::new(dev, comm, plan, layout)?;
-        let r = forward_inner(&mut g, q, k, v);
-        *step = g.step;
-        let (out, lse) = r?;
-        let stats = g.finish_stats()?;
-        Ok(DeviceRingForward { out, lse, stats })
-    })
+    let ((out, lse), stats) = with_ring(dev, comm, plan, layout, |g| forward_inner(g, q, k, v))?;
+    Ok(DeviceRingForward { out, lse, stats })
 }
 
 fn forward_inner<E: CudaElement>(
@@ -929,14 +936,10 @@ pub fn try_backward<E: CudaElement>(
     lse: &CudaSlice<f32>,
     grad_out: &CudaSlice<E>,
 ) -> Result<DeviceRingGrads<E>> {
-    guarded(comm, |step| {
-        let mut g = Gpu::new(dev, comm, plan, layout)?;
-        let r = backward_inner(&mut g, q, k, v, out, lse, grad_out);
-        *step = g.step;
-        let (dq, dk, dv) = r?;
-        let stats = g.finish_stats()?;
-        Ok(DeviceRingGrads { dq, dk, dv, stats })
-    })
+    let ((dq, dk, dv), stats) = with_ring(dev, comm, plan, layout, |g| {
+        backward_inner(g, q, k, v, out, lse, grad_out)
+    })?;
+    Ok(DeviceRingGrads { dq, dk, dv, stats })
 }
 
 /// Query-side compact blocks of the backward.

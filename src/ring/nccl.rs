@@ -40,6 +40,15 @@ use crate::error::{Error, Result};
 /// Words of the exchange header: tag code, element count, element size, mask bits.
 const HEADER: usize = 4;
 
+/// One point-to-point operation of an NCCL group: a device pointer and a byte count.
+#[derive(Debug, Clone, Copy)]
+struct P2p {
+    send: bool,
+    peer: usize,
+    ptr: u64,
+    bytes: usize,
+}
+
 /// One rank of an NCCL ring: an NCCL communicator on one GPU with its own communication
 /// stream and a staging stream for host/device copies.
 ///
@@ -624,63 +633,87 @@ impl NcclComm {
         peer: Option<usize>,
         what: &str,
     ) -> std::result::Result<CudaEvent, CommFault> {
-        let cu = self.stream.cu_stream() as nsys::cudaStream_t;
-        // SAFETY: group start has no preconditions.
-        self.check(unsafe { nsys::ncclGroupStart() }, peer, what)?;
+        let mut ops = Vec::new();
         let mut guards = Vec::new();
         if let Some((to, buf)) = to {
             let (ptr, g) = buf.device_ptr(&self.stream);
             guards.push(g);
-            // SAFETY: `ptr` covers `buf.len()` bytes of device memory that stays alive
-            // until the returned event completes (the caller keeps `buf`); the stream
-            // and communicator belong to this rank's GPU.
-            let r = unsafe {
-                nsys::ncclSend(
-                    ptr as *const std::ffi::c_void,
-                    buf.len(),
-                    nsys::ncclDataType_t::ncclUint8,
-                    to as std::ffi::c_int,
-                    self.comm,
-                    cu,
-                )
-            };
-            if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
-                // SAFETY: closes the group opened above.
-                let _ = unsafe { nsys::ncclGroupEnd() };
-                return Err(self.fail(
-                    peer,
-                    format!("rank {}: {what}: ncclSend: {}", self.rank, nccl_text(r)),
-                ));
-            }
+            ops.push(P2p {
+                send: true,
+                peer: to,
+                ptr,
+                bytes: buf.len(),
+            });
         }
         if let Some((from, buf)) = from {
             let n = buf.len();
             let (ptr, g) = buf.device_ptr_mut(&self.stream);
             guards.push(g);
-            // SAFETY: `ptr` covers `n` bytes the caller keeps alive until the event
-            // completes, and nothing else reads or writes them meanwhile.
+            ops.push(P2p {
+                send: false,
+                peer: from,
+                ptr,
+                bytes: n,
+            });
+        }
+        // SAFETY: the pointers cover the callers' buffers, which they keep alive (and, for
+        // the receive, untouched) until the returned event completes.
+        let ev = unsafe { self.issue(&ops, peer, what) };
+        drop(guards);
+        ev
+    }
+
+    /// `ncclGroupStart`, one `ncclSend`/`ncclRecv` per op, `ncclGroupEnd`, on the
+    /// communication stream; returns the group's completion event.
+    ///
+    /// # Safety
+    /// Every op's pointer addresses `bytes` bytes of device memory of this rank's GPU that
+    /// stay allocated (and, for receives, unused by anyone else) until the event completes.
+    unsafe fn issue(
+        &self,
+        ops: &[P2p],
+        peer: Option<usize>,
+        what: &str,
+    ) -> std::result::Result<CudaEvent, CommFault> {
+        let cu = self.stream.cu_stream() as nsys::cudaStream_t;
+        // SAFETY: group start has no preconditions.
+        self.check(unsafe { nsys::ncclGroupStart() }, peer, what)?;
+        for op in ops.iter().filter(|op| op.bytes > 0) {
+            // SAFETY: the caller guarantees `ptr` addresses `bytes` live bytes on this
+            // GPU until the group completes; stream and communicator are this rank's.
             let r = unsafe {
-                nsys::ncclRecv(
-                    ptr as *mut std::ffi::c_void,
-                    n,
-                    nsys::ncclDataType_t::ncclUint8,
-                    from as std::ffi::c_int,
-                    self.comm,
-                    cu,
-                )
+                if op.send {
+                    nsys::ncclSend(
+                        op.ptr as *const std::ffi::c_void,
+                        op.bytes,
+                        nsys::ncclDataType_t::ncclUint8,
+                        op.peer as std::ffi::c_int,
+                        self.comm,
+                        cu,
+                    )
+                } else {
+                    nsys::ncclRecv(
+                        op.ptr as *mut std::ffi::c_void,
+                        op.bytes,
+                        nsys::ncclDataType_t::ncclUint8,
+                        op.peer as std::ffi::c_int,
+                        self.comm,
+                        cu,
+                    )
+                }
             };
             if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
                 // SAFETY: closes the group opened above.
                 let _ = unsafe { nsys::ncclGroupEnd() };
+                let name = if op.send { "ncclSend" } else { "ncclRecv" };
                 return Err(self.fail(
-                    peer,
-                    format!("rank {}: {what}: ncclRecv: {}", self.rank, nccl_text(r)),
+                    Some(op.peer),
+                    format!("rank {}: {what}: {name}: {}", self.rank, nccl_text(r)),
                 ));
             }
         }
         // SAFETY: closes the group opened above.
         self.check(unsafe { nsys::ncclGroupEnd() }, peer, what)?;
-        drop(guards);
         self.cuda(self.stream.record_event(None), peer, "event record")
     }
 
@@ -737,55 +770,25 @@ impl NcclComm {
             }
         }
         self.cuda(self.stream.wait(after), peer, "stream wait")?;
-        let cu = self.stream.cu_stream() as nsys::cudaStream_t;
-        // SAFETY: group start has no preconditions.
-        self.check(unsafe { nsys::ncclGroupStart() }, peer, what)?;
-        let mut ops: Vec<(bool, usize, u64, usize)> = Vec::new();
+        let mut ops: Vec<P2p> = Vec::new();
         if let Some(t) = to {
-            ops.extend(sends.iter().map(|&(p, n)| (true, t, p, n)));
+            ops.extend(sends.iter().map(|&(ptr, bytes)| P2p {
+                send: true,
+                peer: t,
+                ptr,
+                bytes,
+            }));
         }
         if let Some(f) = from {
-            ops.extend(recvs.iter().map(|&(p, n)| (false, f, p, n)));
+            ops.extend(recvs.iter().map(|&(ptr, bytes)| P2p {
+                send: false,
+                peer: f,
+                ptr,
+                bytes,
+            }));
         }
-        for (send, peer_rank, ptr, n) in ops {
-            if n == 0 {
-                continue;
-            }
-            // SAFETY: the caller guarantees `ptr` addresses `n` live bytes on this GPU
-            // until the group completes; stream and communicator are this rank's.
-            let r = unsafe {
-                if send {
-                    nsys::ncclSend(
-                        ptr as *const std::ffi::c_void,
-                        n,
-                        nsys::ncclDataType_t::ncclUint8,
-                        peer_rank as std::ffi::c_int,
-                        self.comm,
-                        cu,
-                    )
-                } else {
-                    nsys::ncclRecv(
-                        ptr as *mut std::ffi::c_void,
-                        n,
-                        nsys::ncclDataType_t::ncclUint8,
-                        peer_rank as std::ffi::c_int,
-                        self.comm,
-                        cu,
-                    )
-                }
-            };
-            if r != nsys::ncclResult_t::ncclSuccess && r != nsys::ncclResult_t::ncclInProgress {
-                // SAFETY: closes the group opened above.
-                let _ = unsafe { nsys::ncclGroupEnd() };
-                let op = if send { "ncclSend" } else { "ncclRecv" };
-                return Err(self.fail(
-                    Some(peer_rank),
-                    format!("rank {}: {what}: {op}: {}", self.rank, nccl_text(r)),
-                ));
-            }
-        }
-        // SAFETY: closes the group opened above.
-        self.check(unsafe { nsys::ncclGroupEnd() }, peer, what)?;
+        // SAFETY: forwarded from this function's contract.
+        let ev = unsafe { self.issue(&ops, peer, what) }?;
         let sent: usize = if to.is_some() {
             sends.iter().map(|x| x.1).sum()
         } else {
@@ -801,7 +804,7 @@ impl NcclComm {
             w.bytes_sent += sent as u64;
             w.bytes_recv += got as u64;
         });
-        self.cuda(self.stream.record_event(None), peer, "event record")
+        Ok(ev)
     }
 
     /// Wait (polling, within the timeout, watching NCCL's asynchronous errors) until an

@@ -2,6 +2,9 @@
 //! tolerance checks (SPEC §5).
 #![allow(dead_code)]
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 use dilated_attention::prelude::*;
 use proptest::prelude::*;
 use rand::rngs::StdRng;
