@@ -569,3 +569,69 @@ fn rendezvous_start_mode_matches_the_oracle() {
     let lse: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
     check_lse(&layout.gather(&lse, b, 4).unwrap(), &want.lse, 1e-2, &ctx);
 }
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn typed_front_door_matches_the_runtime_ring() {
+    use dilated_attention::ring::RingDilatedAttention;
+    type S = (Seg<128, 1>, Seg<512, 2>);
+    let dims = Dims {
+        batch: 1,
+        seq: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let plan = Plan::new(
+        dims,
+        &[Pattern::new(128, 1), Pattern::new(512, 2)],
+        Options::default().causal(true),
+    )
+    .unwrap();
+    let (q, _) = round::<half::bf16>(&normal(701, dims.q_len()));
+    let (k, _) = round::<half::bf16>(&normal(702, dims.kv_len()));
+    let (go, _) = round::<half::bf16>(&normal(703, dims.q_len()));
+    let layout = Layout::Zigzag;
+    let qs = layout.split(&q, 1, 4 * 64, 2).unwrap();
+    let ks = layout.split(&k, 1, 2 * 64, 2).unwrap();
+    let gs = layout.split(&go, 1, 4 * 64, 2).unwrap();
+    let comms = NcclComm::from_devices(2, CommConfig::default()).expect("2 GPUs with NCCL");
+    let res = nccl::run(comms, |c| {
+        let r = c.rank();
+        let dev = Cuda::new(c.device())?;
+        let sq = (Const::<1>, Const::<256>, Const::<4>, Const::<64>);
+        let sk = (Const::<1>, Const::<256>, Const::<2>, Const::<64>);
+        let (tq, tk, tg) = (
+            dev.tensor_from_vec(&qs[r], sq)?,
+            dev.tensor_from_vec(&ks[r], sk)?,
+            dev.tensor_from_vec(&gs[r], sq)?,
+        );
+        let attn =
+            RingDilatedAttention::<_, S, LseCombine, 256, 2>::try_new(&c, layout)?.causal(true);
+        let (out, lse, _) = attn.try_forward_cuda(&dev, &tq, &tk, &tk)?;
+        let (dq, dk, dv, _) = attn.try_backward_cuda(&dev, &tq, &tk, &tk, &out, &lse, &tg)?;
+        // The runtime entry points on the same buffers.
+        let f = gpu::try_forward(&dev, &c, &plan, layout, tq.slice(), tk.slice(), tk.slice())?;
+        let g = gpu::try_backward(
+            &dev,
+            &c,
+            &plan,
+            layout,
+            tq.slice(),
+            tk.slice(),
+            tk.slice(),
+            &f.out,
+            &f.lse,
+            tg.slice(),
+        )?;
+        assert_eq!(out.to_vec()?, dev.dtoh(&f.out)?, "rank {r}: out");
+        assert_eq!(lse.to_vec()?, dev.dtoh(&f.lse)?, "rank {r}: L");
+        assert_eq!(dq.to_vec()?, dev.dtoh(&g.dq)?, "rank {r}: dq");
+        assert_eq!(dk.to_vec()?, dev.dtoh(&g.dk)?, "rank {r}: dk");
+        assert_eq!(dv.to_vec()?, dev.dtoh(&g.dv)?, "rank {r}: dv");
+        Ok(())
+    });
+    for (r, x) in res.into_iter().enumerate() {
+        x.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+    }
+}

@@ -57,7 +57,8 @@ use super::nccl::NcclComm;
 use crate::error::{Error, Result};
 use crate::ops::dilated::cuda_kernel::{backward_launch, forward_launch, function, Prob};
 use crate::shape::{check_len, Combine, Dims, Plan};
-use crate::tensor::cuda::{dev_err, Cuda, CudaElement};
+use crate::tensor::cuda::{dev_err, Cuda, CudaBnh, CudaBnhd, CudaElement, CudaTensor};
+use dfdx::shapes::Const;
 
 /// Output of a GPU ring forward on one rank.
 #[derive(Debug)]
@@ -1185,6 +1186,130 @@ fn bwd_blocks<E: CudaElement>(
         }
     }
     Ok(())
+}
+
+/// The typed front door on the GPU: [`RingDilatedAttention`](super::RingDilatedAttention)
+/// over an [`NcclComm`], on device tensors. The same compile-time checks as the CPU path
+/// (`LOCAL·WORLD` against the schedule, heads, kv heads, dims); the world size is checked
+/// when the ring is built.
+///
+/// ```no_run
+/// use dilated_attention::prelude::*;
+/// use dilated_attention::ring::{nccl, CommConfig, Layout, NcclComm, RingDilatedAttention};
+/// use dilated_attention::tensor::cuda::Cuda;
+/// type S = (Seg<2048, 1>, Seg<16384, 4>);
+/// let comms = NcclComm::from_devices(2, CommConfig::default())?;
+/// let res = nccl::run(comms, |comm| {
+///     let dev = Cuda::new(comm.device())?;
+///     let attn = RingDilatedAttention::<_, S, LseCombine, 8192, 2>::try_new(&comm, Layout::Zigzag)?
+///         .causal(true);
+///     let x = vec![half::bf16::from_f32(0.1); 8192 * 8 * 64];
+///     let q = dev.tensor_from_vec(&x, (Const::<1>, Const::<8192>, Const::<8>, Const::<64>))?;
+///     let (out, lse, stats) = attn.try_forward_cuda(&dev, &q, &q, &q)?;
+///     Ok(stats.bytes_sent)
+/// });
+/// # Ok::<(), dilated_attention::Error>(())
+/// ```
+impl<S, C, const LOCAL: usize, const WORLD: usize>
+    super::RingDilatedAttention<'_, NcclComm, S, C, LOCAL, WORLD>
+where
+    S: crate::shape::typed::Schedule,
+    C: crate::shape::typed::CombineKind,
+{
+    /// GPU ring forward on this rank: local `(out, L)` and the call's statistics.
+    #[allow(clippy::type_complexity)]
+    pub fn try_forward_cuda<
+        B: dfdx::shapes::Dim,
+        const H: usize,
+        const HKV: usize,
+        const D: usize,
+        E: CudaElement,
+    >(
+        &self,
+        dev: &Cuda,
+        q: &CudaBnhd<B, LOCAL, H, D, E>,
+        k: &CudaBnhd<B, LOCAL, HKV, D, E>,
+        v: &CudaBnhd<B, LOCAL, HKV, D, E>,
+    ) -> Result<(CudaBnhd<B, LOCAL, H, D, E>, CudaBnh<B, LOCAL, H>, RingStats)> {
+        let batch = q.shape().0;
+        crate::tensor::check_batch(
+            batch.size(),
+            &[k.shape().0.size(), v.shape().0.size()],
+            None,
+        )?;
+        let plan = self.plan::<H, HKV, D>(batch.size())?;
+        let f = try_forward(
+            dev,
+            self.comm(),
+            &plan,
+            self.layout(),
+            q.slice(),
+            k.slice(),
+            v.slice(),
+        )?;
+        Ok((
+            CudaTensor::from_slice(dev, f.out, *q.shape())?,
+            CudaTensor::from_slice(dev, f.lse, (batch, Const::<LOCAL>, Const::<H>))?,
+            f.stats,
+        ))
+    }
+
+    /// GPU ring backward on this rank from the saved local `out`, `L`: local
+    /// `(dq, dk, dv)` and the call's statistics.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub fn try_backward_cuda<
+        B: dfdx::shapes::Dim,
+        const H: usize,
+        const HKV: usize,
+        const D: usize,
+        E: CudaElement,
+    >(
+        &self,
+        dev: &Cuda,
+        q: &CudaBnhd<B, LOCAL, H, D, E>,
+        k: &CudaBnhd<B, LOCAL, HKV, D, E>,
+        v: &CudaBnhd<B, LOCAL, HKV, D, E>,
+        out: &CudaBnhd<B, LOCAL, H, D, E>,
+        lse: &CudaBnh<B, LOCAL, H>,
+        grad_out: &CudaBnhd<B, LOCAL, H, D, E>,
+    ) -> Result<(
+        CudaBnhd<B, LOCAL, H, D, E>,
+        CudaBnhd<B, LOCAL, HKV, D, E>,
+        CudaBnhd<B, LOCAL, HKV, D, E>,
+        RingStats,
+    )> {
+        let batch = q.shape().0;
+        crate::tensor::check_batch(
+            batch.size(),
+            &[
+                k.shape().0.size(),
+                v.shape().0.size(),
+                out.shape().0.size(),
+                lse.shape().0.size(),
+                grad_out.shape().0.size(),
+            ],
+            None,
+        )?;
+        let plan = self.plan::<H, HKV, D>(batch.size())?;
+        let g = try_backward(
+            dev,
+            self.comm(),
+            &plan,
+            self.layout(),
+            q.slice(),
+            k.slice(),
+            v.slice(),
+            out.slice(),
+            lse.slice(),
+            grad_out.slice(),
+        )?;
+        Ok((
+            CudaTensor::from_slice(dev, g.dq, *q.shape())?,
+            CudaTensor::from_slice(dev, g.dk, *k.shape())?,
+            CudaTensor::from_slice(dev, g.dv, *v.shape())?,
+            g.stats,
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,10 @@ impl<'c, Cm: RingComm, S: Schedule, C: CombineKind, const LOCAL: usize, const WO
     pub fn layout(&self) -> Layout {
         self.layout
     }
+    /// The communicator.
+    pub fn comm(&self) -> &'c Cm {
+        self.comm
+    }
 
     /// The global plan for batch `batch`.
     pub fn plan<const H: usize, const HKV: usize, const D: usize>(
