@@ -184,14 +184,16 @@ fn ring_times(plan: &Plan, layout: Layout, reps: usize, world: usize) -> Vec<Ran
         reset_peak(&dev);
         let mut fs = None;
         let fwd_s = time_s(&dev, reps, || {
-            let f = gpu::try_forward(&dev, &c, plan, layout, &q, &k, &v).unwrap();
+            let f = gpu::try_forward(&dev, &c, plan, layout, &q, &k, &v, None).unwrap();
             fs = Some(f.stats);
         });
         let mut bs = None;
         let fwdbwd_s = time_s(&dev, reps, || {
-            let f = gpu::try_forward(&dev, &c, plan, layout, &q, &k, &v).unwrap();
-            let g =
-                gpu::try_backward(&dev, &c, plan, layout, &q, &k, &v, &f.out, &f.lse, &go).unwrap();
+            let f = gpu::try_forward(&dev, &c, plan, layout, &q, &k, &v, None).unwrap();
+            let g = gpu::try_backward(
+                &dev, &c, plan, layout, &q, &k, &v, None, &f.out, &f.lse, &go,
+            )
+            .unwrap();
             bs = Some(g.stats);
         });
         Ok(RankTimes {

@@ -209,11 +209,11 @@ fn run_rank_gpu(
     for _ in 0..a.iters {
         dev.synchronize()?;
         let t = Instant::now();
-        let f = gpu::try_forward(&dev, c, p, a.layout, &q, &k, &v)?;
+        let f = gpu::try_forward(&dev, c, p, a.layout, &q, &k, &v, None)?;
         dev.synchronize()?;
         fwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let g = gpu::try_backward(&dev, c, p, a.layout, &q, &k, &v, &f.out, &f.lse, &go)?;
+        let g = gpu::try_backward(&dev, c, p, a.layout, &q, &k, &v, None, &f.out, &f.lse, &go)?;
         dev.synchronize()?;
         bwd_ms.push(t.elapsed().as_secs_f64() * 1e3);
         last = Some((f, g));

@@ -56,10 +56,8 @@ fn ring_run<E: CudaElement>(
     world: usize,
     layout: Layout,
     plan: &Plan,
-    q: &[E],
-    k: &[E],
-    v: &[E],
-    go: &[E],
+    (q, k, v, go): (&[E], &[E], &[E], &[E]),
+    mask: Option<&[u8]>,
 ) -> Run {
     let dm = *plan.dims();
     let (b, hd, kd) = (dm.batch, dm.heads * dm.head_dim, dm.kv_heads * dm.head_dim);
@@ -67,6 +65,7 @@ fn ring_run<E: CudaElement>(
     let ks = layout.split(k, b, kd, world).unwrap();
     let vs = layout.split(v, b, kd, world).unwrap();
     let gs = layout.split(go, b, hd, world).unwrap();
+    let ms = mask.map(|m| layout.split(m, b, 1, world).unwrap());
     let comms = NcclComm::from_devices(
         world,
         CommConfig::default().timeout(Duration::from_secs(60)),
@@ -82,8 +81,12 @@ fn ring_run<E: CudaElement>(
             dev.htod(&vs[r])?,
             dev.htod(&gs[r])?,
         );
-        let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd)?;
-        let g = gpu::try_backward(&dev, &c, plan, layout, &qd, &kd, &vd, &f.out, &f.lse, &gd)?;
+        let md = ms.as_ref().map(|m| dev.htod(&m[r])).transpose()?;
+        let md = md.as_ref();
+        let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd, md)?;
+        let g = gpu::try_backward(
+            &dev, &c, plan, layout, &qd, &kd, &vd, md, &f.out, &f.lse, &gd,
+        )?;
         let host = |x: &CudaSlice<E>| dev.dtoh(x);
         Ok((
             host(&f.out)?,
@@ -124,9 +127,31 @@ fn check_case<E: CudaElement>(
     opts: Options,
     seed: u64,
 ) -> Vec<(RingStats, RingStats)> {
+    check_case_with::<E>(layout, world, dims, schedule, opts, seed, false)
+}
+
+/// As [`check_case`], with a random key padding mask (about 15% of keys off) if `masked`.
+fn check_case_with<E: CudaElement>(
+    layout: Layout,
+    world: usize,
+    dims: Dims,
+    schedule: &[Pattern],
+    opts: Options,
+    seed: u64,
+    masked: bool,
+) -> Vec<(RingStats, RingStats)> {
     let plan = Plan::new(dims, schedule, opts).unwrap();
+    let mask: Option<Vec<bool>> = masked.then(|| {
+        normal(seed ^ 0x55, dims.batch * dims.seq)
+            .iter()
+            .map(|x| *x > -1.0)
+            .collect()
+    });
+    let mask_bytes: Option<Vec<u8>> = mask
+        .as_ref()
+        .map(|m| m.iter().map(|&x| u8::from(x)).collect());
     let ctx = format!(
-        "{} {layout:?} W={world} dims {dims:?} schedule {schedule:?} opts {opts:?} seed {seed}",
+        "{} {layout:?} W={world} dims {dims:?} schedule {schedule:?} opts {opts:?} seed {seed} masked {masked}",
         E::NAME
     );
     eprintln!("case: {ctx}");
@@ -134,9 +159,15 @@ fn check_case<E: CudaElement>(
     let (k, kr) = round::<E>(&normal(seed ^ 1, dims.kv_len()));
     let (v, vr) = round::<E>(&normal(seed ^ 2, dims.kv_len()));
     let (go, gr) = round::<E>(&normal(seed ^ 3, dims.q_len()));
-    let ring = ring_run(world, layout, &plan, &q, &k, &v, &go);
-    let want = reference::forward(&plan, &qr, &kr, &vr, None).unwrap();
-    let gw = reference::backward(&plan, &qr, &kr, &vr, None, &gr).unwrap();
+    let ring = ring_run(
+        world,
+        layout,
+        &plan,
+        (&q, &k, &v, &go),
+        mask_bytes.as_deref(),
+    );
+    let want = reference::forward(&plan, &qr, &kr, &vr, mask.as_deref()).unwrap();
+    let gw = reference::backward(&plan, &qr, &kr, &vr, mask.as_deref(), &gr).unwrap();
     let tol = if E::TENSOR_CORES { 1e-2 } else { 1e-4 };
     let d = dims.head_dim;
     let e = [
@@ -154,8 +185,10 @@ fn check_case<E: CudaElement>(
         dev.htod(&v).unwrap(),
         dev.htod(&go).unwrap(),
     );
-    let f = single::try_forward(&dev, &plan, &qd, &kd, &vd, None).unwrap();
-    let g = single::try_backward(&dev, &plan, &qd, &kd, &vd, None, &f.out, &f.lse, &gd).unwrap();
+    let md = mask_bytes.as_ref().map(|m| dev.htod(m).unwrap());
+    let md = md.as_ref();
+    let f = single::try_forward(&dev, &plan, &qd, &kd, &vd, md).unwrap();
+    let g = single::try_backward(&dev, &plan, &qd, &kd, &vd, md, &f.out, &f.lse, &gd).unwrap();
     let s = [
         check_norm(
             "out vs 1 GPU",
@@ -404,7 +437,7 @@ fn unsupported_shape_is_err_on_every_rank() {
     let res = nccl::run(comms, |c| {
         let dev = Cuda::new(c.device())?;
         let xd = dev.htod(&x)?;
-        gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd).map(|_| ())
+        gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd, None).map(|_| ())
     });
     for (r, x) in res.into_iter().enumerate() {
         let e = x.expect_err("unsupported shape must be Err");
@@ -439,7 +472,7 @@ fn stalled_rank_gives_err_within_timeout() {
         let dev = Cuda::new(c.device())?;
         let xd = dev.htod(&x)?;
         let t = Instant::now();
-        match gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd) {
+        match gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd, None) {
             Ok(_) => panic!("rank 0 finished although rank 1 never took part"),
             Err(e) => {
                 let msg = e.to_string();
@@ -531,9 +564,9 @@ fn rendezvous_start_mode_matches_the_oracle() {
                         dev.htod(&vs[r])?,
                         dev.htod(&gs[r])?,
                     );
-                    let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd)?;
+                    let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd, None)?;
                     let g = gpu::try_backward(
-                        &dev, &c, plan, layout, &qd, &kd, &vd, &f.out, &f.lse, &gd,
+                        &dev, &c, plan, layout, &qd, &kd, &vd, None, &f.out, &f.lse, &gd,
                     )?;
                     Ok((
                         dev.dtoh(&f.out)?,
@@ -608,10 +641,19 @@ fn typed_front_door_matches_the_runtime_ring() {
         );
         let attn =
             RingDilatedAttention::<_, S, LseCombine, 256, 2>::try_new(&c, layout)?.causal(true);
-        let (out, lse, _) = attn.try_forward_cuda(&dev, &tq, &tk, &tk)?;
-        let (dq, dk, dv, _) = attn.try_backward_cuda(&dev, &tq, &tk, &tk, &out, &lse, &tg)?;
+        let (out, lse, _) = attn.try_forward_cuda(&dev, &tq, &tk, &tk, None)?;
+        let (dq, dk, dv, _) = attn.try_backward_cuda(&dev, &tq, &tk, &tk, None, &out, &lse, &tg)?;
         // The runtime entry points on the same buffers.
-        let f = gpu::try_forward(&dev, &c, &plan, layout, tq.slice(), tk.slice(), tk.slice())?;
+        let f = gpu::try_forward(
+            &dev,
+            &c,
+            &plan,
+            layout,
+            tq.slice(),
+            tk.slice(),
+            tk.slice(),
+            None,
+        )?;
         let g = gpu::try_backward(
             &dev,
             &c,
@@ -620,6 +662,7 @@ fn typed_front_door_matches_the_runtime_ring() {
             tq.slice(),
             tk.slice(),
             tk.slice(),
+            None,
             &f.out,
             &f.lse,
             tg.slice(),
@@ -633,5 +676,86 @@ fn typed_front_door_matches_the_runtime_ring() {
     });
     for (r, x) in res.into_iter().enumerate() {
         x.unwrap_or_else(|e| panic!("rank {r}: {e}"));
+    }
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn key_padding_masks() {
+    // Masks travel with the compact K/V of spanning patterns that give every head the
+    // same rows (dilation 1, or HeadGroups); local patterns take any mask.
+    let dims = Dims {
+        batch: 2,
+        seq: 512,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let causal = Options::default().causal(true);
+    check_case_with::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        dims,
+        &[Pattern::new(512, 1)],
+        causal,
+        801,
+        true,
+    );
+    check_case_with::<half::bf16>(
+        Layout::Contiguous,
+        2,
+        dims,
+        &[
+            Pattern::new(64, 4),
+            Pattern::new(128, 2),
+            Pattern::new(512, 1),
+        ],
+        Options::default(),
+        802,
+        true,
+    );
+    check_case_with::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        dims,
+        &[
+            Pattern::new(64, 1),
+            Pattern::new(256, 2),
+            Pattern::new(512, 4),
+        ],
+        causal.combine(Combine::HeadGroups),
+        803,
+        true,
+    );
+    check_case_with::<half::bf16>(
+        Layout::Zigzag,
+        2,
+        dims,
+        &[Pattern::new(32, 2), Pattern::new(128, 4)],
+        causal,
+        804,
+        true,
+    );
+}
+
+#[test]
+#[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
+fn mask_with_per_head_rows_in_flight_is_err() {
+    // Lse with a spanning dilation-2 pattern: heads read different travelling rows, which
+    // one key mask per block cannot describe: an `Err` on every rank, before any exchange.
+    let dims = Dims::mha(1, 512, 2, 64);
+    let plan = Plan::new(dims, &[Pattern::new(512, 2)], Options::default()).unwrap();
+    let comms = NcclComm::from_devices(2, CommConfig::default()).expect("2 GPUs with NCCL");
+    let x = vec![half::bf16::from_f32(0.5); 256 * 2 * 64];
+    let m = vec![1u8; 256];
+    let res = nccl::run(comms, |c| {
+        let dev = Cuda::new(c.device())?;
+        let (xd, md) = (dev.htod(&x)?, dev.htod(&m)?);
+        gpu::try_forward(&dev, &c, &plan, Layout::Zigzag, &xd, &xd, &xd, Some(&md)).map(|_| ())
+    });
+    for (r, x) in res.into_iter().enumerate() {
+        let e = x.expect_err("per-head rows with a mask must be Err");
+        eprintln!("rank {r}: {e}");
+        assert!(e.to_string().contains("mask"), "{e}");
     }
 }

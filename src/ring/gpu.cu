@@ -65,6 +65,14 @@ __device__ void ring_gather(const RowMap M, const T* __restrict__ src, T* __rest
     }
 }
 
+// Key padding mask bytes of one chunk (E = 1, one head).
+extern "C" __global__ void ring_gather_u8(const RowMap M, const unsigned char* __restrict__ src,
+                                          unsigned char* __restrict__ dst) {
+    ROW_LOOP(x, compact_rows(M)) {
+        if (lane == 0) dst[x] = src[row_local(M, x)];
+    }
+}
+
 // dst (local, f32) += src (compact). Atomic when several compact heads share a local
 // head (GQA with expanded kv heads); otherwise every local element has one writer.
 template <typename T>

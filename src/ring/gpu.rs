@@ -22,8 +22,10 @@
 //!
 //! Other shapes (a segment that straddles a chunk edge without covering it, or a
 //! dilation that does not divide `c` for a spanning pattern) are an `Err` naming the
-//! pattern; the host ring ([`super::try_forward`]) takes any shape. Key padding masks and
-//! `detach_weights` are not supported here (an `Err`).
+//! pattern; the host ring ([`super::try_forward`]) takes any shape. A key padding mask
+//! travels as one byte per compact key row, so a spanning pattern with a mask must give
+//! every head the same rows (dilation 1, or HeadGroups); under Lse with dilation > 1 that
+//! is an `Err`, as is `detach_weights`.
 //!
 //! # Backward
 //! Per SPEC §1a the LSE combine is softmax over the union of the patterns' key sets, so
@@ -57,7 +59,7 @@ use super::nccl::NcclComm;
 use crate::error::{Error, Result};
 use crate::ops::dilated::cuda_kernel::{backward_launch, forward_launch, function, Prob};
 use crate::shape::{check_len, Combine, Dims, Plan};
-use crate::tensor::cuda::{dev_err, Cuda, CudaBnh, CudaBnhd, CudaElement, CudaTensor};
+use crate::tensor::cuda::{dev_err, Cuda, CudaBnh, CudaBnhd, CudaElement, CudaKeyMask, CudaTensor};
 use dfdx::shapes::Const;
 
 /// Output of a GPU ring forward on one rank.
@@ -153,7 +155,7 @@ fn fits(what: &str, x: usize) -> Result<i32> {
 }
 
 /// Classify the patterns: `(local pattern indices, spanning patterns)`.
-fn classify(plan: &Plan, geo: &Geometry) -> Result<(Vec<usize>, Vec<Span>)> {
+fn classify(plan: &Plan, geo: &Geometry, has_mask: bool) -> Result<(Vec<usize>, Vec<Span>)> {
     let dm = *plan.dims();
     let cl = geo.chunk_len();
     let grp = dm.group();
@@ -186,6 +188,15 @@ fn classify(plan: &Plan, geo: &Geometry) -> Result<(Vec<usize>, Vec<Span>)> {
             Combine::HeadGroups => (plan.head_group(i), Some(i % r)),
         };
         let per_head = fixed.is_none();
+        if per_head && has_mask {
+            return Err(Error::Ring {
+                msg: format!(
+                    "GPU ring: a key padding mask with pattern {i} (segment {w}, dilation {r}) under \
+                     the Lse combine is not supported (its heads read different rows of the \
+                     travelling blocks); use HeadGroups, or the host ring"
+                ),
+            });
+        }
         let q = Side {
             hc: hq.len(),
             hb: hq.start,
@@ -271,22 +282,52 @@ enum Span2 {
     Stall,
 }
 
+/// The compact K/V of some chunks, `[K0, V0, K1, V1, ...]`, with their key padding
+/// masks `[M0, M1, ...]` (empty without a mask).
+struct Pack<E> {
+    kv: Vec<CudaSlice<E>>,
+    mask: Vec<CudaSlice<u8>>,
+}
+
+impl<E> Pack<E> {
+    fn empty() -> Self {
+        Pack {
+            kv: Vec::new(),
+            mask: Vec::new(),
+        }
+    }
+    fn slots(&self) -> usize {
+        self.kv.len() / 2
+    }
+    fn k(&self, i: usize) -> &CudaSlice<E> {
+        &self.kv[2 * i]
+    }
+    fn v(&self, i: usize) -> &CudaSlice<E> {
+        &self.kv[2 * i + 1]
+    }
+    fn mask(&self, i: usize) -> Option<&CudaSlice<u8>> {
+        self.mask.get(i)
+    }
+}
+
 /// An exchange in flight: its event and the buffers NCCL may still touch.
 struct Flight<E> {
     ev: CudaEvent,
     peer: usize,
     what: String,
-    /// Received K, V blocks (two per slot) and `dK`/`dV` accumulators.
-    kv: Vec<CudaSlice<E>>,
+    /// Received K/V blocks (with masks) and `dK`/`dV` accumulators.
+    kv: Pack<E>,
     acc: Vec<CudaSlice<f32>>,
 }
 
 /// What an exchange brought: K/V blocks and `dK`/`dV` accumulators.
-type Landed<E> = (Vec<CudaSlice<E>>, Vec<CudaSlice<f32>>);
+type Landed<E> = (Pack<E>, Vec<CudaSlice<f32>>);
 
 /// Per-call state of one rank.
 struct Gpu<'a> {
     dev: &'a Cuda,
+    /// This rank's key padding mask `(B, n)` (nonzero = attend), if any.
+    mask: Option<&'a CudaSlice<u8>>,
     comm: &'a NcclComm,
     plan: &'a Plan,
     geo: Geometry,
@@ -302,7 +343,13 @@ struct Gpu<'a> {
 }
 
 impl<'a> Gpu<'a> {
-    fn new(dev: &'a Cuda, comm: &'a NcclComm, plan: &'a Plan, layout: Layout) -> Result<Self> {
+    fn new(
+        dev: &'a Cuda,
+        comm: &'a NcclComm,
+        plan: &'a Plan,
+        layout: Layout,
+        mask: Option<&'a CudaSlice<u8>>,
+    ) -> Result<Self> {
         let (world, rank) = (comm.world_size(), comm.rank());
         if comm.device() != dev.ordinal() {
             return Err(Error::Ring {
@@ -321,8 +368,12 @@ impl<'a> Gpu<'a> {
         }
         let geo = Geometry::new(layout, world, n_glob / world)?;
         fits("local rows·heads", geo.local * plan.dims().heads)?;
+        if let Some(m) = mask {
+            check_len("mask", plan.dims().batch * geo.local, m.len())?;
+        }
         let g = Gpu {
             dev,
+            mask,
             comm,
             plan,
             geo,
@@ -402,6 +453,21 @@ impl<'a> Gpu<'a> {
         // compact length and every source index lies in the local buffer `src`
         // (B·n·hs·E elements: rows row0 + o + t·r < row0 + c <= n by construction).
         unsafe { b.launch(elementwise(32 * m.rows())) }.map_err(dev_err(&name))?;
+        Ok(dst)
+    }
+
+    /// Compact key padding mask of one chunk (bytes, `(B, m)`).
+    fn gather_mask(&self, m: RowMap, src: &CudaSlice<u8>) -> Result<CudaSlice<u8>> {
+        let len = m.compact_len();
+        // SAFETY: the kernel below writes all `len` bytes.
+        let mut dst =
+            unsafe { self.dev.stream().alloc::<u8>(len) }.map_err(dev_err("device allocation"))?;
+        let f = function(self.dev, "ring_gather_u8")?;
+        let mut b = self.dev.stream().launch_builder(&f);
+        b.arg(&m).arg(src).arg(&mut dst);
+        // SAFETY: `ring_gather_u8(RowMap, const u8*, u8*)`; `dst` holds the compact
+        // length, sources are rows of the local `(B, n)` mask (E = 1, one head).
+        unsafe { b.launch(elementwise(32 * m.rows())) }.map_err(dev_err("ring_gather_u8"))?;
         Ok(dst)
     }
 
@@ -503,9 +569,9 @@ impl<'a> Gpu<'a> {
         &mut self,
         next: usize,
         prev: usize,
-        send_kv: &[CudaSlice<E>],
+        send_kv: Option<&Pack<E>>,
         send_acc: &[CudaSlice<f32>],
-        kv: Vec<CudaSlice<E>>,
+        kv: Pack<E>,
         acc: Vec<CudaSlice<f32>>,
     ) -> Result<Flight<E>> {
         self.step += 1;
@@ -518,15 +584,23 @@ impl<'a> Gpu<'a> {
         let stream = self.dev.stream();
         let es = std::mem::size_of::<E>();
         let mut sends = Vec::new();
-        for b in send_kv {
-            sends.push((b.device_ptr(stream).0, b.len() * es));
+        if let Some(p) = send_kv {
+            for b in &p.kv {
+                sends.push((b.device_ptr(stream).0, b.len() * es));
+            }
+            for b in &p.mask {
+                sends.push((b.device_ptr(stream).0, b.len()));
+            }
         }
         for b in send_acc {
             sends.push((b.device_ptr(stream).0, b.len() * 4));
         }
         let mut recvs = Vec::new();
-        for b in &kv {
+        for b in &kv.kv {
             recvs.push((b.device_ptr(stream).0, b.len() * es));
+        }
+        for b in &kv.mask {
+            recvs.push((b.device_ptr(stream).0, b.len()));
         }
         for b in &acc {
             recvs.push((b.device_ptr(stream).0, b.len() * 4));
@@ -535,7 +609,7 @@ impl<'a> Gpu<'a> {
         let got: usize = recvs.iter().map(|x| x.1).sum();
         self.stats.bytes_sent += sent as u64;
         self.stats.bytes_recv += got as u64;
-        self.held += kv.len() / 2;
+        self.held += kv.slots();
         self.stats.max_remote_blocks = self.stats.max_remote_blocks.max(self.held);
         self.held_bytes += got as u64;
         self.stats.peak_remote_bytes = self.stats.peak_remote_bytes.max(self.held_bytes);
@@ -673,11 +747,12 @@ fn with_ring<R>(
     comm: &NcclComm,
     plan: &Plan,
     layout: Layout,
+    mask: Option<&CudaSlice<u8>>,
     f: impl FnOnce(&mut Gpu<'_>) -> Result<R>,
 ) -> Result<(R, RingStats)> {
     let mut step = 0;
     let r = (|| -> Result<(R, RingStats)> {
-        let mut g = Gpu::new(dev, comm, plan, layout)?;
+        let mut g = Gpu::new(dev, comm, plan, layout, mask)?;
         let r = f(&mut g);
         step = g.step;
         let r = r?;
@@ -709,7 +784,9 @@ fn check_local<E>(
 /// `(batch, n, kv_heads, dim)` are this rank's rows in the local order of `layout`, on
 /// the communicator's GPU. Every rank calls this with the same plan and layout. Returns
 /// the local `out`, `L` (f32) and statistics; a fault on any rank gives every rank `Err`
-/// within the communicator's timeout.
+/// within the communicator's timeout. `mask` is this rank's key padding mask `(batch, n)`
+/// as bytes (nonzero = attend), in the same local order.
+#[allow(clippy::too_many_arguments)]
 pub fn try_forward<E: CudaElement>(
     dev: &Cuda,
     comm: &NcclComm,
@@ -718,8 +795,10 @@ pub fn try_forward<E: CudaElement>(
     q: &CudaSlice<E>,
     k: &CudaSlice<E>,
     v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
 ) -> Result<DeviceRingForward<E>> {
-    let ((out, lse), stats) = with_ring(dev, comm, plan, layout, |g| forward_inner(g, q, k, v))?;
+    let ((out, lse), stats) =
+        with_ring(dev, comm, plan, layout, mask, |g| forward_inner(g, q, k, v))?;
     Ok(DeviceRingForward { out, lse, stats })
 }
 
@@ -733,14 +812,14 @@ fn forward_inner<E: CudaElement>(
     let dm = *plan.dims();
     let n = g.geo.local;
     check_local(plan, n, q, k, v)?;
-    let (local, spans) = classify(plan, &g.geo)?;
+    let (local, spans) = classify(plan, &g.geo, g.mask.is_some())?;
     g.mark(|| "start".into())?;
     if spans.is_empty() {
         // Every segment lies inside a chunk: the single-GPU kernel on the local rows is
         // the whole answer (no accumulator, no exchange).
         g.at = (local[0], 0);
-        let pr = Prob::patterns(plan, n, &local, plan.pattern_factor())?;
-        let f = g.timed(|g| forward_launch(g.dev, &pr, q, k, v, None))?;
+        let pr = Prob::patterns(plan, n, &local, plan.pattern_factor(), g.mask.is_some())?;
+        let f = g.timed(|g| forward_launch(g.dev, &pr, q, k, v, g.mask))?;
         g.stats.blocks_computed += 1;
         g.health()?;
         return Ok((f.out, f.lse));
@@ -750,10 +829,10 @@ fn forward_inner<E: CudaElement>(
     g.mark(|| "init".into())?;
     if !local.is_empty() {
         g.at = (local[0], 0);
-        let pr = Prob::patterns(plan, n, &local, 1.0)?;
+        let pr = Prob::patterns(plan, n, &local, 1.0, g.mask.is_some())?;
         let id = g.identity();
         g.timed(|g| {
-            let f = forward_launch(g.dev, &pr, q, k, v, None)?;
+            let f = forward_launch(g.dev, &pr, q, k, v, g.mask)?;
             g.merge(id, &mut acc_o, &mut acc_l, &f.out, &f.lse)
         })?;
         g.stats.blocks_computed += 1;
@@ -805,10 +884,8 @@ fn fwd_group<E: CudaElement>(
         let flight = if t + 1 < kk {
             let from = members[(idx + kk - t - 1) % kk];
             let slots = g.group_chunks(s, members, from).len();
-            let bufs = (0..2 * slots)
-                .map(|_| g.dev.output::<E>(block_len))
-                .collect::<Result<Vec<_>>>()?;
-            Some(g.exchange(next, prev, &cur, &[], bufs, Vec::new())?)
+            let bufs = recv_pack::<E>(g, s, slots)?;
+            Some(g.exchange(next, prev, Some(&cur), &[], bufs, Vec::new())?)
         } else {
             None
         };
@@ -819,8 +896,8 @@ fn fwd_group<E: CudaElement>(
             let (kv, _) = g.land(fl)?;
             g.mark(|| format!("p{} step {t} land", s.i))?;
             if t > 0 {
-                let bytes = (cur.len() * block_len * std::mem::size_of::<E>()) as u64;
-                g.release(cur.len() / 2, bytes);
+                let bytes = (cur.kv.len() * block_len * std::mem::size_of::<E>()) as u64;
+                g.release(cur.slots(), bytes);
             }
             cur = kv;
         }
@@ -845,22 +922,49 @@ fn q_side<E: CudaElement>(
     })
 }
 
-/// Compact K, V of `chunks`: `[K0, V0, K1, V1, ...]`.
+/// Compact K, V (and key padding masks) of `chunks`.
 fn kv_block<E: CudaElement>(
     g: &Gpu<'_>,
     s: &Span,
     chunks: &[(usize, usize)],
     k: &CudaSlice<E>,
     v: &CudaSlice<E>,
-) -> Result<Vec<CudaSlice<E>>> {
+) -> Result<Pack<E>> {
     let hkv = g.plan.dims().kv_heads;
-    let mut out = Vec::new();
+    let mut out = Pack::empty();
     for &(_, row0) in chunks {
         let m = g.map(s, &s.kv, hkv, row0);
-        out.push(g.gather(m, k)?);
-        out.push(g.gather(m, v)?);
+        out.kv.push(g.gather(m, k)?);
+        out.kv.push(g.gather(m, v)?);
+        if let Some(mask) = g.mask {
+            // One offset for every head (checked by `classify`): one row per position.
+            let mm = RowMap {
+                hs: 1,
+                hc: 1,
+                e: 1,
+                hb: 0,
+                hdiv: 1,
+                atomic: 0,
+                ..m
+            };
+            out.mask.push(g.gather_mask(mm, mask)?);
+        }
     }
     Ok(out)
+}
+
+/// Receive buffers for the compact K/V (and masks) of `slots` chunks.
+fn recv_pack<E: CudaElement>(g: &Gpu<'_>, s: &Span, slots: usize) -> Result<Pack<E>> {
+    let block_len = s.bdims.batch * s.m * s.kv.hc * s.bdims.head_dim;
+    let mut p = Pack::empty();
+    for _ in 0..slots {
+        p.kv.push(g.dev.output::<E>(block_len)?);
+        p.kv.push(g.dev.output::<E>(block_len)?);
+        if g.mask.is_some() {
+            p.mask.push(g.dev.zeros::<u8>(s.bdims.batch * s.m)?);
+        }
+    }
+    Ok(p)
 }
 
 /// Compact query side of the backward for `chunks`.
@@ -898,7 +1002,7 @@ fn fwd_blocks<E: CudaElement>(
     s: &Span,
     qs: &QSide<E>,
     kchunks: &[(usize, usize)],
-    kv: &[CudaSlice<E>],
+    kv: &Pack<E>,
     acc_o: &mut CudaSlice<f32>,
     acc_l: &mut CudaSlice<f32>,
 ) -> Result<()> {
@@ -910,10 +1014,10 @@ fn fwd_blocks<E: CudaElement>(
                 continue;
             };
             g.stats.blocks_computed += 1;
-            let pr = Prob::dense_block(g.plan, s.bdims, diag, 1.0)?;
+            let pr = Prob::dense_block(g.plan, s.bdims, diag, 1.0, g.mask.is_some())?;
             let m = g.map(s, &s.q, dm.heads, row0);
             g.timed(|g| {
-                let f = forward_launch(g.dev, &pr, &qs.q[qi], &kv[2 * ki], &kv[2 * ki + 1], None)?;
+                let f = forward_launch(g.dev, &pr, &qs.q[qi], kv.k(ki), kv.v(ki), kv.mask(ki))?;
                 g.merge(m, acc_o, acc_l, &f.out, &f.lse)
             })?;
         }
@@ -933,11 +1037,12 @@ pub fn try_backward<E: CudaElement>(
     q: &CudaSlice<E>,
     k: &CudaSlice<E>,
     v: &CudaSlice<E>,
+    mask: Option<&CudaSlice<u8>>,
     out: &CudaSlice<E>,
     lse: &CudaSlice<f32>,
     grad_out: &CudaSlice<E>,
 ) -> Result<DeviceRingGrads<E>> {
-    let ((dq, dk, dv), stats) = with_ring(dev, comm, plan, layout, |g| {
+    let ((dq, dk, dv), stats) = with_ring(dev, comm, plan, layout, mask, |g| {
         backward_inner(g, q, k, v, out, lse, grad_out)
     })?;
     Ok(DeviceRingGrads { dq, dk, dv, stats })
@@ -979,14 +1084,14 @@ fn backward_inner<E: CudaElement>(
             msg: "GPU ring: detach_weights is not supported (use the host ring)".into(),
         });
     }
-    let (local, spans) = classify(plan, &g.geo)?;
+    let (local, spans) = classify(plan, &g.geo, g.mask.is_some())?;
     let fac = plan.pattern_factor();
     g.mark(|| "start".into())?;
     if spans.is_empty() {
         g.at = (local[0], 0);
-        let pr = Prob::patterns(plan, n, &local, fac)?;
+        let pr = Prob::patterns(plan, n, &local, fac, g.mask.is_some())?;
         let gr =
-            g.timed(|g| backward_launch(g.dev, &pr, false, q, k, v, None, out, lse, grad_out))?;
+            g.timed(|g| backward_launch(g.dev, &pr, false, q, k, v, g.mask, out, lse, grad_out))?;
         g.stats.blocks_computed += 1;
         g.health()?;
         return Ok((gr.dq, gr.dk, gr.dv));
@@ -996,9 +1101,9 @@ fn backward_inner<E: CudaElement>(
     let mut dv = g.zeros(kl)?;
     if !local.is_empty() {
         g.at = (local[0], 0);
-        let pr = Prob::patterns(plan, n, &local, fac)?;
+        let pr = Prob::patterns(plan, n, &local, fac, g.mask.is_some())?;
         g.timed(|g| {
-            let gr = backward_launch(g.dev, &pr, false, q, k, v, None, out, lse, grad_out)?;
+            let gr = backward_launch(g.dev, &pr, false, q, k, v, g.mask, out, lse, grad_out)?;
             g.add(&mut dq, &gr.dq)?;
             g.add(&mut dk, &gr.dk)?;
             g.add(&mut dv, &gr.dv)
@@ -1091,13 +1196,11 @@ fn bwd_group<E: CudaElement>(
             0
         };
         let flight = if kv_slots + acc_slots > 0 || !done.is_empty() {
-            let kvb = (0..2 * kv_slots)
-                .map(|_| g.dev.output::<E>(block_len))
-                .collect::<Result<Vec<_>>>()?;
+            let kvb = recv_pack::<E>(g, s, kv_slots)?;
             let accb = (0..2 * acc_slots)
                 .map(|_| g.zeros(block_len))
                 .collect::<Result<Vec<_>>>()?;
-            let send_kv: &[CudaSlice<E>] = if t + 1 < kk { &cur } else { &[] };
+            let send_kv = (t + 1 < kk).then_some(&cur);
             Some(g.exchange(next, prev, send_kv, &done, kvb, accb)?)
         } else {
             None
@@ -1131,8 +1234,8 @@ fn bwd_group<E: CudaElement>(
                 }
             }
             if t > 0 && t < kk {
-                let bytes = (cur.len() * block_len * es) as u64;
-                g.release(cur.len() / 2, bytes);
+                let bytes = (cur.kv.len() * block_len * es) as u64;
+                g.release(cur.slots(), bytes);
             }
             if t + 1 < kk {
                 cur = kv;
@@ -1150,7 +1253,7 @@ fn bwd_blocks<E: CudaElement>(
     s: &Span,
     side: &BSide<E>,
     kchunks: &[(usize, usize)],
-    kv: &[CudaSlice<E>],
+    kv: &Pack<E>,
     fresh: &mut [CudaSlice<f32>],
     dq: &mut CudaSlice<f32>,
 ) -> Result<()> {
@@ -1163,7 +1266,7 @@ fn bwd_blocks<E: CudaElement>(
                 continue;
             };
             g.stats.blocks_computed += 1;
-            let pr = Prob::dense_block(g.plan, s.bdims, diag, fac)?;
+            let pr = Prob::dense_block(g.plan, s.bdims, diag, fac, g.mask.is_some())?;
             let m = g.map(s, &s.q, dm.heads, row0);
             let (fk, fv) = fresh.split_at_mut(2 * ki + 1);
             g.timed(|g| {
@@ -1172,9 +1275,9 @@ fn bwd_blocks<E: CudaElement>(
                     &pr,
                     false,
                     &side.q[qi],
-                    &kv[2 * ki],
-                    &kv[2 * ki + 1],
-                    None,
+                    kv.k(ki),
+                    kv.v(ki),
+                    kv.mask(ki),
                     &side.o[qi],
                     &side.l[qi],
                     &side.go[qi],
@@ -1205,7 +1308,7 @@ fn bwd_blocks<E: CudaElement>(
 ///         .causal(true);
 ///     let x = vec![half::bf16::from_f32(0.1); 8192 * 8 * 64];
 ///     let q = dev.tensor_from_vec(&x, (Const::<1>, Const::<8192>, Const::<8>, Const::<64>))?;
-///     let (out, lse, stats) = attn.try_forward_cuda(&dev, &q, &q, &q)?;
+///     let (out, lse, stats) = attn.try_forward_cuda(&dev, &q, &q, &q, None)?;
 ///     Ok(stats.bytes_sent)
 /// });
 /// # Ok::<(), dilated_attention::Error>(())
@@ -1230,12 +1333,13 @@ where
         q: &CudaBnhd<B, LOCAL, H, D, E>,
         k: &CudaBnhd<B, LOCAL, HKV, D, E>,
         v: &CudaBnhd<B, LOCAL, HKV, D, E>,
+        mask: Option<&CudaKeyMask<B, LOCAL>>,
     ) -> Result<(CudaBnhd<B, LOCAL, H, D, E>, CudaBnh<B, LOCAL, H>, RingStats)> {
         let batch = q.shape().0;
         crate::tensor::check_batch(
             batch.size(),
             &[k.shape().0.size(), v.shape().0.size()],
-            None,
+            mask.map(|m| m.shape().0.size()),
         )?;
         let plan = self.plan::<H, HKV, D>(batch.size())?;
         let f = try_forward(
@@ -1246,6 +1350,7 @@ where
             q.slice(),
             k.slice(),
             v.slice(),
+            mask.map(|m| m.slice()),
         )?;
         Ok((
             CudaTensor::from_slice(dev, f.out, *q.shape())?,
@@ -1269,6 +1374,7 @@ where
         q: &CudaBnhd<B, LOCAL, H, D, E>,
         k: &CudaBnhd<B, LOCAL, HKV, D, E>,
         v: &CudaBnhd<B, LOCAL, HKV, D, E>,
+        mask: Option<&CudaKeyMask<B, LOCAL>>,
         out: &CudaBnhd<B, LOCAL, H, D, E>,
         lse: &CudaBnh<B, LOCAL, H>,
         grad_out: &CudaBnhd<B, LOCAL, H, D, E>,
@@ -1288,7 +1394,7 @@ where
                 lse.shape().0.size(),
                 grad_out.shape().0.size(),
             ],
-            None,
+            mask.map(|m| m.shape().0.size()),
         )?;
         let plan = self.plan::<H, HKV, D>(batch.size())?;
         let g = try_backward(
@@ -1299,6 +1405,7 @@ where
             q.slice(),
             k.slice(),
             v.slice(),
+            mask.map(|m| m.slice()),
             out.slice(),
             lse.slice(),
             grad_out.slice(),
@@ -1382,7 +1489,7 @@ mod tests {
             let geo = Geometry::new(layout, world, dm.seq / world).unwrap();
             let cl = geo.chunk_len();
             // Shapes the GPU ring does not take are covered by the next tests.
-            let Ok((_, spans)) = classify(&plan, &geo) else {
+            let Ok((_, spans)) = classify(&plan, &geo, false) else {
                 continue;
             };
             for s in &spans {
@@ -1432,7 +1539,7 @@ mod tests {
         for (plan, layout, world) in plans() {
             let geo = Geometry::new(layout, world, plan.dims().seq / world).unwrap();
             let cl = geo.chunk_len();
-            let Ok((_, spans)) = classify(&plan, &geo) else {
+            let Ok((_, spans)) = classify(&plan, &geo, false) else {
                 continue;
             };
             let causal = plan.options().causal;
@@ -1463,6 +1570,25 @@ mod tests {
     }
 
     #[test]
+    fn masks_need_one_offset_per_travelling_block() {
+        let geo = Geometry::new(Layout::Zigzag, 2, 256).unwrap();
+        let dims = Dims::mha(1, 512, 4, 4);
+        let lse = Plan::new(dims, &[Pattern::new(512, 2)], Options::default()).unwrap();
+        assert!(classify(&lse, &geo, false).is_ok());
+        let e = classify(&lse, &geo, true).unwrap_err().to_string();
+        assert!(e.contains("mask") && e.contains("pattern 0"), "{e}");
+        let hg = Plan::new(
+            dims,
+            &[Pattern::new(512, 2)],
+            Options::default().combine(Combine::HeadGroups),
+        )
+        .unwrap();
+        assert!(classify(&hg, &geo, true).is_ok());
+        let dense = Plan::new(dims, &[Pattern::new(512, 1)], Options::default()).unwrap();
+        assert!(classify(&dense, &geo, true).is_ok());
+    }
+
+    #[test]
     fn unsupported_shapes_are_errors_naming_the_pattern() {
         // Zigzag, n = 96: chunk 48; 64 neither divides 48 nor is a multiple of it.
         let plan = Plan::new(
@@ -1472,7 +1598,7 @@ mod tests {
         )
         .unwrap();
         let geo = Geometry::new(Layout::Zigzag, 2, 96).unwrap();
-        let e = classify(&plan, &geo).unwrap_err().to_string();
+        let e = classify(&plan, &geo, false).unwrap_err().to_string();
         assert!(e.contains("pattern 0") && e.contains("48"), "{e}");
         // A spanning pattern whose dilation does not divide the chunk.
         let plan = Plan::new(
@@ -1481,7 +1607,7 @@ mod tests {
             Options::default(),
         );
         if let Ok(plan) = plan {
-            let e = classify(&plan, &geo).unwrap_err().to_string();
+            let e = classify(&plan, &geo, false).unwrap_err().to_string();
             assert!(e.contains("dilation 5"), "{e}");
         }
     }

@@ -192,7 +192,13 @@ impl Prob {
     /// Patterns `pats` of `plan` on `seq` local rows whose segments all start at
     /// multiples of their length (a rank's rows where every such segment is local), with
     /// output factor `fac`. Offsets and head groups are the plan's.
-    pub(crate) fn patterns(plan: &Plan, seq: usize, pats: &[usize], fac: f64) -> Result<Prob> {
+    pub(crate) fn patterns(
+        plan: &Plan,
+        seq: usize,
+        pats: &[usize],
+        fac: f64,
+        has_mask: bool,
+    ) -> Result<Prob> {
         let pv: Vec<_> = pats.iter().map(|&i| Self::pattern(plan, i)).collect();
         let o = plan.options();
         let dims = Dims {
@@ -207,14 +213,20 @@ impl Prob {
             plan.scale(),
             fac,
             0,
-            false,
+            has_mask,
         )
     }
 
     /// Dense attention of `rows` compact query rows against `rows` compact key rows
     /// (`causal`: key `j` visible to query `i` iff `j <= i`), softmax scale of `plan`,
-    /// output factor `fac`.
-    pub(crate) fn dense_block(plan: &Plan, dims: Dims, causal: bool, fac: f64) -> Result<Prob> {
+    /// output factor `fac`; `has_mask`: a `(batch, rows)` key padding mask comes along.
+    pub(crate) fn dense_block(
+        plan: &Plan,
+        dims: Dims,
+        causal: bool,
+        fac: f64,
+        has_mask: bool,
+    ) -> Result<Prob> {
         let all = 0..dims.heads;
         Self::build(
             dims,
@@ -224,7 +236,7 @@ impl Prob {
             plan.scale(),
             fac,
             0,
-            false,
+            has_mask,
         )
     }
 
