@@ -7,8 +7,8 @@
 //!    bytes per step.
 //! 2. **Long dilated**: schedule `[(2048,1),(4096,2),…,(65536,32)]` (segments up to 64K),
 //!    causal, bf16, H = 8, D = 64, global N = 1M … 16M on 2 GPUs (zigzag): forward and
-//!    backward time and each GPU's peak memory of this crate's allocations (the CUDA
-//!    memory pool's high-water mark), to show it is linear in N.
+//!    backward time and each GPU's peak memory (`Cuda::peak_memory`, the CUDA memory
+//!    pool's high-water mark), to show it is linear in N.
 //! 3. **Bytes vs the SPEC §2 minimum**: a schedule with a pattern spanning both ranks;
 //!    the bytes each rank sends per step against the dilated rows its peer needs.
 //!
@@ -82,57 +82,6 @@ fn args() -> Args {
     a
 }
 
-/// The CUDA memory pool of the current device (cudarc allocates from it).
-fn pool(dev: &Cuda) -> cudarc::driver::sys::CUmemoryPool {
-    use cudarc::driver::sys;
-    dev.context().bind_to_thread().unwrap();
-    let mut d: sys::CUdevice = 0;
-    let mut p: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: valid out-pointers; the ordinal exists (the device was opened).
-    unsafe {
-        sys::cuDeviceGet(&mut d, dev.ordinal() as i32)
-            .result()
-            .unwrap();
-        sys::cuDeviceGetDefaultMemPool(&mut p, d).result().unwrap();
-    }
-    p
-}
-
-/// Reset the pool's high-water mark to what is in use now.
-fn reset_peak(dev: &Cuda) {
-    use cudarc::driver::sys;
-    let p = pool(dev);
-    let mut zero: u64 = 0;
-    // SAFETY: USED_MEM_HIGH takes a u64 (only 0 may be set).
-    unsafe {
-        sys::cuMemPoolSetAttribute(
-            p,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut zero as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .unwrap();
-    }
-}
-
-/// The pool's high-water mark in bytes.
-fn peak(dev: &Cuda) -> u64 {
-    use cudarc::driver::sys;
-    let p = pool(dev);
-    let mut v: u64 = 0;
-    // SAFETY: USED_MEM_HIGH writes a u64.
-    unsafe {
-        sys::cuMemPoolGetAttribute(
-            p,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut v as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .unwrap();
-    }
-    v
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -181,7 +130,7 @@ fn ring_times(plan: &Plan, layout: Layout, reps: usize, world: usize) -> Vec<Ran
         let v = rand_buf(&dev, dm.batch * n * dm.kv_heads * dm.head_dim, 30 + r);
         let go = rand_buf(&dev, dm.batch * n * dm.heads * dm.head_dim, 40 + r);
         dev.synchronize()?;
-        reset_peak(&dev);
+        dev.reset_peak_memory()?;
         let mut fs = None;
         let fwd_s = time_s(&dev, reps, || {
             let f = gpu::try_forward(&dev, &c, plan, layout, &q, &k, &v, None).unwrap();
@@ -201,7 +150,7 @@ fn ring_times(plan: &Plan, layout: Layout, reps: usize, world: usize) -> Vec<Ran
             fwdbwd_s,
             fwd: fs.unwrap_or_default(),
             bwd: bs.unwrap_or_default(),
-            peak_bytes: peak(&dev),
+            peak_bytes: dev.peak_memory()?,
         })
     });
     res.into_iter()

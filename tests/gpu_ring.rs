@@ -30,8 +30,6 @@ use dilated_attention::ring::{CommConfig, Layout, RingComm, RingStats};
 use dilated_attention::tensor::cuda::{Cuda, CudaElement};
 use dilated_attention::Error;
 
-const NEEDS: &str = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine";
-
 /// Gathered global `(out, L, dq, dk, dv)` in f64, and per-rank (forward, backward) stats.
 struct Run {
     out: Vec<f64>,
@@ -51,71 +49,113 @@ type RankOut<E> = (
     (RingStats, RingStats),
 );
 
-#[allow(clippy::too_many_arguments)]
-fn ring_run<E: CudaElement>(
+/// Global inputs split into each rank's rows.
+struct Split<E> {
+    q: Vec<Vec<E>>,
+    k: Vec<Vec<E>>,
+    v: Vec<Vec<E>>,
+    go: Vec<Vec<E>>,
+    mask: Option<Vec<Vec<u8>>>,
+}
+
+fn split<E: CudaElement>(
     world: usize,
     layout: Layout,
     plan: &Plan,
     (q, k, v, go): (&[E], &[E], &[E], &[E]),
     mask: Option<&[u8]>,
+) -> Split<E> {
+    let dm = *plan.dims();
+    let (b, hd, kd) = (dm.batch, dm.heads * dm.head_dim, dm.kv_heads * dm.head_dim);
+    Split {
+        q: layout.split(q, b, hd, world).unwrap(),
+        k: layout.split(k, b, kd, world).unwrap(),
+        v: layout.split(v, b, kd, world).unwrap(),
+        go: layout.split(go, b, hd, world).unwrap(),
+        mask: mask.map(|m| layout.split(m, b, 1, world).unwrap()),
+    }
+}
+
+/// One rank: upload its rows, ring forward and backward (outputs poisoned), download.
+fn rank_run<E: CudaElement>(
+    c: &NcclComm,
+    plan: &Plan,
+    layout: Layout,
+    sp: &Split<E>,
+) -> dilated_attention::Result<RankOut<E>> {
+    let r = c.rank();
+    let dev = Cuda::new(c.device())?;
+    dev.set_poison(true);
+    let (qd, kd, vd, gd) = (
+        dev.htod(&sp.q[r])?,
+        dev.htod(&sp.k[r])?,
+        dev.htod(&sp.v[r])?,
+        dev.htod(&sp.go[r])?,
+    );
+    let md = sp.mask.as_ref().map(|m| dev.htod(&m[r])).transpose()?;
+    let md = md.as_ref();
+    let f = gpu::try_forward(&dev, c, plan, layout, &qd, &kd, &vd, md)?;
+    let g = gpu::try_backward(
+        &dev, c, plan, layout, &qd, &kd, &vd, md, &f.out, &f.lse, &gd,
+    )?;
+    let host = |x: &CudaSlice<E>| dev.dtoh(x);
+    Ok((
+        host(&f.out)?,
+        dev.dtoh(&f.lse)?,
+        host(&g.dq)?,
+        host(&g.dk)?,
+        host(&g.dv)?,
+        (f.stats, g.stats),
+    ))
+}
+
+/// The ranks' results back in global order.
+fn gather<E: CudaElement>(
+    plan: &Plan,
+    layout: Layout,
+    res: Vec<dilated_attention::Result<RankOut<E>>>,
 ) -> Run {
     let dm = *plan.dims();
     let (b, hd, kd) = (dm.batch, dm.heads * dm.head_dim, dm.kv_heads * dm.head_dim);
-    let qs = layout.split(q, b, hd, world).unwrap();
-    let ks = layout.split(k, b, kd, world).unwrap();
-    let vs = layout.split(v, b, kd, world).unwrap();
-    let gs = layout.split(go, b, hd, world).unwrap();
-    let ms = mask.map(|m| layout.split(m, b, 1, world).unwrap());
-    let comms = NcclComm::from_devices(
-        world,
-        CommConfig::default().timeout(Duration::from_secs(60)),
-    )
-    .expect("2 GPUs with NCCL");
-    let res = nccl::run(comms, |c| -> dilated_attention::Result<RankOut<E>> {
-        let r = c.rank();
-        let dev = Cuda::new(c.device())?;
-        dev.set_poison(true);
-        let (qd, kd, vd, gd) = (
-            dev.htod(&qs[r])?,
-            dev.htod(&ks[r])?,
-            dev.htod(&vs[r])?,
-            dev.htod(&gs[r])?,
-        );
-        let md = ms.as_ref().map(|m| dev.htod(&m[r])).transpose()?;
-        let md = md.as_ref();
-        let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd, md)?;
-        let g = gpu::try_backward(
-            &dev, &c, plan, layout, &qd, &kd, &vd, md, &f.out, &f.lse, &gd,
-        )?;
-        let host = |x: &CudaSlice<E>| dev.dtoh(x);
-        Ok((
-            host(&f.out)?,
-            dev.dtoh(&f.lse)?,
-            host(&g.dq)?,
-            host(&g.dk)?,
-            host(&g.dv)?,
-            (f.stats, g.stats),
-        ))
-    });
-    let mut parts: Vec<RankOut<E>> = Vec::new();
-    for (r, x) in res.into_iter().enumerate() {
-        parts.push(x.unwrap_or_else(|e| panic!("rank {r} failed: {e}")));
-    }
+    let parts: Vec<RankOut<E>> = res
+        .into_iter()
+        .enumerate()
+        .map(|(r, x)| x.unwrap_or_else(|e| panic!("rank {r} failed: {e}")))
+        .collect();
     let cat = |f: &dyn Fn(&RankOut<E>) -> Vec<f64>, inner: usize| {
         let p: Vec<Vec<f64>> = parts.iter().map(f).collect();
         layout.gather(&p, b, inner).unwrap()
     };
+    let lse: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
     Run {
         out: cat(&|p| to64(&p.0), hd),
-        lse: {
-            let p: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
-            layout.gather(&p, b, dm.heads).unwrap()
-        },
+        lse: layout.gather(&lse, b, dm.heads).unwrap(),
         dq: cat(&|p| to64(&p.2), hd),
         dk: cat(&|p| to64(&p.3), kd),
         dv: cat(&|p| to64(&p.4), kd),
         stats: parts.iter().map(|p| p.5.clone()).collect(),
     }
+}
+
+/// Forward then backward on `world` GPUs, one thread each (`NcclComm::from_devices`).
+fn ring_run<E: CudaElement>(
+    world: usize,
+    layout: Layout,
+    plan: &Plan,
+    inputs: (&[E], &[E], &[E], &[E]),
+    mask: Option<&[u8]>,
+) -> Run {
+    let sp = split(world, layout, plan, inputs, mask);
+    let comms = NcclComm::from_devices(
+        world,
+        CommConfig::default().timeout(Duration::from_secs(60)),
+    )
+    .expect("2 GPUs with NCCL");
+    gather(
+        plan,
+        layout,
+        nccl::run(comms, |c| rank_run(&c, plan, layout, &sp)),
+    )
 }
 
 /// Ring on 2 GPUs vs the oracle and vs the single-GPU kernels; returns the stats.
@@ -244,7 +284,6 @@ fn check_case_with<E: CudaElement>(
 #[test]
 #[ignore = "needs 2 GPUs with NCCL: run with --ignored on the GPU machine"]
 fn dense_causal_zigzag() {
-    let _ = NEEDS;
     let dims = Dims {
         batch: 2,
         seq: 512,
@@ -534,17 +573,13 @@ fn rendezvous_start_mode_matches_the_oracle() {
     let (k, kr) = round::<half::bf16>(&normal(seed ^ 1, dims.kv_len()));
     let (v, vr) = round::<half::bf16>(&normal(seed ^ 2, dims.kv_len()));
     let (go, gr) = round::<half::bf16>(&normal(seed ^ 3, dims.q_len()));
-    let (b, hd, kd) = (1, 4 * 64, 2 * 64);
-    let qs = layout.split(&q, b, hd, 2).unwrap();
-    let ks = layout.split(&k, b, kd, 2).unwrap();
-    let vs = layout.split(&v, b, kd, 2).unwrap();
-    let gs = layout.split(&go, b, hd, 2).unwrap();
+    let sp = split(2, layout, &plan, (&q, &k, &v, &go), None);
     let port = 29400 + (std::process::id() % 500) as u16;
-    let parts: Vec<RankOut<half::bf16>> = std::thread::scope(|sc| {
+    let res = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..2)
             .map(|r| {
-                let (qs, ks, vs, gs, plan) = (&qs, &ks, &vs, &gs, &plan);
-                sc.spawn(move || -> dilated_attention::Result<RankOut<half::bf16>> {
+                let (sp, plan) = (&sp, &plan);
+                sc.spawn(move || {
                     let env = RendezvousEnv {
                         rank: r,
                         world_size: 2,
@@ -556,51 +591,23 @@ fn rendezvous_start_mode_matches_the_oracle() {
                         &env,
                         CommConfig::default().timeout(Duration::from_secs(60)),
                     )?;
-                    let dev = Cuda::new(c.device())?;
-                    dev.set_poison(true);
-                    let (qd, kd, vd, gd) = (
-                        dev.htod(&qs[r])?,
-                        dev.htod(&ks[r])?,
-                        dev.htod(&vs[r])?,
-                        dev.htod(&gs[r])?,
-                    );
-                    let f = gpu::try_forward(&dev, &c, plan, layout, &qd, &kd, &vd, None)?;
-                    let g = gpu::try_backward(
-                        &dev, &c, plan, layout, &qd, &kd, &vd, None, &f.out, &f.lse, &gd,
-                    )?;
-                    Ok((
-                        dev.dtoh(&f.out)?,
-                        dev.dtoh(&f.lse)?,
-                        dev.dtoh(&g.dq)?,
-                        dev.dtoh(&g.dk)?,
-                        dev.dtoh(&g.dv)?,
-                        (f.stats, g.stats),
-                    ))
+                    rank_run(&c, plan, layout, sp)
                 })
             })
             .collect();
         hs.into_iter()
-            .enumerate()
-            .map(|(r, h)| {
-                h.join()
-                    .expect("rank thread")
-                    .unwrap_or_else(|e| panic!("rank {r}: {e}"))
-            })
+            .map(|h| h.join().expect("rank thread"))
             .collect()
     });
-    let cat = |f: &dyn Fn(&RankOut<half::bf16>) -> Vec<f64>, inner: usize| {
-        let p: Vec<Vec<f64>> = parts.iter().map(f).collect();
-        layout.gather(&p, b, inner).unwrap()
-    };
+    let ring = gather(&plan, layout, res);
     let want = reference::forward(&plan, &qr, &kr, &vr, None).unwrap();
     let gw = reference::backward(&plan, &qr, &kr, &vr, None, &gr).unwrap();
     let ctx = "rendezvous start, zigzag causal, seed 601";
-    check_norm("out", &cat(&|p| to64(&p.0), hd), &want.out, 1e-2, 64, &ctx);
-    check_norm("dq", &cat(&|p| to64(&p.2), hd), &gw.dq, 1e-2, 64, &ctx);
-    check_norm("dk", &cat(&|p| to64(&p.3), kd), &gw.dk, 1e-2, 64, &ctx);
-    check_norm("dv", &cat(&|p| to64(&p.4), kd), &gw.dv, 1e-2, 64, &ctx);
-    let lse: Vec<Vec<f32>> = parts.iter().map(|p| p.1.clone()).collect();
-    check_lse(&layout.gather(&lse, b, 4).unwrap(), &want.lse, 1e-2, &ctx);
+    check_norm("out", &ring.out, &want.out, 1e-2, 64, &ctx);
+    check_norm("dq", &ring.dq, &gw.dq, 1e-2, 64, &ctx);
+    check_norm("dk", &ring.dk, &gw.dk, 1e-2, 64, &ctx);
+    check_norm("dv", &ring.dv, &gw.dv, 1e-2, 64, &ctx);
+    check_lse(&ring.lse, &want.lse, 1e-2, &ctx);
 }
 
 #[test]

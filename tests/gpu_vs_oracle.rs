@@ -299,3 +299,26 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Generic, true);
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn peak_memory_tracks_allocations() {
+    let d = dev();
+    d.synchronize().unwrap();
+    d.reset_peak_memory().unwrap();
+    let base = d.peak_memory().unwrap();
+    let big = d.htod(&vec![0u8; 64 << 20]).unwrap();
+    let peak = d.peak_memory().unwrap();
+    assert!(
+        peak >= base + (64 << 20),
+        "peak {peak} after a 64 MiB buffer (base {base})"
+    );
+    drop(big);
+    d.synchronize().unwrap();
+    d.reset_peak_memory().unwrap();
+    let after = d.peak_memory().unwrap();
+    assert!(
+        after < peak,
+        "reset: {after} should fall below {peak} once the buffer is freed"
+    );
+}

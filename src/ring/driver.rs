@@ -273,6 +273,38 @@ fn pack<T: Element>(
     Packet { data, bits }
 }
 
+/// The chunk geometry of a ring call: checks the communicator's `(world, rank)` and that
+/// the plan's global length splits into `world` equal parts.
+pub(crate) fn ring_geometry(
+    plan: &Plan,
+    layout: Layout,
+    world: usize,
+    rank: usize,
+) -> Result<Geometry> {
+    if world == 0 || rank >= world {
+        return Err(Error::Ring {
+            msg: format!("communicator reports rank {rank} of world size {world}"),
+        });
+    }
+    let n_glob = plan.dims().seq;
+    if !n_glob.is_multiple_of(world) {
+        return Err(Error::Ring {
+            msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
+        });
+    }
+    Geometry::new(layout, world, n_glob / world)
+}
+
+/// A communication fault as the `Error` of rank `rank` at exchange `step`, while at
+/// `(pattern, ring step)`.
+pub(crate) fn comm_error(rank: usize, step: usize, at: (usize, usize), f: CommFault) -> Error {
+    Error::Comm {
+        rank,
+        step,
+        msg: format!("pattern {}, ring step {}: {f}", at.0, at.1),
+    }
+}
+
 /// Per-call state of one rank.
 struct Ring<'a, C: RingComm> {
     comm: &'a C,
@@ -290,20 +322,8 @@ struct Ring<'a, C: RingComm> {
 
 impl<'a, C: RingComm> Ring<'a, C> {
     fn new(comm: &'a C, plan: &'a Plan, layout: Layout) -> Result<Self> {
-        let world = comm.world_size();
-        let rank = comm.rank();
-        if world == 0 || rank >= world {
-            return Err(Error::Ring {
-                msg: format!("communicator reports rank {rank} of world size {world}"),
-            });
-        }
-        let n_glob = plan.dims().seq;
-        if !n_glob.is_multiple_of(world) {
-            return Err(Error::Ring {
-                msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
-            });
-        }
-        let geo = Geometry::new(layout, world, n_glob / world)?;
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let geo = ring_geometry(plan, layout, world, rank)?;
         Ok(Ring {
             comm,
             plan,
@@ -318,11 +338,7 @@ impl<'a, C: RingComm> Ring<'a, C> {
     }
 
     fn err(&self, f: CommFault) -> Error {
-        Error::Comm {
-            rank: self.rank,
-            step: self.step,
-            msg: format!("pattern {}, ring step {}: {f}", self.at.0, self.at.1),
-        }
+        comm_error(self.rank, self.step, self.at, f)
     }
 
     fn post<T: Element>(

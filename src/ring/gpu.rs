@@ -53,14 +53,16 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::comm::{CommFault, RingComm, RingStats, Tag};
-use super::driver::{groups, seg_owners};
+use super::driver::{comm_error, groups, ring_geometry, seg_owners};
 use super::layout::{Geometry, Layout};
 use super::nccl::NcclComm;
 use crate::error::{Error, Result};
 use crate::ops::dilated::cuda_kernel::{backward_launch, forward_launch, function, Prob};
 use crate::shape::{check_len, Combine, Dims, Plan};
-use crate::tensor::cuda::{dev_err, Cuda, CudaBnh, CudaBnhd, CudaElement, CudaKeyMask, CudaTensor};
-use dfdx::shapes::Const;
+use crate::tensor::cuda::{
+    check_qkv_batch, dev_err, typed_forward, typed_grads, Cuda, CudaBnh, CudaBnhd, CudaElement,
+    CudaKeyMask,
+};
 
 /// Output of a GPU ring forward on one rank.
 #[derive(Debug)]
@@ -360,13 +362,7 @@ impl<'a> Gpu<'a> {
                 ),
             });
         }
-        let n_glob = plan.dims().seq;
-        if !n_glob.is_multiple_of(world) {
-            return Err(Error::Ring {
-                msg: format!("global length {n_glob} is not a multiple of the world size {world}"),
-            });
-        }
-        let geo = Geometry::new(layout, world, n_glob / world)?;
+        let geo = ring_geometry(plan, layout, world, rank)?;
         fits("local rows·heads", geo.local * plan.dims().heads)?;
         if let Some(m) = mask {
             check_len("mask", plan.dims().batch * geo.local, m.len())?;
@@ -408,11 +404,7 @@ impl<'a> Gpu<'a> {
     }
 
     fn err(&self, f: CommFault) -> Error {
-        Error::Comm {
-            rank: self.rank,
-            step: self.step,
-            msg: format!("pattern {}, ring step {}: {f}", self.at.0, self.at.1),
-        }
+        comm_error(self.rank, self.step, self.at, f)
     }
 
     /// The map of compact blocks of chunk `row0` (local rows) for one side.
@@ -710,10 +702,6 @@ impl<'a> Gpu<'a> {
             .map(|_| ())
             .map_err(|f| self.err(f))
     }
-
-    fn relation(&self, s: &Span, cq: usize, ck: usize) -> Option<bool> {
-        relation(self.plan, &self.geo, s, cq, ck)
-    }
 }
 
 /// Relation of a (query chunk, key chunk) pair of one spanning pattern: `None` if no
@@ -1009,7 +997,7 @@ fn fwd_blocks<E: CudaElement>(
     let dm = *g.plan.dims();
     for (qi, &(cq, row0)) in qs.chunks.iter().enumerate() {
         for (ki, &(ck, _)) in kchunks.iter().enumerate() {
-            let Some(diag) = g.relation(s, cq, ck) else {
+            let Some(diag) = relation(g.plan, &g.geo, s, cq, ck) else {
                 g.stats.blocks_skipped += 1;
                 continue;
             };
@@ -1261,7 +1249,7 @@ fn bwd_blocks<E: CudaElement>(
     let fac = g.plan.pattern_factor();
     for (qi, &(cq, row0)) in side.chunks.iter().enumerate() {
         for (ki, &(ck, _)) in kchunks.iter().enumerate() {
-            let Some(diag) = g.relation(s, cq, ck) else {
+            let Some(diag) = relation(g.plan, &g.geo, s, cq, ck) else {
                 g.stats.blocks_skipped += 1;
                 continue;
             };
@@ -1335,28 +1323,13 @@ where
         v: &CudaBnhd<B, LOCAL, HKV, D, E>,
         mask: Option<&CudaKeyMask<B, LOCAL>>,
     ) -> Result<(CudaBnhd<B, LOCAL, H, D, E>, CudaBnh<B, LOCAL, H>, RingStats)> {
-        let batch = q.shape().0;
-        crate::tensor::check_batch(
-            batch.size(),
-            &[k.shape().0.size(), v.shape().0.size()],
-            mask.map(|m| m.shape().0.size()),
-        )?;
-        let plan = self.plan::<H, HKV, D>(batch.size())?;
-        let f = try_forward(
-            dev,
-            self.comm(),
-            &plan,
-            self.layout(),
-            q.slice(),
-            k.slice(),
-            v.slice(),
-            mask.map(|m| m.slice()),
-        )?;
-        Ok((
-            CudaTensor::from_slice(dev, f.out, *q.shape())?,
-            CudaTensor::from_slice(dev, f.lse, (batch, Const::<LOCAL>, Const::<H>))?,
-            f.stats,
-        ))
+        check_qkv_batch(q, k, v, mask)?;
+        let plan = self.plan::<H, HKV, D>(q.shape().0.size())?;
+        let (q_, k_, v_) = (q.slice(), k.slice(), v.slice());
+        let m = mask.map(|m| m.slice());
+        let f = try_forward(dev, self.comm(), &plan, self.layout(), q_, k_, v_, m)?;
+        let (out, lse) = typed_forward(dev, q, f.out, f.lse)?;
+        Ok((out, lse, f.stats))
     }
 
     /// GPU ring backward on this rank from the saved local `out`, `L`: local
@@ -1384,38 +1357,26 @@ where
         CudaBnhd<B, LOCAL, HKV, D, E>,
         RingStats,
     )> {
-        let batch = q.shape().0;
-        crate::tensor::check_batch(
-            batch.size(),
-            &[
-                k.shape().0.size(),
-                v.shape().0.size(),
-                out.shape().0.size(),
-                lse.shape().0.size(),
-                grad_out.shape().0.size(),
-            ],
-            mask.map(|m| m.shape().0.size()),
-        )?;
-        let plan = self.plan::<H, HKV, D>(batch.size())?;
+        check_qkv_batch(q, k, v, mask)?;
+        let plan = self.plan::<H, HKV, D>(q.shape().0.size())?;
+        let (q_, k_, v_) = (q.slice(), k.slice(), v.slice());
+        let m = mask.map(|m| m.slice());
+        let (o, l, go) = (out.slice(), lse.slice(), grad_out.slice());
         let g = try_backward(
             dev,
             self.comm(),
             &plan,
             self.layout(),
-            q.slice(),
-            k.slice(),
-            v.slice(),
-            mask.map(|m| m.slice()),
-            out.slice(),
-            lse.slice(),
-            grad_out.slice(),
+            q_,
+            k_,
+            v_,
+            m,
+            o,
+            l,
+            go,
         )?;
-        Ok((
-            CudaTensor::from_slice(dev, g.dq, *q.shape())?,
-            CudaTensor::from_slice(dev, g.dk, *k.shape())?,
-            CudaTensor::from_slice(dev, g.dv, *v.shape())?,
-            g.stats,
-        ))
+        let (dq, dk, dv) = typed_grads(dev, q, k, (g.dq, g.dk, g.dv))?;
+        Ok((dq, dk, dv, g.stats))
     }
 }
 
@@ -1447,7 +1408,7 @@ mod tests {
             &[(16, 2), (64, 8), (64, 2)],
             &[(4, 4), (32, 1), (64, 16)],
         ];
-        for (si, sched) in scheds.iter().enumerate() {
+        for sched in scheds {
             for combine in [Combine::Lse, Combine::HeadGroups] {
                 for (heads, kv) in [(4, 4), (6, 3), (8, 2)] {
                     for causal in [false, true] {
@@ -1471,7 +1432,6 @@ mod tests {
                             (Layout::Zigzag, 4),
                             (Layout::Zigzag, 1),
                         ] {
-                            let _ = si;
                             v.push((p.clone(), layout, world));
                         }
                     }
@@ -1605,10 +1565,9 @@ mod tests {
             Dims::mha(1, 192, 2, 4),
             &[Pattern::new(192, 5)],
             Options::default(),
-        );
-        if let Ok(plan) = plan {
-            let e = classify(&plan, &geo, false).unwrap_err().to_string();
-            assert!(e.contains("dilation 5"), "{e}");
-        }
+        )
+        .unwrap();
+        let e = classify(&plan, &geo, false).unwrap_err().to_string();
+        assert!(e.contains("dilation 5"), "{e}");
     }
 }

@@ -729,6 +729,26 @@ impl NcclComm {
         })
     }
 
+    /// Bind for an exchange with `to`/`from`, both ranks of this ring; returns the peer
+    /// that errors name.
+    fn bind_peers(
+        &self,
+        to: Option<usize>,
+        from: Option<usize>,
+    ) -> std::result::Result<Option<usize>, CommFault> {
+        let peer = from.or(to);
+        self.bind(peer)?;
+        for p in [to, from].into_iter().flatten() {
+            if p >= self.world {
+                return Err(CommFault::fatal(
+                    Some(p),
+                    format!("rank {p} is not in this ring of {}", self.world),
+                ));
+            }
+        }
+        Ok(peer)
+    }
+
     fn bind(&self, peer: Option<usize>) -> std::result::Result<(), CommFault> {
         self.alive(peer)?;
         self.cuda(self.ctx.bind_to_thread(), peer, "bind context")
@@ -759,16 +779,7 @@ impl NcclComm {
         recvs: &[(u64, usize)],
         what: &str,
     ) -> std::result::Result<CudaEvent, CommFault> {
-        let peer = from.or(to);
-        self.bind(peer)?;
-        for p in [to, from].into_iter().flatten() {
-            if p >= self.world {
-                return Err(CommFault::fatal(
-                    Some(p),
-                    format!("rank {p} is not in this ring of {}", self.world),
-                ));
-            }
-        }
+        let peer = self.bind_peers(to, from)?;
         self.cuda(self.stream.wait(after), peer, "stream wait")?;
         let mut ops: Vec<P2p> = Vec::new();
         if let Some(t) = to {
@@ -862,16 +873,7 @@ impl RingComm for NcclComm {
         send: Option<&Packet<T>>,
         from: Option<usize>,
     ) -> std::result::Result<NcclTicket, CommFault> {
-        let peer = from.or(to);
-        self.bind(peer)?;
-        for p in [to, from].into_iter().flatten() {
-            if p >= self.world {
-                return Err(CommFault::fatal(
-                    Some(p),
-                    format!("rank {p} is not in this ring of {}", self.world),
-                ));
-            }
-        }
+        let peer = self.bind_peers(to, from)?;
         let es = std::mem::size_of::<T>();
         let to = to.filter(|_| send.is_some());
         let payload = match (to, send) {

@@ -57,13 +57,20 @@ pub trait CudaElement:
 /// this, each call re-maps its buffers (milliseconds per GiB). The memory stays reserved
 /// for this process; [`Cuda::trim_pool`] gives it back.
 fn keep_pool_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<()> {
-    use cudarc::driver::sys;
     ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+    set_pool_u64(
+        default_pool(ordinal)?,
+        cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        u64::MAX,
+    )
+}
+
+/// The default memory pool of GPU `ordinal` (the caller has bound its context).
+fn default_pool(ordinal: usize) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys;
     let mut dev: sys::CUdevice = 0;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: valid out-pointers; the ordinal was checked against the device count; the
-    // release threshold attribute takes a u64.
+    // SAFETY: valid out-pointers; callers pass an ordinal checked against the device count.
     unsafe {
         sys::cuDeviceGet(&mut dev, ordinal as i32)
             .result()
@@ -71,15 +78,27 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>, ordinal: usize) -> Result<()> {
         sys::cuDeviceGetDefaultMemPool(&mut pool, dev)
             .result()
             .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
-        sys::cuMemPoolSetAttribute(
+    }
+    Ok(pool)
+}
+
+/// Set a 64-bit attribute of a memory pool.
+fn set_pool_u64(
+    pool: cudarc::driver::sys::CUmemoryPool,
+    attr: cudarc::driver::sys::CUmemPool_attribute,
+    mut value: u64,
+) -> Result<()> {
+    // SAFETY: `pool` is a live pool; the attributes used here (release threshold, used
+    // high-water mark) take a u64.
+    unsafe {
+        cudarc::driver::sys::cuMemPoolSetAttribute(
             pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            attr,
+            &mut value as *mut u64 as *mut std::ffi::c_void,
         )
         .result()
-        .map_err(dev_err("memory pool release threshold"))?;
+        .map_err(dev_err("memory pool attribute"))
     }
-    Ok(())
 }
 
 impl CudaElement for f32 {
@@ -194,24 +213,43 @@ impl Cuda {
     /// Return the memory the device's pool keeps for reuse (see [`Cuda::new`]) to the
     /// driver, after waiting for queued work.
     pub fn trim_pool(&self) -> Result<()> {
-        use cudarc::driver::sys;
         self.synchronize()?;
-        let mut dev: sys::CUdevice = 0;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: valid out-pointers, an existing device; trimming to 0 bytes only releases
-        // memory no allocation uses.
+        let pool = default_pool(self.ordinal())?;
+        // SAFETY: a live pool; trimming to 0 bytes only releases memory no allocation uses.
+        unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(dev_err("cuMemPoolTrimTo"))
+    }
+
+    /// The most bytes this device's allocations (the crate's buffers and the caller's,
+    /// stream-ordered from the default pool) have held at once since the last
+    /// [`reset_peak_memory`](Self::reset_peak_memory) (or since start).
+    pub fn peak_memory(&self) -> Result<u64> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        let pool = default_pool(self.ordinal())?;
+        let mut v: u64 = 0;
+        // SAFETY: a live pool; USED_MEM_HIGH writes a u64.
         unsafe {
-            sys::cuDeviceGet(&mut dev, self.ordinal() as i32)
-                .result()
-                .map_err(dev_err("cuDeviceGet"))?;
-            sys::cuDeviceGetDefaultMemPool(&mut pool, dev)
-                .result()
-                .map_err(dev_err("cuDeviceGetDefaultMemPool"))?;
-            sys::cuMemPoolTrimTo(pool, 0)
-                .result()
-                .map_err(dev_err("cuMemPoolTrimTo"))?;
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut std::ffi::c_void,
+            )
         }
-        Ok(())
+        .result()
+        .map_err(dev_err("memory pool high-water mark"))?;
+        Ok(v)
+    }
+
+    /// Restart [`peak_memory`](Self::peak_memory) from what is in use now.
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev_err("bind context"))?;
+        set_pool_u64(
+            default_pool(self.ordinal())?,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            0,
+        )
     }
 
     /// The context.
@@ -415,6 +453,74 @@ pub type CudaBnh<B, const N: usize, const H: usize> = CudaTensor<(B, Const<N>, C
 /// `(B, N)` key padding mask on the GPU (nonzero = attend).
 pub type CudaKeyMask<B, const N: usize> = CudaTensor<(B, Const<N>), u8>;
 
+/// Typed calls take `B` from `q`: the batch of `k`, `v` (and the mask) must match
+/// (a runtime `Dim` is not checked by the types).
+pub(crate) fn check_qkv_batch<
+    B: Dim,
+    const N: usize,
+    const H: usize,
+    const HKV: usize,
+    const D: usize,
+    E,
+>(
+    q: &CudaBnhd<B, N, H, D, E>,
+    k: &CudaBnhd<B, N, HKV, D, E>,
+    v: &CudaBnhd<B, N, HKV, D, E>,
+    mask: Option<&CudaKeyMask<B, N>>,
+) -> Result<()> {
+    check_batch(
+        q.shape.0.size(),
+        &[k.shape.0.size(), v.shape.0.size()],
+        mask.map(|m| m.shape.0.size()),
+    )
+}
+
+/// A forward's device `(out, L)` as typed tensors shaped like `q`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn typed_forward<
+    B: Dim,
+    const N: usize,
+    const H: usize,
+    const D: usize,
+    E: DeviceRepr,
+>(
+    dev: &Cuda,
+    q: &CudaBnhd<B, N, H, D, E>,
+    out: CudaSlice<E>,
+    lse: CudaSlice<f32>,
+) -> Result<(CudaBnhd<B, N, H, D, E>, CudaBnh<B, N, H>)> {
+    Ok((
+        CudaTensor::from_slice(dev, out, q.shape)?,
+        CudaTensor::from_slice(dev, lse, (q.shape.0, Const::<N>, Const::<H>))?,
+    ))
+}
+
+/// A backward's device `(dq, dk, dv)` as typed tensors shaped like `q` and `k`.
+#[allow(clippy::type_complexity)]
+pub(crate) fn typed_grads<
+    B: Dim,
+    const N: usize,
+    const H: usize,
+    const HKV: usize,
+    const D: usize,
+    E: DeviceRepr,
+>(
+    dev: &Cuda,
+    q: &CudaBnhd<B, N, H, D, E>,
+    k: &CudaBnhd<B, N, HKV, D, E>,
+    (dq, dk, dv): (CudaSlice<E>, CudaSlice<E>, CudaSlice<E>),
+) -> Result<(
+    CudaBnhd<B, N, H, D, E>,
+    CudaBnhd<B, N, HKV, D, E>,
+    CudaBnhd<B, N, HKV, D, E>,
+)> {
+    Ok((
+        CudaTensor::from_slice(dev, dq, q.shape)?,
+        CudaTensor::from_slice(dev, dk, k.shape)?,
+        CudaTensor::from_slice(dev, dv, k.shape)?,
+    ))
+}
+
 impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
     /// Forward on the GPU: `(out, L)`. The same compile-time checks as the CPU path.
     #[allow(clippy::type_complexity)]
@@ -433,19 +539,11 @@ impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
         v: &CudaBnhd<B, N, HKV, D, E>,
         mask: Option<&CudaKeyMask<B, N>>,
     ) -> Result<(CudaBnhd<B, N, H, D, E>, CudaBnh<B, N, H>)> {
-        let batch = q.shape.0;
-        let plan = self.plan::<N, H, HKV, D>(batch.size())?;
-        check_batch(
-            batch.size(),
-            &[k.shape.0.size(), v.shape.0.size()],
-            mask.map(|m| m.shape.0.size()),
-        )?;
+        let plan = self.plan::<N, H, HKV, D>(q.shape.0.size())?;
+        check_qkv_batch(q, k, v, mask)?;
         let f =
             cuda_kernel::try_forward(dev, &plan, &q.data, &k.data, &v.data, mask.map(|m| &m.data))?;
-        Ok((
-            CudaTensor::from_slice(dev, f.out, q.shape)?,
-            CudaTensor::from_slice(dev, f.lse, (batch, Const::<N>, Const::<H>))?,
-        ))
+        typed_forward(dev, q, f.out, f.lse)
     }
 
     /// Backward on the GPU from saved `out` and `L`: `(dq, dk, dv)`.
@@ -472,13 +570,8 @@ impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
         CudaBnhd<B, N, HKV, D, E>,
         CudaBnhd<B, N, HKV, D, E>,
     )> {
-        let batch = q.shape.0;
-        let plan = self.plan::<N, H, HKV, D>(batch.size())?;
-        check_batch(
-            batch.size(),
-            &[k.shape.0.size(), v.shape.0.size()],
-            mask.map(|m| m.shape.0.size()),
-        )?;
+        let plan = self.plan::<N, H, HKV, D>(q.shape.0.size())?;
+        check_qkv_batch(q, k, v, mask)?;
         let g = cuda_kernel::try_backward(
             dev,
             &plan,
@@ -490,10 +583,6 @@ impl<S: Schedule, C: CombineKind> DilatedAttention<S, C> {
             &lse.data,
             &grad_out.data,
         )?;
-        Ok((
-            CudaTensor::from_slice(dev, g.dq, q.shape)?,
-            CudaTensor::from_slice(dev, g.dk, k.shape)?,
-            CudaTensor::from_slice(dev, g.dv, v.shape)?,
-        ))
+        typed_grads(dev, q, k, (g.dq, g.dk, g.dv))
     }
 }

@@ -319,6 +319,24 @@ fn set_smem(f: &CudaFunction, bytes: u32) -> Result<()> {
     .map_err(dev_err("shared memory limit"))
 }
 
+/// Kernel `name` and its launch over the owner tiles of `pr`: `(rows per tile, heads,
+/// threads)`, with `smem` bytes of dynamic shared memory (allowed above the default).
+fn kernel(
+    dev: &Cuda,
+    name: &str,
+    pr: &Prob,
+    (rows, heads, threads): (usize, usize, u32),
+    smem: Option<u32>,
+) -> Result<(CudaFunction, LaunchConfig)> {
+    let f = function(dev, name)?;
+    let mut cfg = grid_t(pr, rows, heads, threads)?;
+    if let Some(bytes) = smem {
+        set_smem(&f, bytes)?;
+        cfg.shared_mem_bytes = bytes;
+    }
+    Ok((f, cfg))
+}
+
 /// Compile (if needed) the kernels of `dev` now, so that timing excludes NVRTC.
 pub fn warm_up(dev: &Cuda) -> Result<()> {
     module(dev).map(|_| ())
@@ -420,14 +438,17 @@ pub(crate) fn forward_launch<E: CudaElement>(
             _ => name,
         };
         let rows = 16 * warps * mt;
-        let f = function(dev, &name)?;
         let d = dm.head_dim;
         // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
         // metadata.
         let smem = ((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32;
-        set_smem(&f, smem)?;
-        let mut cfg = grid_t(pr, rows, dm.heads, 32 * warps as u32)?;
-        cfg.shared_mem_bytes = smem;
+        let (f, cfg) = kernel(
+            dev,
+            &name,
+            pr,
+            (rows, dm.heads, 32 * warps as u32),
+            Some(smem),
+        )?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -443,8 +464,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
     } else {
         let name = format!("fwd_generic_{}", E::NAME);
-        let f = function(dev, &name)?;
-        let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
+        let (f, cfg) = kernel(dev, &name, pr, (GENERIC_ROWS, dm.heads, THREADS), None)?;
         let mut dummy_f = dev.zeros::<f32>(1)?;
         let zero = 0i32;
         let mut b = dev.stream().launch_builder(&f);
@@ -521,8 +541,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
     if detach {
         // Δ_i = dO · out_i per pattern: the forward kernel in delta mode.
         let name = format!("fwd_generic_{}", E::NAME);
-        let f = function(dev, &name)?;
-        let cfg = grid_t(pr, GENERIC_ROWS, dm.heads, THREADS)?;
+        let (f, cfg) = kernel(dev, &name, pr, (GENERIC_ROWS, dm.heads, THREADS), None)?;
         let mut dummy_o = dev.output::<E>(1)?;
         let mut dummy_l = dev.zeros::<f32>(1)?;
         let one = 1i32;
@@ -578,13 +597,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
             format!("dq_{suffix}")
         };
         let qrows = if tc { 16 * qwarps } else { rows };
-        let f = function(dev, &name)?;
-        let mut cfg = grid_t(pr, qrows, dm.heads, 32 * qwarps as u32)?;
-        if tc {
-            let smem = bwd_tc_smem(qrows, bs, d);
-            set_smem(&f, smem)?;
-            cfg.shared_mem_bytes = smem;
-        }
+        let smem = tc.then(|| bwd_tc_smem(qrows, bs, d));
+        let (f, cfg) = kernel(dev, &name, pr, (qrows, dm.heads, 32 * qwarps as u32), smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -613,13 +627,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
         } else {
             format!("dkdv_{suffix}")
         };
-        let f = function(dev, &name)?;
-        let mut cfg = grid_t(pr, krows, dm.kv_heads, 32 * warps)?;
-        if tc {
-            let smem = bwd_tc_smem(krows, kbs, d);
-            set_smem(&f, smem)?;
-            cfg.shared_mem_bytes = smem;
-        }
+        let smem = tc.then(|| bwd_tc_smem(krows, kbs, d));
+        let (f, cfg) = kernel(dev, &name, pr, (krows, dm.kv_heads, 32 * warps), smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
