@@ -22,7 +22,7 @@ use std::io::Write;
 use cudarc::driver::CudaSlice;
 use dilated_attention::ops::dilated::cuda as gpu;
 use dilated_attention::prelude::*;
-use dilated_attention::tensor::cuda::Cuda;
+use dilated_attention::tensor::cuda::{Cuda, KernelPref};
 use gpu_common::rand_buf;
 use half::bf16;
 
@@ -175,48 +175,21 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dense", n, causal, "-", "fwd", ms, fl);
-            // The other forward variants (one row tile per warp; 4 or 8 warps).
-            dev.set_fwd_row_tiles(1);
-            for w in [4u8, 8] {
-                dev.set_fwd_warps(w);
+            if dev.is_hopper() {
+                // The mma.sync forward, for the wgmma kernel's gain in the same run.
+                dev.set_kernel_pref(KernelPref::MmaSync);
                 let ms = time_ms(&dev, a.quick, || {
                     gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                 });
-                emit("dense", n, causal, "-", &format!("fwd-{w}w16r"), ms, fl);
+                emit("dense", n, causal, "-", "fwd-mma", ms, fl);
+                dev.set_kernel_pref(KernelPref::Auto);
             }
-            dev.set_fwd_warps(4);
-            dev.set_fwd_row_tiles(2);
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 });
                 emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
-                for bv in [0u8, 1] {
-                    dev.set_bwd_variant(bv);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-                            .unwrap();
-                    });
-                    emit(
-                        "dense",
-                        n,
-                        causal,
-                        "-",
-                        &format!("fwdbwd-v{bv}"),
-                        ms,
-                        3.5 * fl,
-                    );
-                }
-                dev.set_bwd_variant(2);
-                dev.set_dq_warps(4);
-                let ms = time_ms(&dev, a.quick, || {
-                    let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                    gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
-                });
-                emit("dense", n, causal, "-", "fwdbwd-dq4w", ms, 3.5 * fl);
-                dev.set_dq_warps(8);
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
                 dump(&dev, dir, "dense", &plan, &q, &k, &v);
@@ -244,17 +217,14 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dilated", n, false, cname, "fwd", ms, fl);
-            // The other forward variants (one row tile per warp; 4 or 8 warps).
-            dev.set_fwd_row_tiles(1);
-            for w in [4u8, 8] {
-                dev.set_fwd_warps(w);
+            if dev.is_hopper() {
+                dev.set_kernel_pref(KernelPref::MmaSync);
                 let ms = time_ms(&dev, a.quick, || {
                     gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                 });
-                emit("dilated", n, false, cname, &format!("fwd-{w}w16r"), ms, fl);
+                emit("dilated", n, false, cname, "fwd-mma", ms, fl);
+                dev.set_kernel_pref(KernelPref::Auto);
             }
-            dev.set_fwd_warps(4);
-            dev.set_fwd_row_tiles(2);
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
                 let ms = time_ms(&dev, a.quick, || {

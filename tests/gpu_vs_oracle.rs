@@ -66,8 +66,14 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     );
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
+    // warps = 0: the default forward (on Hopper the wgmma kernel); 4 or 8: the mma.sync
+    // forward on that many warps; 2: mma.sync, 4 warps with two row tiles per warp.
+    let pref = if pref == KernelPref::Auto && warps != 0 {
+        KernelPref::MmaSync
+    } else {
+        pref
+    };
     dev.set_kernel_pref(pref);
-    // warps = 2 stands for the 4-warp kernel with two row tiles per warp.
     dev.set_fwd_warps(warps);
     dev.set_fwd_row_tiles(if warps == 2 { 2 } else { 1 });
     let bwd = BWD.load(Ordering::Relaxed);
@@ -130,7 +136,7 @@ fn case_with_d(max_n: usize, max_b: usize, ds: Vec<usize>) -> impl Strategy<Valu
 }
 
 fn all_dtypes(case: &Case, pref: KernelPref, grads: bool) {
-    all_dtypes_w(case, pref, grads, 4)
+    all_dtypes_w(case, pref, grads, 0)
 }
 
 fn all_dtypes_w(case: &Case, pref: KernelPref, grads: bool, warps: u8) {
@@ -191,7 +197,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        all_dtypes_w(&case, KernelPref::Auto, true, [4, 8, 2][(case.seed % 3) as usize]);
+        all_dtypes_w(&case, KernelPref::Auto, true, [0, 4, 8, 2][(case.seed % 4) as usize]);
         BWD.store(2, Ordering::Relaxed);
     }
 }
@@ -227,8 +233,9 @@ fn longnet_schedule_matches_oracle() {
                     seed,
                 };
                 BWD.store((seed % 6) as u8, Ordering::Relaxed);
-                all_dtypes_w(&case, KernelPref::Auto, true, 4);
+                all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 BWD.store(2, Ordering::Relaxed);
+                all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
             }
@@ -257,6 +264,7 @@ fn dense_matches_oracle() {
             seed: 99 + d as u64,
         };
         all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
         all_dtypes(&case, KernelPref::Generic, false);
@@ -294,6 +302,7 @@ fn sanitizer_small() {
             all_dtypes(&case, KernelPref::Auto, true);
         }
         BWD.store(2, Ordering::Relaxed);
+        all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
         all_dtypes(&case, KernelPref::Generic, true);

@@ -153,6 +153,9 @@ pub enum KernelPref {
     Auto = 0,
     /// Always the generic (CUDA-core, f32 arithmetic) kernel, D <= 128.
     Generic = 1,
+    /// Tensor cores through `mma.sync` (the sm_80 kernels) even where the Hopper `wgmma`
+    /// forward would run: for comparisons and tests.
+    MmaSync = 2,
 }
 
 /// A CUDA device: one context (the device's primary context) and one stream.
@@ -169,6 +172,8 @@ pub struct Cuda {
     fwd_mt: AtomicU8,
     bwd_variant: AtomicU8,
     dq_warps: AtomicU8,
+    /// Compute capability 9.0 (H100, H200): the `wgmma` forward (`hopper.cu`) can run.
+    hopper: bool,
 }
 
 impl Cuda {
@@ -198,6 +203,10 @@ impl Cuda {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         keep_pool_memory(&ctx, ordinal)?;
+        let hopper = ctx
+            .compute_capability()
+            .map_err(dev_err("compute capability"))?
+            == (9, 0);
         Ok(Cuda {
             ctx,
             stream,
@@ -207,6 +216,7 @@ impl Cuda {
             fwd_mt: AtomicU8::new(2),
             bwd_variant: AtomicU8::new(2),
             dq_warps: AtomicU8::new(8),
+            hopper,
         })
     }
 
@@ -287,6 +297,7 @@ impl Cuda {
     pub fn kernel_pref(&self) -> KernelPref {
         match self.pref.load(Ordering::Relaxed) {
             1 => KernelPref::Generic,
+            2 => KernelPref::MmaSync,
             _ => KernelPref::Auto,
         }
     }
@@ -331,6 +342,11 @@ impl Cuda {
     /// Warps per CTA of the tensor-core forward.
     pub fn fwd_warps(&self) -> u8 {
         self.fwd_warps.load(Ordering::Relaxed)
+    }
+    /// Whether this is a compute capability 9.0 GPU (H100, H200), where the forward runs on
+    /// warpgroup MMAs (`wgmma`) under [`KernelPref::Auto`].
+    pub fn is_hopper(&self) -> bool {
+        self.hopper
     }
 
     /// Copy host data to a new device buffer.

@@ -20,6 +20,8 @@ use crate::tensor::cuda::{dev_err, Cuda, CudaElement, KernelPref};
 pub(crate) const SRC: &str = include_str!("dilated.cu");
 /// Helper kernels of the GPU-resident ring (gather, merge, scatter-add), compiled into
 /// the same module (they use the element helpers of `dilated.cu`).
+/// The Hopper (`wgmma`) forward, appended to [`SRC`]; compiled for `sm_90a` on 9.0.
+const HOPPER_SRC: &str = include_str!("hopper.cu");
 const RING_SRC: &str = include_str!("../../ring/gpu.cu");
 
 /// Most patterns a schedule may have on the GPU (size of the arrays in `Params`).
@@ -273,7 +275,9 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
             msg: format!("compute capability {major}.{minor}: the kernels need 8.0 or newer"),
         });
     }
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    // 9.0 gets the arch-specific target: `wgmma` exists only in sm_90a (hopper.cu).
+    let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}{suffix}").into_boxed_str());
     let mut include_paths = Vec::new();
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(root) = std::env::var_os(var) {
@@ -292,7 +296,7 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
         options: vec!["--std=c++17".into()],
         ..Default::default()
     };
-    let src = format!("{SRC}\n{RING_SRC}");
+    let src = format!("{SRC}\n{HOPPER_SRC}\n{RING_SRC}");
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Device {
         msg: format!("NVRTC failed to compile dilated.cu: {e}"),
     })?;
@@ -379,8 +383,21 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
 }
 
 fn tc_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<String> {
-    (E::TENSOR_CORES && dev.kernel_pref() == KernelPref::Auto && (d == 64 || d == 128))
-        .then(|| format!("fwd_tc_{}_{}", E::NAME, d))
+    let pref = dev.kernel_pref();
+    if !(E::TENSOR_CORES && pref != KernelPref::Generic && (d == 64 || d == 128)) {
+        return None;
+    }
+    Some(if pref == KernelPref::Auto && dev.is_hopper() {
+        format!("fwd_wg_{}_{}", E::NAME, d)
+    } else {
+        format!("fwd_tc_{}_{}", E::NAME, d)
+    })
+}
+
+/// Dynamic shared memory of `fwd_wg_*` (hopper.cu): alignment slack, the Q tile (128
+/// rows), two stages of K and V tiles (128 rows), key positions and flags.
+fn wg_smem(d: usize) -> u32 {
+    (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
@@ -426,7 +443,28 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    if let Some(name) = tc_kernel::<E>(dev, dm.head_dim) {
+    let tc = tc_kernel::<E>(dev, dm.head_dim);
+    if let Some(name) = tc.as_ref().filter(|n| n.starts_with("fwd_wg_")) {
+        let (f, cfg) = kernel(
+            dev,
+            name,
+            pr,
+            (128, dm.heads, 256),
+            Some(wg_smem(dm.head_dim)),
+        )?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(&mut out)
+            .arg(&mut lse);
+        // SAFETY: argument order and types match `fwd_wg_*` in hopper.cu (Params, q, k, v,
+        // mask, out, lse), lengths as for `fwd_tc_*` below; the module was compiled for
+        // sm_90a (`is_hopper`); each tile writes its own rows only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(name))?;
+    } else if let Some(name) = tc {
         let (warps, mt) = if dev.fwd_row_tiles() == 2 {
             (4, 2)
         } else {
