@@ -190,6 +190,16 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 });
                 emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
+                if dev.is_hopper() {
+                    dev.set_kernel_pref(KernelPref::MmaSync);
+                    let ms = time_ms(&dev, a.quick, || {
+                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
+                            .unwrap();
+                    });
+                    emit("dense", n, causal, "-", "fwdbwd-mma", ms, 3.5 * fl);
+                    dev.set_kernel_pref(KernelPref::Auto);
+                }
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
                 dump(&dev, dir, "dense", &plan, &q, &k, &v);
@@ -232,6 +242,16 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
                 });
                 emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
+                if dev.is_hopper() {
+                    dev.set_kernel_pref(KernelPref::MmaSync);
+                    let ms = time_ms(&dev, a.quick, || {
+                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
+                            .unwrap();
+                    });
+                    emit("dilated", n, false, cname, "fwdbwd-mma", ms, 3.5 * fl);
+                    dev.set_kernel_pref(KernelPref::Auto);
+                }
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {
                 dump(&dev, dir, &format!("dilated_{cname}"), &plan, &q, &k, &v);

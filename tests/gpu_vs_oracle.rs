@@ -297,9 +297,12 @@ fn sanitizer_small() {
             mask: Some((0..n).map(|i| i % 5 != 0).collect()),
             seed: 3,
         };
+        // The default kernels (on Hopper: wgmma forward and backward), then every mma.sync
+        // backward variant.
+        all_dtypes(&case, KernelPref::Auto, true);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
-            all_dtypes(&case, KernelPref::Auto, true);
+            all_dtypes_w(&case, KernelPref::Auto, true, 2);
         }
         BWD.store(2, Ordering::Relaxed);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);

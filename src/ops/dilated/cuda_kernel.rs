@@ -400,6 +400,16 @@ fn wg_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
+/// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
+const WG_BS: usize = 64;
+
+/// Dynamic shared memory of `dq_wg_*` / `dkdv_wg_*`: alignment slack, two owner tiles of
+/// 128 rows, three stages of two streamed tiles, up to four words of row metadata per stage
+/// row.
+fn wg_bwd_smem(d: usize) -> u32 {
+    (1024 + 2 * 128 * d * 2 + 3 * 2 * WG_BS * d * 2 + 3 * WG_BS * 4 * 4) as u32
+}
+
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
     let x = pr.tiles(rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
@@ -616,8 +626,45 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let mut dq = dev.output::<E>(dm.q_len())?;
     let mut dk = dev.output::<E>(dm.kv_len())?;
     let mut dv = dev.output::<E>(dm.kv_len())?;
-    let tc = tc_kernel::<E>(dev, dm.head_dim).is_some();
     let d = dm.head_dim;
+    let tc_name = tc_kernel::<E>(dev, d);
+    if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) {
+        // Hopper: dQ and dK/dV on warpgroup MMAs (hopper.cu).
+        let smem = Some(wg_bwd_smem(d));
+        let name = format!("dq_wg_{}_{d}", E::NAME);
+        let (f, cfg) = kernel(dev, &name, pr, (128, dm.heads, 256), smem)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(lse)
+            .arg(grad_out)
+            .arg(&delta)
+            .arg(&mut dq);
+        // SAFETY: order and types match `dq_wg_*` (as `dq_tc_*` below); module compiled
+        // for sm_90a; each query tile writes its own dq rows only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        let name = format!("dkdv_wg_{}_{d}", E::NAME);
+        let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), smem)?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(lse)
+            .arg(grad_out)
+            .arg(&delta)
+            .arg(&mut dk)
+            .arg(&mut dv);
+        // SAFETY: order and types match `dkdv_wg_*` (as `dkdv_tc_*` below); the grid is
+        // (tiles, Hkv, B) and each tile writes the dk/dv rows of its own keys only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        return Ok(CudaGrads { dq, dk, dv });
+    }
+    let tc = tc_name.is_some();
     // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
     // shared memory = owner tiles (2 x owner rows) + 3 stages x 2 streamed tiles, rows
     // padded by 8 elements, + per-row metadata (up to 4 words x 3 stages).

@@ -150,6 +150,49 @@ __device__ __forceinline__ void load_rows_sw(u32 dst, const void* src, int valid
     }
 }
 
+// d[64 x N] = A(64 x D) · B(N x D)ᵀ for one warpgroup, both operands swizzled K-major
+// tiles in shared memory: `a`/`b` the first column block (of the warpgroup's rows), `a_cb`/
+// `b_cb` the bytes between column blocks. Issues D/16 MMAs; the caller commits and waits.
+template <typename T, int D, int N>
+__device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b, int b_cb) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u64 da = wg_desc(a + (kk >> 2) * a_cb + (kk & 3) * 32, 16, 1024);
+        const u64 db = wg_desc(b + (kk >> 2) * b_cb + (kk & 3) * 32, 16, 1024);
+        if constexpr (N == 128)
+            Wg<T>::ss128(d, da, db, kk);
+        else
+            Wg<T>::ss64(d, da, db, kk);
+    }
+}
+
+// acc[64 x D] += X(64 x K, A fragments in registers) · B(K x D), B a swizzled tile of K rows
+// read MN-major (`b_cb` bytes between its 64-column blocks).
+template <typename T, int D, int K>
+__device__ __forceinline__ void wg_xb(float (&acc)[D / 2], const u32 (&x)[K / 16][4], u32 b, int b_cb) {
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) {
+        const u64 db = wg_desc(b + kc * 16 * 128, b_cb, 1024);
+        if constexpr (D == 128)
+            Wg<T>::rs128(acc, x[kc], db);
+        else
+            Wg<T>::rs64(acc, x[kc], db);
+    }
+}
+
+// Accumulator (C layout) of a 64 x K product → A fragments of k16 chunks: chunk kc holds
+// columns 16kc..16kc+15, i.e. accumulator n8 blocks 2kc and 2kc + 1.
+template <typename T, int K>
+__device__ __forceinline__ void wg_pack(const float (&s)[K / 2], u32 (&x)[K / 16][4]) {
+#pragma unroll
+    for (int kc = 0; kc < K / 16; ++kc) {
+        x[kc][0] = Mma<T>::pack(s[8 * kc], s[8 * kc + 1]);
+        x[kc][1] = Mma<T>::pack(s[8 * kc + 2], s[8 * kc + 3]);
+        x[kc][2] = Mma<T>::pack(s[8 * kc + 4], s[8 * kc + 5]);
+        x[kc][3] = Mma<T>::pack(s[8 * kc + 6], s[8 * kc + 7]);
+    }
+}
+
 #define WG_BK 128
 
 template <typename T, int D>
@@ -239,12 +282,7 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
         // S = Q Kᵀ (64 x BK per warpgroup).
         float s[BK / 2];
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const u64 da = wg_desc(sQ + (kk >> 2) * QB + wg * 64 * 128 + (kk & 3) * 32, 16, 1024);
-            const u64 db = wg_desc(kb + (kk >> 2) * KB + (kk & 3) * 32, 16, 1024);
-            Wg<T>::ss128(s, da, db, kk);
-        }
+        wg_abt<T, D, BK>(s, sQ + wg * 64 * 128, QB, kb, KB);
         wg_commit();
         wg_wait<0>();
         reg_fence(s);
@@ -307,23 +345,10 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
         }
         // P as A fragments: k16 chunk kc is S columns 16kc..16kc+15 (n blocks 2kc, 2kc+1).
         u32 pa[BK / 16][4];
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; ++kc) {
-            pa[kc][0] = Mma<T>::pack(s[8 * kc], s[8 * kc + 1]);
-            pa[kc][1] = Mma<T>::pack(s[8 * kc + 2], s[8 * kc + 3]);
-            pa[kc][2] = Mma<T>::pack(s[8 * kc + 4], s[8 * kc + 5]);
-            pa[kc][3] = Mma<T>::pack(s[8 * kc + 6], s[8 * kc + 7]);
-        }
+        wg_pack<T, BK>(s, pa);
         // O += P V.
         wg_fence();
-#pragma unroll
-        for (int kc = 0; kc < BK / 16; ++kc) {
-            const u64 db = wg_desc(vb + kc * 16 * 128, KB, 1024);
-            if constexpr (D == 128)
-                Wg<T>::rs128(o, pa[kc], db);
-            else
-                Wg<T>::rs64(o, pa[kc], db);
-        }
+        wg_xb<T, D, BK>(o, pa, vb, KB);
         wg_commit();
         wg_wait<0>();
         reg_fence(o);
@@ -358,13 +383,311 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
 #endif
 }
 
-// Dynamic shared memory of fwd_wg: 1024 bytes of alignment slack, the Q tile, two stages of
-// K and V tiles, key metadata (mirrored by `wg_smem` in cuda_kernel.rs).
+// ---------------------------------------------------------------------------------------
+// Hopper backward: dq_tc / dkdv_tc (dilated.cu) on warpgroup MMAs. Two warpgroups, owner
+// tiles of 128 rows (64 per warpgroup), streamed tiles of BS rows in three stages with
+// prefetch distance one (no trailing barrier: see dq_tc). Every product is one of
+//   X·Yᵀ with X, Y swizzled K-major tiles (wg_abt), or
+//   (registers)·Y with Y a streamed tile read MN-major (wg_xb).
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int D, int BS>
+__device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                      const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                      const float* __restrict__ lse, const T* __restrict__ dout,
+                      const float* __restrict__ delta, T* __restrict__ dq) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int RQ = 128, NT = 256, CB = D / 64;
+    constexpr int OB = RQ * 128, SB = BS * 128, ST = CB * SB;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sQ = (raw + 1023) & ~1023u;
+    const u32 sO = sQ + CB * OB, sK = sO + CB * OB, sV = sK + 3 * ST;
+    int* kposS = (int*)(smem_raw + (sV + 3 * ST - raw));
+    int* kokS = kposS + 3 * BS;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, heavy_first(P), RQ, t)) return;
+    const int g = h / (P.H / P.Hkv);
+    const long long qrow = (long long)P.H * P.D * t.step;
+    load_rows_sw<D, NT, RQ>(sQ, q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows_sw<D, NT, RQ>(sO, dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    cp_commit();
+
+    auto load_kv = [&](const PatState& st, int stage) {
+        const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
+        const long long step = (long long)st.r * P.Hkv * P.D;
+        load_rows_sw<D, NT, BS>(sK + stage * ST, k, st.m - st.k0, base, step, tid);
+        load_rows_sw<D, NT, BS>(sV + stage * ST, v, st.m - st.k0, base, step, tid);
+        if (tid < BS) {
+            int jj = st.k0 + tid;
+            int kp = st.a + st.o + jj * st.r;
+            int ok = jj < st.m;
+            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+            kposS[stage * BS + tid] = kp;
+            kokS[stage * BS + tid] = ok;
+        }
+    };
+
+    const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
+    const int p0 = t.base + r0 * t.step, p1 = t.base + r1 * t.step;
+    const bool in0 = r0 < t.cnt, in1 = r1 < t.cnt;
+    const float LOG2E = 1.4426950408889634f;
+    const float sl2 = P.scale * LOG2E;
+    const float L0 = in0 ? lse[lidx(P, b, p0, h)] * LOG2E : neg_inf();
+    const float L1 = in1 ? lse[lidx(P, b, p1, h)] * LOG2E : neg_inf();
+
+    float acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+
+    PatState cur;
+    cur.i = -1;
+    cur.m = 0;
+    cur.k0 = 0;
+    bool have = tc_next<BS>(P, t, h, cur, RQ);
+    if (have) load_kv(cur, 0);
+    cp_commit();
+
+    int stage = 0, cur_i = -1;
+    bool part0 = false, part1 = false;
+    float d0 = 0.f, d1 = 0.f;
+    while (have) {
+        PatState nx = cur;
+        bool hn = tc_next<BS>(P, t, h, nx, RQ);
+        if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
+        cp_commit();
+        cp_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        if (cur.i != cur_i) {
+            cur_i = cur.i;
+            part0 = in0 && L0 != neg_inf() && (((p0 - cur.a) % cur.r) == cur.o);
+            part1 = in1 && L1 != neg_inf() && (((p1 - cur.a) % cur.r) == cur.o);
+            d0 = part0 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p0, h)] : 0.f;
+            d1 = part1 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p1, h)] : 0.f;
+        }
+        const u32 kb = sK + stage * ST, vb = sV + stage * ST;
+        const int* kp = kposS + stage * BS;
+        const int* ko = kokS + stage * BS;
+        float s[BS / 2], dp[BS / 2];
+        wg_fence();
+        wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);   // S = Q Kᵀ
+        wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(s);
+        reg_fence(dp);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int col = n * 8 + (lane & 3) * 2 + j;
+                const int kok = ko[col], kpc = kp[col];
+                const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
+                const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
+                const float x0 = ex2(fmaf(s[4 * n + j], sl2, -L0));
+                const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -L1));
+                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
+                s[4 * n + j] = pv0 * (dp[4 * n + j] * P.fac - d0);  // dS
+                s[4 * n + 2 + j] = pv1 * (dp[4 * n + 2 + j] * P.fac - d1);
+            }
+        }
+        u32 xs[BS / 16][4];
+        wg_pack<T, BS>(s, xs);
+        wg_fence();
+        wg_xb<T, D, BS>(acc, xs, kb, SB);  // dQ += dS K
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(acc);
+        cur = nx;
+        have = hn;
+        stage = stage == 2 ? 0 : stage + 1;
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + (lane & 3) * 2;
+        if (in0) *(u32*)(dq + qidx(P, b, p0, h) + d) = Mma<T>::pack(acc[4 * n] * P.scale, acc[4 * n + 1] * P.scale);
+        if (in1)
+            *(u32*)(dq + qidx(P, b, p1, h) + d) = Mma<T>::pack(acc[4 * n + 2] * P.scale, acc[4 * n + 3] * P.scale);
+    }
+#else
+    __trap();
+#endif
+}
+
+template <typename T, int D, int BS>
+__device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                        const float* __restrict__ lse, const T* __restrict__ dout,
+                        const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int RK = 128, NT = 256, CB = D / 64;
+    constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sK = (raw + 1023) & ~1023u;
+    const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + 3 * ST;
+    float* Lq = (float*)(smem_raw + (sO + 3 * ST - raw));  // 3 x BS (L · log2 e)
+    float* Dq = Lq + 3 * BS;                                // 3 x BS
+    int* qposS = (int*)(Dq + 3 * BS);                       // 3 x BS
+    int* qokS = qposS + 3 * BS;                             // 3 x BS
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+    const int g = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, blockIdx.x, RK, t)) return;
+    const int grp = P.H / P.Hkv;
+    const long long krow = (long long)P.Hkv * P.D * t.step;
+    load_rows_sw<D, NT, RK>(sK, k, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows_sw<D, NT, RK>(sV, v, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    cp_commit();
+    const float LOG2E = 1.4426950408889634f;
+
+    auto load_q = [&](const KvState& st, int stage) {
+        const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
+        const long long step = (long long)st.r * P.H * P.D;
+        load_rows_sw<D, NT, BS>(sQ + stage * ST, q, st.m - st.q0, base, step, tid);
+        load_rows_sw<D, NT, BS>(sO + stage * ST, dout, st.m - st.q0, base, step, tid);
+        if (tid < BS) {
+            int jj = st.q0 + tid;
+            int qp = st.a + st.o + jj * st.r;
+            bool ok = jj < st.m;
+            float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
+            ok = ok && L != neg_inf();
+            qposS[stage * BS + tid] = qp;
+            qokS[stage * BS + tid] = ok;
+            Lq[stage * BS + tid] = L * LOG2E;
+            Dq[stage * BS + tid] = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
+        }
+    };
+
+    const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
+    const int k0p = t.base + r0 * t.step, k1p = t.base + r1 * t.step;
+    const bool in0 = r0 < t.cnt && (!P.has_mask || mask[(long long)b * P.N + k0p] != 0);
+    const bool in1 = r1 < t.cnt && (!P.has_mask || mask[(long long)b * P.N + k1p] != 0);
+    const float sl2 = P.scale * LOG2E;
+
+    float adk[D / 2], adv[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) adk[i] = adv[i] = 0.f;
+
+    KvState cur;
+    cur.hh = 0;
+    cur.i = -1;
+    cur.m = 0;
+    cur.q0 = 0;
+    bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
+    if (have) load_q(cur, 0);
+    cp_commit();
+
+    int stage = 0, cur_hi = -1;
+    bool part0 = false, part1 = false;
+    while (have) {
+        KvState nx = cur;
+        bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
+        if (hn) load_q(nx, stage == 2 ? 0 : stage + 1);
+        cp_commit();
+        cp_wait<1>();
+        fence_proxy_async();
+        __syncthreads();
+        int hi = cur.hh * MAXP + cur.i;
+        if (hi != cur_hi) {
+            cur_hi = hi;
+            part0 = in0 && (((k0p - cur.a) % cur.r) == cur.o);
+            part1 = in1 && (((k1p - cur.a) % cur.r) == cur.o);
+        }
+        const u32 qb = sQ + stage * ST, ob = sO + stage * ST;
+        const int* qp = qposS + stage * BS;
+        const int* qo = qokS + stage * BS;
+        const float* lq = Lq + stage * BS;
+        const float* dq_ = Dq + stage * BS;
+        float s[BS / 2], dp[BS / 2];
+        wg_fence();
+        wg_abt<T, D, BS>(s, sK + wg * 64 * 128, OB, qb, SB);   // Sᵀ = K Qᵀ
+        wg_abt<T, D, BS>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(s);
+        reg_fence(dp);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int col = n * 8 + (lane & 3) * 2 + j;
+                const int qok = qo[col], qpc = qp[col];
+                const float lqc = lq[col], dqc = dq_[col];
+                const bool c0 = part0 & (qok != 0) & ((!P.causal) | (k0p <= qpc));
+                const bool c1 = part1 & (qok != 0) & ((!P.causal) | (k1p <= qpc));
+                const float x0 = ex2(fmaf(s[4 * n + j], sl2, -lqc));
+                const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -lqc));
+                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
+                s[4 * n + j] = pv0 * P.fac;  // fac·P for dV
+                s[4 * n + 2 + j] = pv1 * P.fac;
+                dp[4 * n + j] = pv0 * (dp[4 * n + j] * P.fac - dqc);  // dS
+                dp[4 * n + 2 + j] = pv1 * (dp[4 * n + 2 + j] * P.fac - dqc);
+            }
+        }
+        u32 xp[BS / 16][4], xs[BS / 16][4];
+        wg_pack<T, BS>(s, xp);
+        wg_pack<T, BS>(dp, xs);
+        wg_fence();
+        wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
+        wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(adv);
+        reg_fence(adk);
+        cur = nx;
+        have = hn;
+        stage = stage == 2 ? 0 : stage + 1;
+    }
+    cp_wait<0>();
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + (lane & 3) * 2;
+        if (r0 < t.cnt) {
+            const long long ix = kidx(P, b, k0p, g) + d;
+            *(u32*)(dk + ix) = Mma<T>::pack(adk[4 * n] * P.scale, adk[4 * n + 1] * P.scale);
+            *(u32*)(dv + ix) = Mma<T>::pack(adv[4 * n], adv[4 * n + 1]);
+        }
+        if (r1 < t.cnt) {
+            const long long ix = kidx(P, b, k1p, g) + d;
+            *(u32*)(dk + ix) = Mma<T>::pack(adk[4 * n + 2] * P.scale, adk[4 * n + 3] * P.scale);
+            *(u32*)(dv + ix) = Mma<T>::pack(adv[4 * n + 2], adv[4 * n + 3]);
+        }
+    }
+#else
+    __trap();
+#endif
+}
+
+// Streamed tile rows of the backward kernels.
+#define WG_BS 64
+
+// Dynamic shared memory (mirrored by `wg_smem` / `wg_bwd_smem` in cuda_kernel.rs): 1024
+// bytes of alignment slack; fwd_wg: the Q tile, two stages of K and V tiles, key metadata;
+// dq_wg / dkdv_wg: two owner tiles, three stages of two streamed tiles, row metadata.
 #define WG(T, NAME, D)                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         fwd_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
         fwd_wg<T, D>(P, q, k, v, mask, out, lse);                                                 \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dq_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
+                           const unsigned char* mask, const float* lse, const T* dout,            \
+                           const float* delta, T* dq) {                                           \
+        dq_wg<T, D, WG_BS>(P, q, k, v, mask, lse, dout, delta, dq);                               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dkdv_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, const float* lse, const T* dout,          \
+                             const float* delta, T* dk, T* dv) {                                  \
+        dkdv_wg<T, D, WG_BS>(P, q, k, v, mask, lse, dout, delta, dk, dv);                         \
     }
 
 WG(bf16, bf16, 64)
