@@ -183,6 +183,12 @@ fn main() {
                 });
                 emit("dense", n, causal, "-", "fwd-mma", ms, fl);
                 dev.set_kernel_pref(KernelPref::Auto);
+                dev.set_warp_specialized(false);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dense", n, causal, "-", "fwd-wg", ms, fl);
+                dev.set_warp_specialized(true);
             }
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
@@ -234,6 +240,12 @@ fn main() {
                 });
                 emit("dilated", n, false, cname, "fwd-mma", ms, fl);
                 dev.set_kernel_pref(KernelPref::Auto);
+                dev.set_warp_specialized(false);
+                let ms = time_ms(&dev, a.quick, || {
+                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                });
+                emit("dilated", n, false, cname, "fwd-wg", ms, fl);
+                dev.set_warp_specialized(true);
             }
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape

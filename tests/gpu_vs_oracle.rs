@@ -66,9 +66,11 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     );
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
-    // warps = 0: the default forward (on Hopper the wgmma kernel); 4 or 8: the mma.sync
-    // forward on that many warps; 2: mma.sync, 4 warps with two row tiles per warp.
-    let pref = if pref == KernelPref::Auto && warps != 0 {
+    // warps = 0: the default forward (on Hopper the warp-specialised wgmma kernel); 1: on
+    // Hopper the wgmma kernel without warp specialisation; 4 or 8: the mma.sync forward on
+    // that many warps; 2: mma.sync, 4 warps with two row tiles per warp.
+    dev.set_warp_specialized(warps != 1);
+    let pref = if pref == KernelPref::Auto && warps > 1 {
         KernelPref::MmaSync
     } else {
         pref
@@ -120,6 +122,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
         }
     }
     dev.set_kernel_pref(KernelPref::Auto);
+    dev.set_warp_specialized(true);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
@@ -197,7 +200,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        all_dtypes_w(&case, KernelPref::Auto, true, [0, 4, 8, 2][(case.seed % 4) as usize]);
+        all_dtypes_w(&case, KernelPref::Auto, true, [0, 1, 4, 8, 2][(case.seed % 5) as usize]);
         BWD.store(2, Ordering::Relaxed);
     }
 }
@@ -235,6 +238,7 @@ fn longnet_schedule_matches_oracle() {
                 BWD.store((seed % 6) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 BWD.store(2, Ordering::Relaxed);
+                all_dtypes_w(&case, KernelPref::Auto, false, 1);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -264,6 +268,7 @@ fn dense_matches_oracle() {
             seed: 99 + d as u64,
         };
         all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 1);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -300,6 +305,7 @@ fn sanitizer_small() {
         // The default kernels (on Hopper: wgmma forward and backward), then every mma.sync
         // backward variant.
         all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, false, 1);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes_w(&case, KernelPref::Auto, true, 2);

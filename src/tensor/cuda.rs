@@ -174,6 +174,8 @@ pub struct Cuda {
     dq_warps: AtomicU8,
     /// Compute capability 9.0 (H100, H200): the `wgmma` forward (`hopper.cu`) can run.
     hopper: bool,
+    /// Hopper forward: warp-specialised (`fwd_ws`, the default) or not (`fwd_wg`).
+    ws: AtomicBool,
 }
 
 impl Cuda {
@@ -217,6 +219,7 @@ impl Cuda {
             bwd_variant: AtomicU8::new(2),
             dq_warps: AtomicU8::new(8),
             hopper,
+            ws: AtomicBool::new(true),
         })
     }
 
@@ -347,6 +350,16 @@ impl Cuda {
     /// warpgroup MMAs (`wgmma`) under [`KernelPref::Auto`].
     pub fn is_hopper(&self) -> bool {
         self.hopper
+    }
+    /// Hopper forward: warp-specialised with a producer warpgroup and two consumer
+    /// warpgroups taking turns (`true`, the default), or every warp loading and computing
+    /// (`false`). For comparisons and tests; no effect elsewhere.
+    pub fn set_warp_specialized(&self, on: bool) {
+        self.ws.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_warp_specialized`](Self::set_warp_specialized).
+    pub fn warp_specialized(&self) -> bool {
+        self.ws.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

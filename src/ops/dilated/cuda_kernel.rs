@@ -400,6 +400,12 @@ fn wg_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
+/// Dynamic shared memory of `fwd_ws_*` (hopper.cu): alignment slack, the Q tile, three
+/// stages of K and V tiles of 128 rows, key metadata, seven mbarriers.
+fn ws_smem(d: usize) -> u32 {
+    (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 7 * 8) as u32
+}
+
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
 const WG_BS: usize = 64;
 
@@ -455,13 +461,14 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mask = mask.unwrap_or(&dummy);
     let tc = tc_kernel::<E>(dev, dm.head_dim);
     if let Some(name) = tc.as_ref().filter(|n| n.starts_with("fwd_wg_")) {
-        let (f, cfg) = kernel(
-            dev,
-            name,
-            pr,
-            (128, dm.heads, 256),
-            Some(wg_smem(dm.head_dim)),
-        )?;
+        let ws = dev.warp_specialized();
+        let (name, threads, smem) = if ws {
+            (name.replace("fwd_wg_", "fwd_ws_"), 384, ws_smem(dm.head_dim))
+        } else {
+            (name.clone(), 256, wg_smem(dm.head_dim))
+        };
+        let name = &name;
+        let (f, cfg) = kernel(dev, name, pr, (128, dm.heads, threads), Some(smem))?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -470,8 +477,8 @@ pub(crate) fn forward_launch<E: CudaElement>(
             .arg(mask)
             .arg(&mut out)
             .arg(&mut lse);
-        // SAFETY: argument order and types match `fwd_wg_*` in hopper.cu (Params, q, k, v,
-        // mask, out, lse), lengths as for `fwd_tc_*` below; the module was compiled for
+        // SAFETY: argument order and types match `fwd_wg_*` / `fwd_ws_*` in hopper.cu
+        // (Params, q, k, v, mask, out, lse), lengths as for `fwd_tc_*` below; the module was compiled for
         // sm_90a (`is_hopper`); each tile writes its own rows only.
         unsafe { b.launch(cfg) }.map_err(dev_err(name))?;
     } else if let Some(name) = tc {

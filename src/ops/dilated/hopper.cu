@@ -131,22 +131,23 @@ template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // cp.async ROWS rows of D 16-bit elements into the swizzled layout at `dst` (1024-byte
-// aligned): row j < valid from src + base + j*step (elements), rows j >= valid zero-filled.
-// Each thread copies one chunk column c; its rows share (row & 7), so the swizzle is
-// computed once.
+// aligned) by NT threads: row j < valid from src + base + j*step (elements), rows j >= valid
+// zero-filled. Each thread copies one chunk column c of every (NT / CH)-th row.
 template <int D, int NT, int ROWS>
 __device__ __forceinline__ void load_rows_sw(u32 dst, const void* src, int valid, long long base, long long step,
                                              int tid) {
     constexpr int CH = D / 8, RPI = NT / CH;
-    static_assert(NT % CH == 0 && ROWS % RPI == 0 && RPI % 8 == 0, "tile shape");
+    static_assert(NT % CH == 0 && ROWS % RPI == 0, "tile shape");
     const int c = tid % CH, r0 = tid / CH;
-    const u32 d0 = dst + (c >> 3) * (ROWS * 128) + (((c & 7) ^ (r0 & 7)) << 4);
+    const u32 d0 = dst + (c >> 3) * (ROWS * 128);
     const u16* s = (const u16*)src + base + c * 8;
 #pragma unroll
     for (int it = 0; it < ROWS / RPI; ++it) {
         const int rr = r0 + it * RPI;
         const bool in = rr < valid;
-        cp_async16(d0 + rr * 128, in ? s + rr * step : (const u16*)src, in ? 16 : 0);
+        // (rr & 7) == (r0 & 7) when RPI is a multiple of 8: then this folds to a constant.
+        const u32 sw = ((c & 7) ^ (rr & 7)) << 4;
+        cp_async16(d0 + rr * 128 + sw, in ? s + rr * step : (const u16*)src, in ? 16 : 0);
     }
 }
 
@@ -378,6 +379,273 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
         for (int x = 0; x < 2; ++x)
             if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
     }
+#else
+    __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp-specialised forward (the default on Hopper): fwd_wg's math with its data path split
+// between roles, in the manner of FlashAttention-3 (loads by cp.async instead of TMA, since
+// dilated rows are gathered one by one):
+//
+// * warpgroup 2 (warps 8-11) is the producer: it gathers Q once, then K/V tiles into three
+//   stages, and signals each stage's `full` mbarrier when its copies land
+//   (`cp.async.mbarrier.arrive`) and its key metadata is written. It gives its registers to
+//   the consumers (`setmaxnreg`: 56 for the producer, 224 for each consumer thread);
+// * warpgroups 0 and 1 (warps 0-7) consume: each waits for `full`, computes, and arrives on
+//   the stage's `empty` mbarrier when its MMAs are done with it, which is what the producer
+//   waits for before reusing the stage;
+// * per key tile a consumer issues one block of MMAs — S(n) = Q K(n)ᵀ for the next tile and
+//   O += P(c) V(c) for the current one — then runs the softmax of S(n). Two named barriers
+//   make the warpgroups take turns issuing their MMA blocks ("ping-pong"), so that one
+//   warpgroup's softmax (exp2 on the SFU, FP32 math) runs under the other's MMAs.
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Arrive on `bar` when every earlier cp.async of this thread has landed (the init count
+// accounts for it: .noinc).
+__device__ __forceinline__ void mbar_cp_async_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+
+#define WS_STAGES 3
+
+template <typename T, int D>
+__device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                       T* __restrict__ out, float* __restrict__ lse) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int RQ = 128, BK = WG_BK, CB = D / 64, NS = WS_STAGES;
+    constexpr int QB = RQ * 128, KB = BK * 128, TILE = CB * KB;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sQ = (raw + 1023) & ~1023u;
+    const u32 sK = sQ + CB * QB, sV = sK + NS * TILE;
+    // Key metadata: position, or -1 - position where the key is masked out / past the end.
+    int* kposS = (int*)(smem_raw + (sV + NS * TILE - raw));
+    const u32 bars = smem_u32(kposS + NS * BK);  // full[NS], empty[NS], qfull: 8 bytes each
+    auto full = [&](int st) { return bars + 8 * st; };
+    auto empty = [&](int st) { return bars + 8 * (NS + st); };
+    const u32 qfull = bars + 8 * (2 * NS);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int h = blockIdx.y, b = blockIdx.z;
+    Tile t;
+    if (!decode_tile(P, heavy_first(P), RQ, t)) return;
+    const int g = h / (P.H / P.Hkv);
+    if (tid == 0) {
+        for (int st = 0; st < NS; ++st) {
+            mbar_init(full(st), 256);   // 128 cp.async arrivals + 128 producer arrivals
+            mbar_init(empty(st), 256);  // every consumer thread
+        }
+        mbar_init(qfull, 128);
+    }
+    __syncthreads();
+
+    if (warp >= 8) {
+        // Producer.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+        const int pt = tid - 256;
+        load_rows_sw<D, 128, RQ>(sQ, q, t.cnt, qidx(P, b, t.base, h), (long long)P.H * P.D * t.step, pt);
+        mbar_cp_async_arrive(qfull);
+        PatState st;
+        st.i = -1;
+        st.m = 0;
+        st.k0 = 0;
+        int it = 0;
+        while (tc_next<BK>(P, t, h, st, RQ)) {
+            const int s = it % NS;
+            if (it >= NS) mbar_wait(empty(s), ((it / NS) & 1) ^ 1);
+            const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
+            const long long step = (long long)st.r * P.Hkv * P.D;
+            load_rows_sw<D, 128, BK>(sK + s * TILE, k, st.m - st.k0, base, step, pt);
+            load_rows_sw<D, 128, BK>(sV + s * TILE, v, st.m - st.k0, base, step, pt);
+            mbar_cp_async_arrive(full(s));
+            {
+                const int jj = st.k0 + pt;
+                const int kp = st.a + st.o + jj * st.r;
+                bool ok = jj < st.m;
+                if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+                kposS[s * BK + pt] = ok ? kp : -1 - kp;
+            }
+            mbar_arrive(full(s));
+            ++it;
+        }
+        cp_wait<0>();
+    } else {
+    // Consumers: warpgroup wg owns tile rows wg*64 .. wg*64 + 63.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+    const int wg = warp >> 2, wq = warp & 3;
+    int rp[2];
+    bool rin[2], part[2];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const int row = wg * 64 + wq * 16 + (lane >> 2) + x * 8;
+        rp[x] = t.base + row * t.step;
+        rin[x] = row < t.cnt;
+        part[x] = false;
+    }
+    const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
+    const float sm = sl2 > 0.f ? sl2 : 1.f;
+    float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float s[BK / 2];
+    u32 pa[BK / 16][4];
+
+    // Softmax of the tile in `s` (stage st, pattern state cs): masks, running max and sum,
+    // rescale of O, P packed into `pa`.
+    auto softmax = [&](const PatState& cs, int st) {
+        const int* kp = kposS + st * BK;
+        const bool need_mask = !cs.all || P.has_mask || cs.k0 + BK > cs.m ||
+                               (P.causal && cs.a + cs.o + (cs.k0 + BK - 1) * cs.r > cs.qmin);
+        if (sl2 <= 0.f) {
+#pragma unroll
+            for (int i = 0; i < BK / 2; ++i) s[i] *= sl2;
+        }
+        if (need_mask) {
+#pragma unroll
+            for (int n = 0; n < BK / 8; ++n) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int kpc = kp[n * 8 + (lane & 3) * 2 + j];
+                    const bool ok = kpc >= 0;
+                    const bool c0 = part[0] & ok & ((!P.causal) | (kpc <= rp[0]));
+                    const bool c1 = part[1] & ok & ((!P.causal) | (kpc <= rp[1]));
+                    s[4 * n + j] = c0 ? s[4 * n + j] : neg_inf();
+                    s[4 * n + 2 + j] = c1 ? s[4 * n + 2 + j] : neg_inf();
+                }
+            }
+        }
+        float mx0 = neg_inf(), mx1 = neg_inf();
+#pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float mn0 = fmaxf(m[0], mx0 * sm), mn1 = fmaxf(m[1], mx1 * sm);
+        const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+        const float al0 = ex2(m[0] - mu0), al1 = ex2(m[1] - mu1);
+        m[0] = mn0;
+        m[1] = mn1;
+        float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+            s[4 * n] = ex2(fmaf(s[4 * n], sm, -mu0));
+            s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], sm, -mu0));
+            s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], sm, -mu1));
+            s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], sm, -mu1));
+            rs0 += s[4 * n] + s[4 * n + 1];
+            rs1 += s[4 * n + 2] + s[4 * n + 3];
+        }
+        l[0] = l[0] * al0 + rs0;
+        l[1] = l[1] * al1 + rs1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            o[4 * n] *= al0;
+            o[4 * n + 1] *= al0;
+            o[4 * n + 2] *= al1;
+            o[4 * n + 3] *= al1;
+        }
+        wg_pack<T, BK>(s, pa);
+    };
+    auto set_part = [&](const PatState& cs) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x) part[x] = rin[x] && (((rp[x] - cs.a) % cs.r) == cs.o);
+    };
+
+    mbar_wait(qfull, 0);
+    PatState cur;
+    cur.i = -1;
+    cur.m = 0;
+    cur.k0 = 0;
+    bool have = tc_next<BK>(P, t, h, cur, RQ);
+    const u32 qa = sQ + wg * 64 * 128;
+    if (have) {
+        // S(0) and its softmax, outside the ping-pong.
+        mbar_wait(full(0), 0);
+        fence_proxy_async();
+        set_part(cur);
+        wg_fence();
+        wg_abt<T, D, BK>(s, qa, QB, sK, KB);
+        wg_commit();
+        wg_wait<0>();
+        reg_fence(s);
+        softmax(cur, 0);
+        // Warpgroup 0 issues first.
+        if (wg == 1) named_arrive(1, 256);
+    }
+    int it = 0;
+    while (have) {
+        const int sc = it % NS, sn = (it + 1) % NS;
+        PatState nx = cur;
+        const bool hn = tc_next<BK>(P, t, h, nx, RQ);
+        if (hn) {
+            mbar_wait(full(sn), ((it + 1) / NS) & 1);
+            fence_proxy_async();
+        }
+        named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
+        wg_fence();
+        if (hn) wg_abt<T, D, BK>(s, qa, QB, sK + sn * TILE, KB);  // S(n) = Q K(n)ᵀ
+        wg_xb<T, D, BK>(o, pa, sV + sc * TILE, KB);                  // O += P(c) V(c)
+        wg_commit();
+        if (hn || wg == 0) named_arrive(2 - wg, 256);  // the other warpgroup's turn
+        wg_wait<0>();
+        reg_fence(s);
+        reg_fence(o);
+        mbar_arrive(empty(sc));  // K(c) and V(c) are no longer read
+        if (!hn) break;
+        if (nx.i != cur.i) set_part(nx);
+        softmax(nx, sn);
+        cur = nx;
+        ++it;
+    }
+
+    const float ln2 = 0.6931471805599453f;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+    const float f0 = l[0] > 0.f ? P.fac / l[0] : 0.f;
+    const float f1 = l[1] > 0.f ? P.fac / l[1] : 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + (lane & 3) * 2;
+        if (rin[0]) *(u32*)(out + qidx(P, b, rp[0], h) + d) = Mma<T>::pack(o[4 * n] * f0, o[4 * n + 1] * f0);
+        if (rin[1]) *(u32*)(out + qidx(P, b, rp[1], h) + d) = Mma<T>::pack(o[4 * n + 2] * f1, o[4 * n + 3] * f1);
+    }
+    if ((lane & 3) == 0) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
+    }
+    }  // consumers
 #else
     __trap();
 #endif
@@ -676,6 +944,11 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         fwd_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
         fwd_wg<T, D>(P, q, k, v, mask, out, lse);                                                 \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_ws_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, T* out, float* lse) {                      \
+        fwd_ws<T, D>(P, q, k, v, mask, out, lse);                                                 \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dq_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
