@@ -22,6 +22,17 @@ for T, ty in (("bf16", "bf16"), ("f16", "f16")):
         out.append(f'            : {outs(nr)}')
         out.append(f'            : "l"(da), "l"(db), "r"(acc));')
         out.append("    }")
+        # SS with both operands MN-major (transposed): D = A(smem, MN-major) * B(smem, MN-major).
+        out.append(f"    // D[64x{N}] (+)= A(smem, MN-major) * B(smem, MN-major)")
+        out.append(f"    __device__ __forceinline__ static void ss{N}t(float (&d)[{nr}], u64 da, u64 db, int acc) {{")
+        out.append(f'        asm volatile(')
+        out.append(f'            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nr+2}, 0;\\n"')
+        out.append(f'            "wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{ty}.{ty} "')
+        out.append(f'            "{{{regs(nr)}}}, "')
+        out.append(f'            "%{nr}, %{nr+1}, p, 1, 1, 1, 1;\\n}}\\n"')
+        out.append(f'            : {outs(nr)}')
+        out.append(f'            : "l"(da), "l"(db), "r"(acc));')
+        out.append("    }")
         # RS: A from registers, B from shared memory MN-major (transposed), accumulate.
         out.append(f"    // D[64x{N}] += A(registers) * B(smem, MN-major)")
         out.append(f"    __device__ __forceinline__ static void rs{N}(float (&d)[{nr}], const u32 (&a)[4], u64 db) {{")

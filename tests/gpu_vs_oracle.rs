@@ -70,6 +70,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // Hopper the wgmma kernel without warp specialisation; 4 or 8: the mma.sync forward on
     // that many warps; 2: mma.sync, 4 warps with two row tiles per warp.
     dev.set_warp_specialized(warps != 1);
+    // The Hopper backward without fused dQ goes with the plain wgmma forward (warps = 1).
+    dev.set_fused_dq(warps != 1);
     let pref = if pref == KernelPref::Auto && warps > 1 {
         KernelPref::MmaSync
     } else {
@@ -123,6 +125,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     }
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_warp_specialized(true);
+    dev.set_fused_dq(true);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
@@ -238,7 +241,7 @@ fn longnet_schedule_matches_oracle() {
                 BWD.store((seed % 6) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 BWD.store(2, Ordering::Relaxed);
-                all_dtypes_w(&case, KernelPref::Auto, false, 1);
+                all_dtypes_w(&case, KernelPref::Auto, true, 1);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -268,7 +271,7 @@ fn dense_matches_oracle() {
             seed: 99 + d as u64,
         };
         all_dtypes(&case, KernelPref::Auto, true);
-        all_dtypes_w(&case, KernelPref::Auto, false, 1);
+        all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -305,7 +308,7 @@ fn sanitizer_small() {
         // The default kernels (on Hopper: wgmma forward and backward), then every mma.sync
         // backward variant.
         all_dtypes(&case, KernelPref::Auto, true);
-        all_dtypes_w(&case, KernelPref::Auto, false, 1);
+        all_dtypes_w(&case, KernelPref::Auto, true, 1);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes_w(&case, KernelPref::Auto, true, 2);

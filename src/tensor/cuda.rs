@@ -176,6 +176,9 @@ pub struct Cuda {
     hopper: bool,
     /// Hopper forward: warp-specialised (`fwd_ws`, the default) or not (`fwd_wg`).
     ws: AtomicBool,
+    /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`, the default) or its own
+    /// pass (`dq_wg` + `dkdv_wg`).
+    fused_dq: AtomicBool,
 }
 
 impl Cuda {
@@ -220,6 +223,7 @@ impl Cuda {
             dq_warps: AtomicU8::new(8),
             hopper,
             ws: AtomicBool::new(true),
+            fused_dq: AtomicBool::new(true),
         })
     }
 
@@ -360,6 +364,16 @@ impl Cuda {
     /// See [`set_warp_specialized`](Self::set_warp_specialized).
     pub fn warp_specialized(&self) -> bool {
         self.ws.load(Ordering::Relaxed)
+    }
+    /// Hopper backward: dQ accumulated by the key-owner kernel with bulk f32 reductions
+    /// (`true`, the default: five matrix products per tile pair) or computed by its own
+    /// query-owner pass (`false`: seven, as the mma.sync path). For comparisons and tests.
+    pub fn set_fused_dq(&self, on: bool) {
+        self.fused_dq.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fused_dq`](Self::set_fused_dq).
+    pub fn fused_dq(&self) -> bool {
+        self.fused_dq.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

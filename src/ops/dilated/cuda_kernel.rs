@@ -416,6 +416,12 @@ fn wg_bwd_smem(d: usize) -> u32 {
     (1024 + 2 * 128 * d * 2 + 3 * 2 * WG_BS * d * 2 + 3 * WG_BS * 4 * 4) as u32
 }
 
+/// Dynamic shared memory of `bwd_wg_*`: as [`wg_bwd_smem`], plus alignment slack, dSᵀ (128
+/// key rows of 128 bytes) and two staging areas of 64 rows x 272 bytes for the dQ reduction.
+fn wg_fused_smem(d: usize) -> u32 {
+    wg_bwd_smem(d) + (1024 + 128 * 128 + 2 * 64 * 272) as u32
+}
+
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
     let x = pr.tiles(rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
@@ -635,6 +641,50 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let mut dv = dev.output::<E>(dm.kv_len())?;
     let d = dm.head_dim;
     let tc_name = tc_kernel::<E>(dev, d);
+    if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) && dev.fused_dq() {
+        // Hopper, fused: dK/dV and dQ (into an f32 buffer) in one pass, then dq = scale·acc.
+        let mut dqacc = dev
+            .stream()
+            .alloc_zeros::<f32>(dm.q_len())
+            .map_err(dev_err("device allocation"))?;
+        let name = format!("bwd_wg_{}_{d}", E::NAME);
+        let (f, cfg) = kernel(
+            dev,
+            &name,
+            pr,
+            (128, dm.kv_heads, 256),
+            Some(wg_fused_smem(d)),
+        )?;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(mask)
+            .arg(lse)
+            .arg(grad_out)
+            .arg(&delta)
+            .arg(&mut dk)
+            .arg(&mut dv)
+            .arg(&mut dqacc);
+        // SAFETY: order and types match `bwd_wg_*` (as `dkdv_wg_*`, plus dqacc: B·N·H·D f32,
+        // zeroed); each tile writes its own dk/dv rows; dqacc only receives atomic bulk adds.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        let name = format!("dq_convert_{}", E::NAME);
+        let f = function(dev, &name)?;
+        let n = dm.q_len() as i64;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u64).div_ceil(512).clamp(1, 8192) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(&p).arg(&dqacc).arg(&mut dq).arg(&n);
+        // SAFETY: order and types match `dq_convert_*` (Params, acc, dq, n); acc and dq hold
+        // n = B·N·H·D elements (n even: D is 64 or 128); grid-stride loop.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        return Ok(CudaGrads { dq, dk, dv });
+    }
     if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) {
         // Hopper: dQ and dK/dV on warpgroup MMAs (hopper.cu).
         let smem = Some(wg_bwd_smem(d));

@@ -38,6 +38,16 @@ template <> struct Wg<bf16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "l"(da), "l"(db), "r"(acc));
     }
+    // D[64x64] (+)= A(smem, MN-major) * B(smem, MN-major)
+    __device__ __forceinline__ static void ss64t(float (&d)[32], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "%32, %33, p, 1, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(da), "l"(db), "r"(acc));
+    }
     // D[64x64] += A(registers) * B(smem, MN-major)
     __device__ __forceinline__ static void rs64(float (&d)[32], const u32 (&a)[4], u64 db) {
         asm volatile(
@@ -55,6 +65,16 @@ template <> struct Wg<bf16> {
             "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
             "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
             "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x128] (+)= A(smem, MN-major) * B(smem, MN-major)
+    __device__ __forceinline__ static void ss128t(float (&d)[64], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "l"(da), "l"(db), "r"(acc));
     }
@@ -80,6 +100,16 @@ template <> struct Wg<f16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "l"(da), "l"(db), "r"(acc));
     }
+    // D[64x64] (+)= A(smem, MN-major) * B(smem, MN-major)
+    __device__ __forceinline__ static void ss64t(float (&d)[32], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "%32, %33, p, 1, 1, 1, 1;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(da), "l"(db), "r"(acc));
+    }
     // D[64x64] += A(registers) * B(smem, MN-major)
     __device__ __forceinline__ static void rs64(float (&d)[32], const u32 (&a)[4], u64 db) {
         asm volatile(
@@ -97,6 +127,16 @@ template <> struct Wg<f16> {
             "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
             "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
             "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x128] (+)= A(smem, MN-major) * B(smem, MN-major)
+    __device__ __forceinline__ static void ss128t(float (&d)[64], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "l"(da), "l"(db), "r"(acc));
     }
@@ -787,14 +827,23 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 #endif
 }
 
-template <typename T, int D, int BS>
+// FQ (fused dQ): the key-owner kernel also produces dQ. Its dS (in registers as dSᵀ, keys ×
+// queries) goes to shared memory as bf16/f16; warpgroup w < D/64 then computes columns
+// 64w..64w+63 of dQ_tile = dS · K_owner (both operands read MN-major) and adds them into the
+// f32 buffer `dqacc` with bulk reductions (`cp.reduce.async.bulk .add.f32`, one 256-byte row
+// per query) staged through shared memory. dQ = scale · dqacc afterwards (dq_convert).
+// This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
+template <typename T, int D, int BS, bool FQ>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
-                        const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv) {
+                        const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
+                        float* __restrict__ dqacc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
+    static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
+    constexpr int SROW = 64 * 4 + 16;  // staging row: 64 floats + 16 bytes (no bank conflicts)
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -803,6 +852,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     float* Dq = Lq + 3 * BS;                                // 3 x BS
     int* qposS = (int*)(Dq + 3 * BS);                       // 3 x BS
     int* qokS = qposS + 3 * BS;                             // 3 x BS
+    // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned), then per warpgroup a
+    // staging area of 64 query rows x SROW bytes for the dQ reduction.
+    const u32 sdS = (smem_u32(qokS + 3 * BS) + 1023) & ~1023u;
+    const u32 sStage = sdS + RK * 128;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
@@ -902,18 +955,75 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         u32 xp[BS / 16][4], xs[BS / 16][4];
         wg_pack<T, BS>(s, xp);
         wg_pack<T, BS>(dp, xs);
+        if constexpr (FQ) {
+            // dSᵀ rows r0, r1 (keys), query columns 8n + 2(lane & 3) + {0, 1}.
+#pragma unroll
+            for (int n = 0; n < BS / 8; ++n) {
+                const u32 c = (lane & 3) * 4;
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdS + r0 * 128 + ((n ^ (r0 & 7)) << 4) + c),
+                             "r"(xs[n >> 1][(n & 1) * 2]));
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdS + r1 * 128 + ((n ^ (r1 & 7)) << 4) + c),
+                             "r"(xs[n >> 1][(n & 1) * 2 + 1]));
+            }
+        }
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
         wg_commit();
-        wg_wait<0>();
-        reg_fence(adv);
-        reg_fence(adk);
+        if constexpr (FQ) {
+            float dqa[32];
+            const int row = tid & 127;  // warpgroup thread: its query row for the reduction
+            // dS complete in shared memory (both warpgroups) and last tile's reductions have
+            // read their staging rows.
+            if (wg < CB && row < 64) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            fence_proxy_async();
+            named_sync(1, 256);
+            if (wg < CB) {
+                wg_fence();
+#pragma unroll
+                for (int kc = 0; kc < RK / 16; ++kc) {
+                    const u64 da = wg_desc(sdS + kc * 16 * 128, 16, 1024);
+                    const u64 db = wg_desc(sK + wg * OB + kc * 16 * 128, 16, 1024);
+                    Wg<T>::ss64t(dqa, da, db, kc);  // dQ[:, 64wg..] = dS · K
+                }
+                wg_commit();
+            }
+            wg_wait<0>();
+            reg_fence(adv);
+            reg_fence(adk);
+            if (wg < CB) {
+                reg_fence(dqa);
+                const u32 stg = sStage + wg * 64 * SROW;
+                const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
+#pragma unroll
+                for (int n = 0; n < 8; ++n) {
+                    const u32 c = (n * 8 + (lane & 3) * 2) * 4;
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(stg + qr0 * SROW + c), "f"(dqa[4 * n]),
+                                 "f"(dqa[4 * n + 1]));
+                    asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(stg + qr1 * SROW + c),
+                                 "f"(dqa[4 * n + 2]), "f"(dqa[4 * n + 3]));
+                }
+                fence_proxy_async();
+                named_sync(2 + wg, 128);
+                if (row < 64 && qo[row]) {
+                    float* dst = dqacc + qidx(P, b, qp[row], cur.h) + wg * 64;
+                    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], 256;" ::"l"(dst),
+                                 "r"(stg + row * SROW)
+                                 : "memory");
+                    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+                }
+            }
+        } else {
+            wg_wait<0>();
+            reg_fence(adv);
+            reg_fence(adk);
+        }
         cur = nx;
         have = hn;
         stage = stage == 2 ? 0 : stage + 1;
     }
     cp_wait<0>();
+    if (FQ && wg < CB && (tid & 127) < 64) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int d = n * 8 + (lane & 3) * 2;
@@ -960,8 +1070,28 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dkdv_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv) {                                  \
-        dkdv_wg<T, D, WG_BS>(P, q, k, v, mask, lse, dout, delta, dk, dv);                         \
+        dkdv_wg<T, D, WG_BS, false>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr);          \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, const float* lse, const T* dout,           \
+                            const float* delta, T* dk, T* dv, float* dqacc) {                     \
+        dkdv_wg<T, D, WG_BS, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);             \
     }
+
+// dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
+template <typename T>
+__device__ void dq_convert(const Params& P, const float* __restrict__ acc, T* __restrict__ dq, long long n) {
+    for (long long i = 2 * ((long long)blockIdx.x * blockDim.x + threadIdx.x); i < n;
+         i += 2 * (long long)gridDim.x * blockDim.x)
+        *(u32*)(dq + i) = Mma<T>::pack(acc[i] * P.scale, acc[i + 1] * P.scale);
+}
+extern "C" __global__ void dq_convert_bf16(const Params P, const float* acc, bf16* dq, long long n) {
+    dq_convert<bf16>(P, acc, dq, n);
+}
+extern "C" __global__ void dq_convert_f16(const Params P, const float* acc, f16* dq, long long n) {
+    dq_convert<f16>(P, acc, dq, n);
+}
 
 WG(bf16, bf16, 64)
 WG(bf16, bf16, 128)
