@@ -416,10 +416,10 @@ fn wg_bwd_smem(d: usize) -> u32 {
     (1024 + 2 * 128 * d * 2 + 3 * 2 * WG_BS * d * 2 + 3 * WG_BS * 4 * 4) as u32
 }
 
-/// Dynamic shared memory of `bwd_wg_*`: as [`wg_bwd_smem`], plus alignment slack, dSᵀ (128
-/// key rows of 128 bytes) and two staging areas of 64 rows x 272 bytes for the dQ reduction.
+/// Dynamic shared memory of `bwd_wg_*`: as [`wg_bwd_smem`], plus alignment slack and dSᵀ
+/// (128 key rows of 128 bytes).
 fn wg_fused_smem(d: usize) -> u32 {
-    wg_bwd_smem(d) + (1024 + 128 * 128 + 2 * 64 * 272) as u32
+    wg_bwd_smem(d) + (1024 + 128 * 128) as u32
 }
 
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
