@@ -205,14 +205,14 @@ fn main() {
                     });
                     emit("dense", n, causal, "-", "fwdbwd-mma", ms, 3.5 * fl);
                     dev.set_kernel_pref(KernelPref::Auto);
-                    dev.set_fused_dq(false);
+                    dev.set_fused_dq(true);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                         gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
                             .unwrap();
                     });
-                    emit("dense", n, causal, "-", "fwdbwd-2pass", ms, 3.5 * fl);
-                    dev.set_fused_dq(true);
+                    emit("dense", n, causal, "-", "fwdbwd-fused", ms, 3.5 * fl);
+                    dev.set_fused_dq(false);
                 }
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
@@ -271,14 +271,14 @@ fn main() {
                     });
                     emit("dilated", n, false, cname, "fwdbwd-mma", ms, 3.5 * fl);
                     dev.set_kernel_pref(KernelPref::Auto);
-                    dev.set_fused_dq(false);
+                    dev.set_fused_dq(true);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                         gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
                             .unwrap();
                     });
-                    emit("dilated", n, false, cname, "fwdbwd-2pass", ms, 3.5 * fl);
-                    dev.set_fused_dq(true);
+                    emit("dilated", n, false, cname, "fwdbwd-fused", ms, 3.5 * fl);
+                    dev.set_fused_dq(false);
                 }
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {

@@ -66,12 +66,12 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     );
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
-    // warps = 0: the default forward (on Hopper the warp-specialised wgmma kernel); 1: on
-    // Hopper the wgmma kernel without warp specialisation; 4 or 8: the mma.sync forward on
-    // that many warps; 2: mma.sync, 4 warps with two row tiles per warp.
+    // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward and the
+    // two-pass wgmma backward); 1: on Hopper the wgmma forward without warp specialisation
+    // and the fused-dQ backward; 4 or 8: the mma.sync forward on that many warps; 2:
+    // mma.sync, 4 warps with two row tiles per warp.
     dev.set_warp_specialized(warps != 1);
-    // The Hopper backward without fused dQ goes with the plain wgmma forward (warps = 1).
-    dev.set_fused_dq(warps != 1);
+    dev.set_fused_dq(warps == 1);
     let pref = if pref == KernelPref::Auto && warps > 1 {
         KernelPref::MmaSync
     } else {
@@ -125,7 +125,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     }
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_warp_specialized(true);
-    dev.set_fused_dq(true);
+    dev.set_fused_dq(false);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
