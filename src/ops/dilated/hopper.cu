@@ -782,12 +782,13 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         const int* ko = kokS + stage * BS;
         float s[BS / 2], dp[BS / 2];
         wg_fence();
-        wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);   // S = Q Kᵀ
+        wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);  // S = Q Kᵀ
+        wg_commit();
         wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
         wg_commit();
-        wg_wait<0>();
+        // P while dP is still being computed.
+        wg_wait<1>();
         reg_fence(s);
-        reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
@@ -798,9 +799,18 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                 const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
                 const float x0 = ex2(fmaf(s[4 * n + j], sl2, -L0));
                 const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -L1));
-                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
-                s[4 * n + j] = pv0 * (dp[4 * n + j] * P.fac - d0);  // dS
-                s[4 * n + 2 + j] = pv1 * (dp[4 * n + 2 + j] * P.fac - d1);
+                s[4 * n + j] = c0 ? x0 : 0.f;
+                s[4 * n + 2 + j] = c1 ? x1 : 0.f;
+            }
+        }
+        wg_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                s[4 * n + j] *= dp[4 * n + j] * P.fac - d0;  // dS
+                s[4 * n + 2 + j] *= dp[4 * n + 2 + j] * P.fac - d1;
             }
         }
         u32 xs[BS / 16][4];
@@ -927,32 +937,46 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         const float* dq_ = Dq + stage * BS;
         float s[BS / 2], dp[BS / 2];
         wg_fence();
-        wg_abt<T, D, BS>(s, sK + wg * 64 * 128, OB, qb, SB);   // Sᵀ = K Qᵀ
+        wg_abt<T, D, BS>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
+        wg_commit();
         wg_abt<T, D, BS>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
-        wg_wait<0>();
+        // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
+        wg_wait<1>();
         reg_fence(s);
-        reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = n * 8 + (lane & 3) * 2 + j;
                 const int qok = qo[col], qpc = qp[col];
-                const float lqc = lq[col], dqc = dq_[col];
+                const float lqc = lq[col];
                 const bool c0 = part0 & (qok != 0) & ((!P.causal) | (k0p <= qpc));
                 const bool c1 = part1 & (qok != 0) & ((!P.causal) | (k1p <= qpc));
                 const float x0 = ex2(fmaf(s[4 * n + j], sl2, -lqc));
                 const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -lqc));
-                const float pv0 = c0 ? x0 : 0.f, pv1 = c1 ? x1 : 0.f;
-                s[4 * n + j] = pv0 * P.fac;  // fac·P for dV
-                s[4 * n + 2 + j] = pv1 * P.fac;
-                dp[4 * n + j] = pv0 * (dp[4 * n + j] * P.fac - dqc);  // dS
-                dp[4 * n + 2 + j] = pv1 * (dp[4 * n + 2 + j] * P.fac - dqc);
+                s[4 * n + j] = c0 ? x0 : 0.f;
+                s[4 * n + 2 + j] = c1 ? x1 : 0.f;
             }
         }
         u32 xp[BS / 16][4], xs[BS / 16][4];
-        wg_pack<T, BS>(s, xp);
+        {
+            float fp[BS / 2];
+#pragma unroll
+            for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
+            wg_pack<T, BS>(fp, xp);
+        }
+        wg_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const float dqc = dq_[n * 8 + (lane & 3) * 2 + j];
+                dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * P.fac - dqc);  // dS
+                dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * P.fac - dqc);
+            }
+        }
         wg_pack<T, BS>(dp, xs);
         if constexpr (FQ) {
             // dSᵀ rows r0, r1 (keys), query columns 8n + 2(lane & 3) + {0, 1}.
