@@ -469,7 +469,11 @@ pub(crate) fn forward_launch<E: CudaElement>(
     if let Some(name) = tc.as_ref().filter(|n| n.starts_with("fwd_wg_")) {
         let ws = dev.warp_specialized();
         let (name, threads, smem) = if ws {
-            (name.replace("fwd_wg_", "fwd_ws_"), 384, ws_smem(dm.head_dim))
+            (
+                name.replace("fwd_wg_", "fwd_ws_"),
+                384,
+                ws_smem(dm.head_dim),
+            )
         } else {
             (name.clone(), 256, wg_smem(dm.head_dim))
         };
