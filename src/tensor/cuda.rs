@@ -355,9 +355,10 @@ impl Cuda {
     pub fn is_hopper(&self) -> bool {
         self.hopper
     }
-    /// Hopper forward: warp-specialised with a producer warpgroup and two consumer
-    /// warpgroups taking turns (`true`, the default), or every warp loading and computing
-    /// (`false`). For comparisons and tests; no effect elsewhere.
+    /// Hopper kernels with their warpgroups taking turns on the tensor cores (`true`, the
+    /// default: the forward with a producer warpgroup and two consumer warpgroups, the
+    /// two-pass backward with mbarrier-tracked stages and ping-pong), or in lockstep with one
+    /// CTA barrier per tile (`false`). For comparisons and tests; no effect elsewhere.
     pub fn set_warp_specialized(&self, on: bool) {
         self.ws.store(on, Ordering::Relaxed);
     }

@@ -411,9 +411,9 @@ const WG_BS: usize = 64;
 
 /// Dynamic shared memory of `dq_wg_*` / `dkdv_wg_*`: alignment slack, two owner tiles of
 /// 128 rows, three stages of two streamed tiles, up to four words of row metadata per stage
-/// row.
+/// row, six stage mbarriers (8-byte aligned).
 fn wg_bwd_smem(d: usize) -> u32 {
-    (1024 + 2 * 128 * d * 2 + 3 * 2 * WG_BS * d * 2 + 3 * WG_BS * 4 * 4) as u32
+    (1024 + 2 * 128 * d * 2 + 3 * 2 * WG_BS * d * 2 + 3 * WG_BS * 4 * 4 + 8 + 6 * 8) as u32
 }
 
 /// Dynamic shared memory of `bwd_wg_*`: as [`wg_bwd_smem`], plus alignment slack and dSᵀ
@@ -692,7 +692,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
     if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) {
         // Hopper: dQ and dK/dV on warpgroup MMAs (hopper.cu).
         let smem = Some(wg_bwd_smem(d));
-        let name = format!("dq_wg_{}_{d}", E::NAME);
+        // Ping-pong between the warpgroups (default) or one CTA barrier per tile.
+        let pp = if dev.warp_specialized() { "wg" } else { "wgs" };
+        let name = format!("dq_{pp}_{}_{d}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.heads, 256), smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
@@ -704,10 +706,10 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(grad_out)
             .arg(&delta)
             .arg(&mut dq);
-        // SAFETY: order and types match `dq_wg_*` (as `dq_tc_*` below); module compiled
+        // SAFETY: order and types match `dq_wg_*` / `dq_wgs_*` (as `dq_tc_*` below); module compiled
         // for sm_90a; each query tile writes its own dq rows only.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
-        let name = format!("dkdv_wg_{}_{d}", E::NAME);
+        let name = format!("dkdv_{pp}_{}_{d}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)

@@ -699,7 +699,51 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 //   (registers)·Y with Y a streamed tile read MN-major (wg_xb).
 // ---------------------------------------------------------------------------------------
 
-template <typename T, int D, int BS>
+
+// Three-stage pipeline of the ping-pong backward (PP), with no producer warps: every thread
+// loads its share of a streamed tile and arrives on the stage's `full` barrier twice (when
+// its copies land, and after its metadata stores); every thread arrives on `empty` once it
+// no longer reads the stage, which the loaders of the stage's next tile wait for. Without a
+// CTA-wide barrier per tile the two warpgroups drift apart, and two named barriers (1, 2)
+// make them take turns issuing their MMA phases: one warpgroup's elementwise work (exp2,
+// dS) runs under the other's MMAs.
+struct Pipe3 {
+    u32 bars;  // full[3], empty[3]
+    __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % 3); }
+    __device__ __forceinline__ u32 empty(int it) const { return bars + 8 * (3 + it % 3); }
+    __device__ __forceinline__ void init(int tid) const {
+        if (tid == 0) {
+            for (int st = 0; st < 3; ++st) {
+                mbar_init(full(st), 512);
+                mbar_init(empty(st), 256);
+            }
+        }
+        __syncthreads();
+    }
+    // Before loading tile `it`: its stage's previous tile (it - 3) is no longer read.
+    __device__ __forceinline__ void acquire(int it) const {
+        if (it >= 3) mbar_wait(empty(it), ((it / 3) & 1) ^ 1);
+    }
+    // After issuing tile `it`'s copies and writing its metadata.
+    __device__ __forceinline__ void produced(int it) const {
+        mbar_cp_async_arrive(full(it));
+        mbar_arrive(full(it));
+    }
+    __device__ __forceinline__ void wait_full(int it) const {
+        mbar_wait(full(it), (it / 3) & 1);
+        fence_proxy_async();
+    }
+    __device__ __forceinline__ void release(int it) const { mbar_arrive(empty(it)); }
+};
+// Ping-pong turns: warpgroup wg issues its MMA phase between turn_begin and turn_end.
+// Warpgroup 1 gives warpgroup 0 the first turn; its own last phase passes no turn on, so
+// every arrival meets a wait.
+__device__ __forceinline__ void turn_begin(int wg) { named_sync(1 + wg, 256); }
+__device__ __forceinline__ void turn_end(int wg, bool last) {
+    if (!(wg == 1 && last)) named_arrive(2 - wg, 256);
+}
+
+template <typename T, int D, int BS, bool PP>
 __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
                       const float* __restrict__ lse, const T* __restrict__ dout,
@@ -713,11 +757,13 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     const u32 sO = sQ + CB * OB, sK = sO + CB * OB, sV = sK + 3 * ST;
     int* kposS = (int*)(smem_raw + (sV + 3 * ST - raw));
     int* kokS = kposS + 3 * BS;
+    const Pipe3 pipe{(smem_u32(kokS + 3 * BS) + 7) & ~7u};
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, heavy_first(P), RQ, t)) return;
+    if (PP) pipe.init(tid);
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
     load_rows_sw<D, NT, RQ>(sQ, q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
@@ -757,19 +803,33 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     cur.k0 = 0;
     bool have = tc_next<BS>(P, t, h, cur, RQ);
     if (have) load_kv(cur, 0);
-    cp_commit();
+    if (PP) {
+        if (have) pipe.produced(0);
+        if (have && wg == 1) named_arrive(1, 256);
+    } else {
+        cp_commit();
+    }
 
-    int stage = 0, cur_i = -1;
+    int stage = 0, cur_i = -1, it = 0;
     bool part0 = false, part1 = false;
     float d0 = 0.f, d1 = 0.f;
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<BS>(P, t, h, nx, RQ);
-        if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
-        cp_commit();
-        cp_wait<1>();
-        fence_proxy_async();
-        __syncthreads();
+        if constexpr (PP) {
+            if (hn) {
+                pipe.acquire(it + 1);
+                load_kv(nx, stage == 2 ? 0 : stage + 1);
+                pipe.produced(it + 1);
+            }
+            pipe.wait_full(it);
+        } else {
+            if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
+            cp_commit();
+            cp_wait<1>();
+            fence_proxy_async();
+            __syncthreads();
+        }
         if (cur.i != cur_i) {
             cur_i = cur.i;
             part0 = in0 && L0 != neg_inf() && (((p0 - cur.a) % cur.r) == cur.o);
@@ -781,11 +841,13 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         const int* kp = kposS + stage * BS;
         const int* ko = kokS + stage * BS;
         float s[BS / 2], dp[BS / 2];
+        if (PP) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);  // S = Q Kᵀ
         wg_commit();
         wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
         wg_commit();
+        if (PP) turn_end(wg, false);
         // P while dP is still being computed.
         wg_wait<1>();
         reg_fence(s);
@@ -815,15 +877,20 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         }
         u32 xs[BS / 16][4];
         wg_pack<T, BS>(s, xs);
+        if (PP) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(acc, xs, kb, SB);  // dQ += dS K
         wg_commit();
+        if (PP) turn_end(wg, !hn);
         wg_wait<0>();
         reg_fence(acc);
+        if (PP) pipe.release(it);
         cur = nx;
         have = hn;
         stage = stage == 2 ? 0 : stage + 1;
+        ++it;
     }
+    cp_commit();  // PP never commits: the barriers track its copies
     cp_wait<0>();
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -845,7 +912,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 // memory for bulk reductions, `cp.reduce.async.bulk`: 15 % slower than two passes on the
 // H100, see CUDA.md.)
 // This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
-template <typename T, int D, int BS, bool FQ>
+template <typename T, int D, int BS, bool FQ, bool PP>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -855,6 +922,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
+    static_assert(!(FQ && PP), "the fused dQ path uses named barrier 1 itself");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -863,18 +931,20 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     float* Dq = Lq + 3 * BS;                                // 3 x BS
     int* qposS = (int*)(Dq + 3 * BS);                       // 3 x BS
     int* qokS = qposS + 3 * BS;                             // 3 x BS
-    // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned).
+    // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned). PP: the stage barriers.
     const u32 sdS = (smem_u32(qokS + 3 * BS) + 1023) & ~1023u;
+    const Pipe3 pipe{(smem_u32(qokS + 3 * BS) + 7) & ~7u};
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
+    if (PP) pipe.init(tid);
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
     load_rows_sw<D, NT, RK>(sK, k, t.cnt, kidx(P, b, t.base, g), krow, tid);
     load_rows_sw<D, NT, RK>(sV, v, t.cnt, kidx(P, b, t.base, g), krow, tid);
-    cp_commit();
+    if (!PP) cp_commit();  // PP: tile 0's barrier arrival covers these copies too
     const float LOG2E = 1.4426950408889634f;
 
     auto load_q = [&](const KvState& st, int stage) {
@@ -912,18 +982,32 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     cur.q0 = 0;
     bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
     if (have) load_q(cur, 0);
-    cp_commit();
+    if (PP) {
+        if (have) pipe.produced(0);
+        if (have && wg == 1) named_arrive(1, 256);
+    } else {
+        cp_commit();
+    }
 
-    int stage = 0, cur_hi = -1;
+    int stage = 0, cur_hi = -1, it = 0;
     bool part0 = false, part1 = false;
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
-        if (hn) load_q(nx, stage == 2 ? 0 : stage + 1);
-        cp_commit();
-        cp_wait<1>();
-        fence_proxy_async();
-        __syncthreads();
+        if constexpr (PP) {
+            if (hn) {
+                pipe.acquire(it + 1);
+                load_q(nx, stage == 2 ? 0 : stage + 1);
+                pipe.produced(it + 1);
+            }
+            pipe.wait_full(it);
+        } else {
+            if (hn) load_q(nx, stage == 2 ? 0 : stage + 1);
+            cp_commit();
+            cp_wait<1>();
+            fence_proxy_async();
+            __syncthreads();
+        }
         int hi = cur.hh * MAXP + cur.i;
         if (hi != cur_hi) {
             cur_hi = hi;
@@ -936,11 +1020,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         const float* lq = Lq + stage * BS;
         const float* dq_ = Dq + stage * BS;
         float s[BS / 2], dp[BS / 2];
+        if (PP) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
         wg_commit();
         wg_abt<T, D, BS>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
+        if (PP) turn_end(wg, false);
         // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
         wg_wait<1>();
         reg_fence(s);
@@ -989,10 +1075,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              "r"(xs[n >> 1][(n & 1) * 2 + 1]));
             }
         }
+        if (PP) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
         wg_commit();
+        if (PP) turn_end(wg, !hn);
         if constexpr (FQ) {
             float dqa[32];
             // dS complete in shared memory (both warpgroups' key rows).
@@ -1034,10 +1122,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adv);
             reg_fence(adk);
         }
+        if (PP) pipe.release(it);
         cur = nx;
         have = hn;
         stage = stage == 2 ? 0 : stage + 1;
+        ++it;
     }
+    cp_commit();  // PP never commits: the barriers track its copies
     cp_wait<0>();
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -1079,19 +1170,31 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dq_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
                            const unsigned char* mask, const float* lse, const T* dout,            \
                            const float* delta, T* dq) {                                           \
-        dq_wg<T, D, WG_BS>(P, q, k, v, mask, lse, dout, delta, dq);                               \
+        dq_wg<T, D, WG_BS, true>(P, q, k, v, mask, lse, dout, delta, dq);                         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dq_wgs_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, const float* lse, const T* dout,           \
+                            const float* delta, T* dq) {                                          \
+        dq_wg<T, D, WG_BS, false>(P, q, k, v, mask, lse, dout, delta, dq);                        \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dkdv_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv) {                                  \
-        dkdv_wg<T, D, WG_BS, false>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr);          \
+        dkdv_wg<T, D, WG_BS, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr);    \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dkdv_wgs_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, const float* lse, const T* dout,         \
+                              const float* delta, T* dk, T* dv) {                                 \
+        dkdv_wg<T, D, WG_BS, false, false>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr);   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         bwd_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, const float* lse, const T* dout,           \
                             const float* delta, T* dk, T* dv, float* dqacc) {                     \
-        dkdv_wg<T, D, WG_BS, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);             \
+        dkdv_wg<T, D, WG_BS, true, false>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);      \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
