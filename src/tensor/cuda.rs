@@ -177,8 +177,11 @@ pub struct Cuda {
     /// Hopper forward: warp-specialised (`fwd_ws`, the default) or not (`fwd_wg`).
     ws: AtomicBool,
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`) or its own pass
-    /// (`dq_wg` + `dkdv_wg`, the default).
+    /// (`dq_wgs` + `dkdv_wgs`, the default).
     fused_dq: AtomicBool,
+    /// Hopper two-pass backward with ping-pong between warpgroups (`dq_wg` + `dkdv_wg`) or
+    /// in lockstep (the default).
+    bwd_pingpong: AtomicBool,
 }
 
 impl Cuda {
@@ -224,6 +227,7 @@ impl Cuda {
             hopper,
             ws: AtomicBool::new(true),
             fused_dq: AtomicBool::new(false),
+            bwd_pingpong: AtomicBool::new(false),
         })
     }
 
@@ -355,10 +359,10 @@ impl Cuda {
     pub fn is_hopper(&self) -> bool {
         self.hopper
     }
-    /// Hopper kernels with their warpgroups taking turns on the tensor cores (`true`, the
-    /// default: the forward with a producer warpgroup and two consumer warpgroups, the
-    /// two-pass backward with mbarrier-tracked stages and ping-pong), or in lockstep with one
-    /// CTA barrier per tile (`false`). For comparisons and tests; no effect elsewhere.
+    /// Hopper forward: warp-specialised with a producer warpgroup and two consumer
+    /// warpgroups taking turns on the tensor cores (`true`, the default), or every warp
+    /// loading and computing in lockstep (`false`). For comparisons and tests; no effect
+    /// elsewhere.
     pub fn set_warp_specialized(&self, on: bool) {
         self.ws.store(on, Ordering::Relaxed);
     }
@@ -377,6 +381,16 @@ impl Cuda {
     /// See [`set_fused_dq`](Self::set_fused_dq).
     pub fn fused_dq(&self) -> bool {
         self.fused_dq.load(Ordering::Relaxed)
+    }
+    /// Hopper two-pass backward: stages tracked by mbarriers and the two warpgroups taking
+    /// turns issuing their MMA phases (`true`), or one CTA barrier per tile (`false`, the
+    /// default). Both ran equally fast on an H100 (see CUDA.md). For comparisons and tests.
+    pub fn set_bwd_pingpong(&self, on: bool) {
+        self.bwd_pingpong.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_pingpong`](Self::set_bwd_pingpong).
+    pub fn bwd_pingpong(&self) -> bool {
+        self.bwd_pingpong.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

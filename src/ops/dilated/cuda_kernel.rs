@@ -692,8 +692,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
     if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) {
         // Hopper: dQ and dK/dV on warpgroup MMAs (hopper.cu).
         let smem = Some(wg_bwd_smem(d));
-        // Ping-pong between the warpgroups (default) or one CTA barrier per tile.
-        let pp = if dev.warp_specialized() { "wg" } else { "wgs" };
+        // One CTA barrier per tile (default) or ping-pong between the warpgroups.
+        let pp = if dev.bwd_pingpong() { "wg" } else { "wgs" };
         let name = format!("dq_{pp}_{}_{d}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.heads, 256), smem)?;
         let mut b = dev.stream().launch_builder(&f);
