@@ -1,10 +1,13 @@
-// Hopper forward (sm_90a): the forward of dilated.cu on warpgroup MMAs (`wgmma`).
+// Hopper kernels (sm_90a): the forward and backward of dilated.cu on warpgroup MMAs
+// (`wgmma`): fwd_wg, fwd_ws (warp-specialised, the default), dq_wg(s) + dkdv_wg(s) (two-pass
+// backward, lockstep by default or ping-pong) and bwd_wg (dQ fused into the key-owner pass).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
 // kernels below compile to a trap and the host never launches them.
 //
-// Same work decomposition and masks as `fwd_tc` (CUDA.md); what differs is the data path:
+// Same work decomposition and masks as `fwd_tc` / `dq_tc` / `dkdv_tc` (CUDA.md); what
+// differs is the data path (described here for fwd_wg; the others reuse its pieces):
 //
 // * A CTA is two warpgroups (8 warps); each owns 64 query rows (128 per CTA), and both
 //   share one stream of key/value tiles of BK = 128 rows.
