@@ -858,3 +858,37 @@ pub fn mask_to_device(dev: &Cuda, mask: Option<&[bool]>) -> Result<Option<CudaSl
 fn bwd_tc_smem(owned_rows: usize, streamed_rows: usize, d: usize) -> u32 {
     (((2 * owned_rows + 6 * streamed_rows) * (d + 8)) * 2 + 12 * streamed_rows * 4) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opt-in dynamic shared memory per block on compute capability 9.0 (227 KiB).
+    const SM90_SMEM: u32 = 232_448;
+    /// ... and on 8.0 (163 KiB), where the mma.sync kernels run.
+    const SM80_SMEM: u32 = 166_912;
+
+    #[test]
+    fn hopper_kernels_fit_in_shared_memory() {
+        for d in [64, 128] {
+            for (name, bytes) in [
+                ("fwd_wg", wg_smem(d)),
+                ("fwd_ws", ws_smem(d)),
+                ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
+                ("bwd_wg", wg_fused_smem(d)),
+            ] {
+                assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
+            }
+        }
+        // The warp-specialised forward at D = 128 is the tightest: three stages of 64 KiB
+        // plus the Q tile leave under 1 KiB.
+        assert!(SM90_SMEM - ws_smem(128) < 1024);
+    }
+
+    #[test]
+    fn mma_sync_kernels_fit_in_sm80_shared_memory() {
+        for (d, bs) in [(64, 64), (128, 32)] {
+            assert!(bwd_tc_smem(2 * TC_ROWS, bs, d) <= SM80_SMEM, "D={d}");
+        }
+    }
+}
