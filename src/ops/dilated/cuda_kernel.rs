@@ -377,9 +377,17 @@ fn check_inputs<E>(
     plan.check_inputs(q.len(), k.len(), v.len(), mask.map(|m| m.len()))
 }
 
-/// Which forward kernel runs for this problem: `Some(name)` for tensor cores.
+/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (the family:
+/// `fwd_ws_*` / `fwd_wg_*` on Hopper, `fwd_tc_*` for the `mma.sync` kernels, whose warp
+/// layout variants share that name here), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    tc_kernel::<E>(dev, plan.dims().head_dim)
+    tc_kernel::<E>(dev, plan.dims().head_dim).map(|n| {
+        if n.starts_with("fwd_wg_") && dev.warp_specialized() {
+            n.replace("fwd_wg_", "fwd_ws_")
+        } else {
+            n
+        }
+    })
 }
 
 fn tc_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<String> {
