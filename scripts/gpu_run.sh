@@ -3,6 +3,7 @@
 # scripts/gpu_check.sh (.gpu/): GPU tests against the oracle, compute-sanitizer memcheck and
 # racecheck, the bench, then the PyTorch peers (same call, ratios printed last).
 # Usage: bash .gpu/run_all.sh [tests] [sanitize] [bench] [peers] [quick]   (default: all)
+#        named-only stages: ring, ringbench (2 GPUs), profile (Nsight Compute)
 # Logs go to $OUT (or /tmp/gpu_out).
 set -u
 G=.gpu
@@ -66,6 +67,25 @@ if named ring; then
   timeout 240 "$SAN" --tool memcheck --report-api-errors no --error-exitcode 9 "$G/gpu_ring" --ignored --test-threads=1 --exact dense_causal_zigzag > "$O/ring_memcheck.log" 2>&1
   echo "memcheck exit $?"
   grep -E "ERROR SUMMARY|test result" "$O/ring_memcheck.log" | head -4
+fi
+if named profile; then
+  # Nsight Compute on the first launch of each default Hopper kernel (dense 16K, the bench's
+  # first case): speed of light, warp stall reasons, pipe utilisation, memory. Only when
+  # asked for by name (a few minutes).
+  NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
+  if [ -x "$NCU" ]; then
+    for kern in fwd_ws dq_wgs dkdv_wgs; do
+      echo "== ncu $kern (bf16, D=128)"
+      timeout 200 "$NCU" -k "${kern}_bf16_128" -c 1 \
+        --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section Occupancy \
+        "$G/gpu_bench" --quick --max-n 16384 > "$O/ncu_$kern.txt" 2>&1
+      echo "ncu exit $?"
+      grep -E "Compute \(SM\) Throughput|Memory Throughput|Duration|Issue Slots Busy|Executed Ipc|Stall|No Eligible" "$O/ncu_$kern.txt" | head -20
+    done
+  else
+    echo "ncu not found"
+  fi
 fi
 if named ringbench; then
   echo "== GPU ring bench"
