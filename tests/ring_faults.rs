@@ -6,7 +6,7 @@
 mod common;
 
 use std::cell::{Cell, RefCell};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -125,6 +125,15 @@ type RankResult = (Result<RingStats>, Duration);
 
 /// Run a forward + backward ring of `world` ranks with `fault` on rank `bad`; returns
 /// each rank's result and how long it took. Panics if the whole run exceeds 20 s.
+/// The tests of this file run one at a time: they measure who times out first, and on a
+/// 2-core machine the rank threads of five concurrent tests delay each other past the
+/// 200 ms timeout (a stalled rank's neighbour could then be overtaken by a rank that
+/// timed out on the neighbour, and nobody would name the stalled rank).
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn run_with_fault(
     world: usize,
     bad: usize,
@@ -229,6 +238,7 @@ fn check_others_fail(world: usize, bad: usize, fault: Fault, at: usize, bound: D
 
 #[test]
 fn healthy_ring_is_ok() {
+    let _serial = serial();
     for world in [2, 4] {
         let res = run_with_fault(world, 0, None, CommConfig::default());
         for (r, _) in res {
@@ -240,6 +250,7 @@ fn healthy_ring_is_ok() {
 
 #[test]
 fn a_panicking_rank_fails_every_other_rank() {
+    let _serial = serial();
     for world in [2, 4] {
         for at in [0, 1, 2] {
             check_others_fail(world, world - 1, Fault::Panic, at, Duration::from_secs(3));
@@ -249,6 +260,7 @@ fn a_panicking_rank_fails_every_other_rank() {
 
 #[test]
 fn a_vanishing_rank_fails_every_other_rank() {
+    let _serial = serial();
     for world in [2, 4] {
         // W = 2 makes 3 exchanges per forward + backward (0, 1, 2); W = 4 makes more.
         for at in [0, 1, 2] {
@@ -259,6 +271,7 @@ fn a_vanishing_rank_fails_every_other_rank() {
 
 #[test]
 fn a_stalled_rank_times_out_every_other_rank() {
+    let _serial = serial();
     for world in [2, 4] {
         for at in [0, 2] {
             // The stall lasts 6 s; the others must give up long before (timeout 200 ms;
@@ -276,6 +289,7 @@ fn a_stalled_rank_times_out_every_other_rank() {
 
 #[test]
 fn transient_faults_are_retried() {
+    let _serial = serial();
     let cfg = CommConfig::default().retries(3, Duration::from_millis(1));
     let res = run_with_fault(4, 2, Some((1, Fault::Transient(2))), cfg);
     for (r, (s, _)) in res.iter().enumerate() {

@@ -139,22 +139,42 @@ impl Loopback {
     }
 
     /// An abort notice left by rank `j` in our inbox, if any (other messages are stashed).
+    /// A notice caused by a timeout marks this rank's own failure as timeout-caused.
     fn abort_notice(&self, j: usize) -> Option<String> {
         let rx = self.rx.get(j)?.as_ref()?;
         let mut stash = self.stash.borrow_mut();
         let mut found = stash[j].iter().find_map(|e| match &e.body {
-            Body::Abort { step, msg, .. } => {
-                Some(format!("rank {j} aborted at its step {step}: {msg}"))
-            }
+            Body::Abort { step, msg, timeout } => Some((
+                format!("rank {j} aborted at its step {step}: {msg}"),
+                *timeout,
+            )),
             _ => None,
         });
         while let Ok(env) = rx.try_recv() {
-            if let Body::Abort { step, msg, .. } = &env.body {
-                found.get_or_insert_with(|| format!("rank {j} aborted at its step {step}: {msg}"));
+            if let Body::Abort { step, msg, timeout } = &env.body {
+                found.get_or_insert_with(|| {
+                    (
+                        format!("rank {j} aborted at its step {step}: {msg}"),
+                        *timeout,
+                    )
+                });
             }
             stash[j].push_back(env);
         }
-        found
+        found.map(|(msg, timeout)| {
+            self.inherit_cause(timeout);
+            msg
+        })
+    }
+
+    /// This rank fails because of a peer's abort notice: if the peer gave up on a timeout,
+    /// so does this rank's own notice say. Otherwise a chain (rank A times out on B while B
+    /// still waits on the stalled C; A's peer D fails on A's notice) would reach B as a
+    /// death and end B's wait before B could name C.
+    fn inherit_cause(&self, timeout: bool) {
+        if timeout {
+            self.timed_out.set(true);
+        }
     }
 
     /// Abort notices waiting in any inbox other than `from`'s. A notice caused by a
@@ -232,7 +252,8 @@ impl Loopback {
 
     fn expect(&self, from: usize, tag: u64) -> Result<Body, CommFault> {
         let env = self.recv(from)?;
-        if let Body::Abort { step, msg, .. } = env.body {
+        if let Body::Abort { step, msg, timeout } = env.body {
+            self.inherit_cause(timeout);
             return Err(CommFault::fatal(
                 Some(from),
                 format!("rank {from} aborted at its step {step}: {msg}"),
@@ -507,4 +528,38 @@ pub fn simulate_backward<T: Element>(
         },
         stats,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rank 0 is silent; rank 1 waits on it. Rank 2 gives up on a timeout of its own (as it
+    /// would after waiting on rank 1) and aborts; rank 3 fails on rank 2's notice and
+    /// aborts in turn. Rank 3's notice must still read as timeout-caused, so that rank 1
+    /// keeps waiting and names rank 0, the rank that actually stalled — not rank 3.
+    #[test]
+    fn a_chain_of_timeout_aborts_does_not_hide_the_stalled_rank() {
+        let cfg = CommConfig::default().timeout(Duration::from_millis(300));
+        let mut ranks = Loopback::ring(4, cfg).unwrap().into_iter();
+        let (r0, r1, r2, r3) = (
+            ranks.next().unwrap(),
+            ranks.next().unwrap(),
+            ranks.next().unwrap(),
+            ranks.next().unwrap(),
+        );
+        let waiter = std::thread::spawn(move || {
+            let got = r1.expect(0, 7).err().expect("rank 0 never sends");
+            (got.peer, got.msg)
+        });
+        r2.timed_out.set(true);
+        r2.abort(1, "no message from rank 1 within 300ms (stalled or dead)");
+        let cause = r3.expect(2, 7).err().expect("rank 2's abort notice");
+        assert_eq!(cause.peer, Some(2));
+        r3.abort(1, &cause.msg);
+        let (peer, msg) = waiter.join().unwrap();
+        assert_eq!(peer, Some(0), "rank 1 blamed {peer:?}: {msg}");
+        assert!(msg.contains("no message from rank 0"), "{msg}");
+        drop(r0);
+    }
 }
