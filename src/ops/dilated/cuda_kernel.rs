@@ -377,28 +377,73 @@ fn check_inputs<E>(
     plan.check_inputs(q.len(), k.len(), v.len(), mask.map(|m| m.len()))
 }
 
-/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (the family:
-/// `fwd_ws_*` / `fwd_wg_*` on Hopper, `fwd_tc_*` for the `mma.sync` kernels, whose warp
-/// layout variants share that name here), `None` for the generic kernel.
+/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_ws_*` /
+/// `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for the generic
+/// kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    tc_kernel::<E>(dev, plan.dims().head_dim).map(|n| {
-        if n.starts_with("fwd_wg_") && dev.warp_specialized() {
-            n.replace("fwd_wg_", "fwd_ws_")
-        } else {
-            n
-        }
-    })
+    fwd_kernel::<E>(dev, plan.dims().head_dim).map(|k| k.name)
 }
 
-fn tc_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<String> {
-    let pref = dev.kernel_pref();
-    if !(E::TENSOR_CORES && pref != KernelPref::Generic && (d == 64 || d == 128)) {
+/// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
+/// kernels.
+fn tensor_cores<E: CudaElement>(dev: &Cuda, d: usize) -> bool {
+    E::TENSOR_CORES && dev.kernel_pref() != KernelPref::Generic && (d == 64 || d == 128)
+}
+
+/// The Hopper (`wgmma`, hopper.cu) kernels take this problem.
+fn wgmma<E: CudaElement>(dev: &Cuda, d: usize) -> bool {
+    tensor_cores::<E>(dev, d) && dev.kernel_pref() == KernelPref::Auto && dev.is_hopper()
+}
+
+/// A kernel and its launch shape: owner rows per CTA, threads, dynamic shared memory.
+struct Launch {
+    name: String,
+    rows: usize,
+    threads: u32,
+    smem: Option<u32>,
+}
+
+/// The tensor-core forward for head dim `d`, if tensor cores take the problem.
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<Launch> {
+    if !tensor_cores::<E>(dev, d) {
         return None;
     }
-    Some(if pref == KernelPref::Auto && dev.is_hopper() {
-        format!("fwd_wg_{}_{}", E::NAME, d)
+    let e = E::NAME;
+    if wgmma::<E>(dev, d) {
+        return Some(if dev.warp_specialized() {
+            Launch {
+                name: format!("fwd_ws_{e}_{d}"),
+                rows: 128,
+                threads: 384,
+                smem: Some(ws_smem(d)),
+            }
+        } else {
+            Launch {
+                name: format!("fwd_wg_{e}_{d}"),
+                rows: 128,
+                threads: 256,
+                smem: Some(wg_smem(d)),
+            }
+        });
+    }
+    let (warps, mt) = if dev.fwd_row_tiles() == 2 {
+        (4, 2)
     } else {
-        format!("fwd_tc_{}_{}", E::NAME, d)
+        (dev.fwd_warps() as usize, 1)
+    };
+    let family = match (warps, mt) {
+        (_, 2) => "fwd_tc2",
+        (8, _) => "fwd_tc8",
+        _ => "fwd_tc",
+    };
+    let rows = 16 * warps * mt;
+    Some(Launch {
+        name: format!("{family}_{e}_{d}"),
+        rows,
+        threads: 32 * warps as u32,
+        // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
+        // metadata.
+        smem: Some(((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32),
     })
 }
 
@@ -473,20 +518,8 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    let tc = tc_kernel::<E>(dev, dm.head_dim);
-    if let Some(name) = tc.as_ref().filter(|n| n.starts_with("fwd_wg_")) {
-        let ws = dev.warp_specialized();
-        let (name, threads, smem) = if ws {
-            (
-                name.replace("fwd_wg_", "fwd_ws_"),
-                384,
-                ws_smem(dm.head_dim),
-            )
-        } else {
-            (name.clone(), 256, wg_smem(dm.head_dim))
-        };
-        let name = &name;
-        let (f, cfg) = kernel(dev, name, pr, (128, dm.heads, threads), Some(smem))?;
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim) {
+        let (f, cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -495,46 +528,13 @@ pub(crate) fn forward_launch<E: CudaElement>(
             .arg(mask)
             .arg(&mut out)
             .arg(&mut lse);
-        // SAFETY: argument order and types match `fwd_wg_*` / `fwd_ws_*` in hopper.cu
-        // (Params, q, k, v, mask, out, lse), lengths as for `fwd_tc_*` below; the module was compiled for
-        // sm_90a (`is_hopper`); each tile writes its own rows only.
-        unsafe { b.launch(cfg) }.map_err(dev_err(name))?;
-    } else if let Some(name) = tc {
-        let (warps, mt) = if dev.fwd_row_tiles() == 2 {
-            (4, 2)
-        } else {
-            (dev.fwd_warps() as usize, 1)
-        };
-        let name = match (warps, mt) {
-            (_, 2) => name.replace("fwd_tc_", "fwd_tc2_"),
-            (8, _) => name.replace("fwd_tc_", "fwd_tc8_"),
-            _ => name,
-        };
-        let rows = 16 * warps * mt;
-        let d = dm.head_dim;
-        // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
-        // metadata.
-        let smem = ((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32;
-        let (f, cfg) = kernel(
-            dev,
-            &name,
-            pr,
-            (rows, dm.heads, 32 * warps as u32),
-            Some(smem),
-        )?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(mask)
-            .arg(&mut out)
-            .arg(&mut lse);
-        // SAFETY: argument order and types match `fwd_tc_*` in dilated.cu (Params, q, k,
-        // v, mask, out, lse); q/out hold B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H,
-        // mask B·N bytes when has_mask (checked above); the grid covers every tile of
-        // every (head, batch) and each tile writes its own rows only.
-        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        // SAFETY: argument order and types match `fwd_tc*_*` in dilated.cu and `fwd_wg_*` /
+        // `fwd_ws_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold B·N·H·D
+        // elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
+        // above); the Hopper kernels are chosen only where the module was compiled for
+        // sm_90a (`is_hopper`); the grid covers every tile of every (head, batch) and each
+        // tile writes its own rows only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&l.name))?;
     } else {
         let name = format!("fwd_generic_{}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (GENERIC_ROWS, dm.heads, THREADS), None)?;
@@ -652,8 +652,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let mut dk = dev.output::<E>(dm.kv_len())?;
     let mut dv = dev.output::<E>(dm.kv_len())?;
     let d = dm.head_dim;
-    let tc_name = tc_kernel::<E>(dev, d);
-    if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) && dev.fused_dq() {
+    let e = E::NAME;
+    let wg = wgmma::<E>(dev, d);
+    if wg && dev.fused_dq() {
         // Hopper, fused: dK/dV and dQ (into an f32 buffer) in one pass, then dq = scale·acc.
         let mut dqacc = dev
             .stream()
@@ -697,64 +698,67 @@ pub(crate) fn backward_launch<E: CudaElement>(
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         return Ok(CudaGrads { dq, dk, dv });
     }
-    if tc_name.as_ref().is_some_and(|n| n.starts_with("fwd_wg_")) {
-        // Hopper: dQ and dK/dV on warpgroup MMAs (hopper.cu).
-        let smem = Some(wg_bwd_smem(d));
-        // One CTA barrier per tile (default) or ping-pong between the warpgroups.
-        let pp = if dev.bwd_pingpong() { "wg" } else { "wgs" };
-        let name = format!("dq_{pp}_{}_{d}", E::NAME);
-        let (f, cfg) = kernel(dev, &name, pr, (128, dm.heads, 256), smem)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(mask)
-            .arg(lse)
-            .arg(grad_out)
-            .arg(&delta)
-            .arg(&mut dq);
-        // SAFETY: order and types match `dq_wg_*` / `dq_wgs_*` (as `dq_tc_*` below); module compiled
-        // for sm_90a; each query tile writes its own dq rows only.
-        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
-        let name = format!("dkdv_{pp}_{}_{d}", E::NAME);
-        let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), smem)?;
-        let mut b = dev.stream().launch_builder(&f);
-        b.arg(&p)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(mask)
-            .arg(lse)
-            .arg(grad_out)
-            .arg(&delta)
-            .arg(&mut dk)
-            .arg(&mut dv);
-        // SAFETY: order and types match `dkdv_wg_*` (as `dkdv_tc_*` below); the grid is
-        // (tiles, Hkv, B) and each tile writes the dk/dv rows of its own keys only.
-        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
-        return Ok(CudaGrads { dq, dk, dv });
-    }
-    let tc = tc_name.is_some();
-    // Tensor-core kernels: streamed tiles of BS rows (64 for D = 64, 32 for D = 128);
-    // shared memory = owner tiles (2 x owner rows) + 3 stages x 2 streamed tiles, rows
-    // padded by 8 elements, + per-row metadata (up to 4 words x 3 stages).
+    // The dQ and dK/dV kernels: Hopper (`wgmma`; one CTA barrier per tile, or ping-pong
+    // between the warpgroups), mma.sync (variants chosen on the device), or generic.
+    let tc = tensor_cores::<E>(dev, d);
+    // mma.sync streamed tiles of BS rows (64 for D = 64, 32 for D = 128); shared memory =
+    // owner tiles + 3 stages x 2 streamed tiles, rows padded by 8 elements, + per-row
+    // metadata (up to 4 words x 3 stages).
     let bs = if d == 64 { 64 } else { 32 };
-    let (suffix, rows) = if tc {
-        (format!("tc_{}_{}", E::NAME, d), TC_ROWS)
+    let (dq_l, kv_l) = if wg {
+        let pp = if dev.bwd_pingpong() { "wg" } else { "wgs" };
+        let l = |name: String| Launch {
+            name,
+            rows: 128,
+            threads: 256,
+            smem: Some(wg_bwd_smem(d)),
+        };
+        (
+            l(format!("dq_{pp}_{e}_{d}")),
+            l(format!("dkdv_{pp}_{e}_{d}")),
+        )
+    } else if tc {
+        let qwarps = dev.dq_warps() as usize;
+        let dq_l = Launch {
+            name: if qwarps == 8 {
+                format!("dq_tc8_{e}_{d}")
+            } else {
+                format!("dq_tc_{e}_{d}")
+            },
+            rows: 16 * qwarps,
+            threads: 32 * qwarps as u32,
+            smem: Some(bwd_tc_smem(16 * qwarps, bs, d)),
+        };
+        // (name prefix, owner rows, warps, streamed rows).
+        let (prefix, krows, warps, kbs) = match dev.bwd_variant() {
+            1 => ("dkdv_tc64", TC_ROWS, 4, 64),
+            2 => ("dkdv_tc8", 2 * TC_ROWS, 8, bs),
+            _ => ("dkdv_tc", TC_ROWS, 4, bs),
+        };
+        let kv_l = Launch {
+            name: format!("{prefix}_{e}_{d}"),
+            rows: krows,
+            threads: 32 * warps,
+            smem: Some(bwd_tc_smem(krows, kbs, d)),
+        };
+        (dq_l, kv_l)
     } else {
-        (format!("generic_{}", E::NAME), GENERIC_ROWS)
+        let l = |name: String| Launch {
+            name,
+            rows: GENERIC_ROWS,
+            threads: THREADS,
+            smem: None,
+        };
+        (l(format!("dq_generic_{e}")), l(format!("dkdv_generic_{e}")))
     };
     {
-        let qwarps = if tc { dev.dq_warps() as usize } else { 4 };
-        let name = if qwarps == 8 {
-            format!("dq_tc8_{}_{}", E::NAME, d)
-        } else {
-            format!("dq_{suffix}")
-        };
-        let qrows = if tc { 16 * qwarps } else { rows };
-        let smem = tc.then(|| bwd_tc_smem(qrows, bs, d));
-        let (f, cfg) = kernel(dev, &name, pr, (qrows, dm.heads, 32 * qwarps as u32), smem)?;
+        let (f, cfg) = kernel(
+            dev,
+            &dq_l.name,
+            pr,
+            (dq_l.rows, dm.heads, dq_l.threads),
+            dq_l.smem,
+        )?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -765,26 +769,20 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(grad_out)
             .arg(&delta)
             .arg(&mut dq);
-        // SAFETY: order and types match `dq_generic_*` / `dq_tc_*` (Params, q, k, v, mask,
-        // lse, dout, delta, dq); lengths checked above; the grid covers every query tile
-        // and each tile writes its own dq rows only; dynamic shared memory as computed.
-        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        // SAFETY: order and types match every `dq_*` kernel (Params, q, k, v, mask, lse,
+        // dout, delta, dq); lengths checked above; the Hopper kernels are chosen only where
+        // the module was compiled for sm_90a; the grid covers every query tile and each tile
+        // writes its own dq rows only; dynamic shared memory as computed.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&dq_l.name))?;
     }
     {
-        // dK, dV variants (tensor cores): (name prefix, owner rows, warps, streamed rows).
-        let (prefix, krows, warps, kbs) = match (tc, dev.bwd_variant()) {
-            (false, _) => ("dkdv", rows, 4, bs),
-            (true, 1) => ("dkdv_tc64", TC_ROWS, 4, 64),
-            (true, 2) => ("dkdv_tc8", 2 * TC_ROWS, 8, bs),
-            (true, _) => ("dkdv", TC_ROWS, 4, bs),
-        };
-        let name = if tc && prefix != "dkdv" {
-            format!("{prefix}_{}_{}", E::NAME, d)
-        } else {
-            format!("dkdv_{suffix}")
-        };
-        let smem = tc.then(|| bwd_tc_smem(krows, kbs, d));
-        let (f, cfg) = kernel(dev, &name, pr, (krows, dm.kv_heads, 32 * warps), smem)?;
+        let (f, cfg) = kernel(
+            dev,
+            &kv_l.name,
+            pr,
+            (kv_l.rows, dm.kv_heads, kv_l.threads),
+            kv_l.smem,
+        )?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -796,10 +794,10 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&delta)
             .arg(&mut dk)
             .arg(&mut dv);
-        // SAFETY: order and types match `dkdv_generic_*` / `dkdv_tc_*` (Params, q, k, v,
-        // mask, lse, dout, delta, dk, dv); the grid is (tiles, Hkv, B) and each tile writes
-        // the dk/dv rows of its own key positions only.
-        unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        // SAFETY: order and types match every `dkdv_*` kernel (Params, q, k, v, mask, lse,
+        // dout, delta, dk, dv); the grid is (tiles, Hkv, B) and each tile writes the dk/dv
+        // rows of its own key positions only.
+        unsafe { b.launch(cfg) }.map_err(dev_err(&kv_l.name))?;
     }
     Ok(CudaGrads { dq, dk, dv })
 }

@@ -237,6 +237,100 @@ __device__ __forceinline__ void wg_pack(const float (&s)[K / 2], u32 (&x)[K / 16
     }
 }
 
+// Online softmax of one 64 x BK score tile of a warpgroup (accumulator layout: this thread
+// holds rows lane/4 and lane/4 + 8 of its warp's 16; s[4n + e] is fwd_tc's s[n][e]), as in
+// fwd_tc: masks (only when need_mask; keep(col, c0, c1) says whether key column col is
+// attended by the two rows), running max m and sum l (scores scaled by sl2 = scale·log2 e),
+// P = exp2(...) left in s. al0, al1: the factors O must be rescaled by (wg_rescale).
+template <int BK, class Keep>
+__device__ __forceinline__ void wg_softmax(float (&s)[BK / 2], float (&m)[2], float (&l)[2], float sl2,
+                                           bool need_mask, int lane, Keep keep, float& al0, float& al1) {
+    if (sl2 <= 0.f) {  // a non-positive scale: fold it in first so the max stays valid
+#pragma unroll
+        for (int i = 0; i < BK / 2; ++i) s[i] *= sl2;
+    }
+    const float sm = sl2 > 0.f ? sl2 : 1.f;
+    if (need_mask) {
+#pragma unroll
+        for (int n = 0; n < BK / 8; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                bool c0, c1;
+                keep(n * 8 + (lane & 3) * 2 + j, c0, c1);
+                s[4 * n + j] = c0 ? s[4 * n + j] : neg_inf();
+                s[4 * n + 2 + j] = c1 ? s[4 * n + 2 + j] : neg_inf();
+            }
+        }
+    }
+    float mx0 = neg_inf(), mx1 = neg_inf();
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) {
+        mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
+        mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m[0], mx0 * sm), mn1 = fmaxf(m[1], mx1 * sm);
+    const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
+    al0 = ex2(m[0] - mu0);
+    al1 = ex2(m[1] - mu1);
+    m[0] = mn0;
+    m[1] = mn1;
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int n = 0; n < BK / 8; ++n) {
+        s[4 * n] = ex2(fmaf(s[4 * n], sm, -mu0));
+        s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], sm, -mu0));
+        s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], sm, -mu1));
+        s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], sm, -mu1));
+        rs0 += s[4 * n] + s[4 * n + 1];
+        rs1 += s[4 * n + 2] + s[4 * n + 3];
+    }
+    l[0] = l[0] * al0 + rs0;
+    l[1] = l[1] * al1 + rs1;
+}
+
+// O (accumulator layout, 64 x D per warpgroup) *= the row factors of wg_softmax.
+template <int D>
+__device__ __forceinline__ void wg_rescale(float (&o)[D / 2], float al0, float al1) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        o[4 * n] *= al0;
+        o[4 * n + 1] *= al0;
+        o[4 * n + 2] *= al1;
+        o[4 * n + 3] *= al1;
+    }
+}
+
+// Forward epilogue of a warpgroup: out = fac·O / l for this thread's rows rp[x] (where
+// rin[x]), L = m·ln 2 + ln l in natural log (−inf where nothing was attended).
+template <typename T, int D>
+__device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2], float (&l)[2], const float (&m)[2],
+                                         const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
+                                         T* __restrict__ out, float* __restrict__ lse) {
+    const float ln2 = 0.6931471805599453f;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+    const float f0 = l[0] > 0.f ? P.fac / l[0] : 0.f;
+    const float f1 = l[1] > 0.f ? P.fac / l[1] : 0.f;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + (lane & 3) * 2;
+        if (rin[0]) *(u32*)(out + qidx(P, b, rp[0], h) + d) = Mma<T>::pack(o[4 * n] * f0, o[4 * n + 1] * f0);
+        if (rin[1]) *(u32*)(out + qidx(P, b, rp[1], h) + d) = Mma<T>::pack(o[4 * n + 2] * f1, o[4 * n + 3] * f1);
+    }
+    if ((lane & 3) == 0) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
+    }
+}
+
 #define WG_BK 128
 
 template <typename T, int D>
@@ -331,62 +425,19 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
         wg_wait<0>();
         reg_fence(s);
 
-        // Mask, online softmax: as fwd_tc, s[4n + e] is fwd_tc's s[n][e].
+        // Mask, online softmax (fwd_tc's), rescale of O.
         const bool need_mask = !cur.all || P.has_mask || cur.k0 + BK > cur.m ||
                                (P.causal && cur.a + cur.o + (cur.k0 + BK - 1) * cur.r > cur.qmin);
-        if (sl2 <= 0.f) {
-#pragma unroll
-            for (int i = 0; i < BK / 2; ++i) s[i] *= sl2;
-        }
-        const float sm = sl2 > 0.f ? sl2 : 1.f;
-        if (need_mask) {
-#pragma unroll
-            for (int n = 0; n < BK / 8; ++n) {
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int col = n * 8 + (lane & 3) * 2 + j;
-                    const int kok = ko[col], kpc = kp[col];
-                    const bool c0 = part[0] & (kok != 0) & ((!P.causal) | (kpc <= rp[0]));
-                    const bool c1 = part[1] & (kok != 0) & ((!P.causal) | (kpc <= rp[1]));
-                    s[4 * n + j] = c0 ? s[4 * n + j] : neg_inf();
-                    s[4 * n + 2 + j] = c1 ? s[4 * n + 2 + j] : neg_inf();
-                }
-            }
-        }
-        float mx0 = neg_inf(), mx1 = neg_inf();
-#pragma unroll
-        for (int n = 0; n < BK / 8; ++n) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m[0], mx0 * sm), mn1 = fmaxf(m[1], mx1 * sm);
-        const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
-        const float al0 = ex2(m[0] - mu0), al1 = ex2(m[1] - mu1);
-        m[0] = mn0;
-        m[1] = mn1;
-        float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < BK / 8; ++n) {
-            s[4 * n] = ex2(fmaf(s[4 * n], sm, -mu0));
-            s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], sm, -mu0));
-            s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], sm, -mu1));
-            s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], sm, -mu1));
-            rs0 += s[4 * n] + s[4 * n + 1];
-            rs1 += s[4 * n + 2] + s[4 * n + 3];
-        }
-        l[0] = l[0] * al0 + rs0;
-        l[1] = l[1] * al1 + rs1;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[4 * n] *= al0;
-            o[4 * n + 1] *= al0;
-            o[4 * n + 2] *= al1;
-            o[4 * n + 3] *= al1;
-        }
+        float al0, al1;
+        wg_softmax<BK>(
+            s, m, l, sl2, need_mask, lane,
+            [&](int col, bool& c0, bool& c1) {
+                const int kok = ko[col], kpc = kp[col];
+                c0 = part[0] & (kok != 0) & ((!P.causal) | (kpc <= rp[0]));
+                c1 = part[1] & (kok != 0) & ((!P.causal) | (kpc <= rp[1]));
+            },
+            al0, al1);
+        wg_rescale<D>(o, al0, al1);
         // P as A fragments: k16 chunk kc is S columns 16kc..16kc+15 (n blocks 2kc, 2kc+1).
         u32 pa[BK / 16][4];
         wg_pack<T, BK>(s, pa);
@@ -403,25 +454,7 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
     }
     cp_wait<0>();
 
-    const float ln2 = 0.6931471805599453f;
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
-    }
-    const float f0 = l[0] > 0.f ? P.fac / l[0] : 0.f;
-    const float f1 = l[1] > 0.f ? P.fac / l[1] : 0.f;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        const int d = n * 8 + (lane & 3) * 2;
-        if (rin[0]) *(u32*)(out + qidx(P, b, rp[0], h) + d) = Mma<T>::pack(o[4 * n] * f0, o[4 * n + 1] * f0);
-        if (rin[1]) *(u32*)(out + qidx(P, b, rp[1], h) + d) = Mma<T>::pack(o[4 * n + 2] * f1, o[4 * n + 3] * f1);
-    }
-    if ((lane & 3) == 0) {
-#pragma unroll
-        for (int x = 0; x < 2; ++x)
-            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
-    }
+    wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
 #else
     __trap();
 #endif
@@ -549,7 +582,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         part[x] = false;
     }
     const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
-    const float sm = sl2 > 0.f ? sl2 : 1.f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
     float o[D / 2];
 #pragma unroll
@@ -557,64 +589,23 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     float s[BK / 2];
     u32 pa[BK / 16][4];
 
-    // Softmax of the tile in `s` (stage st, pattern state cs): masks, running max and sum,
-    // rescale of O, P packed into `pa`.
+    // Softmax of the tile in `s` (stage st, pattern state cs), rescale of O, P packed into
+    // `pa`.
     auto softmax = [&](const PatState& cs, int st) {
         const int* kp = kposS + st * BK;
         const bool need_mask = !cs.all || P.has_mask || cs.k0 + BK > cs.m ||
                                (P.causal && cs.a + cs.o + (cs.k0 + BK - 1) * cs.r > cs.qmin);
-        if (sl2 <= 0.f) {
-#pragma unroll
-            for (int i = 0; i < BK / 2; ++i) s[i] *= sl2;
-        }
-        if (need_mask) {
-#pragma unroll
-            for (int n = 0; n < BK / 8; ++n) {
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int kpc = kp[n * 8 + (lane & 3) * 2 + j];
-                    const bool ok = kpc >= 0;
-                    const bool c0 = part[0] & ok & ((!P.causal) | (kpc <= rp[0]));
-                    const bool c1 = part[1] & ok & ((!P.causal) | (kpc <= rp[1]));
-                    s[4 * n + j] = c0 ? s[4 * n + j] : neg_inf();
-                    s[4 * n + 2 + j] = c1 ? s[4 * n + 2 + j] : neg_inf();
-                }
-            }
-        }
-        float mx0 = neg_inf(), mx1 = neg_inf();
-#pragma unroll
-        for (int n = 0; n < BK / 8; ++n) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * n], s[4 * n + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * n + 2], s[4 * n + 3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-        const float mn0 = fmaxf(m[0], mx0 * sm), mn1 = fmaxf(m[1], mx1 * sm);
-        const float mu0 = mn0 == neg_inf() ? 0.f : mn0, mu1 = mn1 == neg_inf() ? 0.f : mn1;
-        const float al0 = ex2(m[0] - mu0), al1 = ex2(m[1] - mu1);
-        m[0] = mn0;
-        m[1] = mn1;
-        float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-        for (int n = 0; n < BK / 8; ++n) {
-            s[4 * n] = ex2(fmaf(s[4 * n], sm, -mu0));
-            s[4 * n + 1] = ex2(fmaf(s[4 * n + 1], sm, -mu0));
-            s[4 * n + 2] = ex2(fmaf(s[4 * n + 2], sm, -mu1));
-            s[4 * n + 3] = ex2(fmaf(s[4 * n + 3], sm, -mu1));
-            rs0 += s[4 * n] + s[4 * n + 1];
-            rs1 += s[4 * n + 2] + s[4 * n + 3];
-        }
-        l[0] = l[0] * al0 + rs0;
-        l[1] = l[1] * al1 + rs1;
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            o[4 * n] *= al0;
-            o[4 * n + 1] *= al0;
-            o[4 * n + 2] *= al1;
-            o[4 * n + 3] *= al1;
-        }
+        float al0, al1;
+        wg_softmax<BK>(
+            s, m, l, sl2, need_mask, lane,
+            [&](int col, bool& c0, bool& c1) {
+                const int kpc = kp[col];
+                const bool ok = kpc >= 0;
+                c0 = part[0] & ok & ((!P.causal) | (kpc <= rp[0]));
+                c1 = part[1] & ok & ((!P.causal) | (kpc <= rp[1]));
+            },
+            al0, al1);
+        wg_rescale<D>(o, al0, al1);
         wg_pack<T, BK>(s, pa);
     };
     auto set_part = [&](const PatState& cs) {
@@ -669,25 +660,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         ++it;
     }
 
-    const float ln2 = 0.6931471805599453f;
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
-    }
-    const float f0 = l[0] > 0.f ? P.fac / l[0] : 0.f;
-    const float f1 = l[1] > 0.f ? P.fac / l[1] : 0.f;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        const int d = n * 8 + (lane & 3) * 2;
-        if (rin[0]) *(u32*)(out + qidx(P, b, rp[0], h) + d) = Mma<T>::pack(o[4 * n] * f0, o[4 * n + 1] * f0);
-        if (rin[1]) *(u32*)(out + qidx(P, b, rp[1], h) + d) = Mma<T>::pack(o[4 * n + 2] * f1, o[4 * n + 3] * f1);
-    }
-    if ((lane & 3) == 0) {
-#pragma unroll
-        for (int x = 0; x < 2; ++x)
-            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
-    }
+    wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
     }  // consumers
 #else
     __trap();
