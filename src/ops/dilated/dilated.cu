@@ -712,6 +712,22 @@ __device__ __forceinline__ bool tc_next(const Params& P, const Tile& t, int h, P
     }
 }
 
+// Metadata of row `tid` < ROWS of a streamed key tile (pattern state st, first key index
+// st.k0), stored at kpos[tid] / kok[tid]: the key's position, and whether it exists and is
+// not masked out.
+template <int ROWS>
+__device__ __forceinline__ void key_meta(const Params& P, const PatState& st, int b, const unsigned char* mask,
+                                         int tid, int* kpos, int* kok) {
+    if (tid < ROWS) {
+        int jj = st.k0 + tid;
+        int kp = st.a + st.o + jj * st.r;
+        int ok = jj < st.m;
+        if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+        kpos[tid] = kp;
+        kok[tid] = ok;
+    }
+}
+
 template <typename T, int D, int WARPS, int MT>
 __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -743,14 +759,7 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
         const long long step = (long long)st.r * P.Hkv * P.D;
         load_rows<D, NT, TBK>(smem_u32(Ks + stage * TBK * LD), k, st.m - st.k0, base, step, tid);
         load_rows<D, NT, TBK>(smem_u32(Vs + stage * TBK * LD), v, st.m - st.k0, base, step, tid);
-        if (tid < TBK) {
-            int jj = st.k0 + tid;
-            int kp = st.a + st.o + jj * st.r;
-            int ok = jj < st.m;
-            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-            kposS[stage * TBK + tid] = kp;
-            kokS[stage * TBK + tid] = ok;
-        }
+        key_meta<TBK>(P, st, b, mask, tid, kposS + stage * TBK, kokS + stage * TBK);
     };
 
     // This thread's rows: m-tile mt of warp w covers tile rows (mt*WARPS + w)*16 + [0, 16);
@@ -1070,14 +1079,7 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
         const long long step = (long long)st.r * P.Hkv * P.D;
         load_rows<D, NT, BS>(smem_u32(Ks + stage * BS * LD), k, st.m - st.k0, base, step, tid);
         load_rows<D, NT, BS>(smem_u32(Vs + stage * BS * LD), v, st.m - st.k0, base, step, tid);
-        if (tid < BS) {
-            int jj = st.k0 + tid;
-            int kp = st.a + st.o + jj * st.r;
-            int ok = jj < st.m;
-            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-            kposS[stage * BS + tid] = kp;
-            kokS[stage * BS + tid] = ok;
-        }
+        key_meta<BS>(P, st, b, mask, tid, kposS + stage * BS, kokS + stage * BS);
     };
 
     const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
@@ -1222,6 +1224,27 @@ __device__ __forceinline__ bool kv_next(const Params& P, const Tile& t, int g, i
     }
 }
 
+// Metadata of row `tid` < ROWS of a streamed query tile (query-stream state st, first
+// query index st.q0), stored at index tid: position, whether it exists and attends
+// anything, its L·log2 e and its Δ (pattern st.i's under detach_weights).
+template <int ROWS>
+__device__ __forceinline__ void query_meta(const Params& P, const KvState& st, int b, const float* lse,
+                                           const float* delta, int tid, int* qpos, int* qok, float* Lq,
+                                           float* Dq) {
+    const float LOG2E = 1.4426950408889634f;
+    if (tid < ROWS) {
+        int jj = st.q0 + tid;
+        int qp = st.a + st.o + jj * st.r;
+        bool ok = jj < st.m;
+        float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
+        ok = ok && L != neg_inf();
+        qpos[tid] = qp;
+        qok[tid] = ok;
+        Lq[tid] = L * LOG2E;
+        Dq[tid] = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
+    }
+}
+
 template <typename T, int D, int BS, int WARPS>
 __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -1255,17 +1278,8 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
         const long long step = (long long)st.r * P.H * P.D;
         load_rows<D, NT, BS>(smem_u32(Qs + stage * BS * LD), q, st.m - st.q0, base, step, tid);
         load_rows<D, NT, BS>(smem_u32(Os + stage * BS * LD), dout, st.m - st.q0, base, step, tid);
-        if (tid < BS) {
-            int jj = st.q0 + tid;
-            int qp = st.a + st.o + jj * st.r;
-            bool ok = jj < st.m;
-            float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
-            ok = ok && L != neg_inf();
-            qposS[stage * BS + tid] = qp;
-            qokS[stage * BS + tid] = ok;
-            Lq[stage * BS + tid] = L * LOG2E;
-            Dq[stage * BS + tid] = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
-        }
+        query_meta<BS>(P, st, b, lse, delta, tid, qposS + stage * BS, qokS + stage * BS, Lq + stage * BS,
+                       Dq + stage * BS);
     };
 
     const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;

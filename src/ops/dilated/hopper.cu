@@ -363,14 +363,7 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
         const long long step = (long long)st.r * P.Hkv * P.D;
         load_rows_sw<D, NT, BK>(sK + stage * TILE, k, st.m - st.k0, base, step, tid);
         load_rows_sw<D, NT, BK>(sV + stage * TILE, v, st.m - st.k0, base, step, tid);
-        if (tid < BK) {
-            int jj = st.k0 + tid;
-            int kp = st.a + st.o + jj * st.r;
-            int ok = jj < st.m;
-            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-            kposS[stage * BK + tid] = kp;
-            kokS[stage * BK + tid] = ok;
-        }
+        key_meta<BK>(P, st, b, mask, tid, kposS + stage * BK, kokS + stage * BK);
     };
 
     // This thread's rows: lane/4 and lane/4 + 8 of warp wq's 16 rows of warpgroup wg.
@@ -751,14 +744,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         const long long step = (long long)st.r * P.Hkv * P.D;
         load_rows_sw<D, NT, BS>(sK + stage * ST, k, st.m - st.k0, base, step, tid);
         load_rows_sw<D, NT, BS>(sV + stage * ST, v, st.m - st.k0, base, step, tid);
-        if (tid < BS) {
-            int jj = st.k0 + tid;
-            int kp = st.a + st.o + jj * st.r;
-            int ok = jj < st.m;
-            if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-            kposS[stage * BS + tid] = kp;
-            kokS[stage * BS + tid] = ok;
-        }
+        key_meta<BS>(P, st, b, mask, tid, kposS + stage * BS, kokS + stage * BS);
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
@@ -928,17 +914,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         const long long step = (long long)st.r * P.H * P.D;
         load_rows_sw<D, NT, BS>(sQ + stage * ST, q, st.m - st.q0, base, step, tid);
         load_rows_sw<D, NT, BS>(sO + stage * ST, dout, st.m - st.q0, base, step, tid);
-        if (tid < BS) {
-            int jj = st.q0 + tid;
-            int qp = st.a + st.o + jj * st.r;
-            bool ok = jj < st.m;
-            float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
-            ok = ok && L != neg_inf();
-            qposS[stage * BS + tid] = qp;
-            qokS[stage * BS + tid] = ok;
-            Lq[stage * BS + tid] = L * LOG2E;
-            Dq[stage * BS + tid] = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
-        }
+        query_meta<BS>(P, st, b, lse, delta, tid, qposS + stage * BS, qokS + stage * BS, Lq + stage * BS,
+                       Dq + stage * BS);
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
