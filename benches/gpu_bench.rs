@@ -12,7 +12,8 @@
 //! the PyTorch peers (`benches/peers/torch_dilated.py`), which check their own output
 //! against ours before timing and print the ratios.
 //!
-//! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick]`
+//! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick] [--max-n N]
+//! [--no-bwd] [--defaults-only]` (the last: only the default kernels, no alternatives).
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
@@ -35,6 +36,8 @@ struct Args {
     quick: bool,
     max_n: usize,
     bwd: bool,
+    /// Also time the alternative kernels (mma.sync, fwd_wg, fused dQ, ping-pong backward).
+    variants: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +47,7 @@ fn args() -> Args {
         quick: false,
         max_n: 1 << 20,
         bwd: true,
+        variants: true,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +67,7 @@ fn args() -> Args {
             }
             "--quick" => a.quick = true,
             "--no-bwd" => a.bwd = false,
+            "--defaults-only" => a.variants = false,
             _ => {} // cargo bench passes --bench
         }
         i += 1;
@@ -175,7 +180,7 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dense", n, causal, "-", "fwd", ms, fl);
-            if dev.is_hopper() {
+            if dev.is_hopper() && a.variants {
                 // The mma.sync forward, for the wgmma kernel's gain in the same run.
                 dev.set_kernel_pref(KernelPref::MmaSync);
                 let ms = time_ms(&dev, a.quick, || {
@@ -196,7 +201,7 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 });
                 emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
-                if dev.is_hopper() {
+                if dev.is_hopper() && a.variants {
                     dev.set_kernel_pref(KernelPref::MmaSync);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -249,7 +254,7 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dilated", n, false, cname, "fwd", ms, fl);
-            if dev.is_hopper() {
+            if dev.is_hopper() && a.variants {
                 dev.set_kernel_pref(KernelPref::MmaSync);
                 let ms = time_ms(&dev, a.quick, || {
                     gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
@@ -270,7 +275,7 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
                 });
                 emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
-                if dev.is_hopper() {
+                if dev.is_hopper() && a.variants {
                     dev.set_kernel_pref(KernelPref::MmaSync);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();

@@ -594,23 +594,51 @@ __device__ __forceinline__ void ldm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u3
                  : "r"(addr));
 }
 
-// cp.async ROWS rows of D 16-bit elements into shared memory at byte address `dst` (row
-// stride D + 8 elements): row j < valid comes from src + base + j*step (elements), rows
-// j >= valid are zero-filled. Each thread copies one 16-byte chunk column of rows
-// tid / CH, + NT / CH, ...: the address math is one add per row.
-template <int D, int NT, int ROWS>
-__device__ __forceinline__ void load_rows(u32 dst, const void* src, int valid, long long base, long long step,
-                                          int tid) {
+// cp.async ROWS rows of D 16-bit elements from each of NS tensors (the same rows of each:
+// row j < valid from src[s] + base + j*step elements, rows j >= valid zero-filled) into
+// shared memory at byte address dst[s]. Layout: SW = false, rows of D + 8 elements (the
+// mma.sync kernels' conflict-free padding); SW = true, the 128-byte-swizzled column blocks
+// that wgmma reads (dst 1024-byte aligned; 16-byte chunk c of row r of a column block at
+// r*128 + ((c ^ (r & 7)) << 4)). Each thread copies one chunk column of rows tid / CH,
+// + NT / CH, ...: one 64-bit add per row for the address, shared by the NS tensors (the
+// row offset is kept as a running sum, not recomputed as a product per row and tensor).
+template <int D, int NT, int ROWS, bool SW, int NS>
+__device__ __forceinline__ void load_rows_n(const u32 (&dst)[NS], const void* const (&src)[NS], int valid,
+                                            long long base, long long step, int tid) {
     constexpr int LD = D + 8, CH = D / 8, RPI = NT / CH;
     static_assert(NT % CH == 0 && ROWS % RPI == 0, "tile shape");
     const int c = tid % CH, r0 = tid / CH;
-    const u16* s = (const u16*)src + base + c * 8;
+    long long off = base + (long long)r0 * step + c * 8;
+    const long long inc = (long long)RPI * step;
 #pragma unroll
     for (int it = 0; it < ROWS / RPI; ++it) {
         const int rr = r0 + it * RPI;
         const bool in = rr < valid;
-        cp_async16(dst + (rr * LD + c * 8) * 2, in ? s + rr * step : (const u16*)src, in ? 16 : 0);
+        // (rr & 7) == (r0 & 7) when RPI is a multiple of 8: then the swizzle is a constant.
+        const u32 so = SW ? (c >> 3) * (ROWS * 128) + rr * 128 + (((c & 7) ^ (rr & 7)) << 4) : (rr * LD + c * 8) * 2;
+        const long long o = in ? off : 0;
+#pragma unroll
+        for (int s = 0; s < NS; ++s) cp_async16(dst[s] + so, (const u16*)src[s] + o, in ? 16 : 0);
+        off += inc;
     }
+}
+
+// One tensor's rows into the padded mma.sync layout (see load_rows_n).
+template <int D, int NT, int ROWS>
+__device__ __forceinline__ void load_rows(u32 dst, const void* src, int valid, long long base, long long step,
+                                          int tid) {
+    const u32 d[1] = {dst};
+    const void* const s[1] = {src};
+    load_rows_n<D, NT, ROWS, false, 1>(d, s, valid, base, step, tid);
+}
+
+// The same rows of two tensors (K and V, or Q and dO) into the padded layout.
+template <int D, int NT, int ROWS>
+__device__ __forceinline__ void load_rows2(u32 dst0, const void* src0, u32 dst1, const void* src1, int valid,
+                                           long long base, long long step, int tid) {
+    const u32 d[2] = {dst0, dst1};
+    const void* const s[2] = {src0, src1};
+    load_rows_n<D, NT, ROWS, false, 2>(d, s, valid, base, step, tid);
 }
 
 // 2^x as one MUFU.EX2 (flush-to-zero; exp2f would add a denormal fix-up around it).
@@ -757,8 +785,8 @@ __device__ void fwd_tc(const Params& P, const T* __restrict__ q, const T* __rest
     auto load_kv = [&](const PatState& st, int stage) {
         const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
         const long long step = (long long)st.r * P.Hkv * P.D;
-        load_rows<D, NT, TBK>(smem_u32(Ks + stage * TBK * LD), k, st.m - st.k0, base, step, tid);
-        load_rows<D, NT, TBK>(smem_u32(Vs + stage * TBK * LD), v, st.m - st.k0, base, step, tid);
+        load_rows2<D, NT, TBK>(smem_u32(Ks + stage * TBK * LD), k, smem_u32(Vs + stage * TBK * LD), v,
+                               st.m - st.k0, base, step, tid);
         key_meta<TBK>(P, st, b, mask, tid, kposS + stage * TBK, kokS + stage * TBK);
     };
 
@@ -1070,15 +1098,15 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
     if (!decode_tile(P, heavy_first(P), RQ, t)) return;
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
-    load_rows<D, NT, RQ>(smem_u32(Qs), q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
-    load_rows<D, NT, RQ>(smem_u32(Os), dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows2<D, NT, RQ>(smem_u32(Qs), q, smem_u32(Os), dout,
+                          t.cnt, qidx(P, b, t.base, h), qrow, tid);
     cp_commit();
 
     auto load_kv = [&](const PatState& st, int stage) {
         const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
         const long long step = (long long)st.r * P.Hkv * P.D;
-        load_rows<D, NT, BS>(smem_u32(Ks + stage * BS * LD), k, st.m - st.k0, base, step, tid);
-        load_rows<D, NT, BS>(smem_u32(Vs + stage * BS * LD), v, st.m - st.k0, base, step, tid);
+        load_rows2<D, NT, BS>(smem_u32(Ks + stage * BS * LD), k, smem_u32(Vs + stage * BS * LD), v,
+                              st.m - st.k0, base, step, tid);
         key_meta<BS>(P, st, b, mask, tid, kposS + stage * BS, kokS + stage * BS);
     };
 
@@ -1268,16 +1296,16 @@ __device__ void dkdv_tc(const Params& P, const T* __restrict__ q, const T* __res
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
-    load_rows<D, NT, RK>(smem_u32(Ks), k, t.cnt, kidx(P, b, t.base, g), krow, tid);
-    load_rows<D, NT, RK>(smem_u32(Vs), v, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows2<D, NT, RK>(smem_u32(Ks), k, smem_u32(Vs), v,
+                          t.cnt, kidx(P, b, t.base, g), krow, tid);
     cp_commit();
     const float LOG2E = 1.4426950408889634f;
 
     auto load_q = [&](const KvState& st, int stage) {
         const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
         const long long step = (long long)st.r * P.H * P.D;
-        load_rows<D, NT, BS>(smem_u32(Qs + stage * BS * LD), q, st.m - st.q0, base, step, tid);
-        load_rows<D, NT, BS>(smem_u32(Os + stage * BS * LD), dout, st.m - st.q0, base, step, tid);
+        load_rows2<D, NT, BS>(smem_u32(Qs + stage * BS * LD), q, smem_u32(Os + stage * BS * LD), dout,
+                              st.m - st.q0, base, step, tid);
         query_meta<BS>(P, st, b, lse, delta, tid, qposS + stage * BS, qokS + stage * BS, Lq + stage * BS,
                        Dq + stage * BS);
     };

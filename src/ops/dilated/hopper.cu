@@ -161,6 +161,17 @@ __device__ __forceinline__ u64 wg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
            (1ull << 62);
 }
+// The descriptor of the matrix `bytes` further on (16-byte multiple): the start address is
+// the low 14 bits, addr >> 4, and shared addresses stay below 256 KiB, so adding to the
+// whole descriptor never carries into the stride fields. One 64-bit add per MMA instead of
+// rebuilding the fields (about 12 instructions in the SASS).
+__device__ __forceinline__ u64 wg_desc_at(u64 desc, int bytes) { return desc + (u64)(bytes >> 4); }
+// This thread's warpgroup, read through a shuffle so that the compiler knows it is the same
+// across the warp: addresses and descriptors derived from it then live in uniform registers
+// (one R2UR less per descriptor, and the descriptor arithmetic on the uniform datapath).
+__device__ __forceinline__ int wg_index() { return __shfl_sync(0xffffffffu, (int)(threadIdx.x >> 7), 0); }
+// The same for a shared address that every thread of the warp holds (a pipeline stage's tile).
+__device__ __forceinline__ u32 uni(u32 x) { return __shfl_sync(0xffffffffu, x, 0); }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wg_wait() {
@@ -173,25 +184,22 @@ template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-// cp.async ROWS rows of D 16-bit elements into the swizzled layout at `dst` (1024-byte
-// aligned) by NT threads: row j < valid from src + base + j*step (elements), rows j >= valid
-// zero-filled. Each thread copies one chunk column c of every (NT / CH)-th row.
+// One tensor's rows into the 128-byte-swizzled wgmma layout (see load_rows_n).
 template <int D, int NT, int ROWS>
 __device__ __forceinline__ void load_rows_sw(u32 dst, const void* src, int valid, long long base, long long step,
                                              int tid) {
-    constexpr int CH = D / 8, RPI = NT / CH;
-    static_assert(NT % CH == 0 && ROWS % RPI == 0, "tile shape");
-    const int c = tid % CH, r0 = tid / CH;
-    const u32 d0 = dst + (c >> 3) * (ROWS * 128);
-    const u16* s = (const u16*)src + base + c * 8;
-#pragma unroll
-    for (int it = 0; it < ROWS / RPI; ++it) {
-        const int rr = r0 + it * RPI;
-        const bool in = rr < valid;
-        // (rr & 7) == (r0 & 7) when RPI is a multiple of 8: then this folds to a constant.
-        const u32 sw = ((c & 7) ^ (rr & 7)) << 4;
-        cp_async16(d0 + rr * 128 + sw, in ? s + rr * step : (const u16*)src, in ? 16 : 0);
-    }
+    const u32 d[1] = {dst};
+    const void* const s[1] = {src};
+    load_rows_n<D, NT, ROWS, true, 1>(d, s, valid, base, step, tid);
+}
+
+// The same rows of two tensors into the swizzled layout.
+template <int D, int NT, int ROWS>
+__device__ __forceinline__ void load_rows2_sw(u32 dst0, const void* src0, u32 dst1, const void* src1, int valid,
+                                              long long base, long long step, int tid) {
+    const u32 d[2] = {dst0, dst1};
+    const void* const s[2] = {src0, src1};
+    load_rows_n<D, NT, ROWS, true, 2>(d, s, valid, base, step, tid);
 }
 
 // d[64 x N] = A(64 x D) · B(N x D)ᵀ for one warpgroup, both operands swizzled K-major
@@ -199,10 +207,11 @@ __device__ __forceinline__ void load_rows_sw(u32 dst, const void* src, int valid
 // `b_cb` the bytes between column blocks. Issues D/16 MMAs; the caller commits and waits.
 template <typename T, int D, int N>
 __device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b, int b_cb) {
+    const u64 da0 = wg_desc(a, 16, 1024), db0 = wg_desc(b, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        const u64 da = wg_desc(a + (kk >> 2) * a_cb + (kk & 3) * 32, 16, 1024);
-        const u64 db = wg_desc(b + (kk >> 2) * b_cb + (kk & 3) * 32, 16, 1024);
+        const u64 da = wg_desc_at(da0, (kk >> 2) * a_cb + (kk & 3) * 32);
+        const u64 db = wg_desc_at(db0, (kk >> 2) * b_cb + (kk & 3) * 32);
         if constexpr (N == 128)
             Wg<T>::ss128(d, da, db, kk);
         else
@@ -214,9 +223,10 @@ __device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b
 // read MN-major (`b_cb` bytes between its 64-column blocks).
 template <typename T, int D, int K>
 __device__ __forceinline__ void wg_xb(float (&acc)[D / 2], const u32 (&x)[K / 16][4], u32 b, int b_cb) {
+    const u64 db0 = wg_desc(b, b_cb, 1024);
 #pragma unroll
     for (int kc = 0; kc < K / 16; ++kc) {
-        const u64 db = wg_desc(b + kc * 16 * 128, b_cb, 1024);
+        const u64 db = wg_desc_at(db0, kc * 16 * 128);
         if constexpr (D == 128)
             Wg<T>::rs128(acc, x[kc], db);
         else
@@ -349,7 +359,7 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
     int* kposS = (int*)(smem_raw + (sV + 2 * TILE - raw));
     int* kokS = kposS + 2 * BK;
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, heavy_first(P), RQ, t)) return;
@@ -361,8 +371,8 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
     auto load_kv = [&](const PatState& st, int stage) {
         const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
         const long long step = (long long)st.r * P.Hkv * P.D;
-        load_rows_sw<D, NT, BK>(sK + stage * TILE, k, st.m - st.k0, base, step, tid);
-        load_rows_sw<D, NT, BK>(sV + stage * TILE, v, st.m - st.k0, base, step, tid);
+        load_rows2_sw<D, NT, BK>(sK + stage * TILE, k, sV + stage * TILE, v,
+                                 st.m - st.k0, base, step, tid);
         key_meta<BK>(P, st, b, mask, tid, kposS + stage * BK, kokS + stage * BK);
     };
 
@@ -406,7 +416,7 @@ __device__ void fwd_wg(const Params& P, const T* __restrict__ q, const T* __rest
 #pragma unroll
             for (int x = 0; x < 2; ++x) part[x] = rin[x] && (((rp[x] - cur.a) % cur.r) == cur.o);
         }
-        const u32 kb = sK + stage * TILE, vb = sV + stage * TILE;
+        const u32 kb = uni(sK + stage * TILE), vb = uni(sV + stage * TILE);
         const int* kp = kposS + stage * BK;
         const int* ko = kokS + stage * BK;
 
@@ -547,8 +557,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             if (it >= NS) mbar_wait(empty(s), ((it / NS) & 1) ^ 1);
             const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
             const long long step = (long long)st.r * P.Hkv * P.D;
-            load_rows_sw<D, 128, BK>(sK + s * TILE, k, st.m - st.k0, base, step, pt);
-            load_rows_sw<D, 128, BK>(sV + s * TILE, v, st.m - st.k0, base, step, pt);
+            load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
+                                      st.m - st.k0, base, step, pt);
             mbar_cp_async_arrive(full(s));
             {
                 const int jj = st.k0 + pt;
@@ -564,7 +574,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     } else {
     // Consumers: warpgroup wg owns tile rows wg*64 .. wg*64 + 63.
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
-    const int wg = warp >> 2, wq = warp & 3;
+    const int wg = wg_index(), wq = warp & 3;
     int rp[2];
     bool rin[2], part[2];
 #pragma unroll
@@ -712,6 +722,25 @@ __device__ __forceinline__ void turn_end(int wg, bool last) {
     if (!(wg == 1 && last)) named_arrive(2 - wg, 256);
 }
 
+// Key row `tid` < ROWS of a streamed key tile as one number for dq_wg: a query at position
+// p (of a row taking part in the pattern) attends the key iff lim <= p. lim = the key's
+// position when causal, KEY_ANY when not (rows not taking part compare KEY_ANY - 1 instead
+// of p), and KEY_NONE when the key does not exist or is masked out. The same test as
+// key_meta's pair.
+#define KEY_ANY (-0x7fffffff)
+#define KEY_NONE 0x7fffffff
+template <int ROWS>
+__device__ __forceinline__ void key_lim(const Params& P, const PatState& st, int b, const unsigned char* mask,
+                                        int tid, int* klim) {
+    if (tid < ROWS) {
+        const int jj = st.k0 + tid;
+        const int kp = st.a + st.o + jj * st.r;
+        bool ok = jj < st.m;
+        if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+        klim[tid] = !ok ? KEY_NONE : P.causal ? kp : KEY_ANY;
+    }
+}
+
 template <typename T, int D, int BS, bool PP>
 __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -724,27 +753,26 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     const u32 raw = smem_u32(smem_raw);
     const u32 sQ = (raw + 1023) & ~1023u;
     const u32 sO = sQ + CB * OB, sK = sO + CB * OB, sV = sK + 3 * ST;
-    int* kposS = (int*)(smem_raw + (sV + 3 * ST - raw));
-    int* kokS = kposS + 3 * BS;
-    const Pipe3 pipe{(smem_u32(kokS + 3 * BS) + 7) & ~7u};
+    int* klimS = (int*)(smem_raw + (sV + 3 * ST - raw));  // 3 x BS (key_lim)
+    const Pipe3 pipe{(smem_u32(klimS + 3 * BS) + 7) & ~7u};
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int h = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, heavy_first(P), RQ, t)) return;
     if (PP) pipe.init(tid);
     const int g = h / (P.H / P.Hkv);
     const long long qrow = (long long)P.H * P.D * t.step;
-    load_rows_sw<D, NT, RQ>(sQ, q, t.cnt, qidx(P, b, t.base, h), qrow, tid);
-    load_rows_sw<D, NT, RQ>(sO, dout, t.cnt, qidx(P, b, t.base, h), qrow, tid);
+    load_rows2_sw<D, NT, RQ>(sQ, q, sO, dout,
+                             t.cnt, qidx(P, b, t.base, h), qrow, tid);
     cp_commit();
 
     auto load_kv = [&](const PatState& st, int stage) {
         const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
         const long long step = (long long)st.r * P.Hkv * P.D;
-        load_rows_sw<D, NT, BS>(sK + stage * ST, k, st.m - st.k0, base, step, tid);
-        load_rows_sw<D, NT, BS>(sV + stage * ST, v, st.m - st.k0, base, step, tid);
-        key_meta<BS>(P, st, b, mask, tid, kposS + stage * BS, kokS + stage * BS);
+        load_rows2_sw<D, NT, BS>(sK + stage * ST, k, sV + stage * ST, v,
+                                 st.m - st.k0, base, step, tid);
+        key_lim<BS>(P, st, b, mask, tid, klimS + stage * BS);
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
@@ -799,9 +827,10 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             d0 = part0 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p0, h)] : 0.f;
             d1 = part1 ? delta[(long long)cur.i * P.delta_stride + lidx(P, b, p1, h)] : 0.f;
         }
-        const u32 kb = sK + stage * ST, vb = sV + stage * ST;
-        const int* kp = kposS + stage * BS;
-        const int* ko = kokS + stage * BS;
+        const u32 kb = uni(sK + stage * ST), vb = uni(sV + stage * ST);
+        const int* kl = klimS + stage * BS;
+        // Rows that do not take part in this pattern pass no key's test below.
+        const int p0e = part0 ? p0 : KEY_ANY - 1, p1e = part1 ? p1 : KEY_ANY - 1;
         float s[BS / 2], dp[BS / 2];
         if (PP) turn_begin(wg);
         wg_fence();
@@ -818,9 +847,8 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = n * 8 + (lane & 3) * 2 + j;
-                const int kok = ko[col], kpc = kp[col];
-                const bool c0 = part0 & (kok != 0) & ((!P.causal) | (kpc <= p0));
-                const bool c1 = part1 & (kok != 0) & ((!P.causal) | (kpc <= p1));
+                const int lim = kl[col];
+                const bool c0 = lim <= p0e, c1 = lim <= p1e;
                 const float x0 = ex2(fmaf(s[4 * n + j], sl2, -L0));
                 const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -L1));
                 s[4 * n + j] = c0 ? x0 : 0.f;
@@ -866,6 +894,27 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 #endif
 }
 
+// Metadata of row `tid` < ROWS of a streamed query tile, packed for one 128-bit shared load
+// per column in dkdv_wg: x = the largest key position the query attends (its position when
+// causal, else KEY_NONE - 1, so that a key marked KEY_NONE never passes), y = L·log2 e (+inf
+// when the query does not exist or attends nothing: exp2(s - y) = 0 then), z = Δ (0 then),
+// w = the query position (-1 then). The same values as query_meta's four arrays.
+template <int ROWS>
+__device__ __forceinline__ void query_meta4(const Params& P, const KvState& st, int b, const float* lse,
+                                            const float* delta, int tid, float4* meta) {
+    const float LOG2E = 1.4426950408889634f;
+    if (tid < ROWS) {
+        const int jj = st.q0 + tid;
+        const int qp = st.a + st.o + jj * st.r;
+        bool ok = jj < st.m;
+        const float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
+        ok = ok && L != neg_inf();
+        const float Dl = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
+        meta[tid] = make_float4(__int_as_float(P.causal ? qp : KEY_NONE - 1), ok ? L * LOG2E : __int_as_float(0x7f800000),
+                                Dl, __int_as_float(ok ? qp : -1));
+    }
+}
+
 // FQ (fused dQ): the key-owner kernel also produces dQ. Its dS (in registers as dSᵀ, keys ×
 // queries) goes to shared memory as bf16/f16; warpgroup w < D/64 then computes columns
 // 64w..64w+63 of dQ_tile = dS · K_owner (both operands read MN-major) and adds them into the
@@ -889,33 +938,29 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
     const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + 3 * ST;
-    float* Lq = (float*)(smem_raw + (sO + 3 * ST - raw));  // 3 x BS (L · log2 e)
-    float* Dq = Lq + 3 * BS;                                // 3 x BS
-    int* qposS = (int*)(Dq + 3 * BS);                       // 3 x BS
-    int* qokS = qposS + 3 * BS;                             // 3 x BS
+    float4* qmeta = (float4*)(smem_raw + (sO + 3 * ST - raw));  // 3 x BS (query_meta4)
     // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned). PP: the stage barriers.
-    const u32 sdS = (smem_u32(qokS + 3 * BS) + 1023) & ~1023u;
-    const Pipe3 pipe{(smem_u32(qokS + 3 * BS) + 7) & ~7u};
+    const u32 sdS = (smem_u32(qmeta + 3 * BS) + 1023) & ~1023u;
+    const Pipe3 pipe{(smem_u32(qmeta + 3 * BS) + 7) & ~7u};
 
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2, wq = warp & 3;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
     if (PP) pipe.init(tid);
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
-    load_rows_sw<D, NT, RK>(sK, k, t.cnt, kidx(P, b, t.base, g), krow, tid);
-    load_rows_sw<D, NT, RK>(sV, v, t.cnt, kidx(P, b, t.base, g), krow, tid);
+    load_rows2_sw<D, NT, RK>(sK, k, sV, v,
+                             t.cnt, kidx(P, b, t.base, g), krow, tid);
     if (!PP) cp_commit();  // PP: tile 0's barrier arrival covers these copies too
     const float LOG2E = 1.4426950408889634f;
 
     auto load_q = [&](const KvState& st, int stage) {
         const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
         const long long step = (long long)st.r * P.H * P.D;
-        load_rows_sw<D, NT, BS>(sQ + stage * ST, q, st.m - st.q0, base, step, tid);
-        load_rows_sw<D, NT, BS>(sO + stage * ST, dout, st.m - st.q0, base, step, tid);
-        query_meta<BS>(P, st, b, lse, delta, tid, qposS + stage * BS, qokS + stage * BS, Lq + stage * BS,
-                       Dq + stage * BS);
+        load_rows2_sw<D, NT, BS>(sQ + stage * ST, q, sO + stage * ST, dout,
+                                 st.m - st.q0, base, step, tid);
+        query_meta4<BS>(P, st, b, lse, delta, tid, qmeta + stage * BS);
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
@@ -967,11 +1012,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             part0 = in0 && (((k0p - cur.a) % cur.r) == cur.o);
             part1 = in1 && (((k1p - cur.a) % cur.r) == cur.o);
         }
-        const u32 qb = sQ + stage * ST, ob = sO + stage * ST;
-        const int* qp = qposS + stage * BS;
-        const int* qo = qokS + stage * BS;
-        const float* lq = Lq + stage * BS;
-        const float* dq_ = Dq + stage * BS;
+        const u32 qb = uni(sQ + stage * ST), ob = uni(sO + stage * ST);
+        const float4* qm = qmeta + stage * BS;
+        // Keys this thread's rows do not take part in never pass the causal test below.
+        const int k0e = part0 ? k0p : KEY_NONE, k1e = part1 ? k1p : KEY_NONE;
         float s[BS / 2], dp[BS / 2];
         if (PP) turn_begin(wg);
         wg_fence();
@@ -988,14 +1032,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = n * 8 + (lane & 3) * 2 + j;
-                const int qok = qo[col], qpc = qp[col];
-                const float lqc = lq[col];
-                const bool c0 = part0 & (qok != 0) & ((!P.causal) | (k0p <= qpc));
-                const bool c1 = part1 & (qok != 0) & ((!P.causal) | (k1p <= qpc));
-                const float x0 = ex2(fmaf(s[4 * n + j], sl2, -lqc));
-                const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -lqc));
-                s[4 * n + j] = c0 ? x0 : 0.f;
-                s[4 * n + 2 + j] = c1 ? x1 : 0.f;
+                const float4 mt = qm[col];  // {causal limit, L·log2 e (+inf: no query), Δ, position}
+                const int lim = __float_as_int(mt.x);
+                const float x0 = ex2(fmaf(s[4 * n + j], sl2, -mt.y));
+                const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -mt.y));
+                s[4 * n + j] = k0e <= lim ? x0 : 0.f;
+                s[4 * n + 2 + j] = k1e <= lim ? x1 : 0.f;
             }
         }
         u32 xp[BS / 16][4], xs[BS / 16][4];
@@ -1011,7 +1053,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const float dqc = dq_[n * 8 + (lane & 3) * 2 + j];
+                const float dqc = qm[n * 8 + (lane & 3) * 2 + j].z;
                 dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * P.fac - dqc);  // dS
                 dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * P.fac - dqc);
             }
@@ -1041,10 +1083,11 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             named_sync(1, 256);
             if (wg < CB) {
                 wg_fence();
+                const u64 da0 = wg_desc(sdS, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
 #pragma unroll
                 for (int kc = 0; kc < RK / 16; ++kc) {
-                    const u64 da = wg_desc(sdS + kc * 16 * 128, 16, 1024);
-                    const u64 db = wg_desc(sK + wg * OB + kc * 16 * 128, 16, 1024);
+                    const u64 da = wg_desc_at(da0, kc * 16 * 128);
+                    const u64 db = wg_desc_at(db0, kc * 16 * 128);
                     Wg<T>::ss64t(dqa, da, db, kc);  // dQ[:, 64wg..] = dS · K
                 }
                 wg_commit();
@@ -1056,8 +1099,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 reg_fence(dqa);
                 // Rows wq*16 + lane/4 (+ 8) of the query tile, columns 64wg + 8n + 2(lane & 3).
                 const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
-                float* d0 = qo[qr0] ? dqacc + qidx(P, b, qp[qr0], cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
-                float* d1 = qo[qr1] ? dqacc + qidx(P, b, qp[qr1], cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
+                const int qp0 = __float_as_int(qm[qr0].w), qp1 = __float_as_int(qm[qr1].w);
+                float* d0 = qp0 >= 0 ? dqacc + qidx(P, b, qp0, cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
+                float* d1 = qp1 >= 0 ? dqacc + qidx(P, b, qp1, cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
 #pragma unroll
                 for (int n = 0; n < 8; ++n) {
                     if (d0)
