@@ -69,19 +69,22 @@ if named ring; then
   grep -E "ERROR SUMMARY|test result" "$O/ring_memcheck.log" | head -4
 fi
 if named profile; then
-  # Nsight Compute on the first launch of each default Hopper kernel (dense 16K, the bench's
-  # first case): speed of light, warp stall reasons, pipe utilisation, memory. Only when
-  # asked for by name (a few minutes).
+  # Nsight Compute, full section set, on the first launch of each default Hopper kernel (dense
+  # 16K, the bench's first case; KERNS overrides the list): the summary, every raw metric
+  # (CSV, gzipped: stall reasons, pipe utilisation, shared-memory wavefronts) and the SASS with
+  # per-instruction stall samples (CSV, gzipped). Only when asked for by name (about a minute
+  # per kernel).
   NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
   if [ -x "$NCU" ]; then
-    for kern in fwd_ws dq_wgs dkdv_wgs; do
+    for kern in ${KERNS:-fwd_ws dq_wgs dkdv_wgs}; do
       echo "== ncu $kern (bf16, D=128)"
-      timeout 200 "$NCU" -k "${kern}_bf16_128" -c 1 \
-        --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
-        --section MemoryWorkloadAnalysis --section Occupancy \
-        "$G/gpu_bench" --quick --max-n 16384 > "$O/ncu_$kern.txt" 2>&1
+      timeout 240 "$NCU" -k "${kern}_bf16_128" -c 1 --set full --import-source no -o "/tmp/ncu_$kern" -f \
+        "$G/gpu_bench" --quick --max-n 16384 --defaults-only > "$O/ncu_run_$kern.txt" 2>&1
       echo "ncu exit $?"
-      grep -E "Compute \(SM\) Throughput|Memory Throughput|Duration|Issue Slots Busy|Executed Ipc|Stall|No Eligible" "$O/ncu_$kern.txt" | head -20
+      "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page details --print-details all > "$O/ncu_$kern.txt" 2>&1
+      "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page raw --csv | gzip > "$O/ncu_raw_$kern.csv.gz"
+      "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page source --csv --print-source sass | gzip > "$O/ncu_sass_$kern.csv.gz"
+      grep -E "Compute \(SM\) Throughput|Duration|Issue Slots Busy|Executed Ipc Active" "$O/ncu_$kern.txt" | head -6
     done
   else
     echo "ncu not found"

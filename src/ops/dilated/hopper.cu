@@ -899,19 +899,33 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 // causal, else KEY_NONE - 1, so that a key marked KEY_NONE never passes), y = L·log2 e (+inf
 // when the query does not exist or attends nothing: exp2(s - y) = 0 then), z = Δ (0 then),
 // w = the query position (-1 then). The same values as query_meta's four arrays.
+// Two halves: query_pre issues the global loads of L and Δ into registers, query_put writes
+// the packed row once they are needed, an iteration later, so that no warp waits on the
+// L2 latency (a load-then-store in one step stalled warps 0-1 on every tile).
+struct QPre {
+    float L, Dl;
+    int qp;
+    bool ok;
+};
 template <int ROWS>
-__device__ __forceinline__ void query_meta4(const Params& P, const KvState& st, int b, const float* lse,
-                                            const float* delta, int tid, float4* meta) {
+__device__ __forceinline__ QPre query_pre(const Params& P, const KvState& st, int b, const float* lse,
+                                          const float* delta, int tid) {
+    QPre r;
+    const int jj = st.q0 + tid;
+    r.qp = st.a + st.o + jj * st.r;
+    r.ok = tid < ROWS && jj < st.m;
+    r.L = r.ok ? lse[lidx(P, b, r.qp, st.h)] : neg_inf();
+    r.Dl = r.ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, r.qp, st.h)] : 0.f;
+    return r;
+}
+template <int ROWS>
+__device__ __forceinline__ void query_put(const Params& P, const QPre& r, int tid, float4* meta) {
     const float LOG2E = 1.4426950408889634f;
     if (tid < ROWS) {
-        const int jj = st.q0 + tid;
-        const int qp = st.a + st.o + jj * st.r;
-        bool ok = jj < st.m;
-        const float L = ok ? lse[lidx(P, b, qp, st.h)] : neg_inf();
-        ok = ok && L != neg_inf();
-        const float Dl = ok ? delta[(long long)st.i * P.delta_stride + lidx(P, b, qp, st.h)] : 0.f;
-        meta[tid] = make_float4(__int_as_float(P.causal ? qp : KEY_NONE - 1), ok ? L * LOG2E : __int_as_float(0x7f800000),
-                                Dl, __int_as_float(ok ? qp : -1));
+        const bool ok = r.ok && r.L != neg_inf();
+        meta[tid] = make_float4(__int_as_float(P.causal ? r.qp : KEY_NONE - 1),
+                                ok ? r.L * LOG2E : __int_as_float(0x7f800000), ok ? r.Dl : 0.f,
+                                __int_as_float(ok ? r.qp : -1));
     }
 }
 
@@ -955,12 +969,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (!PP) cp_commit();  // PP: tile 0's barrier arrival covers these copies too
     const float LOG2E = 1.4426950408889634f;
 
+    // The rows of a query tile (cp.async) and the loads of its metadata (query_pre).
     auto load_q = [&](const KvState& st, int stage) {
         const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
         const long long step = (long long)st.r * P.H * P.D;
         load_rows2_sw<D, NT, BS>(sQ + stage * ST, q, sO + stage * ST, dout,
                                  st.m - st.q0, base, step, tid);
-        query_meta4<BS>(P, st, b, lse, delta, tid, qmeta + stage * BS);
+        return query_pre<BS>(P, st, b, lse, delta, tid);
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
@@ -979,7 +994,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     cur.m = 0;
     cur.q0 = 0;
     bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
-    if (have) load_q(cur, 0);
+    if (have) query_put<BS>(P, load_q(cur, 0), tid, qmeta);
     if (PP) {
         if (have) pipe.produced(0);
         if (have && wg == 1) named_arrive(1, 256);
@@ -992,15 +1007,16 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
+        const int ns = stage == 2 ? 0 : stage + 1;
+        QPre pre{};
         if constexpr (PP) {
             if (hn) {
                 pipe.acquire(it + 1);
-                load_q(nx, stage == 2 ? 0 : stage + 1);
-                pipe.produced(it + 1);
+                pre = load_q(nx, ns);
             }
             pipe.wait_full(it);
         } else {
-            if (hn) load_q(nx, stage == 2 ? 0 : stage + 1);
+            if (hn) pre = load_q(nx, ns);
             cp_commit();
             cp_wait<1>();
             fence_proxy_async();
@@ -1119,10 +1135,17 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adv);
             reg_fence(adk);
         }
+        // The next tile's metadata, now that its loads have had an iteration to arrive.
+        // Stage ns was last read two iterations ago (PP: acquire said so); the next
+        // iteration's barrier (PP: the full barrier, arrived at here) publishes it.
+        if (hn) {
+            query_put<BS>(P, pre, tid, qmeta + ns * BS);
+            if (PP) pipe.produced(it + 1);
+        }
         if (PP) pipe.release(it);
         cur = nx;
         have = hn;
-        stage = stage == 2 ? 0 : stage + 1;
+        stage = ns;
         ++it;
     }
     cp_commit();  // PP never commits: the barriers track its copies
