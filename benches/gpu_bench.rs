@@ -218,14 +218,14 @@ fn main() {
                     });
                     emit("dense", n, causal, "-", "fwdbwd-fused", ms, 3.5 * fl);
                     dev.set_fused_dq(false);
-                    dev.set_bwd_pingpong(true);
+                    dev.set_bwd_pingpong(false);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                         gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
                             .unwrap();
                     });
-                    emit("dense", n, causal, "-", "fwdbwd-pingpong", ms, 3.5 * fl);
-                    dev.set_bwd_pingpong(false);
+                    emit("dense", n, causal, "-", "fwdbwd-lockstep", ms, 3.5 * fl);
+                    dev.set_bwd_pingpong(true);
                 }
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
@@ -292,14 +292,14 @@ fn main() {
                     });
                     emit("dilated", n, false, cname, "fwdbwd-fused", ms, 3.5 * fl);
                     dev.set_fused_dq(false);
-                    dev.set_bwd_pingpong(true);
+                    dev.set_bwd_pingpong(false);
                     let ms = time_ms(&dev, a.quick, || {
                         let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                         gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
                             .unwrap();
                     });
-                    emit("dilated", n, false, cname, "fwdbwd-pingpong", ms, 3.5 * fl);
-                    dev.set_bwd_pingpong(false);
+                    emit("dilated", n, false, cname, "fwdbwd-lockstep", ms, 3.5 * fl);
+                    dev.set_bwd_pingpong(true);
                 }
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {

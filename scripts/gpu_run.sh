@@ -76,7 +76,7 @@ if named profile; then
   # per kernel).
   NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
   if [ -x "$NCU" ]; then
-    for kern in ${KERNS:-fwd_ws dq_wgs dkdv_wgs}; do
+    for kern in ${KERNS:-fwd_ws dq_wg dkdv_wg}; do
       echo "== ncu $kern (bf16, D=128)"
       timeout 240 "$NCU" -k "${kern}_bf16_128" -c 1 --set full --import-source no -o "/tmp/ncu_$kern" -f \
         "$G/gpu_bench" --quick --max-n 16384 --defaults-only > "$O/ncu_run_$kern.txt" 2>&1

@@ -67,13 +67,13 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward and the
-    // two-pass lockstep wgmma backward); 1: on Hopper the lockstep wgmma forward and the
-    // fused-dQ backward; 3: the lockstep wgmma forward and the two-pass ping-pong backward;
+    // two-pass ping-pong wgmma backward); 1: on Hopper the lockstep wgmma forward and the
+    // fused-dQ backward; 3: the lockstep wgmma forward and the two-pass lockstep backward;
     // 4 or 8: the mma.sync forward on that many warps; 2: mma.sync, 4 warps with two row
     // tiles per warp.
     dev.set_warp_specialized(warps != 1 && warps != 3);
     dev.set_fused_dq(warps == 1);
-    dev.set_bwd_pingpong(warps == 3);
+    dev.set_bwd_pingpong(warps != 3);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -128,7 +128,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_warp_specialized(true);
     dev.set_fused_dq(false);
-    dev.set_bwd_pingpong(false);
+    dev.set_bwd_pingpong(true);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
