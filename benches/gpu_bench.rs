@@ -13,7 +13,8 @@
 //! against ours before timing and print the ratios.
 //!
 //! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick] [--max-n N]
-//! [--no-bwd] [--defaults-only]` (the last: only the default kernels, no alternatives).
+//! [--no-bwd] [--defaults-only | --variants a,b]` (only the default kernels, no alternatives;
+//! or only the named alternatives of `FWD_VARIANTS` / `BWD_VARIANTS`).
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
@@ -36,9 +37,54 @@ struct Args {
     quick: bool,
     max_n: usize,
     bwd: bool,
-    /// Also time the alternative kernels (mma.sync, fwd_wg, fused dQ, ping-pong backward).
+    /// Also time the alternative kernels (the [`FWD_VARIANTS`] and [`BWD_VARIANTS`]).
     variants: bool,
+    /// Only these variants (labels), when given.
+    only: Option<Vec<String>>,
 }
+
+impl Args {
+    fn wants(&self, label: &str) -> bool {
+        self.variants
+            && self
+                .only
+                .as_ref()
+                .is_none_or(|o| o.iter().any(|x| x == label))
+    }
+}
+
+/// A kernel choice other than the default, timed beside it in the same run: the label
+/// (`fwd-<label>` / `fwdbwd-<label>` in the output) and how to select it (`true`) or go
+/// back to the default (`false`). Hopper only.
+type Variant = (&'static str, fn(&Cuda, bool));
+
+/// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
+/// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`).
+const FWD_VARIANTS: &[Variant] = &[
+    ("mma", |d, on| {
+        d.set_kernel_pref(if on {
+            KernelPref::MmaSync
+        } else {
+            KernelPref::Auto
+        })
+    }),
+    ("wg", |d, on| d.set_warp_specialized(!on)),
+    ("ws", |d, on| d.set_fwd_overlap(!on)),
+];
+
+/// Backward alternatives: the mma.sync kernels, fused dQ (`bwd_wg`), the lockstep two-pass
+/// backward (`dq_wgs` + `dkdv_wgs`).
+const BWD_VARIANTS: &[Variant] = &[
+    ("mma", |d, on| {
+        d.set_kernel_pref(if on {
+            KernelPref::MmaSync
+        } else {
+            KernelPref::Auto
+        })
+    }),
+    ("fused", |d, on| d.set_fused_dq(on)),
+    ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
+];
 
 fn args() -> Args {
     let mut a = Args {
@@ -48,6 +94,7 @@ fn args() -> Args {
         max_n: 1 << 20,
         bwd: true,
         variants: true,
+        only: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -68,6 +115,12 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--no-bwd" => a.bwd = false,
             "--defaults-only" => a.variants = false,
+            "--variants" => {
+                a.only = v
+                    .get(i + 1)
+                    .map(|s| s.split(',').map(str::to_string).collect());
+                i += 1;
+            }
             _ => {} // cargo bench passes --bench
         }
         i += 1;
@@ -180,20 +233,15 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dense", n, causal, "-", "fwd", ms, fl);
-            if dev.is_hopper() && a.variants {
-                // The mma.sync forward, for the wgmma kernel's gain in the same run.
-                dev.set_kernel_pref(KernelPref::MmaSync);
-                let ms = time_ms(&dev, a.quick, || {
-                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                });
-                emit("dense", n, causal, "-", "fwd-mma", ms, fl);
-                dev.set_kernel_pref(KernelPref::Auto);
-                dev.set_warp_specialized(false);
-                let ms = time_ms(&dev, a.quick, || {
-                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                });
-                emit("dense", n, causal, "-", "fwd-wg", ms, fl);
-                dev.set_warp_specialized(true);
+            for &(label, set) in FWD_VARIANTS {
+                if dev.is_hopper() && a.wants(label) {
+                    set(&dev, true);
+                    let ms = time_ms(&dev, a.quick, || {
+                        gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    });
+                    set(&dev, false);
+                    emit("dense", n, causal, "-", &format!("fwd-{label}"), ms, fl);
+                }
             }
             if a.bwd {
                 let ms = time_ms(&dev, a.quick, || {
@@ -201,31 +249,25 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 });
                 emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
-                if dev.is_hopper() && a.variants {
-                    dev.set_kernel_pref(KernelPref::MmaSync);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-                            .unwrap();
-                    });
-                    emit("dense", n, causal, "-", "fwdbwd-mma", ms, 3.5 * fl);
-                    dev.set_kernel_pref(KernelPref::Auto);
-                    dev.set_fused_dq(true);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-                            .unwrap();
-                    });
-                    emit("dense", n, causal, "-", "fwdbwd-fused", ms, 3.5 * fl);
-                    dev.set_fused_dq(false);
-                    dev.set_bwd_pingpong(false);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-                            .unwrap();
-                    });
-                    emit("dense", n, causal, "-", "fwdbwd-lockstep", ms, 3.5 * fl);
-                    dev.set_bwd_pingpong(true);
+                for &(label, set) in BWD_VARIANTS {
+                    if dev.is_hopper() && a.wants(label) {
+                        set(&dev, true);
+                        let ms = time_ms(&dev, a.quick, || {
+                            let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                            gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
+                                .unwrap();
+                        });
+                        set(&dev, false);
+                        emit(
+                            "dense",
+                            n,
+                            causal,
+                            "-",
+                            &format!("fwdbwd-{label}"),
+                            ms,
+                            3.5 * fl,
+                        );
+                    }
                 }
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
@@ -254,19 +296,15 @@ fn main() {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             });
             emit("dilated", n, false, cname, "fwd", ms, fl);
-            if dev.is_hopper() && a.variants {
-                dev.set_kernel_pref(KernelPref::MmaSync);
-                let ms = time_ms(&dev, a.quick, || {
-                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                });
-                emit("dilated", n, false, cname, "fwd-mma", ms, fl);
-                dev.set_kernel_pref(KernelPref::Auto);
-                dev.set_warp_specialized(false);
-                let ms = time_ms(&dev, a.quick, || {
-                    gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                });
-                emit("dilated", n, false, cname, "fwd-wg", ms, fl);
-                dev.set_warp_specialized(true);
+            for &(label, set) in FWD_VARIANTS {
+                if dev.is_hopper() && a.wants(label) {
+                    set(&dev, true);
+                    let ms = time_ms(&dev, a.quick, || {
+                        gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                    });
+                    set(&dev, false);
+                    emit("dilated", n, false, cname, &format!("fwd-{label}"), ms, fl);
+                }
             }
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
@@ -275,31 +313,25 @@ fn main() {
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
                 });
                 emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
-                if dev.is_hopper() && a.variants {
-                    dev.set_kernel_pref(KernelPref::MmaSync);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
-                            .unwrap();
-                    });
-                    emit("dilated", n, false, cname, "fwdbwd-mma", ms, 3.5 * fl);
-                    dev.set_kernel_pref(KernelPref::Auto);
-                    dev.set_fused_dq(true);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
-                            .unwrap();
-                    });
-                    emit("dilated", n, false, cname, "fwdbwd-fused", ms, 3.5 * fl);
-                    dev.set_fused_dq(false);
-                    dev.set_bwd_pingpong(false);
-                    let ms = time_ms(&dev, a.quick, || {
-                        let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                        gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
-                            .unwrap();
-                    });
-                    emit("dilated", n, false, cname, "fwdbwd-lockstep", ms, 3.5 * fl);
-                    dev.set_bwd_pingpong(true);
+                for &(label, set) in BWD_VARIANTS {
+                    if dev.is_hopper() && a.wants(label) {
+                        set(&dev, true);
+                        let ms = time_ms(&dev, a.quick, || {
+                            let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+                            gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
+                                .unwrap();
+                        });
+                        set(&dev, false);
+                        emit(
+                            "dilated",
+                            n,
+                            false,
+                            cname,
+                            &format!("fwdbwd-{label}"),
+                            ms,
+                            3.5 * fl,
+                        );
+                    }
                 }
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {

@@ -66,12 +66,14 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     );
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
-    // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward and the
-    // two-pass ping-pong wgmma backward); 1: on Hopper the lockstep wgmma forward and the
-    // fused-dQ backward; 3: the lockstep wgmma forward and the two-pass lockstep backward;
-    // 4 or 8: the mma.sync forward on that many warps; 2: mma.sync, 4 warps with two row
-    // tiles per warp.
+    // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
+    // intra-warpgroup overlap and the two-pass ping-pong wgmma backward); 1: on Hopper the
+    // lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma forward and the
+    // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 4 or
+    // 8: the mma.sync forward on that many warps; 2: mma.sync, 4 warps with two row tiles
+    // per warp.
     dev.set_warp_specialized(warps != 1 && warps != 3);
+    dev.set_fwd_overlap(warps != 5);
     dev.set_fused_dq(warps == 1);
     dev.set_bwd_pingpong(warps != 3);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
@@ -127,6 +129,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     }
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_warp_specialized(true);
+    dev.set_fwd_overlap(true);
     dev.set_fused_dq(false);
     dev.set_bwd_pingpong(true);
     dev.set_fwd_warps(4);
@@ -206,7 +209,8 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        all_dtypes_w(&case, KernelPref::Auto, true, [0, 1, 3, 4, 8, 2][(case.seed % 6) as usize]);
+        let w = [0, 1, 3, 4, 8, 2, 5][(case.seed % 7) as usize];
+        all_dtypes_w(&case, KernelPref::Auto, w != 5, w);
         BWD.store(2, Ordering::Relaxed);
     }
 }
@@ -245,6 +249,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 1 + 2 * (seed % 2) as u8);
+                all_dtypes_w(&case, KernelPref::Auto, false, 5);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -276,6 +281,7 @@ fn dense_matches_oracle() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
+        all_dtypes_w(&case, KernelPref::Auto, false, 5);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -314,6 +320,7 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
+        all_dtypes_w(&case, KernelPref::Auto, false, 5);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes_w(&case, KernelPref::Auto, true, 2);

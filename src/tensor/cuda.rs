@@ -176,6 +176,9 @@ pub struct Cuda {
     hopper: bool,
     /// Hopper forward: warp-specialised (`fwd_ws`, the default) or not (`fwd_wg`).
     ws: AtomicBool,
+    /// Warp-specialised Hopper forward with the softmax of `S(n)` under `P(c)·V(c)`
+    /// (`fwd_wso`) or after it (`fwd_ws`).
+    fwd_overlap: AtomicBool,
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`) or its own pass
     /// (`dq_wgs` + `dkdv_wgs`, the default).
     fused_dq: AtomicBool,
@@ -226,6 +229,7 @@ impl Cuda {
             dq_warps: AtomicU8::new(8),
             hopper,
             ws: AtomicBool::new(true),
+            fwd_overlap: AtomicBool::new(true),
             fused_dq: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
         })
@@ -369,6 +373,19 @@ impl Cuda {
     /// See [`set_warp_specialized`](Self::set_warp_specialized).
     pub fn warp_specialized(&self) -> bool {
         self.ws.load(Ordering::Relaxed)
+    }
+    /// Warp-specialised Hopper forward: each consumer warpgroup runs the softmax of the next
+    /// score tile while its own `P·V` product of the current tile is still on the tensor
+    /// cores (`true`, the default: `fwd_wso`), or only after both products have landed
+    /// (`false`: `fwd_ws`, where only the other warpgroup's MMAs hide the softmax). For
+    /// comparisons and tests; no effect elsewhere or without
+    /// [`set_warp_specialized`](Self::set_warp_specialized).
+    pub fn set_fwd_overlap(&self, on: bool) {
+        self.fwd_overlap.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_overlap`](Self::set_fwd_overlap).
+    pub fn fwd_overlap(&self) -> bool {
+        self.fwd_overlap.load(Ordering::Relaxed)
     }
     /// Hopper backward: dQ accumulated by the key-owner kernel into an f32 buffer of
     /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair) or

@@ -377,9 +377,9 @@ fn check_inputs<E>(
     plan.check_inputs(q.len(), k.len(), v.len(), mask.map(|m| m.len()))
 }
 
-/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_ws_*` /
-/// `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for the generic
-/// kernel.
+/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_wso_*`,
+/// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
+/// the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     fwd_kernel::<E>(dev, plan.dims().head_dim).map(|k| k.name)
 }
@@ -412,7 +412,11 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<Launch> {
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
             Launch {
-                name: format!("fwd_ws_{e}_{d}"),
+                name: if dev.fwd_overlap() {
+                    format!("fwd_wso_{e}_{d}")
+                } else {
+                    format!("fwd_ws_{e}_{d}")
+                },
                 rows: 128,
                 threads: 384,
                 smem: Some(ws_smem(d)),
@@ -453,8 +457,8 @@ fn wg_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
-/// Dynamic shared memory of `fwd_ws_*` (hopper.cu): alignment slack, the Q tile, three
-/// stages of K and V tiles of 128 rows, key metadata, seven mbarriers.
+/// Dynamic shared memory of `fwd_ws_*` / `fwd_wso_*` (hopper.cu): alignment slack, the Q
+/// tile, three stages of K and V tiles of 128 rows, key metadata, seven mbarriers.
 fn ws_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 7 * 8) as u32
 }
@@ -529,8 +533,8 @@ pub(crate) fn forward_launch<E: CudaElement>(
             .arg(&mut out)
             .arg(&mut lse);
         // SAFETY: argument order and types match `fwd_tc*_*` in dilated.cu and `fwd_wg_*` /
-        // `fwd_ws_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold B·N·H·D
-        // elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
+        // `fwd_ws_*` / `fwd_wso_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold
+        // B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
         // above); the Hopper kernels are chosen only where the module was compiled for
         // sm_90a (`is_hopper`); the grid covers every tile of every (head, batch) and each
         // tile writes its own rows only.
@@ -879,7 +883,7 @@ mod tests {
         for d in [64, 128] {
             for (name, bytes) in [
                 ("fwd_wg", wg_smem(d)),
-                ("fwd_ws", ws_smem(d)),
+                ("fwd_ws/fwd_wso", ws_smem(d)),
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
             ] {

@@ -509,7 +509,11 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 
 #define WS_STAGES 3
 
-template <typename T, int D>
+// OV: intra-warpgroup overlap (FlashAttention-3's second overlap): S(n) and P(c)·V(c) are
+// two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
+// on the tensor cores, and only the O rescale and the packing of P(n) wait for it. Same
+// registers as without (s holds P(n) in f32 until then; pa is read by P(c)·V(c)).
+template <typename T, int D, bool OV>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
@@ -592,13 +596,12 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     float s[BK / 2];
     u32 pa[BK / 16][4];
 
-    // Softmax of the tile in `s` (stage st, pattern state cs), rescale of O, P packed into
-    // `pa`.
-    auto softmax = [&](const PatState& cs, int st) {
+    // Online softmax of the tile in `s` (stage st, pattern state cs): P left in `s`, the O
+    // rescale factors in al0, al1.
+    auto softmax_p = [&](const PatState& cs, int st, float& al0, float& al1) {
         const int* kp = kposS + st * BK;
         const bool need_mask = !cs.all || P.has_mask || cs.k0 + BK > cs.m ||
                                (P.causal && cs.a + cs.o + (cs.k0 + BK - 1) * cs.r > cs.qmin);
-        float al0, al1;
         wg_softmax<BK>(
             s, m, l, sl2, need_mask, lane,
             [&](int col, bool& c0, bool& c1) {
@@ -608,6 +611,11 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 c1 = part[1] & ok & ((!P.causal) | (kpc <= rp[1]));
             },
             al0, al1);
+    };
+    // The same, then the rescale of O and P packed into `pa`.
+    auto softmax = [&](const PatState& cs, int st) {
+        float al0, al1;
+        softmax_p(cs, st, al0, al1);
         wg_rescale<D>(o, al0, al1);
         wg_pack<T, BK>(s, pa);
     };
@@ -638,6 +646,46 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         if (wg == 1) named_arrive(1, 256);
     }
     int it = 0;
+    if constexpr (OV) {
+        // Every iteration issues S(n) and P(c)·V(c); the last tile's P·V follows the loop, so
+        // that no MMA is issued under a branch (ptxas then serialises the wgmma pipeline).
+        while (have) {
+            const int sc = it % NS, sn = (it + 1) % NS;
+            PatState nx = cur;
+            if (!tc_next<BK>(P, t, h, nx, RQ)) break;
+            mbar_wait(full(sn), ((it + 1) / NS) & 1);
+            fence_proxy_async();
+            named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
+            wg_fence();
+            wg_abt<T, D, BK>(s, qa, QB, sK + sn * TILE, KB);  // S(n) = Q K(n)ᵀ
+            wg_commit();
+            wg_xb<T, D, BK>(o, pa, sV + sc * TILE, KB);  // O += P(c) V(c)
+            wg_commit();
+            named_arrive(2 - wg, 256);  // the other warpgroup's turn
+            wg_wait<1>();               // S(n) has landed; P(c) V(c) may still run
+            reg_fence(s);
+            if (nx.i != cur.i) set_part(nx);
+            float al0, al1;
+            softmax_p(nx, sn, al0, al1);
+            wg_wait<0>();
+            reg_fence(o);
+            mbar_arrive(empty(sc));  // K(c) and V(c) are no longer read
+            wg_rescale<D>(o, al0, al1);
+            wg_pack<T, BK>(s, pa);
+            cur = nx;
+            ++it;
+        }
+        if (have) {
+            named_sync(1 + wg, 256);
+            wg_fence();
+            wg_xb<T, D, BK>(o, pa, sV + (it % NS) * TILE, KB);
+            wg_commit();
+            if (wg == 0) named_arrive(2, 256);
+            wg_wait<0>();
+            reg_fence(o);
+            mbar_arrive(empty(it % NS));
+        }
+    } else {
     while (have) {
         const int sc = it % NS, sn = (it + 1) % NS;
         PatState nx = cur;
@@ -661,6 +709,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         softmax(nx, sn);
         cur = nx;
         ++it;
+    }
     }
 
     wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
@@ -1184,7 +1233,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_ws_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
-        fwd_ws<T, D>(P, q, k, v, mask, out, lse);                                                 \
+        fwd_ws<T, D, false>(P, q, k, v, mask, out, lse);                                          \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wso_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, T* out, float* lse) {                     \
+        fwd_ws<T, D, true>(P, q, k, v, mask, out, lse);                                           \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dq_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
