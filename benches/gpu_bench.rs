@@ -59,7 +59,8 @@ impl Args {
 type Variant = (&'static str, fn(&Cuda, bool));
 
 /// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
-/// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`).
+/// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
+/// one without persistence (`fwd_wso`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", |d, on| {
         d.set_kernel_pref(if on {
@@ -70,6 +71,7 @@ const FWD_VARIANTS: &[Variant] = &[
     }),
     ("wg", |d, on| d.set_warp_specialized(!on)),
     ("ws", |d, on| d.set_fwd_overlap(!on)),
+    ("wso", |d, on| d.set_fwd_persistent(!on)),
 ];
 
 /// Backward alternatives: the mma.sync kernels, fused dQ (`bwd_wg`), the lockstep two-pass

@@ -33,6 +33,12 @@ if has sanitize; then
     "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact sanitizer_small > "$O/$tool.log" 2>&1
     echo "$tool exit $?"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Error|error" "$O/$tool.log" | head -8
+    # The persistent forward over several work items per CTA (stage ring and Q buffer
+    # reused across items).
+    echo "== compute-sanitizer $tool (persistent_forward_many_items)"
+    timeout 300 "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact persistent_forward_many_items > "$O/${tool}_persistent.log" 2>&1
+    echo "$tool exit $?"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Error|error" "$O/${tool}_persistent.log" | head -8
   done
 fi
 if has bench; then

@@ -69,11 +69,12 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap and the two-pass ping-pong wgmma backward); 1: on Hopper the
     // lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma forward and the
-    // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 4 or
-    // 8: the mma.sync forward on that many warps; 2: mma.sync, 4 warps with two row tiles
-    // per warp.
+    // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 6:
+    // the overlapped forward, not persistent; 4 or 8: the mma.sync forward on that many
+    // warps; 2: mma.sync, 4 warps with two row tiles per warp.
     dev.set_warp_specialized(warps != 1 && warps != 3);
     dev.set_fwd_overlap(warps != 5);
+    dev.set_fwd_persistent(warps != 6);
     dev.set_fused_dq(warps == 1);
     dev.set_bwd_pingpong(warps != 3);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
@@ -130,6 +131,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_kernel_pref(KernelPref::Auto);
     dev.set_warp_specialized(true);
     dev.set_fwd_overlap(true);
+    dev.set_fwd_persistent(true);
     dev.set_fused_dq(false);
     dev.set_bwd_pingpong(true);
     dev.set_fwd_warps(4);
@@ -209,8 +211,8 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5][(case.seed % 7) as usize];
-        all_dtypes_w(&case, KernelPref::Auto, w != 5, w);
+        let w = [0, 1, 3, 4, 8, 2, 5, 6][(case.seed % 8) as usize];
+        all_dtypes_w(&case, KernelPref::Auto, !matches!(w, 5 | 6), w);
         BWD.store(2, Ordering::Relaxed);
     }
 }
@@ -250,6 +252,7 @@ fn longnet_schedule_matches_oracle() {
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 1 + 2 * (seed % 2) as u8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 5);
+                all_dtypes_w(&case, KernelPref::Auto, false, 6);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -282,10 +285,51 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, false, 5);
+        all_dtypes_w(&case, KernelPref::Auto, false, 6);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
         all_dtypes(&case, KernelPref::Generic, false);
+    }
+}
+
+/// The persistent forward with several work items per CTA: 256 (query tile, head, batch)
+/// items for the GPU's ~132 CTAs, under the LSE combine (with and without a padding mask;
+/// where the default picks it); head groups and causal (the non-persistent kernel by
+/// default); the non-persistent kernel on every case too.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn persistent_forward_many_items() {
+    for (combine, causal, masked, seed) in [
+        (Combine::Lse, false, true, 43),
+        (Combine::HeadGroups, true, true, 41),
+        (Combine::Lse, false, false, 42),
+    ] {
+        let n = 4096;
+        let case = Case {
+            dims: Dims {
+                batch: 2,
+                seq: n,
+                heads: 4,
+                kv_heads: 2,
+                head_dim: 128,
+            },
+            schedule: vec![
+                Pattern::new(512, 1),
+                Pattern::new(1024, 2),
+                Pattern::new(2048, 4),
+            ],
+            opts: Options::default().combine(combine).causal(causal),
+            mask: masked.then(|| (0..2 * n).map(|i| i % 11 != 4).collect()),
+            seed,
+        };
+        for warps in [0, 6] {
+            let e = check_w::<half::bf16>(&case, KernelPref::Auto, false, warps);
+            let kernel = if warps == 0 { "default" } else { "fwd_wso" };
+            eprintln!(
+                "ok {kernel} {combine:?} causal={causal} mask={masked} : rel err bf16 {e:.1e}"
+            );
+        }
     }
 }
 
@@ -321,6 +365,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, false, 5);
+        all_dtypes_w(&case, KernelPref::Auto, false, 6);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes_w(&case, KernelPref::Auto, true, 2);

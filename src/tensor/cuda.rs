@@ -179,6 +179,10 @@ pub struct Cuda {
     /// Warp-specialised Hopper forward with the softmax of `S(n)` under `P(c)·V(c)`
     /// (`fwd_wso`) or after it (`fwd_ws`).
     fwd_overlap: AtomicBool,
+    /// Persistent warp-specialised Hopper forward (`fwd_wsp`).
+    fwd_persistent: AtomicBool,
+    /// Streaming multiprocessors (the persistent forward's grid).
+    sms: u32,
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`) or its own pass
     /// (`dq_wgs` + `dkdv_wgs`, the default).
     fused_dq: AtomicBool,
@@ -214,6 +218,12 @@ impl Cuda {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         keep_pool_memory(&ctx, ordinal)?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(dev_err("multiprocessor count"))?
+            .max(1) as u32;
         let hopper = ctx
             .compute_capability()
             .map_err(dev_err("compute capability"))?
@@ -230,6 +240,8 @@ impl Cuda {
             hopper,
             ws: AtomicBool::new(true),
             fwd_overlap: AtomicBool::new(true),
+            fwd_persistent: AtomicBool::new(true),
+            sms,
             fused_dq: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
         })
@@ -386,6 +398,23 @@ impl Cuda {
     /// See [`set_fwd_overlap`](Self::set_fwd_overlap).
     pub fn fwd_overlap(&self) -> bool {
         self.fwd_overlap.load(Ordering::Relaxed)
+    }
+    /// Overlapped warp-specialised Hopper forward: persistent where it measured faster
+    /// (`true`, the default: `fwd_wsp`, one CTA per SM looping over the (query tile, head,
+    /// batch) items with the K/V pipeline running on from one item to the next, for
+    /// non-causal problems under the LSE combine, dense attention included; `fwd_wso`
+    /// elsewhere), or never (`false`: `fwd_wso`, one CTA per item). For comparisons and
+    /// tests; no effect without [`set_fwd_overlap`](Self::set_fwd_overlap).
+    pub fn set_fwd_persistent(&self, on: bool) {
+        self.fwd_persistent.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_persistent`](Self::set_fwd_persistent).
+    pub fn fwd_persistent(&self) -> bool {
+        self.fwd_persistent.load(Ordering::Relaxed)
+    }
+    /// Streaming multiprocessors of this GPU.
+    pub fn sm_count(&self) -> u32 {
+        self.sms
     }
     /// Hopper backward: dQ accumulated by the key-owner kernel into an f32 buffer of
     /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair) or

@@ -51,7 +51,8 @@ pub(crate) struct Params {
     has_mask: i32,
     blk: i32,
     step: i32,
-    pad0: i32,
+    /// Query tiles per (head, batch) of the forward grid; read by the persistent forward.
+    tiles: i32,
     scale: f32,
     fac: f32,
     w: [i32; MAX_PATTERNS],
@@ -144,7 +145,7 @@ impl Prob {
             has_mask: i32::from(has_mask),
             blk: to_i32("block", blk)?,
             step: to_i32("step", step)?,
-            pad0: 0,
+            tiles: 0,
             scale: scale as f32,
             fac: fac as f32,
             w: [1; MAX_PATTERNS],
@@ -381,7 +382,9 @@ fn check_inputs<E>(
 /// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
 /// the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    fwd_kernel::<E>(dev, plan.dims().head_dim).map(|k| k.name)
+    let o = plan.options();
+    let (causal, headgroups) = (o.causal, o.combine == Combine::HeadGroups);
+    fwd_kernel::<E>(dev, plan.dims().head_dim, causal, headgroups).map(|k| k.name)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -401,25 +404,45 @@ struct Launch {
     rows: usize,
     threads: u32,
     smem: Option<u32>,
+    /// One CTA per SM looping over the work items (`fwd_wsp`) instead of one per item.
+    persistent: bool,
+}
+
+/// Where the persistent forward (`fwd_wsp`) runs when allowed
+/// ([`Cuda::set_fwd_persistent`]): non-causal problems under the LSE combine (dense
+/// attention included). Measured on the H200 against the one-CTA-per-item `fwd_wso` in the
+/// same run (`benches/results/gpu_h200_persistent.txt`): LSE +8-15 %, dense 16K +6 %, 64K
+/// equal; but causal −12 to −35 % (the static item order cannot balance tiles of unequal
+/// cost the way the hardware's block scheduler does) and head groups −5 to +4 %.
+pub(crate) fn persistent_pays(causal: bool, headgroups: bool) -> bool {
+    !causal && !headgroups
 }
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<Launch> {
+fn fwd_kernel<E: CudaElement>(
+    dev: &Cuda,
+    d: usize,
+    causal: bool,
+    headgroups: bool,
+) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
     let e = E::NAME;
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
+            let persist = dev.fwd_persistent() && persistent_pays(causal, headgroups);
+            let (kind, persistent) = match (dev.fwd_overlap(), persist) {
+                (true, true) => ("wsp", true),
+                (true, false) => ("wso", false),
+                (false, _) => ("ws", false),
+            };
             Launch {
-                name: if dev.fwd_overlap() {
-                    format!("fwd_wso_{e}_{d}")
-                } else {
-                    format!("fwd_ws_{e}_{d}")
-                },
+                name: format!("fwd_{kind}_{e}_{d}"),
                 rows: 128,
                 threads: 384,
                 smem: Some(ws_smem(d)),
+                persistent,
             }
         } else {
             Launch {
@@ -427,6 +450,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<Launch> {
                 rows: 128,
                 threads: 256,
                 smem: Some(wg_smem(d)),
+                persistent: false,
             }
         });
     }
@@ -448,6 +472,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize) -> Option<Launch> {
         // Q tile + 2 stages of K and V tiles of 64 rows (rows padded by 8 elements) + key
         // metadata.
         smem: Some(((rows + 4 * 64) * (d + 8) * 2 + 2 * 64 * 4 * 2) as u32),
+        persistent: false,
     })
 }
 
@@ -457,10 +482,10 @@ fn wg_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
-/// Dynamic shared memory of `fwd_ws_*` / `fwd_wso_*` (hopper.cu): alignment slack, the Q
-/// tile, three stages of K and V tiles of 128 rows, key metadata, seven mbarriers.
+/// Dynamic shared memory of `fwd_ws_*` / `fwd_wso_*` / `fwd_wsp_*` (hopper.cu): alignment slack, the Q
+/// tile, three stages of K and V tiles of 128 rows, key metadata, eight mbarriers.
 fn ws_smem(d: usize) -> u32 {
-    (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 7 * 8) as u32
+    (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 8 * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
@@ -522,8 +547,20 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim) {
-        let (f, cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, p.causal != 0, p.headgroups != 0) {
+        let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
+        let mut p = p;
+        if l.persistent {
+            // One CTA per SM over every (tile, head, batch) item; the kernel decodes them in
+            // the order of the grid it replaces.
+            let (x, y, z) = cfg.grid_dim;
+            p.tiles = x as i32;
+            let items = u64::from(x) * u64::from(y) * u64::from(z);
+            let items = i32::try_from(items).map_err(|_| Error::Device {
+                msg: format!("{items} work items exceed the persistent forward's 32-bit index"),
+            })?;
+            cfg.grid_dim = ((items as u32).min(dev.sm_count()).max(1), 1, 1);
+        }
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -536,8 +573,9 @@ pub(crate) fn forward_launch<E: CudaElement>(
         // `fwd_ws_*` / `fwd_wso_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold
         // B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
         // above); the Hopper kernels are chosen only where the module was compiled for
-        // sm_90a (`is_hopper`); the grid covers every tile of every (head, batch) and each
-        // tile writes its own rows only.
+        // sm_90a (`is_hopper`); the grid (or, persistent, the item loop over `p.tiles` ×
+        // heads × batches) covers every tile of every (head, batch) and each tile writes its
+        // own rows only.
         unsafe { b.launch(cfg) }.map_err(dev_err(&l.name))?;
     } else {
         let name = format!("fwd_generic_{}", E::NAME);
@@ -716,6 +754,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             rows: 128,
             threads: 256,
             smem: Some(wg_bwd_smem(d)),
+            persistent: false,
         };
         (
             l(format!("dq_{pp}_{e}_{d}")),
@@ -732,6 +771,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             rows: 16 * qwarps,
             threads: 32 * qwarps as u32,
             smem: Some(bwd_tc_smem(16 * qwarps, bs, d)),
+            persistent: false,
         };
         // (name prefix, owner rows, warps, streamed rows).
         let (prefix, krows, warps, kbs) = match dev.bwd_variant() {
@@ -744,6 +784,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             rows: krows,
             threads: 32 * warps,
             smem: Some(bwd_tc_smem(krows, kbs, d)),
+            persistent: false,
         };
         (dq_l, kv_l)
     } else {
@@ -752,6 +793,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             rows: GENERIC_ROWS,
             threads: THREADS,
             smem: None,
+            persistent: false,
         };
         (l(format!("dq_generic_{e}")), l(format!("dkdv_generic_{e}")))
     };
@@ -883,7 +925,7 @@ mod tests {
         for d in [64, 128] {
             for (name, bytes) in [
                 ("fwd_wg", wg_smem(d)),
-                ("fwd_ws/fwd_wso", ws_smem(d)),
+                ("fwd_ws/fwd_wso/fwd_wsp", ws_smem(d)),
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
             ] {
@@ -893,6 +935,14 @@ mod tests {
         // The warp-specialised forward at D = 128 is the tightest: three stages of 64 KiB
         // plus the Q tile leave under 1 KiB.
         assert!(SM90_SMEM - ws_smem(128) < 1024);
+    }
+
+    #[test]
+    fn persistent_forward_only_where_it_measured_faster() {
+        assert!(persistent_pays(false, false));
+        assert!(!persistent_pays(true, false));
+        assert!(!persistent_pays(false, true));
+        assert!(!persistent_pays(true, true));
     }
 
     #[test]

@@ -33,7 +33,7 @@ struct Params {
     int has_mask;
     int blk;                 // block length (divides every capped segment)
     int step;                // class step (divides blk)
-    int pad0;
+    int tiles;               // query tiles per (head, batch): the persistent forward's items
     float scale;             // softmax scale
     float fac;               // output factor: 1 (Lse) or 1/G (HeadGroups)
     int w[MAXP];             // capped segment lengths
