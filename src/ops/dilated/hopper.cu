@@ -1,6 +1,7 @@
 // Hopper kernels (sm_90a): the forward and backward of dilated.cu on warpgroup MMAs
-// (`wgmma`): fwd_wg, fwd_ws (warp-specialised, the default), dq_wg(s) + dkdv_wg(s) (two-pass
-// backward, lockstep by default or ping-pong) and bwd_wg (dQ fused into the key-owner pass).
+// (`wgmma`): fwd_wg, fwd_ws / fwd_wso / fwd_wsp (warp-specialised; with the intra-warpgroup
+// overlap; that, persistent: the defaults), dq_wg(s) + dkdv_wg(s) (two-pass backward,
+// ping-pong by default or lockstep) and bwd_wg (dQ fused into the key-owner pass).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
