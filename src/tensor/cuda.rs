@@ -402,8 +402,8 @@ impl Cuda {
     /// Overlapped warp-specialised Hopper forward: persistent where it measured faster
     /// (`true`, the default: `fwd_wsp`, one CTA per SM looping over the (query tile, head,
     /// batch) items with the K/V pipeline running on from one item to the next, for
-    /// non-causal problems under the LSE combine, dense attention included; `fwd_wso`
-    /// elsewhere), or never (`false`: `fwd_wso`, one CTA per item). For comparisons and
+    /// non-causal problems; `fwd_wso` for causal ones), or never (`false`: `fwd_wso`, one
+    /// CTA per item). For comparisons and
     /// tests; no effect without [`set_fwd_overlap`](Self::set_fwd_overlap).
     pub fn set_fwd_persistent(&self, on: bool) {
         self.fwd_persistent.store(on, Ordering::Relaxed);

@@ -382,9 +382,7 @@ fn check_inputs<E>(
 /// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
 /// the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    let o = plan.options();
-    let (causal, headgroups) = (o.causal, o.combine == Combine::HeadGroups);
-    fwd_kernel::<E>(dev, plan.dims().head_dim, causal, headgroups).map(|k| k.name)
+    fwd_kernel::<E>(dev, plan.dims().head_dim, plan.options().causal).map(|k| k.name)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -409,29 +407,25 @@ struct Launch {
 }
 
 /// Where the persistent forward (`fwd_wsp`) runs when allowed
-/// ([`Cuda::set_fwd_persistent`]): non-causal problems under the LSE combine (dense
-/// attention included). Measured on the H200 against the one-CTA-per-item `fwd_wso` in the
-/// same run (`benches/results/gpu_h200_persistent.txt`): LSE +8-15 %, dense 16K +6 %, 64K
-/// equal; but causal −12 to −35 % (the static item order cannot balance tiles of unequal
-/// cost the way the hardware's block scheduler does) and head groups −5 to +4 %.
-pub(crate) fn persistent_pays(causal: bool, headgroups: bool) -> bool {
-    !causal && !headgroups
+/// ([`Cuda::set_fwd_persistent`]): non-causal problems. Measured on the H200 against the
+/// one-CTA-per-item `fwd_wso` in the same run: LSE +8-15 %, dense 16K +6 %, 64K equal
+/// (items in the grid's order, `benches/results/gpu_h200_persistent.txt`), head groups
+/// +7-13 % (items heads fastest, `gpu_h200_persistent_heads_first.txt`; the kernel orders
+/// head-group items that way); but causal −12 to −35 % (a static item order cannot balance
+/// tiles of unequal cost the way the hardware's block scheduler does).
+pub(crate) fn persistent_pays(causal: bool) -> bool {
+    !causal
 }
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
-fn fwd_kernel<E: CudaElement>(
-    dev: &Cuda,
-    d: usize,
-    causal: bool,
-    headgroups: bool,
-) -> Option<Launch> {
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, causal: bool) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
     let e = E::NAME;
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
-            let persist = dev.fwd_persistent() && persistent_pays(causal, headgroups);
+            let persist = dev.fwd_persistent() && persistent_pays(causal);
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) => ("wsp", true),
                 (true, false) => ("wso", false),
@@ -547,7 +541,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, p.causal != 0, p.headgroups != 0) {
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, p.causal != 0) {
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
         if l.persistent {
@@ -939,10 +933,8 @@ mod tests {
 
     #[test]
     fn persistent_forward_only_where_it_measured_faster() {
-        assert!(persistent_pays(false, false));
-        assert!(!persistent_pays(true, false));
-        assert!(!persistent_pays(false, true));
-        assert!(!persistent_pays(true, true));
+        assert!(persistent_pays(false));
+        assert!(!persistent_pays(true));
     }
 
     #[test]
