@@ -168,6 +168,27 @@ fn time_ms(dev: &Cuda, quick: bool, mut f: impl FnMut()) -> f64 {
     ts[ts.len() / 2]
 }
 
+/// Time `run` on the default kernels, then under each of `variants` that the arguments
+/// ask for (Hopper only); `emit(pass label, ms)` for each: `pass`, then `pass-<label>`.
+fn time_variants(
+    dev: &Cuda,
+    a: &Args,
+    pass: &str,
+    variants: &[Variant],
+    mut run: impl FnMut(),
+    mut emit: impl FnMut(&str, f64),
+) {
+    emit(pass, time_ms(dev, a.quick, &mut run));
+    for &(label, set) in variants {
+        if dev.is_hopper() && a.wants(label) {
+            set(dev, true);
+            let ms = time_ms(dev, a.quick, &mut run);
+            set(dev, false);
+            emit(&format!("{pass}-{label}"), ms);
+        }
+    }
+}
+
 fn longnet4() -> Vec<Pattern> {
     vec![
         Pattern::new(2048, 1),
@@ -231,46 +252,20 @@ fn main() {
             )
             .unwrap();
             let fl = 4.0 * plan.attended_pairs() as f64 * D as f64;
-            let ms = time_ms(&dev, a.quick, || {
+            let run_fwd = || {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            };
+            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |pass, ms| {
+                emit("dense", n, causal, "-", pass, ms, fl)
             });
-            emit("dense", n, causal, "-", "fwd", ms, fl);
-            for &(label, set) in FWD_VARIANTS {
-                if dev.is_hopper() && a.wants(label) {
-                    set(&dev, true);
-                    let ms = time_ms(&dev, a.quick, || {
-                        gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                    });
-                    set(&dev, false);
-                    emit("dense", n, causal, "-", &format!("fwd-{label}"), ms, fl);
-                }
-            }
             if a.bwd {
-                let ms = time_ms(&dev, a.quick, || {
+                let run = || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
+                };
+                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |pass, ms| {
+                    emit("dense", n, causal, "-", pass, ms, 3.5 * fl)
                 });
-                emit("dense", n, causal, "-", "fwdbwd", ms, 3.5 * fl);
-                for &(label, set) in BWD_VARIANTS {
-                    if dev.is_hopper() && a.wants(label) {
-                        set(&dev, true);
-                        let ms = time_ms(&dev, a.quick, || {
-                            let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                            gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go)
-                                .unwrap();
-                        });
-                        set(&dev, false);
-                        emit(
-                            "dense",
-                            n,
-                            causal,
-                            "-",
-                            &format!("fwdbwd-{label}"),
-                            ms,
-                            3.5 * fl,
-                        );
-                    }
-                }
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
                 dump(&dev, dir, "dense", &plan, &q, &k, &v);
@@ -294,47 +289,21 @@ fn main() {
             )
             .unwrap();
             let fl = 4.0 * plan.attended_pairs() as f64 * D as f64;
-            let ms = time_ms(&dev, a.quick, || {
+            let run_fwd = || {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
+            };
+            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |pass, ms| {
+                emit("dilated", n, false, cname, pass, ms, fl)
             });
-            emit("dilated", n, false, cname, "fwd", ms, fl);
-            for &(label, set) in FWD_VARIANTS {
-                if dev.is_hopper() && a.wants(label) {
-                    set(&dev, true);
-                    let ms = time_ms(&dev, a.quick, || {
-                        gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                    });
-                    set(&dev, false);
-                    emit("dilated", n, false, cname, &format!("fwd-{label}"), ms, fl);
-                }
-            }
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
-                let ms = time_ms(&dev, a.quick, || {
+                let run = || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
+                };
+                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |pass, ms| {
+                    emit("dilated", n, false, cname, pass, ms, 3.5 * fl)
                 });
-                emit("dilated", n, false, cname, "fwdbwd", ms, 3.5 * fl);
-                for &(label, set) in BWD_VARIANTS {
-                    if dev.is_hopper() && a.wants(label) {
-                        set(&dev, true);
-                        let ms = time_ms(&dev, a.quick, || {
-                            let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
-                            gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go)
-                                .unwrap();
-                        });
-                        set(&dev, false);
-                        emit(
-                            "dilated",
-                            n,
-                            false,
-                            cname,
-                            &format!("fwdbwd-{label}"),
-                            ms,
-                            3.5 * fl,
-                        );
-                    }
-                }
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {
                 dump(&dev, dir, &format!("dilated_{cname}"), &plan, &q, &k, &v);
