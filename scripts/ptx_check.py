@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Compile the CUDA kernels as the crate does (NVRTC, one module: dilated.cu + hopper.cu +
+ring/gpu.cu) and assemble them with ptxas, on a machine without a GPU or a CUDA install.
+
+Prints, per kernel: registers, stack and spill bytes, and every ptxas/NVRTC remark about
+the wgmma pipeline (C7514 "wgmma ... serialized" gives an overlap away; C7519 notes an
+injected warpgroup.arrive). For the warp-specialised kernels the register count is the
+launch's (384 threads: 168); their warpgroups run under setmaxnreg, and a spill in either
+shows in the spill columns. With --base REV, also the kernels whose numbers differ from
+those of the same sources at git revision REV.
+
+NVRTC and ptxas come from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc, nvidia-cuda-nvcc, the
+CUDA version of the GPU machine, 13.0), downloaded once into a cache folder
+($DILATED_PTX_CACHE, default ~/.cache/dilated-attention-ptx). They are tools for
+developers only, never a dependency of the crate.
+
+    python3 scripts/ptx_check.py [--arch sm_90a] [--only REGEX] [--base REV]
+"""
+
+import argparse
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ["src/ops/dilated/dilated.cu", "src/ops/dilated/hopper.cu", "src/ring/gpu.cu"]
+WHEELS = ["nvidia-cuda-nvrtc==13.0.*", "nvidia-cuda-nvcc==13.0.*"]
+
+
+def toolkit():
+    cache = os.environ.get("DILATED_PTX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dilated-attention-ptx")
+    lib = os.path.join(cache, "nvidia", "cu13", "lib")
+    ptxas = os.path.join(cache, "nvidia", "cu13", "bin", "ptxas")
+    if not (os.path.exists(os.path.join(lib, "libnvrtc.so.13")) and os.path.exists(ptxas)):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory() as dl:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl]
+                           + WHEELS, check=True)
+            for w in os.listdir(dl):
+                with zipfile.ZipFile(os.path.join(dl, w)) as z:
+                    z.extractall(cache)
+        os.chmod(ptxas, 0o755)
+    return lib, ptxas
+
+
+def sources_at(rev):
+    if rev is None:
+        return "\n".join(open(os.path.join(ROOT, p)).read() for p in SOURCES)
+    return "\n".join(subprocess.run(["git", "-C", ROOT, "show", f"{rev}:{p}"], check=True,
+                                    capture_output=True, text=True).stdout for p in SOURCES)
+
+
+def compile_ptx(lib, src, arch):
+    # libnvrtc loads libnvrtc-builtins from the loader path: preload it from the cache.
+    ctypes.CDLL(os.path.join(lib, "libnvrtc-builtins.so.13.0"), mode=ctypes.RTLD_GLOBAL)
+    nv = ctypes.CDLL(os.path.join(lib, "libnvrtc.so.13"))
+    prog = ctypes.c_void_p()
+    if nv.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"dilated.cu", 0, None, None):
+        sys.exit("nvrtcCreateProgram failed")
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
+    rc = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    nv.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    nv.nvrtcGetProgramLog(prog, log)
+    if rc:
+        sys.exit("NVRTC failed:\n" + log.value.decode())
+    nv.nvrtcGetPTXSize(prog, ctypes.byref(n))
+    ptx = ctypes.create_string_buffer(n.value)
+    nv.nvrtcGetPTX(prog, ptx)
+    return ptx.value, log.value.decode()
+
+
+def kernels(lib, ptxas, src, arch):
+    ptx, log = compile_ptx(lib, src, arch)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "m.ptx")
+        open(path, "wb").write(ptx)
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    text = log + out.stderr
+    if out.returncode:
+        sys.exit("ptxas failed:\n" + out.stderr[-4000:])
+    found = re.findall(
+        r"Compiling entry function '(\w+)'.*?\n.*?Function properties for \w+\n\s+(\d+) bytes "
+        r"stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads\n.*?Used (\d+) "
+        r"registers", text)
+    stats = {k: (int(r), int(st), int(ss), int(sl)) for k, st, ss, sl, r in found}
+    remarks = {}
+    for m in re.finditer(r"\((C75\d\d)\)[^\n]*function '(\w+)'", text):
+        remarks.setdefault(m.group(2), set()).add(m.group(1))
+    return stats, remarks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--only", default=".", help="regex over kernel names")
+    ap.add_argument("--base", help="git revision to compare with")
+    a = ap.parse_args()
+    lib, ptxas = toolkit()
+    stats, remarks = kernels(lib, ptxas, sources_at(None), a.arch)
+    sel = sorted(k for k in stats if re.search(a.only, k))
+    print(f"{'kernel':28} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}  remarks")
+    for k in sel:
+        r, st, ss, sl = stats[k]
+        print(f"{k:28} {r:5} {st:6} {ss:9} {sl:9}  {' '.join(sorted(remarks.get(k, [])))}")
+    if a.base:
+        old, _ = kernels(lib, ptxas, sources_at(a.base), a.arch)
+        changed = [k for k in sel if old.get(k) != stats[k]]
+        print(f"\nagainst {a.base}: {len(changed)} of {len(sel)} kernels differ")
+        for k in changed:
+            print(f"  {k}: {old.get(k)} -> {stats[k]}  (regs, stack, spill stores, spill loads)")
+
+
+if __name__ == "__main__":
+    main()
