@@ -411,8 +411,9 @@ struct Launch {
 /// one-CTA-per-item `fwd_wso` in the same run: LSE +8-15 %, dense 16K +6 %, 64K equal
 /// (items in the grid's order, `benches/results/gpu_h200_persistent.txt`), head groups
 /// +7-13 % (items heads fastest, `gpu_h200_persistent_heads_first.txt`; the kernel orders
-/// head-group items that way); but causal −12 to −35 % (a static item order cannot balance
-/// tiles of unequal cost the way the hardware's block scheduler does).
+/// head-group items that way); but causal −12 to −35 %, not yet explained (the static
+/// item order's imbalance accounts for at most ~6 % at 16K: 2048 items on 132 CTAs, each
+/// CTA's tiles a stride-4 progression of the causal costs; CUDA.md, open items).
 pub(crate) fn persistent_pays(causal: bool) -> bool {
     !causal
 }
