@@ -411,9 +411,10 @@ struct Launch {
 /// one-CTA-per-item `fwd_wso` in the same run: LSE +8-15 %, dense 16K +6 %, 64K equal
 /// (items in the grid's order, `benches/results/gpu_h200_persistent.txt`), head groups
 /// +7-13 % (items heads fastest, `gpu_h200_persistent_heads_first.txt`; the kernel orders
-/// head-group items that way); but causal −12 to −35 %, not yet explained (the static
-/// item order's imbalance accounts for at most ~6 % at 16K: 2048 items on 132 CTAs, each
-/// CTA's tiles a stride-4 progression of the causal costs; CUDA.md, open items).
+/// head-group items that way); but causal −35 % at 16K and −12 % at 64K: with items
+/// dealt out statically (CTA c takes c, c + 132, …) the busiest CTA gets 1.57× the average
+/// causal work at 16K (2048 items of cost ∝ tile index) and 1.03× at 64K (CUDA.md).
+/// The hardware's block scheduler hands the next tile to whichever SM is free.
 pub(crate) fn persistent_pays(causal: bool) -> bool {
     !causal
 }
