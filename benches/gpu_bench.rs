@@ -169,24 +169,38 @@ fn time_ms(dev: &Cuda, quick: bool, mut f: impl FnMut()) -> f64 {
 }
 
 /// Time `run` on the default kernels, then under each of `variants` that the arguments
-/// ask for (Hopper only); `emit(pass label, ms)` for each: `pass`, then `pass-<label>`.
+/// ask for (Hopper only); `emit((pass label, ms, peak bytes))` for each: `pass` (with the
+/// peak of one call), then `pass-<label>`.
 fn time_variants(
     dev: &Cuda,
     a: &Args,
     pass: &str,
     variants: &[Variant],
     mut run: impl FnMut(),
-    mut emit: impl FnMut(&str, f64),
+    mut emit: impl FnMut((&str, f64, Option<u64>)),
 ) {
-    emit(pass, time_ms(dev, a.quick, &mut run));
+    let ms = time_ms(dev, a.quick, &mut run);
+    emit((pass, ms, Some(peak_bytes(dev, &mut run))));
     for &(label, set) in variants {
         if dev.is_hopper() && a.wants(label) {
             set(dev, true);
             let ms = time_ms(dev, a.quick, &mut run);
             set(dev, false);
-            emit(&format!("{pass}-{label}"), ms);
+            emit((&format!("{pass}-{label}"), ms, None));
         }
     }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Peak bytes of the device pool's allocations during one call of `run` (what is already
+/// allocated, the inputs, included; outputs freed at the end of the call count too).
+fn peak_bytes(dev: &Cuda, run: &mut impl FnMut()) -> u64 {
+    dev.synchronize().unwrap();
+    dev.reset_peak_memory().unwrap();
+    run();
+    dev.synchronize().unwrap();
+    dev.peak_memory().unwrap()
 }
 
 fn longnet4() -> Vec<Pattern> {
@@ -219,19 +233,24 @@ fn main() {
     println!("device: {name}");
     gpu::warm_up(&dev).unwrap();
     let mut recs: Vec<String> = Vec::new();
+    // One record: the pass's median time and, for the default kernels, the peak of the
+    // device pool's allocations during one call (inputs included).
     let mut emit = |kind: &str,
                     n: usize,
                     causal: bool,
                     combine: &str,
-                    pass: &str,
-                    ms: f64,
+                    (pass, ms, peak): (&str, f64, Option<u64>),
                     flops: f64| {
         let tf = flops / (ms * 1e-3) / 1e12;
+        let gib = peak.map_or(String::new(), |b| {
+            format!("  peak {:.2} GiB", b as f64 / GIB)
+        });
         println!(
-            "{kind:8} n={n:8} causal={causal:5} combine={combine:10} {pass:7} {ms:10.3} ms {tf:8.1} TFLOP/s"
+            "{kind:8} n={n:8} causal={causal:5} combine={combine:10} {pass:7} {ms:10.3} ms {tf:8.1} TFLOP/s{gib}"
         );
+        let peak = peak.map_or("null".to_string(), |b| b.to_string());
         recs.push(format!(
-            "{{\"kind\":\"{kind}\",\"n\":{n},\"causal\":{causal},\"combine\":\"{combine}\",\"pass\":\"{pass}\",\"ms\":{ms},\"tflops\":{tf},\"flops\":{flops},\"device\":\"{name}\"}}"
+            "{{\"kind\":\"{kind}\",\"n\":{n},\"causal\":{causal},\"combine\":\"{combine}\",\"pass\":\"{pass}\",\"ms\":{ms},\"tflops\":{tf},\"flops\":{flops},\"peak_bytes\":{peak},\"device\":\"{name}\"}}"
         ));
     };
 
@@ -255,16 +274,16 @@ fn main() {
             let run_fwd = || {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             };
-            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |pass, ms| {
-                emit("dense", n, causal, "-", pass, ms, fl)
+            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |r| {
+                emit("dense", n, causal, "-", r, fl)
             });
             if a.bwd {
                 let run = || {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, &go).unwrap();
                 };
-                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |pass, ms| {
-                    emit("dense", n, causal, "-", pass, ms, 3.5 * fl)
+                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |r| {
+                    emit("dense", n, causal, "-", r, 3.5 * fl)
                 });
             }
             if let (Some(dir), true, 16384) = (&a.check_dir, causal, n) {
@@ -292,8 +311,8 @@ fn main() {
             let run_fwd = || {
                 gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
             };
-            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |pass, ms| {
-                emit("dilated", n, false, cname, pass, ms, fl)
+            time_variants(&dev, &a, "fwd", FWD_VARIANTS, run_fwd, |r| {
+                emit("dilated", n, false, cname, r, fl)
             });
             if a.bwd && n <= 65536 {
                 let go = &q; // any random tensor of the right shape
@@ -301,8 +320,8 @@ fn main() {
                     let f = gpu::try_forward(&dev, &plan, &q, &k, &v, None).unwrap();
                     gpu::try_backward(&dev, &plan, &q, &k, &v, None, &f.out, &f.lse, go).unwrap();
                 };
-                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |pass, ms| {
-                    emit("dilated", n, false, cname, pass, ms, 3.5 * fl)
+                time_variants(&dev, &a, "fwdbwd", BWD_VARIANTS, run, |r| {
+                    emit("dilated", n, false, cname, r, 3.5 * fl)
                 });
             }
             if let (Some(dir), 16384) = (&a.check_dir, n) {

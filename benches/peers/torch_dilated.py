@@ -9,7 +9,8 @@
 Before timing, each peer runs on the inputs our bench dumped (--check-dir) and compares its
 output with ours: ||peer - ours|| / ||ours||. Then every configuration of ours (--ours
 JSON) is timed with CUDA events (median after warm-up) on random normal bf16 inputs and the
-ratio ours / peer is printed, plus TFLOP/s against a measured bf16 GEMM ceiling.
+ratio ours / peer is printed, plus TFLOP/s against a measured bf16 GEMM ceiling and the peak
+memory of one call on both sides (device allocations, inputs included).
 """
 
 import argparse
@@ -113,6 +114,11 @@ def dense_peer(q, k, v, causal):
                                           is_causal=causal).transpose(1, 2)
 
 
+def timed(fn):
+    """(median ms, peak GiB) of fn."""
+    return time_ms(fn), peak_gib(fn)
+
+
 def time_ms(fn, reps=10):
     fn()
     torch.cuda.synchronize()
@@ -132,6 +138,15 @@ def time_ms(fn, reps=10):
         ts.append(s.elapsed_time(e))
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def peak_gib(fn):
+    """Peak of PyTorch's allocations during one call of fn (inputs included), GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def load_bf16(path, shape):
@@ -198,8 +213,8 @@ def main():
         n, causal = rec["n"], rec["causal"]
         key = (rec["kind"], n, causal, rec["combine"], rec["pass"].startswith("fwdbwd"))
         if key in peer_ms:  # another variant of ours: same peer timing
-            ms, peer = peer_ms[key]
-            rows.append((rec, ms, rec["flops"] / (ms * 1e-3) / 1e12, peer))
+            ms, gib, peer = peer_ms[key]
+            rows.append((rec, ms, rec["flops"] / (ms * 1e-3) / 1e12, peer, gib))
             continue
         if n not in cache:
             cache.clear()
@@ -211,7 +226,7 @@ def main():
             if rec["kind"] == "dense":
                 qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
                 if not rec["pass"].startswith("fwdbwd"):
-                    ms = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+                    ms, gib = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
                 else:
                     qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
                     gt = go.transpose(1, 2).contiguous()
@@ -219,7 +234,7 @@ def main():
                     def fb():
                         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
                         o.backward(gt)
-                    ms = time_ms(fb)
+                    ms, gib = timed(fb)
                 peer = "sdpa"
             elif rec["combine"] == "headgroups" and rec["pass"].startswith("fwdbwd"):
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
@@ -227,28 +242,32 @@ def main():
                 def fb():
                     o = headgroup_peer(qg, kg, vg, longnet4(), causal)
                     o.backward(go)
-                ms = time_ms(fb)
+                ms, gib = timed(fb)
                 peer = "sdpa-headgroups"
             elif rec["combine"] == "headgroups":
-                ms = time_ms(lambda: headgroup_peer(q, k, v, longnet4(), causal))
+                ms, gib = timed(lambda: headgroup_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-headgroups"
             elif rec["pass"].startswith("fwdbwd"):
                 print(f"no LSE-combine backward peer (SDPA's logsumexp carries no gradient): {rec['n']} skipped")
                 continue
             else:
-                ms = time_ms(lambda: lse_peer(q, k, v, longnet4(), causal))
+                ms, gib = timed(lambda: lse_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-lse"
         except Exception as ex:  # out of memory at 1M, say
             print(f"peer failed for {rec}: {ex}")
             continue
-        peer_ms[key] = (ms, peer)
+        peer_ms[key] = (ms, gib, peer)
         peer_tf = rec["flops"] / (ms * 1e-3) / 1e12
-        rows.append((rec, ms, peer_tf, peer))
+        rows.append((rec, ms, peer_tf, peer, gib))
     print()
-    print(f"{'config':58} {'ours ms':>9} {'peer ms':>9} {'ours TF':>8} {'peer TF':>8} {'ratio':>6} {'ours/GEMM':>9}")
-    for rec, ms, ptf, peer in rows:
+    print(f"{'config':58} {'ours ms':>9} {'peer ms':>9} {'ours TF':>8} {'peer TF':>8} {'ratio':>6} {'ours/GEMM':>9}"
+          f" {'ours GiB':>9} {'peer GiB':>9}")
+    for rec, ms, ptf, peer, gib in rows:
         name = f"{rec['kind']} n={rec['n']} c={int(rec['causal'])} {rec['combine']} {rec['pass']} vs {peer}"
-        print(f"{name:58} {rec['ms']:9.3f} {ms:9.3f} {rec['tflops']:8.1f} {ptf:8.1f} {rec['tflops'] / ptf:6.2f} {rec['tflops'] / ceiling:9.2f}")
+        # Peak memory of the default kernels only (inputs included on both sides).
+        mine = f"{rec['peak_bytes'] / 2**30:9.2f}" if rec.get("peak_bytes") is not None else f"{'':9}"
+        print(f"{name:58} {rec['ms']:9.3f} {ms:9.3f} {rec['tflops']:8.1f} {ptf:8.1f} {rec['tflops'] / ptf:6.2f} {rec['tflops'] / ceiling:9.2f}"
+              f" {mine} {gib:9.2f}")
 
 
 if __name__ == "__main__":
