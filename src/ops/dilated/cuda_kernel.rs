@@ -101,6 +101,10 @@ pub(crate) struct Prob {
     pub(crate) dims: Dims,
     /// Patterns in `p`.
     pub(crate) npat: usize,
+    /// The forward may occupy every SM for its whole run (the persistent kernel): true for
+    /// a whole plan on one GPU; false for the ring's launch problems, whose compute runs
+    /// beside NCCL kernels that need SMs to progress while it runs.
+    pub(crate) whole_device: bool,
 }
 
 impl Prob {
@@ -161,7 +165,12 @@ impl Prob {
             p.hg1[i] = hg.end as i32;
             p.off[i] = *off as i32;
         }
-        Ok(Prob { p, dims, npat: g })
+        Ok(Prob {
+            p,
+            dims,
+            npat: g,
+            whole_device: false,
+        })
     }
 
     /// `(capped segment, dilation, head group, head-group offset)` of pattern `i`.
@@ -180,7 +189,7 @@ impl Prob {
             .map(|i| Self::pattern(plan, i))
             .collect();
         let o = plan.options();
-        Self::build(
+        let mut pr = Self::build(
             *plan.dims(),
             &pats,
             o.combine == Combine::HeadGroups,
@@ -189,7 +198,9 @@ impl Prob {
             plan.pattern_factor(),
             delta_stride,
             has_mask,
-        )
+        )?;
+        pr.whole_device = true;
+        Ok(pr)
     }
 
     /// Patterns `pats` of `plan` on `seq` local rows whose segments all start at
@@ -382,7 +393,8 @@ fn check_inputs<E>(
 /// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
 /// the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    fwd_kernel::<E>(dev, plan.dims().head_dim, plan.options().causal).map(|k| k.name)
+    let may_persist = persistent_pays(plan.options().causal);
+    fwd_kernel::<E>(dev, plan.dims().head_dim, may_persist).map(|k| k.name)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -420,14 +432,15 @@ pub(crate) fn persistent_pays(causal: bool) -> bool {
 }
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, causal: bool) -> Option<Launch> {
+/// `may_persist`: the problem is one where the persistent kernel pays and may take every SM.
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, may_persist: bool) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
     let e = E::NAME;
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
-            let persist = dev.fwd_persistent() && persistent_pays(causal);
+            let persist = dev.fwd_persistent() && may_persist;
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) => ("wsp", true),
                 (true, false) => ("wso", false),
@@ -543,7 +556,8 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, p.causal != 0) {
+    let may_persist = pr.whole_device && persistent_pays(p.causal != 0);
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, may_persist) {
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
         if l.persistent {
@@ -937,6 +951,27 @@ mod tests {
     fn persistent_forward_only_where_it_measured_faster() {
         assert!(persistent_pays(false));
         assert!(!persistent_pays(true));
+    }
+
+    #[test]
+    fn ring_launch_problems_leave_sms_to_nccl() {
+        let plan = Plan::new(
+            Dims::mha(1, 256, 4, 64),
+            &[
+                crate::shape::Pattern::new(128, 1),
+                crate::shape::Pattern::new(256, 2),
+            ],
+            crate::shape::Options::default(),
+        )
+        .unwrap();
+        assert!(Prob::of_plan(&plan, 0, false).unwrap().whole_device);
+        assert!(
+            !Prob::patterns(&plan, 128, &[0], 1.0, false)
+                .unwrap()
+                .whole_device
+        );
+        let block = Prob::dense_block(&plan, Dims::mha(1, 64, 4, 64), true, 1.0, false);
+        assert!(!block.unwrap().whole_device);
     }
 
     #[test]
