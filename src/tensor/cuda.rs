@@ -402,9 +402,9 @@ impl Cuda {
     /// Overlapped warp-specialised Hopper forward: persistent where it measured faster
     /// (`true`, the default: `fwd_wsp`, one CTA per SM looping over the (query tile, head,
     /// batch) items with the K/V pipeline running on from one item to the next, for
-    /// non-causal problems; `fwd_wso` for causal ones), or never (`false`: `fwd_wso`, one
-    /// CTA per item). For comparisons and
-    /// tests; no effect without [`set_fwd_overlap`](Self::set_fwd_overlap).
+    /// non-causal problems; `fwd_wso` for causal ones and the GPU ring's launches), or
+    /// never (`false`: `fwd_wso`, one CTA per item). For comparisons and tests; no effect
+    /// without [`set_fwd_overlap`](Self::set_fwd_overlap).
     pub fn set_fwd_persistent(&self, on: bool) {
         self.fwd_persistent.store(on, Ordering::Relaxed);
     }
