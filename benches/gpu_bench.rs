@@ -60,7 +60,8 @@ type Variant = (&'static str, fn(&Cuda, bool));
 
 /// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
 /// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
-/// one without persistence (`fwd_wso`).
+/// one without persistence (`fwd_wso`), persistence for causal problems too (`fwd_wsp`
+/// with tiles dealt in pairs; the same as the default on non-causal ones).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", |d, on| {
         d.set_kernel_pref(if on {
@@ -72,6 +73,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wg", |d, on| d.set_warp_specialized(!on)),
     ("ws", |d, on| d.set_fwd_overlap(!on)),
     ("wso", |d, on| d.set_fwd_persistent(!on)),
+    ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
 ];
 
 /// Backward alternatives: the mma.sync kernels, fused dQ (`bwd_wg`), the lockstep two-pass

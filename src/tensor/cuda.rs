@@ -181,6 +181,8 @@ pub struct Cuda {
     fwd_overlap: AtomicBool,
     /// Persistent warp-specialised Hopper forward (`fwd_wsp`).
     fwd_persistent: AtomicBool,
+    /// ... for causal problems too (tiles dealt in pairs; opt-in, not yet measured).
+    fwd_persistent_causal: AtomicBool,
     /// Streaming multiprocessors (the persistent forward's grid).
     sms: u32,
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`) or its own pass
@@ -241,6 +243,7 @@ impl Cuda {
             ws: AtomicBool::new(true),
             fwd_overlap: AtomicBool::new(true),
             fwd_persistent: AtomicBool::new(true),
+            fwd_persistent_causal: AtomicBool::new(false),
             sms,
             fused_dq: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
@@ -411,6 +414,17 @@ impl Cuda {
     /// See [`set_fwd_persistent`](Self::set_fwd_persistent).
     pub fn fwd_persistent(&self) -> bool {
         self.fwd_persistent.load(Ordering::Relaxed)
+    }
+    /// Persistent forward for causal problems as well (`true`), with each (head, batch)'s
+    /// query tiles dealt to the CTAs in pairs (x, T − 1 − x) of equal total causal cost, or
+    /// not (`false`, the default). Opt-in: built after the last GPU run of its stop, not yet
+    /// measured or run (see CUDA.md); needs [`set_fwd_persistent`](Self::set_fwd_persistent).
+    pub fn set_fwd_persistent_causal(&self, on: bool) {
+        self.fwd_persistent_causal.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_persistent_causal`](Self::set_fwd_persistent_causal).
+    pub fn fwd_persistent_causal(&self) -> bool {
+        self.fwd_persistent_causal.load(Ordering::Relaxed)
     }
     /// Streaming multiprocessors of this GPU.
     pub fn sm_count(&self) -> u32 {

@@ -393,7 +393,7 @@ fn check_inputs<E>(
 /// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
 /// the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    let may_persist = persistent_pays(plan.options().causal);
+    let may_persist = may_persist(dev, plan.options().causal, true);
     fwd_kernel::<E>(dev, plan.dims().head_dim, may_persist).map(|k| k.name)
 }
 
@@ -429,6 +429,12 @@ struct Launch {
 /// The hardware's block scheduler hands the next tile to whichever SM is free.
 pub(crate) fn persistent_pays(causal: bool) -> bool {
     !causal
+}
+
+/// The persistent forward may run: on a problem that may take every SM (`whole_device`),
+/// where it pays, or causal with [`Cuda::set_fwd_persistent_causal`].
+fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
+    whole_device && (persistent_pays(causal) || dev.fwd_persistent_causal())
 }
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
@@ -556,7 +562,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    let may_persist = pr.whole_device && persistent_pays(p.causal != 0);
+    let may_persist = may_persist(dev, p.causal != 0, pr.whole_device);
     if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, may_persist) {
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
