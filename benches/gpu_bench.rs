@@ -58,18 +58,21 @@ impl Args {
 /// back to the default (`false`). Hopper only.
 type Variant = (&'static str, fn(&Cuda, bool));
 
+/// The mma.sync kernels on Hopper (`true`) or the default preference (`false`).
+fn mma_sync(d: &Cuda, on: bool) {
+    d.set_kernel_pref(if on {
+        KernelPref::MmaSync
+    } else {
+        KernelPref::Auto
+    })
+}
+
 /// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
 /// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
 /// one without persistence (`fwd_wso`), persistence for causal problems too (`fwd_wsp`
 /// with tiles dealt in pairs; the same as the default on non-causal ones).
 const FWD_VARIANTS: &[Variant] = &[
-    ("mma", |d, on| {
-        d.set_kernel_pref(if on {
-            KernelPref::MmaSync
-        } else {
-            KernelPref::Auto
-        })
-    }),
+    ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
     ("ws", |d, on| d.set_fwd_overlap(!on)),
     ("wso", |d, on| d.set_fwd_persistent(!on)),
@@ -79,13 +82,7 @@ const FWD_VARIANTS: &[Variant] = &[
 /// Backward alternatives: the mma.sync kernels, fused dQ (`bwd_wg`), the lockstep two-pass
 /// backward (`dq_wgs` + `dkdv_wgs`).
 const BWD_VARIANTS: &[Variant] = &[
-    ("mma", |d, on| {
-        d.set_kernel_pref(if on {
-            KernelPref::MmaSync
-        } else {
-            KernelPref::Auto
-        })
-    }),
+    ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
     ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
 ];

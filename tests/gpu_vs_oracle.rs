@@ -67,7 +67,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let want = reference::forward(&plan, &qr, &kr, &vr, mask).unwrap();
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
-    // intra-warpgroup overlap and the two-pass ping-pong wgmma backward); 1: on Hopper the
+    // intra-warpgroup overlap, persistent on non-causal problems, and the two-pass
+    // ping-pong wgmma backward); 1: on Hopper the
     // lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma forward and the
     // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 6:
     // the overlapped forward, not persistent; 7: the persistent forward for causal problems

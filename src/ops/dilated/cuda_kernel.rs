@@ -389,12 +389,12 @@ fn check_inputs<E>(
     plan.check_inputs(q.len(), k.len(), v.len(), mask.map(|m| m.len()))
 }
 
-/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_wso_*`,
-/// `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for
-/// the generic kernel.
+/// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_wsp_*`,
+/// `fwd_wso_*`, `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync`
+/// kernels), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
-    let may_persist = may_persist(dev, plan.options().causal, true);
-    fwd_kernel::<E>(dev, plan.dims().head_dim, may_persist).map(|k| k.name)
+    let persist = may_persist(dev, plan.options().causal, true);
+    fwd_kernel::<E>(dev, plan.dims().head_dim, persist).map(|k| k.name)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -438,15 +438,15 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 }
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
-/// `may_persist`: the problem is one where the persistent kernel pays and may take every SM.
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, may_persist: bool) -> Option<Launch> {
+/// `persist`: the persistent kernel may run ([`may_persist`]).
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
     let e = E::NAME;
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
-            let persist = dev.fwd_persistent() && may_persist;
+            let persist = dev.fwd_persistent() && persist;
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) => ("wsp", true),
                 (true, false) => ("wso", false),
@@ -497,8 +497,9 @@ fn wg_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 4 * 128 * d * 2 + 2 * 128 * 4 * 2) as u32
 }
 
-/// Dynamic shared memory of `fwd_ws_*` / `fwd_wso_*` / `fwd_wsp_*` (hopper.cu): alignment slack, the Q
-/// tile, three stages of K and V tiles of 128 rows, key metadata, eight mbarriers.
+/// Dynamic shared memory of `fwd_ws_*` / `fwd_wso_*` / `fwd_wsp_*` (hopper.cu): alignment
+/// slack, the Q tile, three stages of K and V tiles of 128 rows, key metadata, eight
+/// mbarriers.
 fn ws_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 8 * 8) as u32
 }
@@ -562,8 +563,8 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let mut lse = dev.output::<f32>(dm.lse_len())?;
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
-    let may_persist = may_persist(dev, p.causal != 0, pr.whole_device);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, may_persist) {
+    let persist = may_persist(dev, p.causal != 0, pr.whole_device);
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist) {
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
         if l.persistent {
@@ -586,7 +587,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
             .arg(&mut out)
             .arg(&mut lse);
         // SAFETY: argument order and types match `fwd_tc*_*` in dilated.cu and `fwd_wg_*` /
-        // `fwd_ws_*` / `fwd_wso_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold
+        // `fwd_ws*_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold
         // B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
         // above); the Hopper kernels are chosen only where the module was compiled for
         // sm_90a (`is_hopper`); the grid (or, persistent, the item loop over `p.tiles` ×

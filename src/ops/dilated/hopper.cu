@@ -518,12 +518,12 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 // PS (with OV): persistent. The grid is one CTA per SM; CTA c takes the work items
 // (query tile, head, batch) c, c + gridDim.x, ... in the order of the non-persistent grid
 // (P.tiles query tiles fastest, heaviest first under causal masking, then heads, then
-// batches), or heads fastest under head groups. The stage
-// ring and its parities run on across items, so the producer streams the next item's K/V
-// while the consumers finish the current one; Q has one buffer: the consumers arrive on
-// `qempty` once the item's last S has landed, and the producer loads the next Q while they
-// issue the last P·V and write the output. Pays where a CTA has few key tiles (head groups,
-// short segments), where the fill and drain of a CTA are a large share of its time.
+// batches), heads fastest under head groups, or in pairs (below). The stage ring and its
+// parities run on across items, so the producer streams the next item's K/V while the
+// consumers finish the current one; Q has one buffer: the consumers arrive on `qempty`
+// once the item's last S has landed, and the producer loads the next Q while they issue
+// the last P·V and write the output. Where it pays was measured (CUDA.md; the host's
+// persistent_pays).
 template <typename T, int D, bool OV, bool PS>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -1316,7 +1316,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_ws_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, T* out, float* lse) {                      \
-        fwd_ws<T, D, false, false>(P, q, k, v, mask, out, lse);                                          \
+        fwd_ws<T, D, false, false>(P, q, k, v, mask, out, lse);                                   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wso_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
