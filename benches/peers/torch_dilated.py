@@ -4,7 +4,8 @@
 * head-group combine (SPEC §1b): heads split into G contiguous groups, group i runs
   pattern i (offset i mod r_i) through SDPA on gathered dilated rows, out = out_i / G;
 * LSE combine (SPEC §1a): every pattern, every head (offset h mod r_i), SDPA with its
-  log-sum-exp (aten._scaled_dot_product_flash_attention), merged by log-sum-exp.
+  log-sum-exp (aten._scaled_dot_product_flash_attention), merged by log-sum-exp; its
+  backward is PyTorch's flash backward with the log-sum-exp's gradient folded in (SdpaLse).
 
 Before timing, each peer runs on the inputs our bench dumped (--check-dir) and compares its
 output with ours: ||peer - ours|| / ||ours||. Then every configuration of ours (--ours
@@ -78,12 +79,58 @@ def headgroup_peer(q, k, v, schedule, causal=False):
     return out
 
 
+class SdpaLse(torch.autograd.Function):
+    """SDPA (flash) returning out and its log-sum-exp L, differentiable in both.
+
+    PyTorch's flash backward takes only dO; it forms Delta_i = sum_d dO_id O_id from the
+    saved output and uses dS = P * (dP - Delta). A gradient dL of the log-sum-exp adds
+    P_ij dL_i to dS (dL_i / dS_ij = P_ij), i.e. Delta_i -> Delta_i - dL_i. We pass an output
+    O' = O - dO dL / |dO|^2, whose Delta' is exactly Delta - dL, so the one flash backward
+    kernel computes the full gradient (checked against autograd through explicit softmax
+    by `self_test_lse_grad` before timing)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
+        out, lse = res[0], res[1]
+        ctx.save_for_backward(q, k, v, out, lse, res[2], res[3], res[6], res[7])
+        ctx.meta = (res[4], res[5], causal)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):
+        q, k, v, out, lse, cq, ck, seed, off = ctx.saved_tensors
+        max_q, max_k, causal = ctx.meta
+        if g_out is None:
+            g_out = torch.zeros_like(out)
+        g_out = g_out.contiguous()
+        out_mod = out
+        if g_lse is not None:
+            go = g_out.float()
+            nrm = (go * go).sum(-1, keepdim=True).clamp_min(1e-30)
+            out_mod = (out.float() - go * (g_lse.float().unsqueeze(-1) / nrm)).to(out.dtype)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            g_out, q, k, v, out_mod, lse, cq, ck, max_q, max_k, 0.0, causal, seed, off)
+        return dq, dk, dv, None
+
+
 def sdpa_lse(q, k, v, causal):
-    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
-    return res[0], res[1]  # out (B, H, m, D), logsumexp (B, H, m) natural log
+    """out (B, H, m, D), logsumexp (B, H, m) natural log; both carry gradients."""
+    return SdpaLse.apply(q, k, v, causal)
 
 
-def lse_peer(q, k, v, schedule, causal=False):
+def math_lse(q, k, v, causal):
+    """Explicit float32 softmax attention with its log-sum-exp (the self-test's reference)."""
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        m = s.shape[-1]
+        s = s.masked_fill(torch.ones(m, m, dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), lse
+
+
+def lse_peer(q, k, v, schedule, causal=False, attn=None):
+    attn = attn or sdpa_lse
     b, n, h, d = q.shape
     acc = torch.zeros(b, n, h, d, device=q.device, dtype=torch.float32)
     big_l = torch.full((b, n, h), -math.inf, device=q.device, dtype=torch.float32)
@@ -98,7 +145,7 @@ def lse_peer(q, k, v, schedule, causal=False):
             qs, _ = gather(q, w, r, o, heads)
             ks, _ = gather(k, w, r, o, heads)
             vs, _ = gather(v, w, r, o, heads)
-            res, lse = sdpa_lse(qs.contiguous(), ks.contiguous(), vs.contiguous(), causal)
+            res, lse = attn(qs.contiguous(), ks.contiguous(), vs.contiguous(), causal)
             scatter(out_i, res, w, r, o, heads)
             scatter(lse_i, lse.unsqueeze(-1), w, r, o, heads)
         lse_i = lse_i.squeeze(-1)
@@ -187,6 +234,27 @@ def check(dirn):
     return ok
 
 
+def self_test_lse_grad():
+    """The LSE peer's gradients (flash backward with the dL fold) against autograd through
+    explicit softmax, on a small LongNet problem, causal and not."""
+    ok = True
+    for causal in (False, True):
+        g = torch.Generator(device=DEV).manual_seed(7)
+        q, k, v, go = (torch.randn(1, 4096, H, D, device=DEV, dtype=torch.bfloat16, generator=g) for _ in range(4))
+        grads = []
+        for attn in (sdpa_lse, math_lse):
+            leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+            o, _ = lse_peer(*(x.to(torch.bfloat16) for x in leaves), longnet4(), causal, attn)
+            o.float().backward(go.float())
+            grads.append([x.grad for x in leaves])
+        for name, a, b in zip("qkv", *grads):
+            e = rel(a, b)
+            good = e < 2e-2
+            ok &= good
+            print(f"self-test LSE peer d{name} causal={causal}: ||flash - math|| / ||math|| = {e:.2e} {'OK' if good else 'MISMATCH'}")
+    return ok
+
+
 def gemm_ceiling():
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
@@ -203,6 +271,8 @@ def main():
     if a.check_dir:
         if not check(a.check_dir):
             print("PEER CHECK FAILED: ratios below compare different functions")
+    if not self_test_lse_grad():
+        print("PEER SELF-TEST FAILED: the LSE backward peer's gradients are wrong")
     ceiling = gemm_ceiling()
     print(f"bf16 GEMM 8192^3 ceiling: {ceiling:.0f} TFLOP/s")
     ours = json.load(open(a.ours))
@@ -248,8 +318,13 @@ def main():
                 ms, gib = timed(lambda: headgroup_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-headgroups"
             elif rec["pass"].startswith("fwdbwd"):
-                print(f"no LSE-combine backward peer (SDPA's logsumexp carries no gradient): {rec['n']} skipped")
-                continue
+                qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+                def fb():
+                    o, _ = lse_peer(qg, kg, vg, longnet4(), causal)
+                    o.backward(go)
+                ms, gib = timed(fb)
+                peer = "sdpa-lse"
             else:
                 ms, gib = timed(lambda: lse_peer(q, k, v, longnet4(), causal))
                 peer = "sdpa-lse"
