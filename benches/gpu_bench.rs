@@ -85,6 +85,7 @@ const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
     ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
+    ("smema", |d, on| d.set_bwd_reg_operands(!on)),
 ];
 
 fn args() -> Args {

@@ -34,7 +34,8 @@ if has sanitize; then
     echo "$tool exit $?"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Error|error" "$O/$tool.log" | head -8
     # The persistent forward over several work items per CTA (stage ring and Q buffer
-    # reused across items).
+    # reused across items); SAN_PERSISTENT=0 skips it (a round that did not touch it).
+    [ "${SAN_PERSISTENT:-1}" = 0 ] && continue
     echo "== compute-sanitizer $tool (persistent_forward_many_items)"
     timeout 300 "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact persistent_forward_many_items > "$O/${tool}_persistent.log" 2>&1
     echo "$tool exit $?"

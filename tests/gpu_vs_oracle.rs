@@ -68,10 +68,11 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap, persistent on non-causal problems, and the two-pass
-    // ping-pong wgmma backward); 1: on Hopper the
+    // ping-pong wgmma backward, its dQ pass with register A operands); 1: on Hopper the
     // lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma forward and the
     // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 6:
-    // the overlapped forward, not persistent; 7: the persistent forward for causal problems
+    // the overlapped forward, not persistent, and the dQ pass reading Q and dO from shared
+    // memory (dq_wg); 7: the persistent forward for causal problems
     // too (tiles dealt in pairs); 4 or 8: the mma.sync forward on that many warps; 2:
     // mma.sync, 4 warps with two row tiles per warp.
     dev.set_warp_specialized(warps != 1 && warps != 3);
@@ -80,6 +81,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(warps == 1);
     dev.set_bwd_pingpong(warps != 3);
+    dev.set_bwd_reg_operands(warps != 6);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -138,6 +140,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(false);
     dev.set_fused_dq(false);
     dev.set_bwd_pingpong(true);
+    dev.set_bwd_reg_operands(true);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
@@ -288,7 +291,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, false, 5);
-        all_dtypes_w(&case, KernelPref::Auto, false, 6);
+        all_dtypes_w(&case, KernelPref::Auto, true, 6);
         all_dtypes_w(&case, KernelPref::Auto, false, 7);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
@@ -374,7 +377,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, false, 5);
-        all_dtypes_w(&case, KernelPref::Auto, false, 6);
+        all_dtypes_w(&case, KernelPref::Auto, true, 6);
         all_dtypes_w(&case, KernelPref::Auto, false, 7);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);

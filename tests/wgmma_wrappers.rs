@@ -26,12 +26,25 @@ fn outs(n: usize) -> String {
 
 /// One wrapper. `a_regs`: A from registers (else a shared-memory descriptor); `trans`: the
 /// transpose immediates (`imm-trans-a, imm-trans-b` for descriptors, `imm-trans-b` for
-/// register A).
-fn wrapper(ty: &str, n: usize, name: &str, comment: &str, a_regs: bool, trans: &str) -> String {
+/// register A); `acc_arg`: register A with an `acc` argument (0: D = A·B) instead of
+/// always accumulating.
+fn wrapper(
+    ty: &str,
+    n: usize,
+    name: &str,
+    comment: &str,
+    a_regs: bool,
+    trans: &str,
+    acc_arg: bool,
+) -> String {
     let nr = n / 2;
     let mut s = String::new();
     s += &format!("    // D[64x{n}] {comment}\n");
-    if a_regs {
+    if a_regs && acc_arg {
+        s += &format!(
+            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db, int acc) {{\n"
+        );
+    } else if a_regs {
         s += &format!(
             "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db) {{\n"
         );
@@ -63,7 +76,10 @@ fn wrapper(ty: &str, n: usize, name: &str, comment: &str, a_regs: bool, trans: &
     }
     s += &format!("            : {}\n", outs(nr));
     if a_regs {
-        s += "            : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"(1));\n";
+        let acc = if acc_arg { "acc" } else { "1" };
+        s += &format!(
+            "            : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"({acc}));\n"
+        );
     } else {
         s += "            : \"l\"(da), \"l\"(db), \"r\"(acc));\n";
     }
@@ -73,7 +89,8 @@ fn wrapper(ty: &str, n: usize, name: &str, comment: &str, a_regs: bool, trans: &
 
 /// The generated block: for bf16 and f16, N = 64 and 128:
 /// `ssN` (A, B K-major in shared memory), `ssNt` (both MN-major), `rsN` (A in registers,
-/// B MN-major, always accumulating).
+/// B MN-major, always accumulating), `rsNk` (A in registers, B K-major, `acc` = 0 for the
+/// first k16 step).
 fn generate() -> String {
     let mut s = String::new();
     for ty in ["bf16", "f16"] {
@@ -86,6 +103,7 @@ fn generate() -> String {
                 "(+)= A(smem, K-major) * B(smem, K-major)^T",
                 false,
                 "0, 0",
+                false,
             );
             s += &wrapper(
                 ty,
@@ -94,6 +112,7 @@ fn generate() -> String {
                 "(+)= A(smem, MN-major) * B(smem, MN-major)",
                 false,
                 "1, 1",
+                false,
             );
             s += &wrapper(
                 ty,
@@ -102,6 +121,16 @@ fn generate() -> String {
                 "+= A(registers) * B(smem, MN-major)",
                 true,
                 "1",
+                false,
+            );
+            s += &wrapper(
+                ty,
+                n,
+                &format!("rs{n}k"),
+                "(+)= A(registers) * B(smem, K-major)^T",
+                true,
+                "0",
+                true,
             );
         }
         s += "};\n";

@@ -191,6 +191,8 @@ pub struct Cuda {
     /// Hopper two-pass backward with ping-pong between warpgroups (`dq_wg` + `dkdv_wg`) or
     /// in lockstep (the default).
     bwd_pingpong: AtomicBool,
+    /// Hopper ping-pong dQ pass with Q and dO as register A operands (`dq_wgr`).
+    bwd_reg_operands: AtomicBool,
 }
 
 impl Cuda {
@@ -247,6 +249,7 @@ impl Cuda {
             sms,
             fused_dq: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
+            bwd_reg_operands: AtomicBool::new(true),
         })
     }
 
@@ -452,6 +455,17 @@ impl Cuda {
     /// See [`set_bwd_pingpong`](Self::set_bwd_pingpong).
     pub fn bwd_pingpong(&self) -> bool {
         self.bwd_pingpong.load(Ordering::Relaxed)
+    }
+    /// Hopper ping-pong backward: the dQ pass holds its warpgroup's Q and dO rows in
+    /// registers as the A operands of `S = Q·Kᵀ` and `dP = dO·Vᵀ` (`dq_wgr`, `true`, the
+    /// default), or reads them from shared memory with every tile (`dq_wg`, `false`). For
+    /// comparisons and tests.
+    pub fn set_bwd_reg_operands(&self, on: bool) {
+        self.bwd_reg_operands.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_reg_operands`](Self::set_bwd_reg_operands).
+    pub fn bwd_reg_operands(&self) -> bool {
+        self.bwd_reg_operands.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

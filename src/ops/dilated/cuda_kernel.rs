@@ -773,8 +773,14 @@ pub(crate) fn backward_launch<E: CudaElement>(
             smem: Some(wg_bwd_smem(d)),
             persistent: false,
         };
+        // The ping-pong dQ pass with register A operands (dq_wgr) unless turned off.
+        let dq = if dev.bwd_pingpong() && dev.bwd_reg_operands() {
+            "wgr"
+        } else {
+            pp
+        };
         (
-            l(format!("dq_{pp}_{e}_{d}")),
+            l(format!("dq_{dq}_{e}_{d}")),
             l(format!("dkdv_{pp}_{e}_{d}")),
         )
     } else if tc {

@@ -62,6 +62,16 @@ template <> struct Wg<bf16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
     }
+    // D[64x64] (+)= A(registers) * B(smem, K-major)^T
+    __device__ __forceinline__ static void rs64k(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -91,6 +101,16 @@ template <> struct Wg<bf16> {
             "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    }
+    // D[64x128] (+)= A(registers) * B(smem, K-major)^T
+    __device__ __forceinline__ static void rs128k(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
     }
 };
 template <> struct Wg<f16> {
@@ -124,6 +144,16 @@ template <> struct Wg<f16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
     }
+    // D[64x64] (+)= A(registers) * B(smem, K-major)^T
+    __device__ __forceinline__ static void rs64k(float (&d)[32], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -153,6 +183,16 @@ template <> struct Wg<f16> {
             "{%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+    }
+    // D[64x128] (+)= A(registers) * B(smem, K-major)^T
+    __device__ __forceinline__ static void rs128k(float (&d)[64], const u32 (&a)[4], u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
     }
 };
 // GENERATED by tests/wgmma_wrappers.rs: end
@@ -232,6 +272,42 @@ __device__ __forceinline__ void wg_xb(float (&acc)[D / 2], const u32 (&x)[K / 16
             Wg<T>::rs128(acc, x[kc], db);
         else
             Wg<T>::rs64(acc, x[kc], db);
+    }
+}
+
+// d[64 x N] = X(64 x D, A fragments in registers) · B(N x D)ᵀ, B a swizzled K-major tile
+// (`b_cb` bytes between its column blocks): wg_abt with the A operand held in registers, so
+// that the MMA reads only B from shared memory (an m64n64k16 reading both operands from
+// shared memory needs 4 KiB per 32 tensor-core cycles, the whole 128 bytes per cycle).
+template <typename T, int D, int N>
+__device__ __forceinline__ void wg_xbt(float (&d)[N / 2], const u32 (&x)[D / 16][4], u32 b, int b_cb) {
+    const u64 db0 = wg_desc(b, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const u64 db = wg_desc_at(db0, (kk >> 2) * b_cb + (kk & 3) * 32);
+        if constexpr (N == 128)
+            Wg<T>::rs128k(d, x[kk], db, kk);
+        else
+            Wg<T>::rs64k(d, x[kk], db, kk);
+    }
+}
+
+// A fragments (k16 chunks over D columns) of this thread's two rows of a swizzled tile: rows
+// `row` and `row + 8` (row = the warp's first row + lane/4), columns 16kc + 2(lane & 3)
+// (+ 1, + 8, + 9): the register layout wg_pack produces. `tile` is the tile's first column
+// block, `cb` the bytes between column blocks. Plain shared loads: the rows were written by
+// cp.async (generic proxy) and the caller has waited for them.
+template <int D>
+__device__ __forceinline__ void wg_frag_a(u32 (&x)[D / 16][4], u32 tile, int cb, int row, int lane) {
+    const int r1 = row + 8;
+    const u32 a0 = tile + row * 128 + (lane & 3) * 4, a1 = tile + r1 * 128 + (lane & 3) * 4;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+        const int c0 = (kc & 3) * 2, blk = (kc >> 2) * cb;
+        asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x[kc][0]) : "r"(a0 + blk + ((c0 ^ (row & 7)) << 4)));
+        asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x[kc][1]) : "r"(a1 + blk + ((c0 ^ (r1 & 7)) << 4)));
+        asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x[kc][2]) : "r"(a0 + blk + (((c0 + 1) ^ (row & 7)) << 4)));
+        asm volatile("ld.shared.b32 %0, [%1];" : "=r"(x[kc][3]) : "r"(a1 + blk + (((c0 + 1) ^ (r1 & 7)) << 4)));
     }
 }
 
@@ -873,7 +949,10 @@ __device__ __forceinline__ void key_lim(const Params& P, const PatState& st, int
     }
 }
 
-template <typename T, int D, int BS, bool PP>
+// RA (register A operands, ping-pong only): the warpgroup's 64 Q and dO rows are loaded
+// into A fragments once, and S = Q·Kᵀ and dP = dO·Vᵀ read only K and V from shared memory
+// (wg_xbt): the tile's shared-memory reads drop from 80 to 48 KiB per warpgroup.
+template <typename T, int D, int BS, bool PP, bool RA = false>
 __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
                       const float* __restrict__ lse, const T* __restrict__ dout,
@@ -881,6 +960,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int RQ = 128, NT = 256, CB = D / 64;
     constexpr int OB = RQ * 128, SB = BS * 128, ST = CB * SB;
+    static_assert(!RA || PP, "register A operands: ping-pong kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sQ = (raw + 1023) & ~1023u;
@@ -935,6 +1015,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     int stage = 0, cur_i = -1, it = 0;
     bool part0 = false, part1 = false;
     float d0 = 0.f, d1 = 0.f;
+    u32 qf[RA ? D / 16 : 1][4], of[RA ? D / 16 : 1][4];  // RA: Q and dO rows as A fragments
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<BS>(P, t, h, nx, RQ);
@@ -945,6 +1026,14 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                 pipe.produced(it + 1);
             }
             pipe.wait_full(it);
+            if constexpr (RA) {
+                // Tile 0's full barrier also covered this thread's Q / dO copies (and
+                // every other thread's: its count is all of them).
+                if (it == 0) {
+                    wg_frag_a<D>(qf, sQ + wg * 64 * 128, OB, wq * 16 + (lane >> 2), lane);
+                    wg_frag_a<D>(of, sO + wg * 64 * 128, OB, wq * 16 + (lane >> 2), lane);
+                }
+            }
         } else {
             if (hn) load_kv(nx, stage == 2 ? 0 : stage + 1);
             cp_commit();
@@ -966,10 +1055,17 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         float s[BS / 2], dp[BS / 2];
         if (PP) turn_begin(wg);
         wg_fence();
-        wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);  // S = Q Kᵀ
-        wg_commit();
-        wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
-        wg_commit();
+        if constexpr (RA) {
+            wg_xbt<T, D, BS>(s, qf, kb, SB);  // S = Q Kᵀ
+            wg_commit();
+            wg_xbt<T, D, BS>(dp, of, vb, SB);  // dP = dO Vᵀ (without fac)
+            wg_commit();
+        } else {
+            wg_abt<T, D, BS>(s, sQ + wg * 64 * 128, OB, kb, SB);  // S = Q Kᵀ
+            wg_commit();
+            wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
+            wg_commit();
+        }
         if (PP) turn_end(wg, false);
         // P while dP is still being computed.
         wg_wait<1>();
@@ -1333,6 +1429,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                            const unsigned char* mask, const float* lse, const T* dout,            \
                            const float* delta, T* dq) {                                           \
         dq_wg<T, D, WG_BS, true>(P, q, k, v, mask, lse, dout, delta, dq);                         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dq_wgr_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
+                            const unsigned char* mask, const float* lse, const T* dout,           \
+                            const float* delta, T* dq) {                                          \
+        dq_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dq);                   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dq_wgs_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
