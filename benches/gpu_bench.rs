@@ -86,6 +86,7 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fused", |d, on| d.set_fused_dq(on)),
     ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
     ("smema", |d, on| d.set_bwd_reg_operands(!on)),
+    ("deferred", |d, on| d.set_bwd_deferred_waits(on)),
 ];
 
 fn args() -> Args {

@@ -68,11 +68,12 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap, persistent on non-causal problems, and the two-pass
-    // ping-pong wgmma backward, its dQ pass with register A operands); 1: on Hopper the
-    // lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma forward and the
-    // two-pass lockstep backward; 5: the warp-specialised forward without the overlap; 6:
-    // the overlapped forward, not persistent, and the dQ pass reading Q and dO from shared
-    // memory (dq_wg); 7: the persistent forward for causal problems
+    // ping-pong wgmma backward, its dQ pass with register A operands: dq_wgr + dkdv_wg); 1:
+    // on Hopper the lockstep wgmma forward and the fused-dQ backward; 3: the lockstep wgmma
+    // forward and the two-pass lockstep backward; 5: the warp-specialised forward without
+    // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
+    // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
+    // (dq_wgrd + dkdv_wgd) and the persistent forward for causal problems
     // too (tiles dealt in pairs); 4 or 8: the mma.sync forward on that many warps; 2:
     // mma.sync, 4 warps with two row tiles per warp.
     dev.set_warp_specialized(warps != 1 && warps != 3);
@@ -82,6 +83,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(warps == 1);
     dev.set_bwd_pingpong(warps != 3);
     dev.set_bwd_reg_operands(warps != 6);
+    dev.set_bwd_deferred_waits(warps == 7);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -141,6 +143,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(false);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
+    dev.set_bwd_deferred_waits(false);
     dev.set_fwd_warps(4);
     dev.set_fwd_row_tiles(2);
     dev.set_bwd_variant(2);
@@ -219,7 +222,7 @@ proptest! {
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
         let w = [0, 1, 3, 4, 8, 2, 5, 6, 7][(case.seed % 9) as usize];
-        all_dtypes_w(&case, KernelPref::Auto, !matches!(w, 5..=7), w);
+        all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
 }
@@ -258,7 +261,8 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 1 + 2 * (seed % 2) as u8);
-                all_dtypes_w(&case, KernelPref::Auto, false, 5 + (seed % 3) as u8);
+                let w = 5 + (seed % 3) as u8;
+                all_dtypes_w(&case, KernelPref::Auto, true, w);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -290,9 +294,9 @@ fn dense_matches_oracle() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
-        all_dtypes_w(&case, KernelPref::Auto, false, 5);
+        all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
-        all_dtypes_w(&case, KernelPref::Auto, false, 7);
+        all_dtypes_w(&case, KernelPref::Auto, true, 7);
         all_dtypes_w(&case, KernelPref::Auto, false, 4);
         all_dtypes_w(&case, KernelPref::Auto, false, 8);
         all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -376,9 +380,9 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
-        all_dtypes_w(&case, KernelPref::Auto, false, 5);
+        all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
-        all_dtypes_w(&case, KernelPref::Auto, false, 7);
+        all_dtypes_w(&case, KernelPref::Auto, true, 7);
         for bwd in 0..6 {
             BWD.store(bwd, Ordering::Relaxed);
             all_dtypes_w(&case, KernelPref::Auto, true, 2);

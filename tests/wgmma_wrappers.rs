@@ -16,31 +16,46 @@ fn regs(n: usize) -> String {
         .join(",")
 }
 
-/// `"+f"(d[0]), ...` for `n` accumulators.
-fn outs(n: usize) -> String {
+/// `"+f"(d[0]), ...` for `n` accumulators (`"=f"` when `write_only`).
+fn outs(n: usize, write_only: bool) -> String {
+    let c = if write_only { '=' } else { '+' };
     (0..n)
-        .map(|i| format!("\"+f\"(d[{i}])"))
+        .map(|i| format!("\"{c}f\"(d[{i}])"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// How a wrapper takes its operands (see [`wrapper`]).
+#[derive(Clone, Copy)]
+struct Form {
+    a_regs: bool,
+    acc_arg: bool,
+    write_only: bool,
 }
 
 /// One wrapper. `a_regs`: A from registers (else a shared-memory descriptor); `trans`: the
 /// transpose immediates (`imm-trans-a, imm-trans-b` for descriptors, `imm-trans-b` for
 /// register A); `acc_arg`: register A with an `acc` argument (0: D = A·B) instead of
-/// always accumulating.
-fn wrapper(
-    ty: &str,
-    n: usize,
-    name: &str,
-    comment: &str,
-    a_regs: bool,
-    trans: &str,
-    acc_arg: bool,
-) -> String {
+/// always accumulating; `write_only`: D = A·B with D an output only (no `acc` argument), so
+/// that nothing has to define D's registers before the MMA.
+fn wrapper(ty: &str, n: usize, name: &str, comment: &str, trans: &str, form: Form) -> String {
+    let Form {
+        a_regs,
+        acc_arg,
+        write_only,
+    } = form;
     let nr = n / 2;
     let mut s = String::new();
     s += &format!("    // D[64x{n}] {comment}\n");
-    if a_regs && acc_arg {
+    if write_only && a_regs {
+        s += &format!(
+            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db) {{\n"
+        );
+    } else if write_only {
+        s += &format!(
+            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], u64 da, u64 db) {{\n"
+        );
+    } else if a_regs && acc_arg {
         s += &format!(
             "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db, int acc) {{\n"
         );
@@ -74,14 +89,21 @@ fn wrapper(
             nr + 1
         );
     }
-    s += &format!("            : {}\n", outs(nr));
+    s += &format!("            : {}\n", outs(nr, write_only));
     if a_regs {
-        let acc = if acc_arg { "acc" } else { "1" };
+        let acc = if write_only {
+            "0"
+        } else if acc_arg {
+            "acc"
+        } else {
+            "1"
+        };
         s += &format!(
             "            : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"({acc}));\n"
         );
     } else {
-        s += "            : \"l\"(da), \"l\"(db), \"r\"(acc));\n";
+        let acc = if write_only { "0" } else { "acc" };
+        s += &format!("            : \"l\"(da), \"l\"(db), \"r\"({acc}));\n");
     }
     s += "    }\n";
     s
@@ -90,7 +112,8 @@ fn wrapper(
 /// The generated block: for bf16 and f16, N = 64 and 128:
 /// `ssN` (A, B K-major in shared memory), `ssNt` (both MN-major), `rsN` (A in registers,
 /// B MN-major, always accumulating), `rsNk` (A in registers, B K-major, `acc` = 0 for the
-/// first k16 step).
+/// first k16 step), and `ssNz` / `rsNkz`: the first k16 step of `ssN` / `rsNk` with D
+/// written only.
 fn generate() -> String {
     let mut s = String::new();
     for ty in ["bf16", "f16"] {
@@ -101,36 +124,72 @@ fn generate() -> String {
                 n,
                 &format!("ss{n}"),
                 "(+)= A(smem, K-major) * B(smem, K-major)^T",
-                false,
                 "0, 0",
-                false,
+                Form {
+                    a_regs: false,
+                    acc_arg: false,
+                    write_only: false,
+                },
+            );
+            s += &wrapper(
+                ty,
+                n,
+                &format!("ss{n}z"),
+                "= A(smem, K-major) * B(smem, K-major)^T (D written only)",
+                "0, 0",
+                Form {
+                    a_regs: false,
+                    acc_arg: false,
+                    write_only: true,
+                },
             );
             s += &wrapper(
                 ty,
                 n,
                 &format!("ss{n}t"),
                 "(+)= A(smem, MN-major) * B(smem, MN-major)",
-                false,
                 "1, 1",
-                false,
+                Form {
+                    a_regs: false,
+                    acc_arg: false,
+                    write_only: false,
+                },
             );
             s += &wrapper(
                 ty,
                 n,
                 &format!("rs{n}"),
                 "+= A(registers) * B(smem, MN-major)",
-                true,
                 "1",
-                false,
+                Form {
+                    a_regs: true,
+                    acc_arg: false,
+                    write_only: false,
+                },
             );
             s += &wrapper(
                 ty,
                 n,
                 &format!("rs{n}k"),
                 "(+)= A(registers) * B(smem, K-major)^T",
-                true,
                 "0",
-                true,
+                Form {
+                    a_regs: true,
+                    acc_arg: true,
+                    write_only: false,
+                },
+            );
+            s += &wrapper(
+                ty,
+                n,
+                &format!("rs{n}kz"),
+                "= A(registers) * B(smem, K-major)^T (D written only)",
+                "0",
+                Form {
+                    a_regs: true,
+                    acc_arg: false,
+                    write_only: true,
+                },
             );
         }
         s += "};\n";

@@ -193,6 +193,9 @@ pub struct Cuda {
     bwd_pingpong: AtomicBool,
     /// Hopper ping-pong dQ pass with Q and dO as register A operands (`dq_wgr`).
     bwd_reg_operands: AtomicBool,
+    /// Hopper ping-pong backward without the end-of-tile MMA waits (`dkdv_wgd`, `dq_wgrd`;
+    /// opt-in).
+    bwd_deferred_waits: AtomicBool,
 }
 
 impl Cuda {
@@ -250,6 +253,7 @@ impl Cuda {
             fused_dq: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
+            bwd_deferred_waits: AtomicBool::new(false),
         })
     }
 
@@ -466,6 +470,19 @@ impl Cuda {
     /// See [`set_bwd_reg_operands`](Self::set_bwd_reg_operands).
     pub fn bwd_reg_operands(&self) -> bool {
         self.bwd_reg_operands.load(Ordering::Relaxed)
+    }
+    /// Hopper ping-pong backward: a tile's last MMAs (dV and dK; dQ in the register-operand
+    /// dQ pass) are not waited for at the end of the tile: the next tile's wait for its `S`
+    /// covers them, so the warpgroup issues the next tile's loads and MMAs meanwhile
+    /// (`dkdv_wgd`, `dq_wgrd`; `true`), or waited for at once (`false`, the default: on an
+    /// H200 the deferred waits measured 0.4–6 % slower in 7 of 8 bench cases, see CUDA.md).
+    /// For comparisons and tests.
+    pub fn set_bwd_deferred_waits(&self, on: bool) {
+        self.bwd_deferred_waits.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_deferred_waits`](Self::set_bwd_deferred_waits).
+    pub fn bwd_deferred_waits(&self) -> bool {
+        self.bwd_deferred_waits.load(Ordering::Relaxed)
     }
 
     /// Copy host data to a new device buffer.

@@ -773,15 +773,19 @@ pub(crate) fn backward_launch<E: CudaElement>(
             smem: Some(wg_bwd_smem(d)),
             persistent: false,
         };
-        // The ping-pong dQ pass with register A operands (dq_wgr) unless turned off.
-        let dq = if dev.bwd_pingpong() && dev.bwd_reg_operands() {
-            "wgr"
-        } else {
-            pp
+        // Ping-pong: the dQ pass with register A operands (dq_wgr) unless turned off, both
+        // passes with deferred MMA waits (dq_wgrd, dkdv_wgd) when asked for.
+        let ping = dev.bwd_pingpong();
+        let defer = ping && dev.bwd_deferred_waits();
+        let dq = match (ping && dev.bwd_reg_operands(), defer) {
+            (true, true) => "wgrd",
+            (true, false) => "wgr",
+            (false, _) => pp,
         };
+        let kv = if defer { "wgd" } else { pp };
         (
             l(format!("dq_{dq}_{e}_{d}")),
-            l(format!("dkdv_{pp}_{e}_{d}")),
+            l(format!("dkdv_{kv}_{e}_{d}")),
         )
     } else if tc {
         let qwarps = dev.dq_warps() as usize;

@@ -1,7 +1,9 @@
 // Hopper kernels (sm_90a): the forward and backward of dilated.cu on warpgroup MMAs
 // (`wgmma`): fwd_wg, fwd_ws / fwd_wso / fwd_wsp (warp-specialised; with the intra-warpgroup
-// overlap; that, persistent: the defaults), dq_wg(s) + dkdv_wg(s) (two-pass backward,
-// ping-pong by default or lockstep) and bwd_wg (dQ fused into the key-owner pass).
+// overlap; that, persistent: the defaults), dq_wg(s) / dq_wgr(d) + dkdv_wg(s/d) (two-pass
+// backward, ping-pong by default or lockstep; dq_wgr, the default dQ pass, with register A
+// operands; the d kernels with deferred MMA waits, opt-in) and bwd_wg (dQ fused into the
+// key-owner pass).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
@@ -42,6 +44,16 @@ template <> struct Wg<bf16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "l"(da), "l"(db), "r"(acc));
     }
+    // D[64x64] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss64z(float (&d)[32], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+            : "l"(da), "l"(db), "r"(0));
+    }
     // D[64x64] (+)= A(smem, MN-major) * B(smem, MN-major)
     __device__ __forceinline__ static void ss64t(float (&d)[32], u64 da, u64 db, int acc) {
         asm volatile(
@@ -72,6 +84,16 @@ template <> struct Wg<bf16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
     }
+    // D[64x64] = A(registers) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void rs64kz(float (&d)[32], const u32 (&a)[4], u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -81,6 +103,16 @@ template <> struct Wg<bf16> {
             "%64, %65, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x128] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss128z(float (&d)[64], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+            : "l"(da), "l"(db), "r"(0));
     }
     // D[64x128] (+)= A(smem, MN-major) * B(smem, MN-major)
     __device__ __forceinline__ static void ss128t(float (&d)[64], u64 da, u64 db, int acc) {
@@ -111,6 +143,16 @@ template <> struct Wg<bf16> {
             "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+    }
+    // D[64x128] = A(registers) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void rs128kz(float (&d)[64], const u32 (&a)[4], u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
     }
 };
 template <> struct Wg<f16> {
@@ -124,6 +166,16 @@ template <> struct Wg<f16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "l"(da), "l"(db), "r"(acc));
     }
+    // D[64x64] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss64z(float (&d)[32], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "%32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+            : "l"(da), "l"(db), "r"(0));
+    }
     // D[64x64] (+)= A(smem, MN-major) * B(smem, MN-major)
     __device__ __forceinline__ static void ss64t(float (&d)[32], u64 da, u64 db, int acc) {
         asm volatile(
@@ -154,6 +206,16 @@ template <> struct Wg<f16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
     }
+    // D[64x64] = A(registers) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void rs64kz(float (&d)[32], const u32 (&a)[4], u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, "
+            "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -163,6 +225,16 @@ template <> struct Wg<f16> {
             "%64, %65, p, 1, 1, 0, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x128] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss128z(float (&d)[64], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+            : "l"(da), "l"(db), "r"(0));
     }
     // D[64x128] (+)= A(smem, MN-major) * B(smem, MN-major)
     __device__ __forceinline__ static void ss128t(float (&d)[64], u64 da, u64 db, int acc) {
@@ -193,6 +265,16 @@ template <> struct Wg<f16> {
             "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+    }
+    // D[64x128] = A(registers) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void rs128kz(float (&d)[64], const u32 (&a)[4], u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "{%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
     }
 };
 // GENERATED by tests/wgmma_wrappers.rs: end
@@ -223,6 +305,13 @@ template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A fragments that an in-flight MMA still reads: placed after the wait that
+// covers that MMA, it keeps their registers allocated, unchanged, until then (DW below).
+template <int K> __device__ __forceinline__ void reg_fence(u32 (&x)[K][4]) {
+#pragma unroll
+    for (int i = 0; i < K; ++i)
+        asm volatile("" : "+r"(x[i][0]), "+r"(x[i][1]), "+r"(x[i][2]), "+r"(x[i][3])::"memory");
+}
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // One tensor's rows into the 128-byte-swizzled wgmma layout (see load_rows_n).
@@ -246,17 +335,27 @@ __device__ __forceinline__ void load_rows2_sw(u32 dst0, const void* src0, u32 ds
 // d[64 x N] = A(64 x D) · B(N x D)ᵀ for one warpgroup, both operands swizzled K-major
 // tiles in shared memory: `a`/`b` the first column block (of the warpgroup's rows), `a_cb`/
 // `b_cb` the bytes between column blocks. Issues D/16 MMAs; the caller commits and waits.
-template <typename T, int D, int N>
+// Z: the first MMA writes d without reading it (ssNz), so that no instruction has to define
+// d's registers before it (DW kernels: other MMAs are in flight then, and ptxas serialises
+// the pipeline, C7515, when anything else defines an accumulator meanwhile).
+template <typename T, int D, int N, bool Z = false>
 __device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b, int b_cb) {
     const u64 da0 = wg_desc(a, 16, 1024), db0 = wg_desc(b, 16, 1024);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const u64 da = wg_desc_at(da0, (kk >> 2) * a_cb + (kk & 3) * 32);
         const u64 db = wg_desc_at(db0, (kk >> 2) * b_cb + (kk & 3) * 32);
-        if constexpr (N == 128)
-            Wg<T>::ss128(d, da, db, kk);
-        else
-            Wg<T>::ss64(d, da, db, kk);
+        if constexpr (N == 128) {
+            if (Z && kk == 0)
+                Wg<T>::ss128z(d, da, db);
+            else
+                Wg<T>::ss128(d, da, db, kk);
+        } else {
+            if (Z && kk == 0)
+                Wg<T>::ss64z(d, da, db);
+            else
+                Wg<T>::ss64(d, da, db, kk);
+        }
     }
 }
 
@@ -285,10 +384,17 @@ __device__ __forceinline__ void wg_xbt(float (&d)[N / 2], const u32 (&x)[D / 16]
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const u64 db = wg_desc_at(db0, (kk >> 2) * b_cb + (kk & 3) * 32);
-        if constexpr (N == 128)
-            Wg<T>::rs128k(d, x[kk], db, kk);
-        else
-            Wg<T>::rs64k(d, x[kk], db, kk);
+        if constexpr (N == 128) {
+            if (kk == 0)
+                Wg<T>::rs128kz(d, x[0], db);  // d written only (see wg_abt's Z)
+            else
+                Wg<T>::rs128k(d, x[kk], db, kk);
+        } else {
+            if (kk == 0)
+                Wg<T>::rs64kz(d, x[0], db);
+            else
+                Wg<T>::rs64k(d, x[kk], db, kk);
+        }
     }
 }
 
@@ -952,7 +1058,11 @@ __device__ __forceinline__ void key_lim(const Params& P, const PatState& st, int
 // RA (register A operands, ping-pong only): the warpgroup's 64 Q and dO rows are loaded
 // into A fragments once, and S = Q·Kᵀ and dP = dO·Vᵀ read only K and V from shared memory
 // (wg_xbt): the tile's shared-memory reads drop from 80 to 48 KiB per warpgroup.
-template <typename T, int D, int BS, bool PP, bool RA = false>
+// DW (deferred waits, ping-pong only): the tile's dQ MMA is not waited for at the end of
+// the iteration; the next iteration's wait for its S (wait_group 1, issued after that dQ
+// MMA) covers it, before anything overwrites the dS fragments, and releases the tile's
+// stage then. The warpgroup goes on to the next tile's loads and MMAs meanwhile.
+template <typename T, int D, int BS, bool PP, bool RA = false, bool DW = false>
 __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const unsigned char* __restrict__ mask,
                       const float* __restrict__ lse, const T* __restrict__ dout,
@@ -961,6 +1071,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     constexpr int RQ = 128, NT = 256, CB = D / 64;
     constexpr int OB = RQ * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!RA || PP, "register A operands: ping-pong kernel only");
+    static_assert(!DW || PP, "deferred waits: ping-pong kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sQ = (raw + 1023) & ~1023u;
@@ -998,6 +1109,10 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     float acc[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+    // DW: zeroed here on every path. Otherwise the compiler zeroes acc on the path that skips
+    // the loop, where the joins after it then define accumulators of the last, still
+    // running dQ MMA (ptxas: C7515, the wgmma pipeline serialised).
+    if constexpr (DW) reg_fence(acc);
 
     PatState cur;
     cur.i = -1;
@@ -1016,6 +1131,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     bool part0 = false, part1 = false;
     float d0 = 0.f, d1 = 0.f;
     u32 qf[RA ? D / 16 : 1][4], of[RA ? D / 16 : 1][4];  // RA: Q and dO rows as A fragments
+    u32 xs[BS / 16][4];  // dS as A fragments (DW: read by the MMA until the next tile's wait)
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<BS>(P, t, h, nx, RQ);
@@ -1068,8 +1184,12 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         }
         if (PP) turn_end(wg, false);
         // P while dP is still being computed.
-        wg_wait<1>();
+        wg_wait<1>();  // DW: the previous tile's dQ MMA too
         reg_fence(s);
+        if constexpr (DW) {
+            reg_fence(xs);
+            if (it > 0) pipe.release(it - 1);
+        }
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
@@ -1093,20 +1213,26 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                 s[4 * n + 2 + j] *= dp[4 * n + 2 + j] * P.fac - d1;
             }
         }
-        u32 xs[BS / 16][4];
         wg_pack<T, BS>(s, xs);
         if (PP) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(acc, xs, kb, SB);  // dQ += dS K
         wg_commit();
         if (PP) turn_end(wg, !hn);
-        wg_wait<0>();
-        reg_fence(acc);
-        if (PP) pipe.release(it);
+        if constexpr (!DW) {
+            wg_wait<0>();
+            reg_fence(acc);
+            if (PP) pipe.release(it);
+        }
         cur = nx;
         have = hn;
         stage = stage == 2 ? 0 : stage + 1;
         ++it;
+    }
+    if constexpr (DW) {
+        wg_wait<0>();  // the last tile's dQ MMA
+        reg_fence(acc);
+        reg_fence(xs);
     }
     cp_commit();  // PP never commits: the barriers track its copies
     cp_wait<0>();
@@ -1165,7 +1291,8 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
 // memory for bulk reductions, `cp.reduce.async.bulk`: 15 % slower than two passes on the
 // H100, see CUDA.md.)
 // This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
-template <typename T, int D, int BS, bool FQ, bool PP>
+// DW (deferred waits, ping-pong only): as dq_wg's, for the tile's dV and dK MMAs.
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1176,6 +1303,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!(FQ && PP), "the fused dQ path uses named barrier 1 itself");
+    static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -1215,6 +1343,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     float adk[D / 2], adv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) adk[i] = adv[i] = 0.f;
+    if constexpr (DW) {  // as in dq_wg
+        reg_fence(adk);
+        reg_fence(adv);
+    }
 
     KvState cur;
     cur.hh = 0;
@@ -1232,6 +1364,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 
     int stage = 0, cur_hi = -1, it = 0;
     bool part0 = false, part1 = false;
+    // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
+    u32 xp[BS / 16][4], xs[BS / 16][4];
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
@@ -1263,14 +1397,19 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         float s[BS / 2], dp[BS / 2];
         if (PP) turn_begin(wg);
         wg_fence();
-        wg_abt<T, D, BS>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
+        wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
         wg_commit();
-        wg_abt<T, D, BS>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
+        wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
         if (PP) turn_end(wg, false);
         // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
-        wg_wait<1>();
+        wg_wait<1>();  // DW: the previous tile's dV and dK MMAs too
         reg_fence(s);
+        if constexpr (DW) {
+            reg_fence(xp);
+            reg_fence(xs);
+            if (it > 0) pipe.release(it - 1);
+        }
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
 #pragma unroll
@@ -1284,7 +1423,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 s[4 * n + 2 + j] = k1e <= lim ? x1 : 0.f;
             }
         }
-        u32 xp[BS / 16][4], xs[BS / 16][4];
         {
             float fp[BS / 2];
 #pragma unroll
@@ -1358,7 +1496,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                                      : "memory");
                 }
             }
-        } else {
+        } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
             reg_fence(adk);
@@ -1370,11 +1508,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) pipe.produced(it + 1);
         }
-        if (PP) pipe.release(it);
+        if (PP && !DW) pipe.release(it);
         cur = nx;
         have = hn;
         stage = ns;
         ++it;
+    }
+    if constexpr (DW) {
+        wg_wait<0>();  // the last tile's dV and dK MMAs
+        reg_fence(adv);
+        reg_fence(adk);
+        reg_fence(xp);
+        reg_fence(xs);
     }
     cp_commit();  // PP never commits: the barriers track its copies
     cp_wait<0>();
@@ -1437,6 +1582,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dq_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dq);                   \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dq_wgrd_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, const float* lse, const T* dout,          \
+                             const float* delta, T* dq) {                                         \
+        dq_wg<T, D, WG_BS, true, true, true>(P, q, k, v, mask, lse, dout, delta, dq);             \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dq_wgs_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                   \
                             const unsigned char* mask, const float* lse, const T* dout,           \
                             const float* delta, T* dq) {                                          \
@@ -1447,6 +1598,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv) {                                  \
         dkdv_wg<T, D, WG_BS, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr);    \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        dkdv_wgd_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, const float* lse, const T* dout,         \
+                              const float* delta, T* dk, T* dv) {                                 \
+        dkdv_wg<T, D, WG_BS, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, nullptr); \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dkdv_wgs_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
