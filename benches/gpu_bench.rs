@@ -84,6 +84,10 @@ const FWD_VARIANTS: &[Variant] = &[
 const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
+    ("fusedls", |d, on| {
+        d.set_fused_dq(on);
+        d.set_bwd_pingpong(!on)
+    }),
     ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
     ("smema", |d, on| d.set_bwd_reg_operands(!on)),
     ("deferred", |d, on| d.set_bwd_deferred_waits(on)),

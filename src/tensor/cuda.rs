@@ -438,10 +438,11 @@ impl Cuda {
         self.sms
     }
     /// Hopper backward: dQ accumulated by the key-owner kernel into an f32 buffer of
-    /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair) or
-    /// computed by its own query-owner pass (`false`, the default: seven, as the mma.sync
-    /// path, and no extra buffer). Both ran equally fast on an H100 (see CUDA.md), so the
-    /// default keeps the smaller memory footprint.
+    /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair;
+    /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
+    /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
+    /// seven, as the mma.sync path, and no extra buffer). `bwd_wg` measured 11–13 % slower
+    /// than the two passes on an H200; `bwd_wgp` has not yet run on a GPU (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }

@@ -520,6 +520,12 @@ fn wg_fused_smem(d: usize) -> u32 {
     wg_bwd_smem(d) + (1024 + 128 * 128) as u32
 }
 
+/// Dynamic shared memory of `bwd_wgp_*`: as [`wg_fused_smem`] with two dSᵀ buffers, and
+/// four more mbarriers (dsfull, dsempty).
+fn wg_fused_pp_smem(d: usize) -> u32 {
+    wg_bwd_smem(d) + (1024 + 2 * 128 * 128 + 4 * 8) as u32
+}
+
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
     let x = pr.tiles(rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
@@ -719,14 +725,14 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        let name = format!("bwd_wg_{}_{d}", E::NAME);
-        let (f, cfg) = kernel(
-            dev,
-            &name,
-            pr,
-            (128, dm.kv_heads, 256),
-            Some(wg_fused_smem(d)),
-        )?;
+        // With the ping-pong turns (bwd_wgp) or in lockstep (bwd_wg).
+        let (kind, smem) = if dev.bwd_pingpong() {
+            ("wgp", wg_fused_pp_smem(d))
+        } else {
+            ("wg", wg_fused_smem(d))
+        };
+        let name = format!("bwd_{kind}_{}_{d}", E::NAME);
+        let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), Some(smem))?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(&p)
             .arg(q)
@@ -739,8 +745,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dk)
             .arg(&mut dv)
             .arg(&mut dqacc);
-        // SAFETY: order and types match `bwd_wg_*` (as `dkdv_wg_*`, plus dqacc: B·N·H·D f32,
-        // zeroed); each tile writes its own dk/dv rows; dqacc only receives atomic bulk adds.
+        // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
+        // dqacc: B·N·H·D f32, zeroed); each tile writes its own dk/dv rows; dqacc only
+        // receives atomic adds.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         let name = format!("dq_convert_{}", E::NAME);
         let f = function(dev, &name)?;
@@ -955,6 +962,7 @@ mod tests {
                 ("fwd_ws/fwd_wso/fwd_wsp", ws_smem(d)),
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
+                ("bwd_wgp", wg_fused_pp_smem(d)),
             ] {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }

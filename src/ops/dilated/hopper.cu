@@ -3,7 +3,7 @@
 // overlap; that, persistent: the defaults), dq_wg(s) / dq_wgr(d) + dkdv_wg(s/d) (two-pass
 // backward, ping-pong by default or lockstep; dq_wgr, the default dQ pass, with register A
 // operands; the d kernels with deferred MMA waits, opt-in) and bwd_wg (dQ fused into the
-// key-owner pass).
+// key-owner pass; bwd_wgp the same with the ping-pong turns, opt-in).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
@@ -1283,10 +1283,13 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
     }
 }
 
-// FQ (fused dQ): the key-owner kernel also produces dQ. Its dS (in registers as dSᵀ, keys ×
-// queries) goes to shared memory as bf16/f16; warpgroup w < D/64 then computes columns
-// 64w..64w+63 of dQ_tile = dS · K_owner (both operands read MN-major) and adds them into the
-// f32 buffer `dqacc` straight from its accumulator registers (`red.global.add.v2.f32`).
+// FQ (fused dQ): the key-owner kernel also produces dQ. FQ && PP (bwd_wgp): with the
+// ping-pong turns; the warpgroups exchange dSᵀ through two shared buffers and mbarriers
+// (dsfull, dsempty) instead of a CTA-wide barrier, and each issues its dQ MMA in its dV/dK
+// turn, so the other's dS lands while its own dV and dK MMAs run. The dS (in registers as
+// dSᵀ, keys × queries) goes to shared memory as bf16/f16; warpgroup w < D/64 then computes
+// columns 64w..64w+63 of dQ_tile = dS · K_owner (both operands read MN-major) and adds them
+// into the f32 buffer `dqacc` straight from its accumulator registers (`red.global.add`).
 // dQ = scale · dqacc afterwards (dq_convert). (A first version staged the rows in shared
 // memory for bulk reductions, `cp.reduce.async.bulk`: 15 % slower than two passes on the
 // H100, see CUDA.md.)
@@ -1302,22 +1305,31 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
-    static_assert(!(FQ && PP), "the fused dQ path uses named barrier 1 itself");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
     const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + 3 * ST;
     float4* qmeta = (float4*)(smem_raw + (sO + 3 * ST - raw));  // 3 x BS (query_meta4)
-    // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned). PP: the stage barriers.
+    // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned; FQ && PP: two buffers,
+    // then the stage barriers and dsfull[2], dsempty[2]). PP: the stage barriers.
     const u32 sdS = (smem_u32(qmeta + 3 * BS) + 1023) & ~1023u;
-    const Pipe3 pipe{(smem_u32(qmeta + 3 * BS) + 7) & ~7u};
+    const Pipe3 pipe{FQ ? sdS + 2 * RK * 128 : (smem_u32(qmeta + 3 * BS) + 7) & ~7u};
+    // FQ && PP: dsfull(buf) completes when all 256 threads have written their dSᵀ rows of
+    // the tile using buffer buf (tile & 1); dsempty(buf) when both warpgroups' dQ MMAs
+    // have read it.
+    const u32 dsbar = pipe.bars + 6 * 8;
+    auto dsfull = [&](int it) { return dsbar + 8 * (it & 1); };
+    auto dsempty = [&](int it) { return dsbar + 8 * (2 + (it & 1)); };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
-    if (PP) pipe.init(tid);
+    if (FQ && PP && tid == 0) {
+        for (int i = 0; i < 4; ++i) mbar_init(dsbar + 8 * i, 256);
+    }
+    if (PP) pipe.init(tid);  // its __syncthreads publishes these too
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
     load_rows2_sw<D, NT, RK>(sK, k, sV, v,
@@ -1441,42 +1453,67 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             }
         }
         wg_pack<T, BS>(dp, xs);
+        // FQ && PP: this tile's dSᵀ buffer (two, alternating), free once both warpgroups'
+        // dQ MMAs of the tile two back have read it.
+        const u32 sdSb = sdS + ((FQ && PP) ? (it & 1) * RK * 128 : 0);
         if constexpr (FQ) {
+            if (PP && it >= 2) mbar_wait(dsempty(it), ((it >> 1) & 1) ^ 1);
             // dSᵀ rows r0, r1 (keys), query columns 8n + 2(lane & 3) + {0, 1}.
 #pragma unroll
             for (int n = 0; n < BS / 8; ++n) {
                 const u32 c = (lane & 3) * 4;
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdS + r0 * 128 + ((n ^ (r0 & 7)) << 4) + c),
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdSb + r0 * 128 + ((n ^ (r0 & 7)) << 4) + c),
                              "r"(xs[n >> 1][(n & 1) * 2]));
-                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdS + r1 * 128 + ((n ^ (r1 & 7)) << 4) + c),
+                asm volatile("st.shared.b32 [%0], %1;" ::"r"(sdSb + r1 * 128 + ((n ^ (r1 & 7)) << 4) + c),
                              "r"(xs[n >> 1][(n & 1) * 2 + 1]));
             }
+            if constexpr (PP) {
+                fence_proxy_async();
+                mbar_arrive(dsfull(it));
+            }
         }
-        if (PP) turn_begin(wg);
-        wg_fence();
-        wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
-        wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
-        wg_commit();
-        if (PP) turn_end(wg, !hn);
-        if constexpr (FQ) {
-            float dqa[32];
-            // dS complete in shared memory (both warpgroups' key rows).
-            fence_proxy_async();
-            named_sync(1, 256);
-            if (wg < CB) {
-                wg_fence();
-                const u64 da0 = wg_desc(sdS, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
+        // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major): the key-owner's share
+        // of the query tile's dQ, added into dqacc below. Warpgroup wg < CB computes it.
+        float dqa[FQ ? 32 : 1];
+        auto dq_mma = [&]() {
+            if constexpr (FQ) {
+                const u64 da0 = wg_desc(sdSb, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
 #pragma unroll
                 for (int kc = 0; kc < RK / 16; ++kc) {
                     const u64 da = wg_desc_at(da0, kc * 16 * 128);
                     const u64 db = wg_desc_at(db0, kc * 16 * 128);
-                    Wg<T>::ss64t(dqa, da, db, kc);  // dQ[:, 64wg..] = dS · K
+                    Wg<T>::ss64t(dqa, da, db, kc);
                 }
-                wg_commit();
+            }
+        };
+        if (PP) turn_begin(wg);
+        wg_fence();
+        wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
+        wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
+        if constexpr (FQ && PP) {
+            // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
+            // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
+            mbar_wait(dsfull(it), (it >> 1) & 1);
+            fence_proxy_async();
+            if (CB == 2 || wg < CB) dq_mma();
+        }
+        wg_commit();
+        if (PP) turn_end(wg, !hn);
+        if constexpr (FQ) {
+            if constexpr (!PP) {
+                // dS complete in shared memory (both warpgroups' key rows).
+                fence_proxy_async();
+                named_sync(1, 256);
+                if (wg < CB) {
+                    wg_fence();
+                    dq_mma();
+                    wg_commit();
+                }
             }
             wg_wait<0>();
             reg_fence(adv);
             reg_fence(adk);
+            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
             if (wg < CB) {
                 reg_fence(dqa);
                 // Rows wq*16 + lane/4 (+ 8) of the query tile, columns 64wg + 8n + 2(lane & 3).
@@ -1616,6 +1653,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                             const unsigned char* mask, const float* lse, const T* dout,           \
                             const float* delta, T* dk, T* dv, float* dqacc) {                     \
         dkdv_wg<T, D, WG_BS, true, false>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgp_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, const float* lse, const T* dout,          \
+                             const float* delta, T* dk, T* dv, float* dqacc) {                    \
+        dkdv_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);       \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
