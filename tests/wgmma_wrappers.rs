@@ -25,49 +25,42 @@ fn outs(n: usize, write_only: bool) -> String {
         .join(", ")
 }
 
-/// How a wrapper takes its operands (see [`wrapper`]).
-#[derive(Clone, Copy)]
-struct Form {
-    a_regs: bool,
-    acc_arg: bool,
-    write_only: bool,
+/// Where a wrapper's `scale-d` (accumulate or not) comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum Acc {
+    /// An `int acc` argument (0: D = A·B).
+    Arg,
+    /// Always accumulating (no argument).
+    Always,
+    /// Never: D = A·B with D an output only, so that nothing has to define D's registers
+    /// before the MMA (no argument).
+    Never,
 }
 
 /// One wrapper. `a_regs`: A from registers (else a shared-memory descriptor); `trans`: the
 /// transpose immediates (`imm-trans-a, imm-trans-b` for descriptors, `imm-trans-b` for
-/// register A); `acc_arg`: register A with an `acc` argument (0: D = A·B) instead of
-/// always accumulating; `write_only`: D = A·B with D an output only (no `acc` argument), so
-/// that nothing has to define D's registers before the MMA.
-fn wrapper(ty: &str, n: usize, name: &str, comment: &str, trans: &str, form: Form) -> String {
-    let Form {
-        a_regs,
-        acc_arg,
-        write_only,
-    } = form;
+/// register A).
+fn wrapper(
+    ty: &str,
+    n: usize,
+    name: &str,
+    comment: &str,
+    a_regs: bool,
+    trans: &str,
+    acc: Acc,
+) -> String {
     let nr = n / 2;
+    let a_param = if a_regs {
+        "const u32 (&a)[4]"
+    } else {
+        "u64 da"
+    };
+    let acc_param = if acc == Acc::Arg { ", int acc" } else { "" };
     let mut s = String::new();
     s += &format!("    // D[64x{n}] {comment}\n");
-    if write_only && a_regs {
-        s += &format!(
-            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db) {{\n"
-        );
-    } else if write_only {
-        s += &format!(
-            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], u64 da, u64 db) {{\n"
-        );
-    } else if a_regs && acc_arg {
-        s += &format!(
-            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db, int acc) {{\n"
-        );
-    } else if a_regs {
-        s += &format!(
-            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], const u32 (&a)[4], u64 db) {{\n"
-        );
-    } else {
-        s += &format!(
-            "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], u64 da, u64 db, int acc) {{\n"
-        );
-    }
+    s += &format!(
+        "    __device__ __forceinline__ static void {name}(float (&d)[{nr}], {a_param}, u64 db{acc_param}) {{\n"
+    );
     let pred = if a_regs { nr + 5 } else { nr + 2 };
     s += "        asm volatile(\n";
     s += &format!("            \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{pred}, 0;\\n\"\n");
@@ -89,108 +82,83 @@ fn wrapper(ty: &str, n: usize, name: &str, comment: &str, trans: &str, form: For
             nr + 1
         );
     }
-    s += &format!("            : {}\n", outs(nr, write_only));
+    s += &format!("            : {}\n", outs(nr, acc == Acc::Never));
+    let acc = match acc {
+        Acc::Arg => "acc",
+        Acc::Always => "1",
+        Acc::Never => "0",
+    };
     if a_regs {
-        let acc = if write_only {
-            "0"
-        } else if acc_arg {
-            "acc"
-        } else {
-            "1"
-        };
         s += &format!(
             "            : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(db), \"r\"({acc}));\n"
         );
     } else {
-        let acc = if write_only { "0" } else { "acc" };
         s += &format!("            : \"l\"(da), \"l\"(db), \"r\"({acc}));\n");
     }
     s += "    }\n";
     s
 }
 
-/// The generated block: for bf16 and f16, N = 64 and 128:
-/// `ssN` (A, B K-major in shared memory), `ssNt` (both MN-major), `rsN` (A in registers,
-/// B MN-major, always accumulating), `rsNk` (A in registers, B K-major, `acc` = 0 for the
-/// first k16 step), and `ssNz` / `rsNkz`: the first k16 step of `ssN` / `rsNk` with D
-/// written only.
+/// The wrappers, for bf16 and f16 and N = 64 and 128: (prefix, suffix, comment, transpose
+/// immediates, scale-d). Prefix `ss`: A and B in shared memory; `rs`: A in registers.
+/// `ssN` (both K-major), `ssNz` (its first k16 step, D written only), `ssNt` (both
+/// MN-major), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
+/// first k16 step), `rsNkz` (its first k16 step, D written only).
+const WRAPPERS: &[(&str, &str, &str, &str, Acc)] = &[
+    (
+        "ss",
+        "",
+        "(+)= A(smem, K-major) * B(smem, K-major)^T",
+        "0, 0",
+        Acc::Arg,
+    ),
+    (
+        "ss",
+        "z",
+        "= A(smem, K-major) * B(smem, K-major)^T (D written only)",
+        "0, 0",
+        Acc::Never,
+    ),
+    (
+        "ss",
+        "t",
+        "(+)= A(smem, MN-major) * B(smem, MN-major)",
+        "1, 1",
+        Acc::Arg,
+    ),
+    (
+        "rs",
+        "",
+        "+= A(registers) * B(smem, MN-major)",
+        "1",
+        Acc::Always,
+    ),
+    (
+        "rs",
+        "k",
+        "(+)= A(registers) * B(smem, K-major)^T",
+        "0",
+        Acc::Arg,
+    ),
+    (
+        "rs",
+        "kz",
+        "= A(registers) * B(smem, K-major)^T (D written only)",
+        "0",
+        Acc::Never,
+    ),
+];
+
+/// The generated block (see [`WRAPPERS`]).
 fn generate() -> String {
     let mut s = String::new();
     for ty in ["bf16", "f16"] {
         s += &format!("template <> struct Wg<{ty}> {{\n");
         for n in [64, 128] {
-            s += &wrapper(
-                ty,
-                n,
-                &format!("ss{n}"),
-                "(+)= A(smem, K-major) * B(smem, K-major)^T",
-                "0, 0",
-                Form {
-                    a_regs: false,
-                    acc_arg: false,
-                    write_only: false,
-                },
-            );
-            s += &wrapper(
-                ty,
-                n,
-                &format!("ss{n}z"),
-                "= A(smem, K-major) * B(smem, K-major)^T (D written only)",
-                "0, 0",
-                Form {
-                    a_regs: false,
-                    acc_arg: false,
-                    write_only: true,
-                },
-            );
-            s += &wrapper(
-                ty,
-                n,
-                &format!("ss{n}t"),
-                "(+)= A(smem, MN-major) * B(smem, MN-major)",
-                "1, 1",
-                Form {
-                    a_regs: false,
-                    acc_arg: false,
-                    write_only: false,
-                },
-            );
-            s += &wrapper(
-                ty,
-                n,
-                &format!("rs{n}"),
-                "+= A(registers) * B(smem, MN-major)",
-                "1",
-                Form {
-                    a_regs: true,
-                    acc_arg: false,
-                    write_only: false,
-                },
-            );
-            s += &wrapper(
-                ty,
-                n,
-                &format!("rs{n}k"),
-                "(+)= A(registers) * B(smem, K-major)^T",
-                "0",
-                Form {
-                    a_regs: true,
-                    acc_arg: true,
-                    write_only: false,
-                },
-            );
-            s += &wrapper(
-                ty,
-                n,
-                &format!("rs{n}kz"),
-                "= A(registers) * B(smem, K-major)^T (D written only)",
-                "0",
-                Form {
-                    a_regs: true,
-                    acc_arg: false,
-                    write_only: true,
-                },
-            );
+            for &(prefix, suffix, comment, trans, acc) in WRAPPERS {
+                let name = format!("{prefix}{n}{suffix}");
+                s += &wrapper(ty, n, &name, comment, prefix == "rs", trans, acc);
+            }
         }
         s += "};\n";
     }

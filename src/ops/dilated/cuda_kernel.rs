@@ -772,7 +772,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
     // metadata (up to 4 words x 3 stages).
     let bs = if d == 64 { 64 } else { 32 };
     let (dq_l, kv_l) = if wg {
-        let pp = if dev.bwd_pingpong() { "wg" } else { "wgs" };
+        let ping = dev.bwd_pingpong();
+        let pp = if ping { "wg" } else { "wgs" };
         let l = |name: String| Launch {
             name,
             rows: 128,
@@ -782,7 +783,6 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         // Ping-pong: the dQ pass with register A operands (dq_wgr) unless turned off, both
         // passes with deferred MMA waits (dq_wgrd, dkdv_wgd) when asked for.
-        let ping = dev.bwd_pingpong();
         let defer = ping && dev.bwd_deferred_waits();
         let dq = match (ping && dev.bwd_reg_operands(), defer) {
             (true, true) => "wgrd",
