@@ -86,7 +86,7 @@ if named profile; then
     for kern in ${KERNS:-fwd_ws dq_wg dkdv_wg}; do
       echo "== ncu $kern (bf16, D=128)"
       timeout 240 "$NCU" -k "${kern}_bf16_128" -c 1 --set full --import-source no -o "/tmp/ncu_$kern" -f \
-        "$G/gpu_bench" --quick --max-n 16384 --defaults-only > "$O/ncu_run_$kern.txt" 2>&1
+        "$G/gpu_bench" --quick --max-n 16384 ${PROFILE_ARGS:---defaults-only} > "$O/ncu_run_$kern.txt" 2>&1
       echo "ncu exit $?"
       "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page details --print-details all > "$O/ncu_$kern.txt" 2>&1
       "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page raw --csv | gzip > "$O/ncu_raw_$kern.csv.gz"
