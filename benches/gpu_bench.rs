@@ -79,11 +79,17 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
 ];
 
-/// Backward alternatives: the mma.sync kernels, fused dQ (`bwd_wg`), the lockstep two-pass
-/// backward (`dq_wgs` + `dkdv_wgs`).
+/// Backward alternatives: the mma.sync kernels, fused dQ with the ping-pong turns
+/// (`bwd_wgp`; lagged by a tile: `bwd_wgl`) and in lockstep (`bwd_wg`), the lockstep two-pass
+/// backward (`dq_wgs` + `dkdv_wgs`), Q/dO from shared memory in the dQ pass (`dq_wg`), the
+/// deferred MMA waits (`dq_wgrd` + `dkdv_wgd`).
 const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
+    ("fusedlag", |d, on| {
+        d.set_fused_dq(on);
+        d.set_bwd_deferred_waits(on)
+    }),
     ("fusedls", |d, on| {
         d.set_fused_dq(on);
         d.set_bwd_pingpong(!on)

@@ -70,7 +70,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // intra-warpgroup overlap, persistent on non-causal problems, and the two-pass
     // ping-pong wgmma backward, its dQ pass with register A operands: dq_wgr + dkdv_wg); 1:
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
-    // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 3: the lockstep wgmma
+    // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the fused-dQ backward
+    // with the ping-pong turns, each tile's dQ MMA issued in the next tile's turn (bwd_wgl); 3: the lockstep wgmma
     // forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -81,10 +82,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(warps == 1 || warps == 9);
+    dev.set_fused_dq(matches!(warps, 1 | 9 | 10));
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
-    dev.set_bwd_deferred_waits(warps == 7);
+    dev.set_bwd_deferred_waits(warps == 7 || warps == 10);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -222,7 +223,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9][(case.seed % 10) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10][(case.seed % 11) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -265,7 +266,7 @@ fn longnet_schedule_matches_oracle() {
                     &case,
                     KernelPref::Auto,
                     true,
-                    [1, 3, 9][(seed % 3) as usize],
+                    [1, 3, 9, 10][(seed % 4) as usize],
                 );
                 let w = 5 + (seed % 3) as u8;
                 all_dtypes_w(&case, KernelPref::Auto, true, w);
@@ -300,6 +301,7 @@ fn dense_matches_oracle() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
+        all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -387,6 +389,7 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
+        all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

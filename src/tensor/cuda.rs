@@ -441,8 +441,10 @@ impl Cuda {
     /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair;
     /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
     /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
-    /// seven, as the mma.sync path, and no extra buffer). `bwd_wg` measured 11–13 % slower
-    /// than the two passes on an H200; `bwd_wgp` has not yet run on a GPU (see CUDA.md).
+    /// seven, as the mma.sync path, and no extra buffer). With
+    /// [`set_bwd_deferred_waits`](Self::set_bwd_deferred_waits) too, `bwd_wgl`: each tile's
+    /// dQ MMA issued in the next tile's turn. On an H200 `bwd_wgp` measured within ±3 % of
+    /// the two passes and `bwd_wg` 11–13 % slower (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }
@@ -477,7 +479,8 @@ impl Cuda {
     /// covers them, so the warpgroup issues the next tile's loads and MMAs meanwhile
     /// (`dkdv_wgd`, `dq_wgrd`; `true`), or waited for at once (`false`, the default: on an
     /// H200 the deferred waits measured 0.4–6 % slower in 7 of 8 bench cases, see CUDA.md).
-    /// For comparisons and tests.
+    /// Under [`set_fused_dq`](Self::set_fused_dq) with the ping-pong turns it selects the
+    /// lagged fused kernel `bwd_wgl` instead. For comparisons and tests.
     pub fn set_bwd_deferred_waits(&self, on: bool) {
         self.bwd_deferred_waits.store(on, Ordering::Relaxed);
     }

@@ -725,9 +725,15 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // With the ping-pong turns (bwd_wgp) or in lockstep (bwd_wg).
+        // With the ping-pong turns (bwd_wgp; bwd_wgl with each tile's dQ MMA issued in
+        // the next tile's turn) or in lockstep (bwd_wg).
         let (kind, smem) = if dev.bwd_pingpong() {
-            ("wgp", wg_fused_pp_smem(d))
+            let kind = if dev.bwd_deferred_waits() {
+                "wgl"
+            } else {
+                "wgp"
+            };
+            (kind, wg_fused_pp_smem(d))
         } else {
             ("wg", wg_fused_smem(d))
         };
@@ -745,7 +751,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dk)
             .arg(&mut dv)
             .arg(&mut dqacc);
-        // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
+        // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` / `bwd_wgl_*` (as `dkdv_wg_*`, plus
         // dqacc: B·N·H·D f32, zeroed); each tile writes its own dk/dv rows; dqacc only
         // receives atomic adds.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
@@ -963,6 +969,7 @@ mod tests {
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
+                ("bwd_wgl", wg_fused_pp_smem(d)),
             ] {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }

@@ -1283,6 +1283,26 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
     }
 }
 
+// dst[8n + {0, 1}] += a[4n + j + {0, 1}] for n < 8, in f32, where `on` (one predicate for
+// the whole row: no branches, one address pair with immediate offsets).
+__device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, int j) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t"
+        "@p red.global.add.v2.f32 [%0], {%2, %3};\n\t"
+        "@p red.global.add.v2.f32 [%0+32], {%4, %5};\n\t"
+        "@p red.global.add.v2.f32 [%0+64], {%6, %7};\n\t"
+        "@p red.global.add.v2.f32 [%0+96], {%8, %9};\n\t"
+        "@p red.global.add.v2.f32 [%0+128], {%10, %11};\n\t"
+        "@p red.global.add.v2.f32 [%0+160], {%12, %13};\n\t"
+        "@p red.global.add.v2.f32 [%0+192], {%14, %15};\n\t"
+        "@p red.global.add.v2.f32 [%0+224], {%16, %17};\n\t}" ::"l"(dst),
+        "r"((int)on), "f"(a[j]), "f"(a[j + 1]), "f"(a[4 + j]), "f"(a[5 + j]), "f"(a[8 + j]),
+        "f"(a[9 + j]), "f"(a[12 + j]), "f"(a[13 + j]), "f"(a[16 + j]), "f"(a[17 + j]),
+        "f"(a[20 + j]), "f"(a[21 + j]), "f"(a[24 + j]), "f"(a[25 + j]), "f"(a[28 + j]),
+        "f"(a[29 + j])
+        : "memory");
+}
+
 // FQ (fused dQ): the key-owner kernel also produces dQ. FQ && PP (bwd_wgp): with the
 // ping-pong turns; the warpgroups exchange dSᵀ through two shared buffers and mbarriers
 // (dsfull, dsempty) instead of a CTA-wide barrier, and each issues its dQ MMA in its dV/dK
@@ -1295,7 +1315,13 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
 // H100, see CUDA.md.)
 // This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
 // DW (deferred waits, ping-pong only): as dq_wg's, for the tile's dV and dK MMAs.
-template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false>
+// LG (lagged dQ, FQ && PP: bwd_wgl): the dQ MMA of tile t is issued in the dV/dK turn of
+// tile t + 1 (tile 0's turn issues a dummy one, reading the K tile, whose sums are
+// discarded), so it never waits for the other warpgroup's dSᵀ rows: they landed a whole
+// tile earlier. Its reductions go out at the end of tile t + 1, with tile t's row metadata
+// (its stage is not refilled before tile t + 3's metadata, which waits for every thread's
+// tile t + 1); the last tile's dQ is issued after the loop.
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool LG = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1306,6 +1332,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
+    static_assert(!LG || (PP && FQ), "lagged dQ: fused ping-pong kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -1375,9 +1402,41 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     }
 
     int stage = 0, cur_hi = -1, it = 0;
+    int prev_stage = 0, prev_h = 0;  // LG: the stage and head of tile it - 1
     bool part0 = false, part1 = false;
     // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
     u32 xp[BS / 16][4], xs[BS / 16][4];
+    // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major; A: the dSᵀ buffer abuf):
+    // the key-owner's share of a query tile's dQ. Warpgroup wg < CB computes it.
+    float dqa[FQ ? 32 : 1];
+    auto dq_mma = [&](u32 abuf) {
+        if constexpr (FQ) {
+            const u64 da0 = wg_desc(abuf, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
+#pragma unroll
+            for (int kc = 0; kc < RK / 16; ++kc) {
+                const u64 da = wg_desc_at(da0, kc * 16 * 128);
+                const u64 db = wg_desc_at(db0, kc * 16 * 128);
+                Wg<T>::ss64t(dqa, da, db, kc);
+            }
+        }
+    };
+    // Adds the warpgroup's dQ columns of a query tile (metadata qmt, head h) into dqacc:
+    // rows wq*16 + lane/4 (+ 8), columns 64wg + 8n + 2(lane & 3). A row without a query
+    // (qp < 0) keeps a valid address and predicates its reductions off: branch-free, each
+    // row's 8 reductions on one address pair with immediate offsets (with `if (ptr)` around
+    // each, ptxas copied the address into one pair per reduction, and every copy waited for
+    // the previous reduction to read it: ~12 % of bwd_wgp's stall samples).
+    auto dq_red = [&](const float4* qmt, int h) {
+        if constexpr (FQ) {
+            if (wg < CB) {
+                const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
+                const int qp0 = __float_as_int(qmt[qr0].w), qp1 = __float_as_int(qmt[qr1].w);
+                const long long c0 = wg * 64 + (lane & 3) * 2;
+                red_row8(dqacc + (qp0 >= 0 ? qidx(P, b, qp0, h) : 0) + c0, qp0 >= 0, dqa, 0);
+                red_row8(dqacc + (qp1 >= 0 ? qidx(P, b, qp1, h) : 0) + c0, qp1 >= 0, dqa, 2);
+            }
+        }
+    };
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
@@ -1472,30 +1531,24 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 mbar_arrive(dsfull(it));
             }
         }
-        // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major): the key-owner's share
-        // of the query tile's dQ, added into dqacc below. Warpgroup wg < CB computes it.
-        float dqa[FQ ? 32 : 1];
-        auto dq_mma = [&]() {
-            if constexpr (FQ) {
-                const u64 da0 = wg_desc(sdSb, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
-#pragma unroll
-                for (int kc = 0; kc < RK / 16; ++kc) {
-                    const u64 da = wg_desc_at(da0, kc * 16 * 128);
-                    const u64 db = wg_desc_at(db0, kc * 16 * 128);
-                    Wg<T>::ss64t(dqa, da, db, kc);
-                }
-            }
-        };
         if (PP) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
-        if constexpr (FQ && PP) {
+        if constexpr (FQ && PP && LG) {
+            // Tile it - 1's dQ (tile 0: a dummy reading the K tile); its dSᵀ rows are
+            // complete (the other warpgroup wrote them before its turn of that tile).
+            if (it > 0) {
+                mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
+                fence_proxy_async();
+            }
+            if (CB == 2 || wg < CB) dq_mma(it > 0 ? sdS + ((it - 1) & 1) * RK * 128 : sK);
+        } else if constexpr (FQ && PP) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
             mbar_wait(dsfull(it), (it >> 1) & 1);
             fence_proxy_async();
-            if (CB == 2 || wg < CB) dq_mma();
+            if (CB == 2 || wg < CB) dq_mma(sdSb);
         }
         wg_commit();
         if (PP) turn_end(wg, !hn);
@@ -1506,32 +1559,22 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 named_sync(1, 256);
                 if (wg < CB) {
                     wg_fence();
-                    dq_mma();
+                    dq_mma(sdSb);
                     wg_commit();
                 }
             }
             wg_wait<0>();
             reg_fence(adv);
             reg_fence(adk);
-            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
-            if (wg < CB) {
-                reg_fence(dqa);
-                // Rows wq*16 + lane/4 (+ 8) of the query tile, columns 64wg + 8n + 2(lane & 3).
-                const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
-                const int qp0 = __float_as_int(qm[qr0].w), qp1 = __float_as_int(qm[qr1].w);
-                float* d0 = qp0 >= 0 ? dqacc + qidx(P, b, qp0, cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
-                float* d1 = qp1 >= 0 ? dqacc + qidx(P, b, qp1, cur.h) + wg * 64 + (lane & 3) * 2 : nullptr;
-#pragma unroll
-                for (int n = 0; n < 8; ++n) {
-                    if (d0)
-                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(d0 + n * 8), "f"(dqa[4 * n]),
-                                     "f"(dqa[4 * n + 1])
-                                     : "memory");
-                    if (d1)
-                        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(d1 + n * 8), "f"(dqa[4 * n + 2]),
-                                     "f"(dqa[4 * n + 3])
-                                     : "memory");
+            if (wg < CB) reg_fence(dqa);
+            if constexpr (LG) {
+                if (it > 0) {
+                    mbar_arrive(dsempty(it - 1));  // this warpgroup has read tile it - 1's dSᵀ
+                    dq_red(qmeta + prev_stage * BS, prev_h);
                 }
+            } else {
+                if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
+                dq_red(qm, cur.h);
             }
         } else if constexpr (!DW) {
             wg_wait<0>();
@@ -1546,10 +1589,25 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (PP) pipe.produced(it + 1);
         }
         if (PP && !DW) pipe.release(it);
+        prev_stage = stage;
+        prev_h = cur.h;
         cur = nx;
         have = hn;
         stage = ns;
         ++it;
+    }
+    if constexpr (LG) {
+        // The last tile's dQ (no turns any more: only this warpgroup's MMAs remain).
+        if (it > 0 && (CB == 2 || wg < CB)) {
+            mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
+            fence_proxy_async();
+            wg_fence();
+            dq_mma(sdS + ((it - 1) & 1) * RK * 128);
+            wg_commit();
+            wg_wait<0>();
+            reg_fence(dqa);
+            dq_red(qmeta + prev_stage * BS, prev_h);
+        }
     }
     if constexpr (DW) {
         wg_wait<0>();  // the last tile's dV and dK MMAs
@@ -1659,6 +1717,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv, float* dqacc) {                    \
         dkdv_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);       \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgl_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
+                             const unsigned char* mask, const float* lse, const T* dout,          \
+                             const float* delta, T* dk, T* dv, float* dqacc) {                    \
+        dkdv_wg<T, D, WG_BS, true, true, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, \
+                                                      dqacc);                                     \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
