@@ -70,26 +70,24 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
 /// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
 /// one without persistence (`fwd_wso`), persistence for causal problems too (`fwd_wsp`
-/// with tiles dealt in pairs; the same as the default on non-causal ones).
+/// with tiles dealt in pairs; the same as the default on non-causal ones), Q as the
+/// register A operand of `S = Q·Kᵀ` (`fwd_wspr` / `fwd_wsor`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
     ("ws", |d, on| d.set_fwd_overlap(!on)),
     ("wso", |d, on| d.set_fwd_persistent(!on)),
     ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
+    ("wsr", |d, on| d.set_fwd_reg_operands(on)),
 ];
 
 /// Backward alternatives: the mma.sync kernels, fused dQ with the ping-pong turns
-/// (`bwd_wgp`; lagged by a tile: `bwd_wgl`) and in lockstep (`bwd_wg`), the lockstep two-pass
+/// (`bwd_wgp`) and in lockstep (`bwd_wg`), the lockstep two-pass
 /// backward (`dq_wgs` + `dkdv_wgs`), Q/dO from shared memory in the dQ pass (`dq_wg`), the
 /// deferred MMA waits (`dq_wgrd` + `dkdv_wgd`).
 const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
-    ("fusedlag", |d, on| {
-        d.set_fused_dq(on);
-        d.set_bwd_deferred_waits(on)
-    }),
     ("fusedls", |d, on| {
         d.set_fused_dq(on);
         d.set_bwd_pingpong(!on)

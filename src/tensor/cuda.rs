@@ -181,15 +181,18 @@ pub struct Cuda {
     fwd_overlap: AtomicBool,
     /// Persistent warp-specialised Hopper forward (`fwd_wsp`).
     fwd_persistent: AtomicBool,
-    /// ... for causal problems too (tiles dealt in pairs; opt-in, not yet measured).
+    /// ... for causal problems too (tiles dealt in pairs; opt-in, measured 4 % slower).
     fwd_persistent_causal: AtomicBool,
+    /// Overlapped warp-specialised Hopper forward with Q as the register A operand of
+    /// `S = Q·Kᵀ` (`fwd_wsor`, `fwd_wspr`; opt-in).
+    fwd_reg_operands: AtomicBool,
     /// Streaming multiprocessors (the persistent forward's grid).
     sms: u32,
-    /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wg`) or its own pass
-    /// (`dq_wgs` + `dkdv_wgs`, the default).
+    /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wgp`, `bwd_wg`) or its own
+    /// pass (the default).
     fused_dq: AtomicBool,
-    /// Hopper two-pass backward with ping-pong between warpgroups (`dq_wg` + `dkdv_wg`) or
-    /// in lockstep (the default).
+    /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
+    /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
     /// Hopper ping-pong dQ pass with Q and dO as register A operands (`dq_wgr`).
     bwd_reg_operands: AtomicBool,
@@ -247,6 +250,7 @@ impl Cuda {
             hopper,
             ws: AtomicBool::new(true),
             fwd_overlap: AtomicBool::new(true),
+            fwd_reg_operands: AtomicBool::new(false),
             fwd_persistent: AtomicBool::new(true),
             fwd_persistent_causal: AtomicBool::new(false),
             sms,
@@ -409,6 +413,19 @@ impl Cuda {
     pub fn fwd_overlap(&self) -> bool {
         self.fwd_overlap.load(Ordering::Relaxed)
     }
+    /// Overlapped warp-specialised Hopper forward: each consumer warpgroup holds its 64 Q
+    /// rows in registers as the A operand of `S = Q·Kᵀ`, so that the product reads only K
+    /// from shared memory (`true`: `fwd_wsor`, `fwd_wspr`; 32 more registers per consumer
+    /// thread), or reads both from shared memory (`false`, the default: `fwd_wso`,
+    /// `fwd_wsp`). For comparisons and tests; no effect without
+    /// [`set_fwd_overlap`](Self::set_fwd_overlap).
+    pub fn set_fwd_reg_operands(&self, on: bool) {
+        self.fwd_reg_operands.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_reg_operands`](Self::set_fwd_reg_operands).
+    pub fn fwd_reg_operands(&self) -> bool {
+        self.fwd_reg_operands.load(Ordering::Relaxed)
+    }
     /// Overlapped warp-specialised Hopper forward: persistent where it measured faster
     /// (`true`, the default: `fwd_wsp`, one CTA per SM looping over the (query tile, head,
     /// batch) items with the K/V pipeline running on from one item to the next, for
@@ -424,8 +441,8 @@ impl Cuda {
     }
     /// Persistent forward for causal problems as well (`true`), with each (head, batch)'s
     /// query tiles dealt to the CTAs in pairs (x, T − 1 − x) of equal total causal cost, or
-    /// not (`false`, the default). Opt-in: built after the last GPU run of its stop, not yet
-    /// measured or run (see CUDA.md); needs [`set_fwd_persistent`](Self::set_fwd_persistent).
+    /// not (`false`, the default: on an H200 the pair deal measured 4 % slower than `fwd_wso`
+    /// at 16K and 64K, see CUDA.md); needs [`set_fwd_persistent`](Self::set_fwd_persistent).
     pub fn set_fwd_persistent_causal(&self, on: bool) {
         self.fwd_persistent_causal.store(on, Ordering::Relaxed);
     }
@@ -441,10 +458,8 @@ impl Cuda {
     /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair;
     /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
     /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
-    /// seven, as the mma.sync path, and no extra buffer). With
-    /// [`set_bwd_deferred_waits`](Self::set_bwd_deferred_waits) too, `bwd_wgl`: each tile's
-    /// dQ MMA issued in the next tile's turn. On an H200 `bwd_wgp` measured within ±3 % of
-    /// the two passes and `bwd_wg` 11–13 % slower (see CUDA.md).
+    /// seven, as the mma.sync path, and no extra buffer). On an H200 `bwd_wgp` measured
+    /// within −4…+4 % of the two passes and `bwd_wg` 11–13 % slower (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }
@@ -479,8 +494,7 @@ impl Cuda {
     /// covers them, so the warpgroup issues the next tile's loads and MMAs meanwhile
     /// (`dkdv_wgd`, `dq_wgrd`; `true`), or waited for at once (`false`, the default: on an
     /// H200 the deferred waits measured 0.4–6 % slower in 7 of 8 bench cases, see CUDA.md).
-    /// Under [`set_fused_dq`](Self::set_fused_dq) with the ping-pong turns it selects the
-    /// lagged fused kernel `bwd_wgl` instead. For comparisons and tests.
+    /// For comparisons and tests.
     pub fn set_bwd_deferred_waits(&self, on: bool) {
         self.bwd_deferred_waits.store(on, Ordering::Relaxed);
     }

@@ -390,7 +390,7 @@ fn check_inputs<E>(
 }
 
 /// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_wsp_*`,
-/// `fwd_wso_*`, `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync`
+/// `fwd_wso_*` (`fwd_wspr_*`, `fwd_wsor_*` with Q in registers), `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync`
 /// kernels), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     let persist = may_persist(dev, plan.options().causal, true);
@@ -447,9 +447,10 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool) -> Option<Lau
     if wgmma::<E>(dev, d) {
         return Some(if dev.warp_specialized() {
             let persist = dev.fwd_persistent() && persist;
+            let ra = dev.fwd_reg_operands();
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
-                (true, true) => ("wsp", true),
-                (true, false) => ("wso", false),
+                (true, true) => (if ra { "wspr" } else { "wsp" }, true),
+                (true, false) => (if ra { "wsor" } else { "wso" }, false),
                 (false, _) => ("ws", false),
             };
             Launch {
@@ -725,15 +726,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // With the ping-pong turns (bwd_wgp; bwd_wgl with each tile's dQ MMA issued in
-        // the next tile's turn) or in lockstep (bwd_wg).
+        // With the ping-pong turns (bwd_wgp) or in lockstep (bwd_wg).
         let (kind, smem) = if dev.bwd_pingpong() {
-            let kind = if dev.bwd_deferred_waits() {
-                "wgl"
-            } else {
-                "wgp"
-            };
-            (kind, wg_fused_pp_smem(d))
+            ("wgp", wg_fused_pp_smem(d))
         } else {
             ("wg", wg_fused_smem(d))
         };
@@ -751,7 +746,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dk)
             .arg(&mut dv)
             .arg(&mut dqacc);
-        // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` / `bwd_wgl_*` (as `dkdv_wg_*`, plus
+        // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
         // dqacc: B·N·H·D f32, zeroed); each tile writes its own dk/dv rows; dqacc only
         // receives atomic adds.
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
@@ -969,7 +964,6 @@ mod tests {
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
-                ("bwd_wgl", wg_fused_pp_smem(d)),
             ] {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }

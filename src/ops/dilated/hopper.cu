@@ -706,7 +706,14 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 // once the item's last S has landed, and the producer loads the next Q while they issue
 // the last P·V and write the output. Where it pays was measured (CUDA.md; the host's
 // persistent_pays).
-template <typename T, int D, bool OV, bool PS>
+//
+// RA (register A operand): each consumer loads its 64 Q rows into A fragments once per work
+// item (wg_frag_a, after qfull), and S = Q·Kᵀ reads only the K tile from shared memory
+// (wg_xbt): an m64n128k16 with both operands in shared memory reads 6 KiB per 64
+// tensor-core cycles (96 of the 128 bytes per cycle), with A in registers 4 KiB; the
+// producer's copies need a further ~32 bytes per cycle. 32 more registers per consumer
+// thread.
+template <typename T, int D, bool OV, bool PS, bool RA = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
@@ -789,7 +796,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 
     if (warp >= 8) {
         // Producer.
-        if constexpr (PS)
+        // (PS && RA: 64 / 224; 72 / 208 spilled 104 bytes in the consumers.)
+        if constexpr (PS && RA)
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 64;");
+        else if constexpr (PS)
             asm volatile("setmaxnreg.dec.sync.aligned.u32 72;");
         else
             asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
@@ -830,7 +840,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         cp_wait<0>();
     } else {
     // Consumers: warpgroup wg owns tile rows wg*64 .. wg*64 + 63.
-    if constexpr (PS)
+    if constexpr (PS && !RA)
         asm volatile("setmaxnreg.inc.sync.aligned.u32 208;");
     else
         asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -857,6 +867,14 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     float s[BK / 2];
     u32 pa[BK / 16][4];
+    u32 qf[RA ? D / 16 : 1][4];  // RA: this thread's Q rows as A fragments
+    // S = Q K(tile kt)ᵀ.
+    auto s_mma = [&](u32 kt) {
+        if constexpr (RA)
+            wg_xbt<T, D, BK>(s, qf, kt, KB);
+        else
+            wg_abt<T, D, BK>(s, qa, QB, kt, KB);
+    };
 
     // Online softmax of the tile in `s` (stage st, pattern state cs): P left in `s`, the O
     // rescale factors in al0, al1.
@@ -888,6 +906,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 
     mbar_wait(qfull, done & 1);
     ++done;
+    if constexpr (RA) wg_frag_a<D>(qf, qa, QB, wq * 16 + (lane >> 2), lane);
     PatState cur;
     cur.i = -1;
     cur.m = 0;
@@ -900,7 +919,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         fence_proxy_async();
         set_part(cur);
         wg_fence();
-        wg_abt<T, D, BK>(s, qa, QB, sK + s0 * TILE, KB);
+        s_mma(sK + s0 * TILE);
         wg_commit();
         wg_wait<0>();
         reg_fence(s);
@@ -919,7 +938,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             fence_proxy_async();
             named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
             wg_fence();
-            wg_abt<T, D, BK>(s, qa, QB, sK + sn * TILE, KB);  // S(n) = Q K(n)ᵀ
+            s_mma(sK + sn * TILE);  // S(n) = Q K(n)ᵀ
             wg_commit();
             wg_xb<T, D, BK>(o, pa, sV + sc * TILE, KB);  // O += P(c) V(c)
             wg_commit();
@@ -960,7 +979,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         }
         named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
         wg_fence();
-        if (hn) wg_abt<T, D, BK>(s, qa, QB, sK + sn * TILE, KB);  // S(n) = Q K(n)ᵀ
+        if (hn) s_mma(sK + sn * TILE);  // S(n) = Q K(n)ᵀ
         wg_xb<T, D, BK>(o, pa, sV + sc * TILE, KB);                  // O += P(c) V(c)
         wg_commit();
         if (hn || wg == 0) named_arrive(2 - wg, 256);  // the other warpgroup's turn
@@ -1315,13 +1334,7 @@ __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, in
 // H100, see CUDA.md.)
 // This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
 // DW (deferred waits, ping-pong only): as dq_wg's, for the tile's dV and dK MMAs.
-// LG (lagged dQ, FQ && PP: bwd_wgl): the dQ MMA of tile t is issued in the dV/dK turn of
-// tile t + 1 (tile 0's turn issues a dummy one, reading the K tile, whose sums are
-// discarded), so it never waits for the other warpgroup's dSᵀ rows: they landed a whole
-// tile earlier. Its reductions go out at the end of tile t + 1, with tile t's row metadata
-// (its stage is not refilled before tile t + 3's metadata, which waits for every thread's
-// tile t + 1); the last tile's dQ is issued after the loop.
-template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool LG = false>
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1332,7 +1345,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
-    static_assert(!LG || (PP && FQ), "lagged dQ: fused ping-pong kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -1402,7 +1414,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     }
 
     int stage = 0, cur_hi = -1, it = 0;
-    int prev_stage = 0, prev_h = 0;  // LG: the stage and head of tile it - 1
     bool part0 = false, part1 = false;
     // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
     u32 xp[BS / 16][4], xs[BS / 16][4];
@@ -1535,15 +1546,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
-        if constexpr (FQ && PP && LG) {
-            // Tile it - 1's dQ (tile 0: a dummy reading the K tile); its dSᵀ rows are
-            // complete (the other warpgroup wrote them before its turn of that tile).
-            if (it > 0) {
-                mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
-                fence_proxy_async();
-            }
-            if (CB == 2 || wg < CB) dq_mma(it > 0 ? sdS + ((it - 1) & 1) * RK * 128 : sK);
-        } else if constexpr (FQ && PP) {
+        if constexpr (FQ && PP) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
             mbar_wait(dsfull(it), (it >> 1) & 1);
@@ -1567,15 +1570,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adv);
             reg_fence(adk);
             if (wg < CB) reg_fence(dqa);
-            if constexpr (LG) {
-                if (it > 0) {
-                    mbar_arrive(dsempty(it - 1));  // this warpgroup has read tile it - 1's dSᵀ
-                    dq_red(qmeta + prev_stage * BS, prev_h);
-                }
-            } else {
-                if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
-                dq_red(qm, cur.h);
-            }
+            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
+            dq_red(qm, cur.h);
         } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
@@ -1589,25 +1585,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (PP) pipe.produced(it + 1);
         }
         if (PP && !DW) pipe.release(it);
-        prev_stage = stage;
-        prev_h = cur.h;
         cur = nx;
         have = hn;
         stage = ns;
         ++it;
-    }
-    if constexpr (LG) {
-        // The last tile's dQ (no turns any more: only this warpgroup's MMAs remain).
-        if (it > 0 && (CB == 2 || wg < CB)) {
-            mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
-            fence_proxy_async();
-            wg_fence();
-            dq_mma(sdS + ((it - 1) & 1) * RK * 128);
-            wg_commit();
-            wg_wait<0>();
-            reg_fence(dqa);
-            dq_red(qmeta + prev_stage * BS, prev_h);
-        }
     }
     if constexpr (DW) {
         wg_wait<0>();  // the last tile's dV and dK MMAs
@@ -1664,6 +1645,16 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const unsigned char* mask, T* out, float* lse) {                     \
         fwd_ws<T, D, true, true>(P, q, k, v, mask, out, lse);                                     \
     }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wsor_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, T* out, float* lse) {                    \
+        fwd_ws<T, D, true, false, true>(P, q, k, v, mask, out, lse);                              \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspr_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, T* out, float* lse) {                    \
+        fwd_ws<T, D, true, true, true>(P, q, k, v, mask, out, lse);                               \
+    }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         dq_wg_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                    \
                            const unsigned char* mask, const float* lse, const T* dout,            \
@@ -1717,13 +1708,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv, float* dqacc) {                    \
         dkdv_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);       \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgl_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
-                             const unsigned char* mask, const float* lse, const T* dout,          \
-                             const float* delta, T* dk, T* dv, float* dqacc) {                    \
-        dkdv_wg<T, D, WG_BS, true, true, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, \
-                                                      dqacc);                                     \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
