@@ -712,7 +712,8 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 // (wg_xbt): an m64n128k16 with both operands in shared memory reads 6 KiB per 64
 // tensor-core cycles (96 of the 128 bytes per cycle), with A in registers 4 KiB; the
 // producer's copies need a further ~32 bytes per cycle. 32 more registers per consumer
-// thread.
+// thread. PS && RA: qempty is arrived as soon as the fragments are loaded, so the next
+// item's Q loads under the whole current item instead of its last P·V.
 template <typename T, int D, bool OV, bool PS, bool RA = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -906,7 +907,12 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 
     mbar_wait(qfull, done & 1);
     ++done;
-    if constexpr (RA) wg_frag_a<D>(qf, qa, QB, wq * 16 + (lane >> 2), lane);
+    if constexpr (RA) {
+        wg_frag_a<D>(qf, qa, QB, wq * 16 + (lane >> 2), lane);
+        // PS: Q is in registers now; the producer may load the next item's Q at once
+        // (without RA only once the item's last S has landed, below).
+        if constexpr (PS) mbar_arrive(qempty);
+    }
     PatState cur;
     cur.i = -1;
     cur.m = 0;
@@ -956,7 +962,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             cur = nx;
             ++it;
         }
-        if constexpr (PS) mbar_arrive(qempty);  // every S of this item has landed
+        if constexpr (PS && !RA) mbar_arrive(qempty);  // every S of this item has landed
         if (have) {
             named_sync(1 + wg, 256);
             wg_fence();
