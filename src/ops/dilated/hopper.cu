@@ -795,15 +795,18 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     }
     __syncthreads();
 
+    // Registers per thread after setmaxnreg: producer PR, consumers CR. The CTA holds what
+    // the launch gave it (384 threads x 168) and setmaxnreg only moves registers between its
+    // warps: a split asking for more (PR + 2 CR > 504) makes the consumers' inc wait forever
+    // (an earlier 64 / 224 split of the RA kernel hung on the GPU). PS && !RA: 72 / 208 (at
+    // 56 the persistent producer spills 16 bytes). PS && RA: 56 / 224, a 20-byte spill
+    // (72 / 216 spilled 32 bytes and ptxas reported C7512; 72 / 208 spilled 104).
+    constexpr int PR = PS && !RA ? 72 : 56, CR = PS && !RA ? 208 : 224;
+    static_assert(PR + 2 * CR <= 3 * 168, "setmaxnreg split exceeds the launch's registers");
+    static_assert(PR % 8 == 0 && CR % 8 == 0, "setmaxnreg takes multiples of 8");
     if (warp >= 8) {
         // Producer.
-        // (PS && RA: 64 / 224; 72 / 208 spilled 104 bytes in the consumers.)
-        if constexpr (PS && RA)
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 64;");
-        else if constexpr (PS)
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 72;");
-        else
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PR));
         const int pt = tid - 256;
         int it = 0, done = 0;  // stage counter, items loaded
         for (int wi = 0, w; kth(wi, w); ++wi) {
@@ -841,10 +844,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         cp_wait<0>();
     } else {
     // Consumers: warpgroup wg owns tile rows wg*64 .. wg*64 + 63.
-    if constexpr (PS && !RA)
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 208;");
-    else
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CR));
     const int wg = wg_index(), wq = warp & 3;
     const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
     const u32 qa = sQ + wg * 64 * 128;
