@@ -7,14 +7,16 @@ the wgmma pipeline (C7514 "wgmma ... serialized" gives an overlap away; C7519 no
 injected warpgroup.arrive). For the warp-specialised kernels the register count is the
 launch's (384 threads: 168); their warpgroups run under setmaxnreg, and a spill in either
 shows in the spill columns. With --base REV, also the kernels whose numbers differ from
-those of the same sources at git revision REV.
+those of the same sources at git revision REV. With --sass KERNEL, the kernel's SASS
+(cuobjdump and nvdisasm from their wheels; 13.2, the oldest on PyPI, reads 13.0's cubins),
+to read where ptxas put moves, branches and waits; with --base too, a diff against REV's.
 
 NVRTC and ptxas come from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc, nvidia-cuda-nvcc, the
 CUDA version of the GPU machine, 13.0), downloaded once into a cache folder
 ($DILATED_PTX_CACHE, default ~/.cache/dilated-attention-ptx). They are tools for
 developers only, never a dependency of the crate.
 
-    python3 scripts/ptx_check.py [--arch sm_90a] [--only REGEX] [--base REV]
+    python3 scripts/ptx_check.py [--arch sm_90a] [--only REGEX] [--base REV] [--sass KERNEL]
 """
 
 import argparse
@@ -29,21 +31,58 @@ import zipfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ["src/ops/dilated/dilated.cu", "src/ops/dilated/hopper.cu", "src/ring/gpu.cu"]
 WHEELS = ["nvidia-cuda-nvrtc==13.0.*", "nvidia-cuda-nvcc==13.0.*"]
+SASS_WHEELS = ["nvidia-cuda-cuobjdump==13.2.*", "nvidia-cuda-nvdisasm==13.2.*"]
+
+
+def cache_dir():
+    return os.environ.get("DILATED_PTX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dilated-attention-ptx")
+
+
+def fetch(wheels, dest):
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory() as dl:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl]
+                       + wheels, check=True)
+        for w in os.listdir(dl):
+            with zipfile.ZipFile(os.path.join(dl, w)) as z:
+                z.extractall(dest)
+
+
+def sass_tools():
+    """cuobjdump (which runs nvdisasm from PATH), fetched once into the cache."""
+    dest = os.path.join(cache_dir(), "sass")
+    bindir = os.path.join(dest, "nvidia", "cu13", "bin")
+    tools = [os.path.join(bindir, t) for t in ("cuobjdump", "nvdisasm")]
+    if not all(os.path.exists(t) for t in tools):
+        fetch(SASS_WHEELS, dest)
+    for t in tools:
+        os.chmod(t, 0o755)
+    return tools[0], bindir
+
+
+def sass(lib, ptxas, src, arch, kernel):
+    ptx, _ = compile_ptx(lib, src, arch)
+    cuobjdump, bindir = sass_tools()
+    with tempfile.TemporaryDirectory() as d:
+        path, cubin = os.path.join(d, "m.ptx"), os.path.join(d, "m.cubin")
+        open(path, "wb").write(ptx)
+        subprocess.run([ptxas, f"-arch={arch}", path, "-o", cubin], check=True,
+                       capture_output=True)
+        env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+        out = subprocess.run([cuobjdump, "-sass", "-fun", kernel, cubin], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    # Drop addresses and encodings, so that two versions diff by instruction.
+    return [re.sub(r"/\*[0-9a-f]{4,}\*/|/\* 0x[0-9a-f]+ \*/", "", l).rstrip()
+            for l in out.splitlines() if l.strip() and not l.strip().startswith("/* 0x")]
 
 
 def toolkit():
-    cache = os.environ.get("DILATED_PTX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dilated-attention-ptx")
+    cache = cache_dir()
     lib = os.path.join(cache, "nvidia", "cu13", "lib")
     ptxas = os.path.join(cache, "nvidia", "cu13", "bin", "ptxas")
     if not (os.path.exists(os.path.join(lib, "libnvrtc.so.13")) and os.path.exists(ptxas)):
-        os.makedirs(cache, exist_ok=True)
-        with tempfile.TemporaryDirectory() as dl:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", dl]
-                           + WHEELS, check=True)
-            for w in os.listdir(dl):
-                with zipfile.ZipFile(os.path.join(dl, w)) as z:
-                    z.extractall(cache)
+        fetch(WHEELS, cache)
         os.chmod(ptxas, 0o755)
     return lib, ptxas
 
@@ -102,8 +141,19 @@ def main():
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--only", default=".", help="regex over kernel names")
     ap.add_argument("--base", help="git revision to compare with")
+    ap.add_argument("--sass", metavar="KERNEL", help="print (or with --base, diff) its SASS")
     a = ap.parse_args()
     lib, ptxas = toolkit()
+    if a.sass:
+        new = sass(lib, ptxas, sources_at(None), a.arch, a.sass)
+        if not a.base:
+            print("\n".join(new))
+            return
+        old = sass(lib, ptxas, sources_at(a.base), a.arch, a.sass)
+        import difflib
+        diff = list(difflib.unified_diff(old, new, a.base, "working tree", lineterm=""))
+        print("\n".join(diff) if diff else f"{a.sass}: SASS identical to {a.base}'s")
+        return
     stats, remarks = kernels(lib, ptxas, sources_at(None), a.arch)
     sel = sorted(k for k in stats if re.search(a.only, k))
     print(f"{'kernel':28} {'regs':>5} {'stack':>6} {'spill st':>9} {'spill ld':>9}  remarks")
