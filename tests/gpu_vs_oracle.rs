@@ -71,8 +71,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // ping-pong wgmma backward, its dQ pass with register A operands: dq_wgr + dkdv_wg); 1:
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
     // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the default forward
-    // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 3: the lockstep wgmma
-    // forward and the two-pass lockstep backward; 5: the warp-specialised forward without
+    // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 3: the
+    // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
     // (dq_wgrd + dkdv_wgd) and the persistent forward for causal problems

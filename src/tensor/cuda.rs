@@ -461,7 +461,7 @@ impl Cuda {
     /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
     /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
     /// seven, as the mma.sync path, and no extra buffer). On an H200 `bwd_wgp` measured
-    /// within −4…+4 % of the two passes and `bwd_wg` 11–13 % slower (see CUDA.md).
+    /// −8.5 to +3.5 % against the two passes and `bwd_wg` 6–18 % slower (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }

@@ -390,8 +390,8 @@ fn check_inputs<E>(
 }
 
 /// Which forward kernel runs for this problem: `Some(name)` for tensor cores (`fwd_wsp_*`,
-/// `fwd_wso_*` (`fwd_wspr_*`, `fwd_wsor_*` with Q in registers), `fwd_ws_*` or `fwd_wg_*` on Hopper, `fwd_tc*_*` for the `mma.sync`
-/// kernels), `None` for the generic kernel.
+/// `fwd_wso_*` (`fwd_wspr_*`, `fwd_wsor_*` with Q in registers), `fwd_ws_*` or `fwd_wg_*`
+/// on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     let persist = may_persist(dev, plan.options().causal, true);
     fwd_kernel::<E>(dev, plan.dims().head_dim, persist).map(|k| k.name)

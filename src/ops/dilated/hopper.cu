@@ -1308,8 +1308,11 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
     }
 }
 
-// dst[8n + {0, 1}] += a[4n + j + {0, 1}] for n < 8, in f32, where `on` (one predicate for
-// the whole row: no branches, one address pair with immediate offsets).
+// dst[8n + {0, 1}] += a[4n + j + {0, 1}] for n < 8, in f32, where `on`: one predicate for
+// the row and one address pair with immediate offsets. With `if (ptr)` around each
+// reduction ptxas copied the address into one register pair per reduction, and each copy
+// waited for the previous reduction to read it (~12 % of bwd_wgp's stall samples); it
+// still branches around each predicated reduction, but nothing waits there.
 __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, int j) {
     asm volatile(
         "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %1, 0;\n\t"
@@ -1439,10 +1442,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     };
     // Adds the warpgroup's dQ columns of a query tile (metadata qmt, head h) into dqacc:
     // rows wq*16 + lane/4 (+ 8), columns 64wg + 8n + 2(lane & 3). A row without a query
-    // (qp < 0) keeps a valid address and predicates its reductions off: branch-free, each
-    // row's 8 reductions on one address pair with immediate offsets (with `if (ptr)` around
-    // each, ptxas copied the address into one pair per reduction, and every copy waited for
-    // the previous reduction to read it: ~12 % of bwd_wgp's stall samples).
+    // (qp < 0) keeps a valid address with its reductions predicated off (red_row8).
     auto dq_red = [&](const float4* qmt, int h) {
         if constexpr (FQ) {
             if (wg < CB) {
