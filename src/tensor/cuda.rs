@@ -417,10 +417,10 @@ impl Cuda {
     /// rows in registers as the A operand of `S = Q·Kᵀ`, so that the product reads only K
     /// from shared memory (`true`: `fwd_wsor`, `fwd_wspr`; 32 more registers per consumer
     /// thread), or reads both from shared memory (`false`, the default: `fwd_wso`,
-    /// `fwd_wsp`). Opt-in and not yet measured: `fwd_wsor` passed the oracle on the H200;
-    /// `fwd_wspr` hung in its first run (its register split asked for more than the launch
-    /// holds) and its fix has not run on a GPU yet (see CUDA.md). For comparisons and tests;
-    /// no effect without [`set_fwd_overlap`](Self::set_fwd_overlap).
+    /// `fwd_wsp`). Opt-in: both pass the oracle and racecheck on the H200 but measured
+    /// −8.5…+1.6 % against the default (`benches/results/gpu_h200_wsr.txt`; see CUDA.md).
+    /// For comparisons and tests; no effect without
+    /// [`set_fwd_overlap`](Self::set_fwd_overlap).
     pub fn set_fwd_reg_operands(&self, on: bool) {
         self.fwd_reg_operands.store(on, Ordering::Relaxed);
     }
