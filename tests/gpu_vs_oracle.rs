@@ -71,7 +71,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // ping-pong wgmma backward, its dQ pass with register A operands: dq_wgr + dkdv_wg); 1:
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
     // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the default forward
-    // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 3: the
+    // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
+    // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -87,6 +88,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
     dev.set_fwd_reg_operands(warps == 10);
+    dev.set_fwd_wide_tiles(warps == 11);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -224,7 +226,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10][(case.seed % 11) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11][(case.seed % 12) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -272,6 +274,7 @@ fn longnet_schedule_matches_oracle() {
                 let w = 5 + (seed % 3) as u8;
                 all_dtypes_w(&case, KernelPref::Auto, true, w);
                 all_dtypes_w(&case, KernelPref::Auto, false, 10);
+                all_dtypes_w(&case, KernelPref::Auto, false, 11);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -304,6 +307,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
+        all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -347,12 +351,14 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10] {
+        for warps in [0, 6, 7, 10, 11] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wso",
                 10 if causal => "fwd_wsor",
                 10 => "fwd_wspr",
+                11 if causal => "fwd_wsow",
+                11 => "fwd_wspw",
                 _ if causal => "fwd_wsp (causal)",
                 _ => continue, // the default kernel again
             };
@@ -394,6 +400,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
+        all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

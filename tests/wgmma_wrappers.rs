@@ -99,7 +99,7 @@ fn wrapper(
     s
 }
 
-/// The wrappers, for bf16 and f16 and N = 64 and 128: (prefix, suffix, comment, transpose
+/// The wrappers, for bf16 and f16 and N = 64 and 128 (and `ss176`, `ss176z`): (prefix, suffix, comment, transpose
 /// immediates, scale-d). Prefix `ss`: A and B in shared memory; `rs`: A in registers.
 /// `ssN` (both K-major), `ssNz` (its first k16 step, D written only), `ssNt` (both
 /// MN-major), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
@@ -154,8 +154,12 @@ fn generate() -> String {
     let mut s = String::new();
     for ty in ["bf16", "f16"] {
         s += &format!("template <> struct Wg<{ty}> {{\n");
-        for n in [64, 128] {
+        for n in [64, 128, 176] {
             for &(prefix, suffix, comment, trans, acc) in WRAPPERS {
+                // N = 176: only S = Q·Kᵀ of the wide forward (both operands in shared memory).
+                if n == 176 && (prefix != "ss" || suffix == "t") {
+                    continue;
+                }
                 let name = format!("{prefix}{n}{suffix}");
                 s += &wrapper(ty, n, &name, comment, prefix == "rs", trans, acc);
             }
@@ -185,9 +189,14 @@ fn generated_wgmma_wrappers_are_current() {
 
 #[test]
 fn wrappers_name_every_accumulator_once() {
-    // The m64n128 wrappers have 64 accumulators and the register list ends at %63.
+    // The m64n128 wrappers have 64 accumulators and the register list ends at %63; the
+    // m64n176 ones 88, ending at %87.
     let w = generate();
-    assert!(w.contains("%62,%63}, "));
-    assert!(w.contains("\"+f\"(d[63])"));
-    assert!(!w.contains("d[64]"));
+    let n128 = &w[w.find("m64n128").unwrap()..w.find("m64n176").unwrap()];
+    assert!(n128.contains("%62,%63}, "));
+    assert!(n128.contains("\"+f\"(d[63])"));
+    assert!(!n128.contains("d[64]"));
+    assert!(w.contains("%86,%87}, "));
+    assert!(w.contains("\"+f\"(d[87])"));
+    assert!(!w.contains("d[88]"));
 }

@@ -186,6 +186,9 @@ pub struct Cuda {
     /// Overlapped warp-specialised Hopper forward with Q as the register A operand of
     /// `S = Q·Kᵀ` (`fwd_wsor`, `fwd_wspr`; opt-in).
     fwd_reg_operands: AtomicBool,
+    /// Overlapped warp-specialised Hopper forward with 176-key tiles (`fwd_wspw`,
+    /// `fwd_wsow`; opt-in).
+    fwd_wide_tiles: AtomicBool,
     /// Streaming multiprocessors (the persistent forward's grid).
     sms: u32,
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wgp`, `bwd_wg`) or its own
@@ -251,6 +254,7 @@ impl Cuda {
             ws: AtomicBool::new(true),
             fwd_overlap: AtomicBool::new(true),
             fwd_reg_operands: AtomicBool::new(false),
+            fwd_wide_tiles: AtomicBool::new(false),
             fwd_persistent: AtomicBool::new(true),
             fwd_persistent_causal: AtomicBool::new(false),
             sms,
@@ -427,6 +431,21 @@ impl Cuda {
     /// See [`set_fwd_reg_operands`](Self::set_fwd_reg_operands).
     pub fn fwd_reg_operands(&self) -> bool {
         self.fwd_reg_operands.load(Ordering::Relaxed)
+    }
+    /// Overlapped warp-specialised Hopper forward with key tiles of 176 rows in two stages
+    /// (`true`: `fwd_wspw`, `fwd_wsow`; FlashAttention-3's tile for D = 128 without a
+    /// causal mask) instead of 128 rows in three (`false`, the default). Each ping-pong turn
+    /// then carries 1.375× the MMA time for the other warpgroup's softmax to hide under;
+    /// a segment of `m` keys costs ⌈m/176⌉ tiles (2048 keys: 12 tiles, 3 % of them
+    /// padding). Opt-in until measured (see CUDA.md). No effect without
+    /// [`set_fwd_overlap`](Self::set_fwd_overlap) or with
+    /// [`set_fwd_reg_operands`](Self::set_fwd_reg_operands).
+    pub fn set_fwd_wide_tiles(&self, on: bool) {
+        self.fwd_wide_tiles.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_wide_tiles`](Self::set_fwd_wide_tiles).
+    pub fn fwd_wide_tiles(&self) -> bool {
+        self.fwd_wide_tiles.load(Ordering::Relaxed)
     }
     /// Overlapped warp-specialised Hopper forward: persistent where it measured faster
     /// (`true`, the default: `fwd_wsp`, one CTA per SM looping over the (query tile, head,

@@ -448,16 +448,20 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool) -> Option<Lau
         return Some(if dev.warp_specialized() {
             let persist = dev.fwd_persistent() && persist;
             let ra = dev.fwd_reg_operands();
+            let wide = dev.fwd_wide_tiles() && !ra;
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
+                (true, true) if wide => ("wspw", true),
+                (true, false) if wide => ("wsow", false),
                 (true, true) => (if ra { "wspr" } else { "wsp" }, true),
                 (true, false) => (if ra { "wsor" } else { "wso" }, false),
                 (false, _) => ("ws", false),
             };
+            let wide = wide && dev.fwd_overlap();
             Launch {
                 name: format!("fwd_{kind}_{e}_{d}"),
                 rows: 128,
                 threads: 384,
-                smem: Some(ws_smem(d)),
+                smem: Some(if wide { ws_smem_wide(d) } else { ws_smem(d) }),
                 persistent,
             }
         } else {
@@ -503,6 +507,12 @@ fn wg_smem(d: usize) -> u32 {
 /// mbarriers.
 fn ws_smem(d: usize) -> u32 {
     (1024 + 128 * d * 2 + 6 * 128 * d * 2 + 3 * 128 * 4 + 8 * 8) as u32
+}
+
+/// Dynamic shared memory of `fwd_wsow_*` / `fwd_wspw_*`: as [`ws_smem`] with two stages
+/// of K and V tiles of 176 rows (`WIDE_BK` in hopper.cu) and six mbarriers.
+fn ws_smem_wide(d: usize) -> u32 {
+    (1024 + 128 * d * 2 + 4 * 176 * d * 2 + 2 * 176 * 4 + 6 * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).

@@ -154,6 +154,26 @@ template <> struct Wg<bf16> {
             : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
     }
+    // D[64x176] (+)= A(smem, K-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss176(float (&d)[88], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87}, "
+            "%88, %89, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x176] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss176z(float (&d)[88], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n176k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87}, "
+            "%88, %89, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63]), "=f"(d[64]), "=f"(d[65]), "=f"(d[66]), "=f"(d[67]), "=f"(d[68]), "=f"(d[69]), "=f"(d[70]), "=f"(d[71]), "=f"(d[72]), "=f"(d[73]), "=f"(d[74]), "=f"(d[75]), "=f"(d[76]), "=f"(d[77]), "=f"(d[78]), "=f"(d[79]), "=f"(d[80]), "=f"(d[81]), "=f"(d[82]), "=f"(d[83]), "=f"(d[84]), "=f"(d[85]), "=f"(d[86]), "=f"(d[87])
+            : "l"(da), "l"(db), "r"(0));
+    }
 };
 template <> struct Wg<f16> {
     // D[64x64] (+)= A(smem, K-major) * B(smem, K-major)^T
@@ -276,6 +296,26 @@ template <> struct Wg<f16> {
             : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
     }
+    // D[64x176] (+)= A(smem, K-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss176(float (&d)[88], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n176k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87}, "
+            "%88, %89, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x176] = A(smem, K-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss176z(float (&d)[88], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n176k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87}, "
+            "%88, %89, p, 1, 1, 0, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63]), "=f"(d[64]), "=f"(d[65]), "=f"(d[66]), "=f"(d[67]), "=f"(d[68]), "=f"(d[69]), "=f"(d[70]), "=f"(d[71]), "=f"(d[72]), "=f"(d[73]), "=f"(d[74]), "=f"(d[75]), "=f"(d[76]), "=f"(d[77]), "=f"(d[78]), "=f"(d[79]), "=f"(d[80]), "=f"(d[81]), "=f"(d[82]), "=f"(d[83]), "=f"(d[84]), "=f"(d[85]), "=f"(d[86]), "=f"(d[87])
+            : "l"(da), "l"(db), "r"(0));
+    }
 };
 // GENERATED by tests/wgmma_wrappers.rs: end
 
@@ -345,7 +385,12 @@ __device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b
     for (int kk = 0; kk < D / 16; ++kk) {
         const u64 da = wg_desc_at(da0, (kk >> 2) * a_cb + (kk & 3) * 32);
         const u64 db = wg_desc_at(db0, (kk >> 2) * b_cb + (kk & 3) * 32);
-        if constexpr (N == 128) {
+        if constexpr (N == 176) {
+            if (Z && kk == 0)
+                Wg<T>::ss176z(d, da, db);
+            else
+                Wg<T>::ss176(d, da, db, kk);
+        } else if constexpr (N == 128) {
             if (Z && kk == 0)
                 Wg<T>::ss128z(d, da, db);
             else
@@ -691,6 +736,8 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 }
 
 #define WS_STAGES 3
+// Key tile rows of the wide forward (fwd_wspw / fwd_wsow).
+#define WIDE_BK 176
 
 // OV: intra-warpgroup overlap (FlashAttention-3's second overlap): S(n) and P(c)·V(c) are
 // two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
@@ -714,13 +761,17 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 // producer's copies need a further ~32 bytes per cycle. 32 more registers per consumer
 // thread. PS && RA: qempty is arrived as soon as the fragments are loaded, so the next
 // item's Q loads under the whole current item instead of its last P·V.
-template <typename T, int D, bool OV, bool PS, bool RA = false>
+template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(OV || !PS, "the persistent forward is built on the overlapped loop");
-    constexpr int RQ = 128, BK = WG_BK, CB = D / 64, NS = WS_STAGES;
+    static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
+    // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
+    // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
+    // stages fit in shared memory, not three.
+    constexpr int RQ = 128, CB = D / 64, NS = BK > WG_BK ? 2 : WS_STAGES;
     constexpr int QB = RQ * 128, KB = BK * 128, TILE = CB * KB;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
@@ -801,7 +852,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     // (an earlier 64 / 224 split of the RA kernel hung on the GPU). PS && !RA: 72 / 208 (at
     // 56 the persistent producer spills 16 bytes). PS && RA: 56 / 224, a 20-byte spill
     // (72 / 216 spilled 32 bytes and ptxas reported C7512; 72 / 208 spilled 104).
-    constexpr int PR = PS && !RA ? 72 : 56, CR = PS && !RA ? 208 : 224;
+    // Wide tiles (BK = 176): 56 / 224 (S, P and O take 88 + 44 + 64 registers).
+    constexpr int PR = PS && !RA && BK == WG_BK ? 72 : 56, CR = PS && !RA && BK == WG_BK ? 208 : 224;
     static_assert(PR + 2 * CR <= 3 * 168, "setmaxnreg split exceeds the launch's registers");
     static_assert(PR % 8 == 0 && CR % 8 == 0, "setmaxnreg takes multiples of 8");
     if (warp >= 8) {
@@ -830,12 +882,13 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
                                           st.m - st.k0, base, step, pt);
                 mbar_cp_async_arrive(full(s));
-                {
-                    const int jj = st.k0 + pt;
+#pragma unroll
+                for (int j = pt; j < BK; j += 128) {
+                    const int jj = st.k0 + j;
                     const int kp = st.a + st.o + jj * st.r;
                     bool ok = jj < st.m;
                     if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-                    kposS[s * BK + pt] = ok ? kp : -1 - kp;
+                    kposS[s * BK + j] = ok ? kp : -1 - kp;
                 }
                 mbar_arrive(full(s));
                 ++it;
@@ -1650,6 +1703,16 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         fwd_wsp_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                  \
                              const unsigned char* mask, T* out, float* lse) {                     \
         fwd_ws<T, D, true, true>(P, q, k, v, mask, out, lse);                                     \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wsow_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, T* out, float* lse) {                    \
+        fwd_ws<T, D, true, false, false, WIDE_BK>(P, q, k, v, mask, out, lse);                    \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspw_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
+                              const unsigned char* mask, T* out, float* lse) {                    \
+        fwd_ws<T, D, true, true, false, WIDE_BK>(P, q, k, v, mask, out, lse);                     \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsor_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
