@@ -37,6 +37,14 @@ fn dev() -> std::sync::MutexGuard<'static, Cuda> {
         let d = Cuda::new(0).expect("these tests need a CUDA GPU");
         d.set_poison(true);
         eprintln!("GPU: {}", d.name().unwrap_or_default());
+        // The module's compile and load, timed, so that a slow first use (NVRTC, and the
+        // driver's JIT of the PTX on a fresh machine) is not mistaken for a hung kernel.
+        let t = std::time::Instant::now();
+        gpu::warm_up(&d).expect("compile the kernels");
+        eprintln!(
+            "kernels compiled and loaded in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         Mutex::new(d)
     })
     .lock()
@@ -387,8 +395,12 @@ fn persistent_forward_many_items() {
                 _ if causal => "fwd_wsp (causal)",
                 _ => continue, // the default kernel again
             };
+            let t = std::time::Instant::now();
             let e = check_w::<half::bf16>(&case, KernelPref::Auto, false, warps);
-            eprintln!("ok {kernel} n={n} {combine:?} causal={causal} : rel err bf16 {e:.1e}");
+            eprintln!(
+                "ok {kernel} n={n} {combine:?} causal={causal} : rel err bf16 {e:.1e} ({:.1} s)",
+                t.elapsed().as_secs_f64()
+            );
         }
     }
 }

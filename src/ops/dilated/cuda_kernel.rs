@@ -510,9 +510,10 @@ fn ws_smem(d: usize) -> u32 {
 }
 
 /// Dynamic shared memory of `fwd_wsow_*` / `fwd_wspw_*`: as [`ws_smem`] with two stages
-/// of K and V tiles of 176 rows (`WIDE_BK` in hopper.cu) and six mbarriers.
+/// of K and V tiles of 176 rows (`WIDE_BK` in hopper.cu) and ten mbarriers (full and empty
+/// for the K and the V half of each stage, qfull, qempty).
 fn ws_smem_wide(d: usize) -> u32 {
-    (1024 + 128 * d * 2 + 4 * 176 * d * 2 + 2 * 176 * 4 + 6 * 8) as u32
+    (1024 + 128 * d * 2 + 4 * 176 * d * 2 + 2 * 176 * 4 + 10 * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).

@@ -363,6 +363,28 @@ __device__ __forceinline__ void load_rows_sw(u32 dst, const void* src, int valid
     load_rows_n<D, NT, ROWS, true, 1>(d, s, valid, base, step, tid);
 }
 
+// load_rows_sw with the row loop kept rolled: the wide forward's producer (176 rows, K and V
+// loaded apart) would otherwise hold every row's address at once and spill. The swizzle of
+// a thread's rows is one constant (RPI rows apart, a multiple of 8), so the shared address
+// advances by RPI rows per step.
+template <int D, int NT, int ROWS>
+__device__ __forceinline__ void load_rows_sw_rolled(u32 dst, const void* src, int valid, long long base,
+                                                    long long step, int tid) {
+    constexpr int CH = D / 8, RPI = NT / CH;
+    static_assert(NT % CH == 0 && ROWS % RPI == 0 && RPI % 8 == 0, "tile shape");
+    const int c = tid % CH, r0 = tid / CH;
+    const u16* p = (const u16*)src + base + (long long)r0 * step + c * 8;
+    const long long inc = (long long)RPI * step;
+    u32 so = dst + (c >> 3) * (ROWS * 128) + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
+#pragma unroll 1
+    for (int rr = r0; rr < ROWS; rr += RPI) {
+        const bool in = rr < valid;
+        cp_async16(so, in ? p : (const u16*)src, in ? 16 : 0);
+        p += inc;
+        so += RPI * 128;
+    }
+}
+
 // The same rows of two tensors into the swizzled layout.
 template <int D, int NT, int ROWS>
 __device__ __forceinline__ void load_rows2_sw(u32 dst0, const void* src0, u32 dst1, const void* src1, int valid,
@@ -772,6 +794,12 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
     // stages fit in shared memory, not three.
     constexpr int RQ = 128, CB = D / 64, NS = BK > WG_BK ? 2 : WS_STAGES;
+    // SPLIT (wide tiles): K and V stages are filled and released apart. With two stages and
+    // one barrier pair per K+V stage, S(n + 1) would wait for the other warpgroup's P(n-1)·V
+    // and then for the reload of that stage; apart, a K stage is free once both warpgroups'
+    // softmax of its S has read the key metadata, a V stage once both P·V are done, and each
+    // reload has about an iteration of slack (FlashAttention-3 pipelines K and V apart too).
+    constexpr bool SPLIT = BK > WG_BK;
     constexpr int QB = RQ * 128, KB = BK * 128, TILE = CB * KB;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
@@ -784,6 +812,9 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     auto full = [&](int st) { return bars + 8 * st; };
     auto empty = [&](int st) { return bars + 8 * (NS + st); };
     const u32 qfull = bars + 8 * (2 * NS), qempty = bars + 8 * (2 * NS + 1);
+    // SPLIT: full / empty track the K half of a stage (and its key metadata), these the V half.
+    auto fullv = [&](int st) { return bars + 8 * (2 * NS + 2 + st); };
+    auto emptyv = [&](int st) { return bars + 8 * (3 * NS + 2 + st); };
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     // Causal problems, when persistent (opt-in: Cuda::set_fwd_persistent_causal): the tiles
@@ -840,6 +871,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         for (int st = 0; st < NS; ++st) {
             mbar_init(full(st), 256);   // 128 cp.async arrivals + 128 producer arrivals
             mbar_init(empty(st), 256);  // every consumer thread
+            if constexpr (SPLIT) {
+                mbar_init(fullv(st), 128);   // 128 cp.async arrivals
+                mbar_init(emptyv(st), 256);  // every consumer thread
+            }
         }
         mbar_init(qfull, 128);
         mbar_init(qempty, 256);
@@ -852,8 +887,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     // (an earlier 64 / 224 split of the RA kernel hung on the GPU). PS && !RA: 72 / 208 (at
     // 56 the persistent producer spills 16 bytes). PS && RA: 56 / 224, a 20-byte spill
     // (72 / 216 spilled 32 bytes and ptxas reported C7512; 72 / 208 spilled 104).
-    // Wide tiles (BK = 176): 56 / 224 (S, P and O take 88 + 44 + 64 registers).
-    constexpr int PR = PS && !RA && BK == WG_BK ? 72 : 56, CR = PS && !RA && BK == WG_BK ? 208 : 224;
+    // Wide tiles (BK = 176): 56 / 224 (S, P and O take 88 + 44 + 64 consumer registers; at
+    // 216 the consumers spill and ptxas reports C7512), the producer's row loops rolled.
+    constexpr int PR = PS && !RA && BK == WG_BK ? 72 : 56;
+    constexpr int CR = PS && !RA && BK == WG_BK ? 208 : 224;
     static_assert(PR + 2 * CR <= 3 * 168, "setmaxnreg split exceeds the launch's registers");
     static_assert(PR % 8 == 0 && CR % 8 == 0, "setmaxnreg takes multiples of 8");
     if (warp >= 8) {
@@ -879,18 +916,39 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 if (it >= NS) mbar_wait(empty(s), ((it / NS) & 1) ^ 1);
                 const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
                 const long long step = (long long)st.r * P.Hkv * P.D;
-                load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
-                                          st.m - st.k0, base, step, pt);
+                if constexpr (SPLIT)
+                    load_rows_sw_rolled<D, 128, BK>(sK + s * TILE, k, st.m - st.k0, base, step, pt);
+                else
+                    load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
+                                              st.m - st.k0, base, step, pt);
                 mbar_cp_async_arrive(full(s));
-#pragma unroll
-                for (int j = pt; j < BK; j += 128) {
-                    const int jj = st.k0 + j;
+                if constexpr (BK == WG_BK) {
+                    const int jj = st.k0 + pt;
                     const int kp = st.a + st.o + jj * st.r;
                     bool ok = jj < st.m;
                     if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-                    kposS[s * BK + j] = ok ? kp : -1 - kp;
+                    kposS[s * BK + pt] = ok ? kp : -1 - kp;
+                } else {
+                    // Wide tiles: the 128 producer threads cover the 176 keys in two rounds.
+                    // (Kept apart from the 128-key code above so that the default kernels
+                    // compile to the SASS that ran on the GPU.)
+#pragma unroll
+                    for (int j = pt; j < BK; j += 128) {
+                        const int jj = st.k0 + j;
+                        const int kp = st.a + st.o + jj * st.r;
+                        bool ok = jj < st.m;
+                        if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
+                        kposS[s * BK + j] = ok ? kp : -1 - kp;
+                    }
                 }
                 mbar_arrive(full(s));
+                if constexpr (SPLIT) {
+                    // The V half: its stage is free once both warpgroups' P·V of tile it - NS
+                    // are done.
+                    if (it >= NS) mbar_wait(emptyv(s), ((it / NS) & 1) ^ 1);
+                    load_rows_sw_rolled<D, 128, BK>(sV + s * TILE, v, st.m - st.k0, base, step, pt);
+                    mbar_cp_async_arrive(fullv(s));
+                }
                 ++it;
             }
         }
@@ -983,6 +1041,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         wg_wait<0>();
         reg_fence(s);
         softmax(cur, s0);
+        if constexpr (SPLIT) mbar_arrive(empty(s0));  // K(0) and its key metadata are read
         // Warpgroup 0 issues first.
         if (wg == 1) named_arrive(1, 256);
     }
@@ -994,6 +1053,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             PatState nx = cur;
             if (!tc_next<BK>(P, t, h, nx, RQ)) break;
             mbar_wait(full(sn), ((it + 1) / NS) & 1);
+            if constexpr (SPLIT) mbar_wait(fullv(sc), (it / NS) & 1);  // V(c)
             fence_proxy_async();
             named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
             wg_fence();
@@ -1007,9 +1067,11 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             if (nx.i != cur.i) set_part(nx);
             float al0, al1;
             softmax_p(nx, sn, al0, al1);
+            if constexpr (SPLIT) mbar_arrive(empty(sn));  // K(n) and its key metadata are read
             wg_wait<0>();
             reg_fence(o);
-            mbar_arrive(empty(sc));  // K(c) and V(c) are no longer read
+            // K(c) and V(c) are no longer read (SPLIT: V(c); K(c) was released a tile ago).
+            mbar_arrive(SPLIT ? emptyv(sc) : empty(sc));
             wg_rescale<D>(o, al0, al1);
             wg_pack<T, BK>(s, pa);
             cur = nx;
@@ -1017,6 +1079,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         }
         if constexpr (PS && !RA) mbar_arrive(qempty);  // every S of this item has landed
         if (have) {
+            if constexpr (SPLIT) {
+                mbar_wait(fullv(it % NS), (it / NS) & 1);
+                fence_proxy_async();
+            }
             named_sync(1 + wg, 256);
             wg_fence();
             wg_xb<T, D, BK>(o, pa, sV + (it % NS) * TILE, KB);
@@ -1024,7 +1090,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             if (wg == 0) named_arrive(2, 256);
             wg_wait<0>();
             reg_fence(o);
-            mbar_arrive(empty(it % NS));
+            mbar_arrive(SPLIT ? emptyv(it % NS) : empty(it % NS));
             ++it;
         }
     } else {
