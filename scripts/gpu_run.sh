@@ -96,6 +96,9 @@ if named profile; then
       "$NCU" -i "/tmp/ncu_$kern.ncu-rep" --page source --csv --print-source sass | gzip > "$O/ncu_sass_$kern.csv.gz"
       grep -E "Compute \(SM\) Throughput|Duration|Issue Slots Busy|Executed Ipc Active" "$O/ncu_$kern.txt" | head -6
     done
+    # The device tool returns at most 8 files: the reports go back as one archive.
+    ( cd "$O" && files=$(ls ncu_*.txt ncu_*.csv.gz 2>/dev/null) && [ -n "$files" ] \
+        && tar cf ncu_reports.tar $files && rm -f $files )
   else
     echo "ncu not found"
   fi
