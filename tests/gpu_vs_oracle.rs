@@ -62,16 +62,16 @@ fn oracle_forward<E: CudaElement>(
     kr: &[f64],
     vr: &[f64],
 ) -> Arc<reference::RefForward> {
-    type Memo = Vec<(String, Arc<reference::RefForward>)>;
+    type Memo = Vec<(&'static str, String, Arc<reference::RefForward>)>;
     static LAST: Mutex<Memo> = Mutex::new(Vec::new());
-    let key = format!("{}:{case:?}", E::NAME);
+    let key = format!("{case:?}");
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, want)) = last.iter().find(|(k, _)| *k == key) {
+    if let Some((_, _, want)) = last.iter().find(|(e, k, _)| *e == E::NAME && *k == key) {
         return want.clone();
     }
     let want = Arc::new(reference::forward(plan, qr, kr, vr, case.mask.as_deref()).unwrap());
-    last.retain(|(k, _)| !k.starts_with(&format!("{}:", E::NAME)));
-    last.push((key, want.clone()));
+    last.retain(|(e, _, _)| *e != E::NAME);
+    last.push((E::NAME, key, want.clone()));
     want
 }
 

@@ -922,24 +922,23 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                     load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
                                               st.m - st.k0, base, step, pt);
                 mbar_cp_async_arrive(full(s));
-                if constexpr (BK == WG_BK) {
-                    const int jj = st.k0 + pt;
+                // Key metadata of tile row j: its position, or -1 - position. (__ldg: the
+                // lambda's captured pointer loses __restrict__, and with it the read-only
+                // load the code had before.)
+                auto key_row = [&](int j) {
+                    const int jj = st.k0 + j;
                     const int kp = st.a + st.o + jj * st.r;
                     bool ok = jj < st.m;
-                    if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-                    kposS[s * BK + pt] = ok ? kp : -1 - kp;
+                    if (ok && P.has_mask) ok = __ldg(mask + (long long)b * P.N + kp) != 0;
+                    kposS[s * BK + j] = ok ? kp : -1 - kp;
+                };
+                if constexpr (BK == WG_BK) {
+                    key_row(pt);
                 } else {
-                    // Wide tiles: the 128 producer threads cover the 176 keys in two rounds.
-                    // (Kept apart from the 128-key code above so that the default kernels
-                    // compile to the SASS that ran on the GPU.)
+                    // Wide tiles: the 128 producer threads cover the 176 keys in two rounds
+                    // (a loop for 128 keys too changed the default kernels' SASS).
 #pragma unroll
-                    for (int j = pt; j < BK; j += 128) {
-                        const int jj = st.k0 + j;
-                        const int kp = st.a + st.o + jj * st.r;
-                        bool ok = jj < st.m;
-                        if (ok && P.has_mask) ok = mask[(long long)b * P.N + kp] != 0;
-                        kposS[s * BK + j] = ok ? kp : -1 - kp;
-                    }
+                    for (int j = pt; j < BK; j += 128) key_row(j);
                 }
                 mbar_arrive(full(s));
                 if constexpr (SPLIT) {
