@@ -437,8 +437,9 @@ impl Cuda {
     /// causal mask) instead of 128 rows in three (`false`, the default). Each ping-pong turn
     /// then carries 1.375× the MMA time for the other warpgroup's softmax to hide under;
     /// a segment of `m` keys costs ⌈m/176⌉ tiles (2048 keys: 12 tiles, 3 % of them
-    /// padding). Opt-in: not yet validated on problems with several work items per CTA nor
-    /// measured (see CUDA.md). No effect without
+    /// padding). Opt-in: it passes the oracle tests and racecheck, but on an H200 it
+    /// measured 5–20 % slower than the default in every bench case
+    /// (`benches/results/gpu_h200_wide.txt`; see CUDA.md). No effect without
     /// [`set_fwd_overlap`](Self::set_fwd_overlap) or with
     /// [`set_fwd_reg_operands`](Self::set_fwd_reg_operands).
     pub fn set_fwd_wide_tiles(&self, on: bool) {
