@@ -482,7 +482,8 @@ impl Cuda {
     /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
     /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
     /// seven, as the mma.sync path, and no extra buffer). On an H200 `bwd_wgp` measured
-    /// −8.5 to +3.5 % against the two passes and `bwd_wg` 6–18 % slower (see CUDA.md).
+    /// −1.1 to +5.1 % against the two passes (`benches/results/gpu_h200_fused_tail.txt`)
+    /// and `bwd_wg` 6–18 % slower (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }

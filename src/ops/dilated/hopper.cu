@@ -1561,14 +1561,35 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // Adds the warpgroup's dQ columns of a query tile (metadata qmt, head h) into dqacc:
     // rows wq*16 + lane/4 (+ 8), columns 64wg + 8n + 2(lane & 3). A row without a query
     // (qp < 0) keeps a valid address with its reductions predicated off (red_row8).
-    auto dq_red = [&](const float4* qmt, int h) {
+    // Split in two: dq_dst reads the rows' positions from shared memory and forms the
+    // addresses, dq_red issues the reductions. FQ && PP computes the addresses before the
+    // end-of-tile wait, under the tile's MMAs (the wait's memory clobber would otherwise
+    // keep the shared loads, and the arithmetic behind them, after it).
+    struct DqDst {
+        float* p0;
+        float* p1;
+        bool on0, on1;
+    };
+    auto dq_dst = [&](const float4* qmt, int h) {
+        DqDst d{dqacc, dqacc, false, false};
         if constexpr (FQ) {
             if (wg < CB) {
                 const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
                 const int qp0 = __float_as_int(qmt[qr0].w), qp1 = __float_as_int(qmt[qr1].w);
                 const long long c0 = wg * 64 + (lane & 3) * 2;
-                red_row8(dqacc + (qp0 >= 0 ? qidx(P, b, qp0, h) : 0) + c0, qp0 >= 0, dqa, 0);
-                red_row8(dqacc + (qp1 >= 0 ? qidx(P, b, qp1, h) : 0) + c0, qp1 >= 0, dqa, 2);
+                d.on0 = qp0 >= 0;
+                d.on1 = qp1 >= 0;
+                d.p0 = dqacc + (d.on0 ? qidx(P, b, qp0, h) : 0) + c0;
+                d.p1 = dqacc + (d.on1 ? qidx(P, b, qp1, h) : 0) + c0;
+            }
+        }
+        return d;
+    };
+    auto dq_red = [&](const DqDst& d) {
+        if constexpr (FQ) {
+            if (wg < CB) {
+                red_row8(d.p0, d.on0, dqa, 0);
+                red_row8(d.p1, d.on1, dqa, 2);
             }
         }
     };
@@ -1680,6 +1701,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_commit();
         if (PP) turn_end(wg, !hn);
         if constexpr (FQ) {
+            DqDst dst{};
+            if constexpr (PP) dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
             if constexpr (!PP) {
                 // dS complete in shared memory (both warpgroups' key rows).
                 fence_proxy_async();
@@ -1694,8 +1717,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adv);
             reg_fence(adk);
             if (wg < CB) reg_fence(dqa);
-            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
-            dq_red(qm, cur.h);
+            if constexpr (PP) {
+                mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
+                // The next tile's metadata before the reductions: its loads were issued
+                // ahead of them, and the other warpgroup may be waiting on it.
+                if (hn) {
+                    query_put<BS>(P, pre, tid, qmeta + ns * BS);
+                    pipe.produced(it + 1);
+                }
+            } else {
+                dst = dq_dst(qm, cur.h);
+            }
+            dq_red(dst);
         } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
@@ -1704,7 +1737,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // The next tile's metadata, now that its loads have had an iteration to arrive.
         // Stage ns was last read two iterations ago (PP: acquire said so); the next
         // iteration's barrier (PP: the full barrier, arrived at here) publishes it.
-        if (hn) {
+        if (hn && !(FQ && PP)) {  // FQ && PP: above, before the reductions
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) pipe.produced(it + 1);
         }
