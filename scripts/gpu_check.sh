@@ -40,7 +40,9 @@ GPU_STAGE_DIR=<that checkout>/.gpu), run:
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh"              (1 GPU: kind nvidia-h200)
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
 (stages: tests sanitize bench peers quick ring ringbench; default all but ring, ringbench)
-A call may run 600 s at most; where the stages together need more (the tests stage alone
-ran past 240 s on a fresh H200 in stop 15, the module's first compile included), split it:
+A call may run 600 s at most; where the stages together need more (on a fresh H200 the
+module's first compile and load alone takes ~140 s, the whole tests stage ~200 s with
+it, racecheck ~190 s: stop 16),
+split it:
   command="bash .gpu/run_all.sh tests sanitize", then command="bash .gpu/run_all.sh bench peers quick"
 MSG
