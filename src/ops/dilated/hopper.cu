@@ -1629,6 +1629,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
         if (PP) turn_end(wg, false);
+        // The causal limit and L of the first MPRE column groups, loaded while S is still
+        // being computed: after the wait (its memory clobber keeps later loads behind it)
+        // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
+        // Not in the deferred-wait and lockstep fused kernels: at 255 registers they spill.
+        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
+        float2 mpre[MPRE > 0 ? MPRE : 1][2];
+#pragma unroll
+        for (int n = 0; n < MPRE; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                mpre[n][j] = *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
+        }
         // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
         wg_wait<1>();  // DW: the previous tile's dV and dK MMAs too
         reg_fence(s);
@@ -1642,7 +1654,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = n * 8 + (lane & 3) * 2 + j;
-                const float4 mt = qm[col];  // {causal limit, L·log2 e (+inf: no query), Δ, position}
+                // {causal limit, L·log2 e (+inf: no query)} of query_meta4's float4 (Δ, position)
+                const float2 mt = n < MPRE ? mpre[n < MPRE ? n : 0][j]
+                                           : *reinterpret_cast<const float2*>(qm + col);
                 const int lim = __float_as_int(mt.x);
                 const float x0 = ex2(fmaf(s[4 * n + j], sl2, -mt.y));
                 const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -mt.y));
