@@ -33,13 +33,29 @@ strip "$stage"/gpu_vs_oracle "$stage"/gpu_bench "$stage"/gpu_ring "$stage"/nccl_
   "$stage"/gpu_ring_bench "$stage"/ring_nccl 2>/dev/null || true
 cp benches/peers/torch_dilated.py "$stage/"
 cp scripts/gpu_run.sh "$stage/run_all.sh"
+cp scripts/ab_compare.py "$stage/"
+# BASE_REV=<git revision>: also the bench of that revision, as gpu_bench_base, for the `ab`
+# stage (both builds timed in one call, alternating). Built from a temporary worktree into
+# this target folder, so only the crate itself recompiles.
+if [ -n "${BASE_REV:-}" ]; then
+  wt=$(mktemp -d)
+  git worktree add -q --detach "$wt" "$BASE_REV"
+  base_bin=$(cargo bench --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" --features cuda \
+    --bench gpu_bench --no-run --message-format=json 2>/dev/null | exe gpu_bench || true)
+  git worktree remove --force "$wt"
+  [ -n "$base_bin" ] || { echo "build of $BASE_REV failed" >&2; exit 1; }
+  cp "$base_bin" "$stage/gpu_bench_base"
+  strip "$stage/gpu_bench_base" 2>/dev/null || true
+  echo "gpu_bench_base: the bench at $BASE_REV ($(git rev-parse --short "$BASE_REV"))"
+fi
 du -sh "$stage"
 cat <<MSG
 Staged into $stage. On the device tool (it ships the lead checkout; stage there with
 GPU_STAGE_DIR=<that checkout>/.gpu), run:
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh"              (1 GPU: kind nvidia-h200)
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
-(stages: tests sanitize bench peers quick ring ringbench; default all but ring, ringbench)
+(stages: tests sanitize bench peers quick ring ringbench profile ab; default all but ring,
+ringbench, profile, ab; ab needs BASE_REV here: this build against that one, same call)
 A call may run 600 s at most; where the stages together need more (on a fresh H200 the
 module's first compile and load alone takes ~140 s, the whole tests stage ~200 s with
 it, racecheck ~190 s: stop 16),

@@ -3,7 +3,8 @@
 # scripts/gpu_check.sh (.gpu/): GPU tests against the oracle, compute-sanitizer memcheck and
 # racecheck, the bench, then the PyTorch peers (same call, ratios printed last).
 # Usage: bash .gpu/run_all.sh [tests] [sanitize] [bench] [peers] [quick]   (default: all)
-#        named-only stages: ring, ringbench (2 GPUs), profile (Nsight Compute)
+#        named-only stages: ring, ringbench (2 GPUs), profile (Nsight Compute),
+#        ab (gpu_bench against gpu_bench_base, staged by gpu_check.sh with BASE_REV)
 # Logs go to $OUT (or /tmp/gpu_out).
 set -u
 G=.gpu
@@ -106,4 +107,29 @@ fi
 if named ringbench; then
   echo "== GPU ring bench"
   timeout 540 "$G/gpu_ring_bench" --json "$O/ring_bench.json" ${RING_BENCH_ARGS:-} 2>&1 | tee "$O/ring_bench.log"
+fi
+if named ab; then
+  # This build's bench against the base revision's, in one call: first both modules compiled
+  # at once (each process's first use JIT-compiles its module, ~140 s on a fresh machine),
+  # then AB_ROUNDS (default 2) alternating rounds of AB_ARGS, and the comparison (best round
+  # of each build; + means this build is faster).
+  if [ -x "$G/gpu_bench_base" ]; then
+    AB=${AB_ARGS:---quick --max-n 65536 --defaults-only}
+    echo "== ab: warm-up (both modules)"
+    for b in gpu_bench gpu_bench_base; do
+      timeout 300 "$G/$b" --quick --max-n 16384 --defaults-only --no-bwd > "$O/ab_warm_$b.txt" 2>&1 &
+    done
+    wait
+    news="" bases=""
+    for r in $(seq 1 "${AB_ROUNDS:-2}"); do
+      for b in gpu_bench gpu_bench_base; do
+        timeout 200 "$G/$b" $AB > "$O/ab_${b}_$r.txt" 2>&1
+        echo "$b round $r exit $?"
+      done
+      news="$news $O/ab_gpu_bench_$r.txt" bases="$bases $O/ab_gpu_bench_base_$r.txt"
+    done
+    python3 "$G/ab_compare.py" $news -- $bases | tee "$O/ab.txt"
+  else
+    echo "ab: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
+  fi
 fi
