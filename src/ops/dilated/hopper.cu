@@ -1562,7 +1562,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // rows wq*16 + lane/4 (+ 8), columns 64wg + 8n + 2(lane & 3). A row without a query
     // (qp < 0) keeps a valid address with its reductions predicated off (red_row8).
     // Split in two: dq_dst reads the rows' positions from shared memory and forms the
-    // addresses, dq_red issues the reductions. FQ && PP computes the addresses before the
+    // addresses, dq_red issues the reductions. The addresses are formed before the
     // end-of-tile wait, under the tile's MMAs (the wait's memory clobber would otherwise
     // keep the shared loads, and the arithmetic behind them, after it).
     struct DqDst {
@@ -1714,9 +1714,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         wg_commit();
         if (PP) turn_end(wg, !hn);
+        DqDst dst{};  // FQ: where the tile's dQ columns go
         if constexpr (FQ) {
-            DqDst dst{};
-            if constexpr (PP) dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
+            dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
             if constexpr (!PP) {
                 // dS complete in shared memory (both warpgroups' key rows).
                 fence_proxy_async();
@@ -1731,18 +1731,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adv);
             reg_fence(adk);
             if (wg < CB) reg_fence(dqa);
-            if constexpr (PP) {
-                mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
-                // The next tile's metadata before the reductions: its loads were issued
-                // ahead of them, and the other warpgroup may be waiting on it.
-                if (hn) {
-                    query_put<BS>(P, pre, tid, qmeta + ns * BS);
-                    pipe.produced(it + 1);
-                }
-            } else {
-                dst = dq_dst(qm, cur.h);
-            }
-            dq_red(dst);
+            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
         } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
@@ -1750,11 +1739,14 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         // The next tile's metadata, now that its loads have had an iteration to arrive.
         // Stage ns was last read two iterations ago (PP: acquire said so); the next
-        // iteration's barrier (PP: the full barrier, arrived at here) publishes it.
-        if (hn && !(FQ && PP)) {  // FQ && PP: above, before the reductions
+        // iteration's barrier (PP: the full barrier, arrived at here) publishes it. FQ:
+        // before the reductions, which would otherwise hold it up (and the other warpgroup
+        // waiting on it).
+        if (hn) {
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) pipe.produced(it + 1);
         }
+        dq_red(dst);  // FQ only
         if (PP && !DW) pipe.release(it);
         cur = nx;
         have = hn;
