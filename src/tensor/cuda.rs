@@ -491,10 +491,12 @@ impl Cuda {
     pub fn fused_dq(&self) -> bool {
         self.fused_dq.load(Ordering::Relaxed)
     }
-    /// Hopper two-pass backward: stages tracked by mbarriers and the two warpgroups taking
-    /// turns issuing their MMA phases (`true`, the default: 2-5 % faster on an H100 once the
-    /// per-tile instruction count was cut, see CUDA.md), or one CTA barrier per tile
-    /// (`false`). For comparisons and tests.
+    /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
+    /// H100 than the lockstep kernels once the per-tile instruction count was cut, see
+    /// CUDA.md), or one CTA barrier per tile (`false`). With mbarriers the fused kernel's
+    /// warpgroups take turns issuing their MMA phases (`bwd_wgp`); the two passes run free
+    /// (since stop 17: fwd+bwd 0.7–4.2 % faster than with the turns in 7 of 8 H200 cases).
+    /// For comparisons and tests.
     pub fn set_bwd_pingpong(&self, on: bool) {
         self.bwd_pingpong.store(on, Ordering::Relaxed);
     }

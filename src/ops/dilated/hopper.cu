@@ -1,7 +1,7 @@
 // Hopper kernels (sm_90a): the forward and backward of dilated.cu on warpgroup MMAs
 // (`wgmma`): fwd_wg, fwd_ws / fwd_wso / fwd_wsp (warp-specialised; with the intra-warpgroup
 // overlap; that, persistent: the defaults), dq_wg(s) / dq_wgr(d) + dkdv_wg(s/d) (two-pass
-// backward, ping-pong by default or lockstep; dq_wgr, the default dQ pass, with register A
+// backward, mbarrier stages by default or lockstep; dq_wgr, the default dQ pass, with register A
 // operands; the d kernels with deferred MMA waits, opt-in) and bwd_wg (dQ fused into the
 // key-owner pass; bwd_wgp the same with the ping-pong turns, opt-in).
 //
@@ -1140,9 +1140,11 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // loads its share of a streamed tile and arrives on the stage's `full` barrier twice (when
 // its copies land, and after its metadata stores); every thread arrives on `empty` once it
 // no longer reads the stage, which the loaders of the stage's next tile wait for. Without a
-// CTA-wide barrier per tile the two warpgroups drift apart, and two named barriers (1, 2)
-// make them take turns issuing their MMA phases: one warpgroup's elementwise work (exp2,
-// dS) runs under the other's MMAs.
+// CTA-wide barrier per tile the two warpgroups drift apart. Two named barriers (1, 2) can
+// make them take turns issuing their MMA phases (turn_begin / turn_end), so that one
+// warpgroup's elementwise work (exp2, dS) runs under the other's MMAs; since stop 17 only
+// the fused bwd_wgp takes turns: the two passes measured 0.7–4.2 % faster running free
+// (they drift into the same overlap by themselves, without the waits at the turns).
 struct Pipe3 {
     u32 bars;  // full[3], empty[3]
     __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % 3); }
@@ -1211,6 +1213,11 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                       const float* __restrict__ lse, const T* __restrict__ dout,
                       const float* __restrict__ delta, T* __restrict__ dq) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    // No ping-pong turns in the two-pass backward (stop 17): the warpgroups issue their
+    // MMAs as soon as their operands are ready, the mbarrier stages alone order the tiles.
+    // Measured against the turns in one call (gpu_h200_no_turns.txt): fwd+bwd +0.7…+4.2 %
+    // in 7 of 8 cases with both passes free. TU stays as the switch, for measuring again.
+    constexpr bool TU = false;
     constexpr int RQ = 128, NT = 256, CB = D / 64;
     constexpr int OB = RQ * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!RA || PP, "register A operands: ping-pong kernel only");
@@ -1265,7 +1272,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     if (have) load_kv(cur, 0);
     if (PP) {
         if (have) pipe.produced(0);
-        if (have && wg == 1) named_arrive(1, 256);
+        if (TU && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
     }
@@ -1312,7 +1319,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         // Rows that do not take part in this pattern pass no key's test below.
         const int p0e = part0 ? p0 : KEY_ANY - 1, p1e = part1 ? p1 : KEY_ANY - 1;
         float s[BS / 2], dp[BS / 2];
-        if (PP) turn_begin(wg);
+        if (TU) turn_begin(wg);
         wg_fence();
         if constexpr (RA) {
             wg_xbt<T, D, BS>(s, qf, kb, SB);  // S = Q Kᵀ
@@ -1325,7 +1332,7 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
             wg_commit();
         }
-        if (PP) turn_end(wg, false);
+        if (TU) turn_end(wg, false);
         // P while dP is still being computed.
         wg_wait<1>();  // DW: the previous tile's dQ MMA too
         reg_fence(s);
@@ -1357,11 +1364,11 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             }
         }
         wg_pack<T, BS>(s, xs);
-        if (PP) turn_begin(wg);
+        if (TU) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(acc, xs, kb, SB);  // dQ += dS K
         wg_commit();
-        if (PP) turn_end(wg, !hn);
+        if (TU) turn_end(wg, !hn);
         if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(acc);
@@ -1468,6 +1475,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
                         float* __restrict__ dqacc) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
+    // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
+    constexpr bool TU = PP && FQ;
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
@@ -1535,7 +1545,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (have) query_put<BS>(P, load_q(cur, 0), tid, qmeta);
     if (PP) {
         if (have) pipe.produced(0);
-        if (have && wg == 1) named_arrive(1, 256);
+        if (TU && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
     }
@@ -1622,13 +1632,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // Keys this thread's rows do not take part in never pass the causal test below.
         const int k0e = part0 ? k0p : KEY_NONE, k1e = part1 ? k1p : KEY_NONE;
         float s[BS / 2], dp[BS / 2];
-        if (PP) turn_begin(wg);
+        if (TU) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
         wg_commit();
         wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
-        if (PP) turn_end(wg, false);
+        if (TU) turn_end(wg, false);
         // The causal limit and L of the first MPRE column groups, loaded while S is still
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
@@ -1701,7 +1711,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 mbar_arrive(dsfull(it));
             }
         }
-        if (PP) turn_begin(wg);
+        if (TU) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
@@ -1713,7 +1723,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (CB == 2 || wg < CB) dq_mma(sdSb);
         }
         wg_commit();
-        if (PP) turn_end(wg, !hn);
+        if (TU) turn_end(wg, !hn);
         DqDst dst{};  // FQ: where the tile's dQ columns go
         if constexpr (FQ) {
             dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
