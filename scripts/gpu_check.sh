@@ -54,8 +54,9 @@ Staged into $stage. On the device tool (it ships the lead checkout; stage there 
 GPU_STAGE_DIR=<that checkout>/.gpu), run:
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh"              (1 GPU: kind nvidia-h200)
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
-(stages: tests sanitize bench peers quick ring ringbench profile ab; default all but ring,
-ringbench, profile, ab; ab needs BASE_REV here: this build against that one, same call)
+(stages: tests sanitize bench peers quick ring ringbench profile ab variants; default all but ring,
+ringbench, profile, ab, variants; ab and variants need BASE_REV here: this build, or each
+staged variant, against that one, same call)
 A call may run 600 s at most; where the stages together need more (on a fresh H200 the
 module's first compile and load alone takes ~140 s, the whole tests stage ~200 s with
 it, racecheck ~190 s: stop 16),

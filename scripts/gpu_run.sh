@@ -4,7 +4,9 @@
 # racecheck, the bench, then the PyTorch peers (same call, ratios printed last).
 # Usage: bash .gpu/run_all.sh [tests] [sanitize] [bench] [peers] [quick]   (default: all)
 #        named-only stages: ring, ringbench (2 GPUs), profile (Nsight Compute),
-#        ab (gpu_bench against gpu_bench_base, staged by gpu_check.sh with BASE_REV)
+#        ab (gpu_bench against gpu_bench_base, staged by gpu_check.sh with BASE_REV),
+#        variants (every staged gpu_bench_<v> / gpu_vs_oracle_<v> pair: tested, then timed
+#        against gpu_bench_base in alternating rounds; see below)
 # Logs go to $OUT (or /tmp/gpu_out).
 set -u
 G=.gpu
@@ -131,5 +133,44 @@ if named ab; then
     python3 "$G/ab_compare.py" $news -- $bases | tee "$O/ab.txt"
   else
     echo "ab: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
+  fi
+fi
+if named variants; then
+  # Several builds of one change in one call (stop 17: three variants of the backward's
+  # turns, their tests and 4 rounds in ~300 s). Stage, besides BASE_REV's gpu_bench_base,
+  # one pair per variant: build it here (cargo test --release --features cuda --test
+  # gpu_vs_oracle --no-run; cargo bench --features cuda --bench gpu_bench --no-run) and copy
+  # the two binaries to .gpu/gpu_vs_oracle_<v> and .gpu/gpu_bench_<v>. First every
+  # variant's oracle tests side by side (their module compiles overlap) with the base
+  # bench's module compiled beside them, then AB_ROUNDS (default 4) rounds of AB_ARGS with
+  # all builds alternating, then each variant against the base (+: faster).
+  if [ -x "$G/gpu_bench_base" ]; then
+    vs=$(cd "$G" && ls gpu_bench_* 2>/dev/null | sed 's/^gpu_bench_//' | grep -vx base)
+    AB=${AB_ARGS:---quick --max-n 65536 --defaults-only}
+    t0=$(date +%s)
+    timeout 300 "$G/gpu_bench_base" --quick --max-n 16384 --defaults-only --no-bwd > "$O/var_warm_base.txt" 2>&1 &
+    for v in $vs; do
+      [ -x "$G/gpu_vs_oracle_$v" ] && timeout ${TEST_TIMEOUT:-420} "$G/gpu_vs_oracle_$v" --ignored \
+        --test-threads=1 --nocapture > "$O/var_tests_$v.log" 2>&1 &
+    done
+    wait
+    echo "variants: tests and compiles $(( $(date +%s) - t0 )) s"
+    for v in $vs; do
+      echo "tests $v: $(grep -E 'test result' "$O/var_tests_$v.log" 2>/dev/null || echo 'none / not finished')"
+    done
+    for r in $(seq 1 "${AB_ROUNDS:-4}"); do
+      for b in base $vs; do
+        timeout 200 "$G/gpu_bench_$b" $AB > "$O/var_${b}_$r.txt" 2>&1 || echo "$b round $r failed"
+      done
+    done
+    echo "variants: rounds done $(( $(date +%s) - t0 )) s"
+    for v in $vs; do
+      echo "== $v against the base"
+      python3 "$G/ab_compare.py" $(ls "$O"/var_${v}_[0-9]*.txt) -- $(ls "$O"/var_base_[0-9]*.txt)
+    done | tee "$O/variants.txt"
+    # The device tool returns at most 8 files.
+    ( cd "$O" && tar cf variants_runs.tar var_*.txt && rm -f var_*_[0-9]*.txt var_warm_base.txt )
+  else
+    echo "variants: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
   fi
 fi
