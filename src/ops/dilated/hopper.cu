@@ -1144,7 +1144,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // make them take turns issuing their MMA phases (turn_begin / turn_end), so that one
 // warpgroup's elementwise work (exp2, dS) runs under the other's MMAs; since stop 17 only
 // the fused bwd_wgp takes turns: the two passes measured 0.7–4.2 % faster running free
-// (they drift into the same overlap by themselves, without the waits at the turns).
+// (why is not profiled yet; the turns' waits were their top stall).
 struct Pipe3 {
     u32 bars;  // full[3], empty[3]
     __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % 3); }
@@ -1213,11 +1213,10 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                       const float* __restrict__ lse, const T* __restrict__ dout,
                       const float* __restrict__ delta, T* __restrict__ dq) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    // No ping-pong turns in the two-pass backward (stop 17): the warpgroups issue their
-    // MMAs as soon as their operands are ready, the mbarrier stages alone order the tiles.
-    // Measured against the turns in one call (gpu_h200_no_turns.txt): fwd+bwd +0.7…+4.2 %
-    // in 7 of 8 cases with both passes free. TU stays as the switch, for measuring again.
-    constexpr bool TU = false;
+    // No ping-pong turns (stop 17): the warpgroups issue their MMAs as soon as their
+    // operands are ready, the mbarrier stages alone order the tiles. Measured against the
+    // turns in one call (gpu_h200_no_turns.txt): fwd+bwd +0.7…+4.2 % in 7 of 8 cases with
+    // both passes free.
     constexpr int RQ = 128, NT = 256, CB = D / 64;
     constexpr int OB = RQ * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!RA || PP, "register A operands: ping-pong kernel only");
@@ -1272,7 +1271,6 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     if (have) load_kv(cur, 0);
     if (PP) {
         if (have) pipe.produced(0);
-        if (TU && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
     }
@@ -1319,7 +1317,6 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
         // Rows that do not take part in this pattern pass no key's test below.
         const int p0e = part0 ? p0 : KEY_ANY - 1, p1e = part1 ? p1 : KEY_ANY - 1;
         float s[BS / 2], dp[BS / 2];
-        if (TU) turn_begin(wg);
         wg_fence();
         if constexpr (RA) {
             wg_xbt<T, D, BS>(s, qf, kb, SB);  // S = Q Kᵀ
@@ -1332,7 +1329,6 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
             wg_commit();
         }
-        if (TU) turn_end(wg, false);
         // P while dP is still being computed.
         wg_wait<1>();  // DW: the previous tile's dQ MMA too
         reg_fence(s);
@@ -1364,11 +1360,9 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             }
         }
         wg_pack<T, BS>(s, xs);
-        if (TU) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(acc, xs, kb, SB);  // dQ += dS K
         wg_commit();
-        if (TU) turn_end(wg, !hn);
         if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(acc);
