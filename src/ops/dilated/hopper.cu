@@ -1450,6 +1450,16 @@ __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, in
         : "memory");
 }
 
+// The ping-pong turns of dkdv_wg, per MMA phase: bit 0 the Sᵀ/dPᵀ phase, bit 1 the dV/dK
+// (and fused dQ) phase; FUSED_TURNS for the fused bwd_wgp, DKDV_TURNS for the two-pass dK/dV
+// kernel (not the deferred-wait one, which runs free).
+#ifndef FUSED_TURNS
+#define FUSED_TURNS 2
+#endif
+#ifndef DKDV_TURNS
+#define DKDV_TURNS 0
+#endif
+
 // FQ (fused dQ): the key-owner kernel also produces dQ. FQ && PP (bwd_wgp): with the
 // ping-pong turns; the warpgroups exchange dSᵀ through two shared buffers and mbarriers
 // (dsfull, dsempty) instead of a CTA-wide barrier, and each issues its dQ MMA in its dV/dK
@@ -1471,7 +1481,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
     // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
-    constexpr bool TU = PP && FQ;
+    // Which MMA phases take turns: FUSED_TURNS / DKDV_TURNS above.
+    constexpr int TM = FQ ? FUSED_TURNS : (DW ? 0 : DKDV_TURNS);
+    constexpr bool TU1 = PP && (TM & 1), TU2 = PP && (TM & 2);
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
@@ -1539,7 +1551,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (have) query_put<BS>(P, load_q(cur, 0), tid, qmeta);
     if (PP) {
         if (have) pipe.produced(0);
-        if (TU && have && wg == 1) named_arrive(1, 256);
+        if ((TU1 || TU2) && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
     }
@@ -1626,13 +1638,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // Keys this thread's rows do not take part in never pass the causal test below.
         const int k0e = part0 ? k0p : KEY_NONE, k1e = part1 ? k1p : KEY_NONE;
         float s[BS / 2], dp[BS / 2];
-        if (TU) turn_begin(wg);
+        if (TU1) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
         wg_commit();
         wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
-        if (TU) turn_end(wg, false);
+        if (TU1) turn_end(wg, TU2 ? false : !hn);  // the last turn passes none on
         // The causal limit and L of the first MPRE column groups, loaded while S is still
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
@@ -1705,7 +1717,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 mbar_arrive(dsfull(it));
             }
         }
-        if (TU) turn_begin(wg);
+        if (TU2) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
@@ -1717,7 +1729,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (CB == 2 || wg < CB) dq_mma(sdSb);
         }
         wg_commit();
-        if (TU) turn_end(wg, !hn);
+        if (TU2) turn_end(wg, !hn);
         DqDst dst{};  // FQ: where the tile's dQ columns go
         if constexpr (FQ) {
             dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
