@@ -482,8 +482,8 @@ impl Cuda {
     /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
     /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
     /// seven, as the mma.sync path, and no extra buffer). On an H200 `bwd_wgp` measured
-    /// −1.1 to +5.1 % against the two passes (`benches/results/gpu_h200_fused_tail.txt`)
-    /// and `bwd_wg` 6–18 % slower (see CUDA.md).
+    /// −8.7 to +2.6 % against the two passes of the same build
+    /// (`benches/results/gpu_h200_fused_turns.txt`) and `bwd_wg` 6–18 % slower (see CUDA.md).
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }
@@ -494,7 +494,7 @@ impl Cuda {
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see
     /// CUDA.md), or one CTA barrier per tile (`false`). With mbarriers the fused kernel's
-    /// warpgroups take turns issuing their MMA phases (`bwd_wgp`); the two passes run free
+    /// warpgroups take turns issuing their dV/dK/dQ MMAs (`bwd_wgp`); the two passes run free
     /// (since stop 17: fwd+bwd 0.7–4.2 % faster than with the turns in 7 of 8 H200 cases).
     /// For comparisons and tests.
     pub fn set_bwd_pingpong(&self, on: bool) {

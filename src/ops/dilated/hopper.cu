@@ -1143,8 +1143,9 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // CTA-wide barrier per tile the two warpgroups drift apart. Two named barriers (1, 2) can
 // make them take turns issuing their MMA phases (turn_begin / turn_end), so that one
 // warpgroup's elementwise work (exp2, dS) runs under the other's MMAs; since stop 17 only
-// the fused bwd_wgp takes turns: the two passes measured 0.7–4.2 % faster running free
-// (why is not profiled yet; the turns' waits were their top stall).
+// the fused bwd_wgp takes turns, and since stop 18 only in its dV/dK/dQ phase (FUSED_TURNS
+// below): the two passes measured 0.7–4.2 % faster running free, and turns put back into
+// either phase of dkdv_wg slower again (DKDV_TURNS; CUDA.md has the tables).
 struct Pipe3 {
     u32 bars;  // full[3], empty[3]
     __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % 3); }
