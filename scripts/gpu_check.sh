@@ -35,8 +35,8 @@ cp benches/peers/torch_dilated.py "$stage/"
 cp scripts/gpu_run.sh "$stage/run_all.sh"
 cp scripts/ab_compare.py "$stage/"
 # BASE_REV=<git revision>: also the bench of that revision, as gpu_bench_base, for the `ab`
-# stage (both builds timed in one call, alternating). Built from a temporary worktree into
-# this target folder, so only the crate itself recompiles.
+# and `variants` stages (the builds timed in one call, alternating). Built from a temporary
+# worktree into this target folder, so only the crate itself recompiles.
 if [ -n "${BASE_REV:-}" ]; then
   wt=$(mktemp -d)
   git worktree add -q --detach "$wt" "$BASE_REV"
@@ -56,7 +56,8 @@ GPU_STAGE_DIR=<that checkout>/.gpu), run:
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
 (stages: tests sanitize bench peers quick ring ringbench profile ab variants; default all but ring,
 ringbench, profile, ab, variants; ab and variants need BASE_REV here: this build, or each
-staged variant, against that one, same call)
+gpu_bench_<v> / gpu_vs_oracle_<v> copied into the stage after this script, against that one,
+same call; results in ab.txt / variants.txt, round logs in ab_runs.tar / variants_runs.tar)
 A call may run 600 s at most; where the stages together need more (on a fresh H200 the
 module's first compile and load alone takes ~140 s, the whole tests stage ~200 s with
 it, racecheck ~190 s: stop 16),

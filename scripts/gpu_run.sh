@@ -4,9 +4,9 @@
 # racecheck, the bench, then the PyTorch peers (same call, ratios printed last).
 # Usage: bash .gpu/run_all.sh [tests] [sanitize] [bench] [peers] [quick]   (default: all)
 #        named-only stages: ring, ringbench (2 GPUs), profile (Nsight Compute),
-#        ab (gpu_bench against gpu_bench_base, staged by gpu_check.sh with BASE_REV),
-#        variants (every staged gpu_bench_<v> / gpu_vs_oracle_<v> pair: tested, then timed
-#        against gpu_bench_base in alternating rounds; see below)
+#        ab (gpu_bench against gpu_bench_base, staged by gpu_check.sh with BASE_REV, in
+#        alternating rounds), variants (every staged gpu_bench_<v> / gpu_vs_oracle_<v> pair:
+#        tested, then timed against gpu_bench_base the same way; see time_against_base)
 # Logs go to $OUT (or /tmp/gpu_out).
 set -u
 G=.gpu
@@ -110,67 +110,77 @@ if named ringbench; then
   echo "== GPU ring bench"
   timeout 540 "$G/gpu_ring_bench" --json "$O/ring_bench.json" ${RING_BENCH_ARGS:-} 2>&1 | tee "$O/ring_bench.log"
 fi
-if named ab; then
-  # This build's bench against the base revision's, in one call: first both modules compiled
-  # at once (each process's first use JIT-compiles its module, ~140 s on a fresh machine),
-  # then AB_ROUNDS (default 2) alternating rounds of AB_ARGS, and the comparison (best round
-  # of each build; + means this build is faster).
-  if [ -x "$G/gpu_bench_base" ]; then
-    AB=${AB_ARGS:---quick --max-n 65536 --defaults-only}
-    echo "== ab: warm-up (both modules)"
-    for b in gpu_bench gpu_bench_base; do
-      timeout 300 "$G/$b" --quick --max-n 16384 --defaults-only --no-bwd > "$O/ab_warm_$b.txt" 2>&1 &
-    done
-    wait
-    news="" bases=""
-    for r in $(seq 1 "${AB_ROUNDS:-2}"); do
-      for b in gpu_bench gpu_bench_base; do
-        timeout 200 "$G/$b" $AB > "$O/ab_${b}_$r.txt" 2>&1
-        echo "$b round $r exit $?"
-      done
-      news="$news $O/ab_gpu_bench_$r.txt" bases="$bases $O/ab_gpu_bench_base_$r.txt"
-    done
-    python3 "$G/ab_compare.py" $news -- $bases | tee "$O/ab.txt"
-  else
-    echo "ab: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
+# time_against_base STAGE TAG ROUNDS BENCH...: the timing that `ab` and `variants` share.
+# BENCH... are gpu_bench builds staged in $G, gpu_bench_base among them, in the order each
+# round runs them. First all of them warm up at once (each process's first use JIT-compiles
+# its module, ~140 s on a fresh machine): a gpu_bench_<v> with a staged gpu_vs_oracle_<v>
+# runs those oracle tests (TEST_TIMEOUT; they compile the same module), any other build a
+# short bench. Then AB_ROUNDS (default ROUNDS) rounds of AB_ARGS with the builds alternating,
+# so clock and thermal drift hit all alike, and each build against the base (best round of
+# each; +: faster; a gpu_bench_<v>'s table headed by <v>) into $O/STAGE.txt. The warm-up and
+# round logs go back as one archive, STAGE_runs.tar (the device tool returns at most 8
+# files); the test logs stay beside it as TAG_tests_<v>.log.
+time_against_base() {
+  local stage=$1 tag=$2 rounds=${AB_ROUNDS:-$3} b v r t0 logs="" tested=""
+  local args=${AB_ARGS:---quick --max-n 65536 --defaults-only}
+  shift 3
+  if [ ! -x "$G/gpu_bench_base" ]; then
+    echo "$stage: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
+    return
   fi
+  if [ $# -lt 2 ]; then
+    echo "$stage: no build staged to time against $G/gpu_bench_base"
+    return
+  fi
+  echo "== $stage: warm-up ($*)"
+  t0=$(date +%s)
+  for b in "$@"; do
+    v=${b#gpu_bench_}
+    if [ "$v" != "$b" ] && [ -x "$G/gpu_vs_oracle_$v" ]; then
+      timeout ${TEST_TIMEOUT:-420} "$G/gpu_vs_oracle_$v" --ignored --test-threads=1 --nocapture \
+        > "$O/${tag}_tests_$v.log" 2>&1 &
+      tested="$tested $v"
+    else
+      timeout 300 "$G/$b" --quick --max-n 16384 --defaults-only --no-bwd > "$O/${tag}_warm_$b.txt" 2>&1 &
+      logs="$logs ${tag}_warm_$b.txt"
+    fi
+  done
+  wait
+  echo "$stage: warm-up done $(( $(date +%s) - t0 )) s"
+  for v in $tested; do
+    echo "tests $v: $(grep -E 'test result' "$O/${tag}_tests_$v.log" || echo 'none / not finished')"
+  done
+  for r in $(seq 1 "$rounds"); do
+    for b in "$@"; do
+      timeout 200 "$G/$b" $args > "$O/${tag}_${b}_$r.txt" 2>&1
+      echo "$b round $r exit $?"
+      logs="$logs ${tag}_${b}_$r.txt"
+    done
+  done
+  echo "$stage: rounds done $(( $(date +%s) - t0 )) s"
+  # Each build's round logs by name (no glob: gpu_bench_x would also match gpu_bench_x_2's).
+  runs() { local i; for i in $(seq 1 "$rounds"); do echo "$O/${tag}_$1_$i.txt"; done; }
+  for b in "$@"; do
+    [ "$b" = gpu_bench_base ] && continue
+    [ "$b" != gpu_bench ] && echo "== ${b#gpu_bench_} against the base"
+    python3 "$G/ab_compare.py" $(runs "$b") -- $(runs gpu_bench_base)
+  done | tee "$O/$stage.txt"
+  ( cd "$O" && tar cf "${stage}_runs.tar" $logs && rm -f $logs )
+}
+if named ab; then
+  # This build's bench against the base revision's (staged by gpu_check.sh with BASE_REV), in
+  # one call: both modules warmed, AB_ROUNDS (default 2) rounds, this build first; ab.txt.
+  time_against_base ab ab 2 gpu_bench gpu_bench_base
 fi
 if named variants; then
   # Several builds of one change in one call (stop 17: three variants of the backward's
   # turns, their tests and 4 rounds in ~300 s). Stage, besides BASE_REV's gpu_bench_base,
   # one pair per variant: build it here (cargo test --release --features cuda --test
   # gpu_vs_oracle --no-run; cargo bench --features cuda --bench gpu_bench --no-run) and copy
-  # the two binaries to .gpu/gpu_vs_oracle_<v> and .gpu/gpu_bench_<v>. First every
-  # variant's oracle tests side by side (their module compiles overlap) with the base
-  # bench's module compiled beside them, then AB_ROUNDS (default 4) rounds of AB_ARGS with
-  # all builds alternating, then each variant against the base (+: faster).
-  if [ -x "$G/gpu_bench_base" ]; then
-    vs=$(cd "$G" && ls gpu_bench_* 2>/dev/null | sed 's/^gpu_bench_//' | grep -vx base)
-    AB=${AB_ARGS:---quick --max-n 65536 --defaults-only}
-    t0=$(date +%s)
-    timeout 300 "$G/gpu_bench_base" --quick --max-n 16384 --defaults-only --no-bwd > "$O/var_warm_base.txt" 2>&1 &
-    for v in $vs; do
-      [ -x "$G/gpu_vs_oracle_$v" ] && timeout ${TEST_TIMEOUT:-420} "$G/gpu_vs_oracle_$v" --ignored \
-        --test-threads=1 --nocapture > "$O/var_tests_$v.log" 2>&1 &
-    done
-    wait
-    echo "variants: tests and compiles $(( $(date +%s) - t0 )) s"
-    for v in $vs; do
-      echo "tests $v: $(grep -E 'test result' "$O/var_tests_$v.log" 2>/dev/null || echo 'none / not finished')"
-    done
-    for r in $(seq 1 "${AB_ROUNDS:-4}"); do
-      for b in base $vs; do
-        timeout 200 "$G/gpu_bench_$b" $AB > "$O/var_${b}_$r.txt" 2>&1 || echo "$b round $r failed"
-      done
-    done
-    echo "variants: rounds done $(( $(date +%s) - t0 )) s"
-    for v in $vs; do
-      echo "== $v against the base"
-      python3 "$G/ab_compare.py" $(ls "$O"/var_${v}_[0-9]*.txt) -- $(ls "$O"/var_base_[0-9]*.txt)
-    done | tee "$O/variants.txt"
-    # The device tool returns at most 8 files.
-    ( cd "$O" && tar cf variants_runs.tar var_*.txt && rm -f var_*_[0-9]*.txt var_warm_base.txt )
-  else
-    echo "variants: no $G/gpu_bench_base (stage it with BASE_REV=<rev> bash scripts/gpu_check.sh)"
-  fi
+  # the two binaries to .gpu/gpu_vs_oracle_<v> and .gpu/gpu_bench_<v>. Every variant's
+  # oracle tests run side by side as its warm-up (their module compiles overlap), the base
+  # bench's beside them; then AB_ROUNDS (default 4) rounds, the base first, and each variant
+  # against the base; variants.txt.
+  time_against_base variants var 4 gpu_bench_base \
+    $(cd "$G" && ls gpu_bench_* 2>/dev/null | grep -vx gpu_bench_base)
 fi
