@@ -88,12 +88,17 @@ const FWD_VARIANTS: &[Variant] = &[
 ];
 
 /// Backward alternatives: the mma.sync kernels, fused dQ with the ping-pong turns
-/// (`bwd_wgp`) and in lockstep (`bwd_wg`), the lockstep two-pass
+/// (`bwd_wgp`), the same with dQ through the tensor memory accelerator (`bwd_wgt`) and in
+/// lockstep (`bwd_wg`), the lockstep two-pass
 /// backward (`dq_wgs` + `dkdv_wgs`), Q/dO from shared memory in the dQ pass (`dq_wg`), the
 /// deferred MMA waits (`dq_wgrd` + `dkdv_wgd`).
 const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("fused", |d, on| d.set_fused_dq(on)),
+    ("fusedt", |d, on| {
+        d.set_fused_dq(on);
+        d.set_fused_dq_tma(on)
+    }),
     ("fusedls", |d, on| {
         d.set_fused_dq(on);
         d.set_bwd_pingpong(!on)

@@ -194,6 +194,9 @@ pub struct Cuda {
     /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wgp`, `bwd_wg`) or its own
     /// pass (the default).
     fused_dq: AtomicBool,
+    /// Fused Hopper backward with its dQ columns staged in shared memory and added by the
+    /// tensor memory accelerator (`bwd_wgt`; opt-in).
+    fused_dq_tma: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -259,6 +262,7 @@ impl Cuda {
             fwd_persistent_causal: AtomicBool::new(false),
             sms,
             fused_dq: AtomicBool::new(false),
+            fused_dq_tma: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -490,6 +494,20 @@ impl Cuda {
     /// See [`set_fused_dq`](Self::set_fused_dq).
     pub fn fused_dq(&self) -> bool {
         self.fused_dq.load(Ordering::Relaxed)
+    }
+    /// Hopper fused backward (with [`set_fused_dq`](Self::set_fused_dq) and the ping-pong
+    /// default): each warpgroup's dQ columns of a tile go to shared memory and one thread
+    /// adds them into the f32 buffer with two bulk tensor reduce-adds
+    /// (`cp.reduce.async.bulk.tensor`, one tensor map per pattern) instead of sixteen
+    /// `red.global.add` per thread (`bwd_wgt`, `false` by default: FlashAttention-3's dQ,
+    /// measured in CUDA.md). Where a pattern's dilation does not divide the sequence length
+    /// and its segment, the rows are no tensor-map box and `bwd_wgp` runs instead.
+    pub fn set_fused_dq_tma(&self, on: bool) {
+        self.fused_dq_tma.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fused_dq_tma`](Self::set_fused_dq_tma).
+    pub fn fused_dq_tma(&self) -> bool {
+        self.fused_dq_tma.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::CompileOptions;
 
@@ -533,6 +533,75 @@ fn wg_fused_pp_smem(d: usize) -> u32 {
     wg_bwd_smem(d) + (1024 + 2 * 128 * 128 + 4 * 8) as u32
 }
 
+/// Dynamic shared memory of `bwd_wgt_*`: as [`wg_fused_pp_smem`], two more mbarriers
+/// (stgdone), alignment slack and the 16 KiB dQ staging buffer (64 rows × 64 f32 columns).
+fn wg_fused_tma_smem(d: usize) -> u32 {
+    wg_fused_pp_smem(d) + (2 * 8 + 1024 + 64 * 64 * 4) as u32
+}
+
+/// The tensor maps of `bwd_wgt_*` (`struct TMaps` in hopper.cu), one per pattern.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct DqMaps([cudarc::driver::sys::CUtensorMap; MAX_PATTERNS]);
+
+// SAFETY: plain old data, the layout of the CUDA `struct TMaps` (MAX_PATTERNS opaque
+// 128-byte, 128-aligned tensor maps; unused entries zero and never read).
+unsafe impl DeviceRepr for DqMaps {}
+
+/// One tensor map per pattern over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
+/// reduce-adds of `bwd_wgt_*`: dims (D, H, r, N/r, B) with byte strides (4·D, 4·H·D,
+/// 4·r·H·D, 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r) are
+/// the box rows (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows, 128-byte swizzle (the
+/// kernel's staging layout). `None` where a pattern's dilation does not divide N and its
+/// (capped) segment: its rows are then no box of such a map.
+fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<Option<DqMaps>> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
+        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    let p = &pr.p;
+    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
+    // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
+    let mut maps = DqMaps(unsafe { std::mem::zeroed() });
+    for i in 0..pr.npat {
+        let (w, r) = (p.w[i] as u64, p.r[i] as u64);
+        if n % r != 0 || w % r != 0 {
+            return Ok(None);
+        }
+        let dims = [d, h, r, n / r, b];
+        let strides = [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d];
+        let boxes = [32u32, 1, 1, 64, 1];
+        let elem = [1u32; 5];
+        // SAFETY: every array has the rank's length (5, strides 4); `ptr` is a live device
+        // allocation of B·N·H·D f32 (16-byte aligned, as every cudarc allocation), strides
+        // are multiples of 16 bytes; the call only encodes the map into `maps.0[i]`.
+        let res = unsafe {
+            cuTensorMapEncodeTiled(
+                &mut maps.0[i],
+                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                5,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if res != CUresult::CUDA_SUCCESS {
+            return Err(Error::Device {
+                msg: format!(
+                    "cuTensorMapEncodeTiled for the dQ buffer of pattern {i} (dims {dims:?}): {res:?}"
+                ),
+            });
+        }
+    }
+    Ok(Some(maps))
+}
+
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
     let x = pr.tiles(rows);
     let x = u32::try_from(x).map_err(|_| Error::Device {
@@ -732,8 +801,17 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // With the ping-pong turns (bwd_wgp) or in lockstep (bwd_wg).
-        let (kind, smem) = if dev.bwd_pingpong() {
+        // With the ping-pong turns (bwd_wgp; bwd_wgt with the dQ through the tensor memory
+        // accelerator) or in lockstep (bwd_wg).
+        let maps = if dev.bwd_pingpong() && dev.fused_dq_tma() {
+            let (ptr, _sync) = dqacc.device_ptr(dev.stream());
+            dq_tensor_maps(pr, ptr)?
+        } else {
+            None
+        };
+        let (kind, smem) = if maps.is_some() {
+            ("wgt", wg_fused_tma_smem(d))
+        } else if dev.bwd_pingpong() {
             ("wgp", wg_fused_pp_smem(d))
         } else {
             ("wg", wg_fused_smem(d))
@@ -741,6 +819,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
         let name = format!("bwd_{kind}_{}_{d}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), Some(smem))?;
         let mut b = dev.stream().launch_builder(&f);
+        if let Some(m) = maps.as_ref() {
+            b.arg(m);
+        }
         b.arg(&p)
             .arg(q)
             .arg(k)
@@ -753,8 +834,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dv)
             .arg(&mut dqacc);
         // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
-        // dqacc: B·N·H·D f32, zeroed); each tile writes its own dk/dv rows; dqacc only
-        // receives atomic adds.
+        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` (the tensor maps first, encoded over
+        // dqacc, which stays alive and is passed too); each tile writes its own dk/dv rows;
+        // dqacc only receives atomic adds (reduce-adds through the maps).
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         let name = format!("dq_convert_{}", E::NAME);
         let f = function(dev, &name)?;
@@ -971,6 +1053,7 @@ mod tests {
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
+                ("bwd_wgt", wg_fused_tma_smem(d)),
             ] {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }

@@ -1451,6 +1451,33 @@ __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, in
         : "memory");
 }
 
+// bwd_wgt: the f32 dQ buffer (B, N, H, D) seen by the tensor memory accelerator, one map
+// per pattern (dilation r): dims (D, H, r, N/r, B), so that the rows a + o + r·j of a
+// segment starting at a (a multiple of r) with offset o < r are the box rows
+// (·, h, o, a/r + j, b). Box: 32 columns (128 bytes, the 128-byte swizzle's span) × 64
+// rows. Built by `dq_tensor_maps` in cuda_kernel.rs (cuTensorMapEncodeTiled), passed by
+// value as a __grid_constant__ kernel parameter (the PTX operand is its generic address).
+struct __align__(128) TMap {
+    unsigned long long v[16];
+};
+struct TMaps {
+    TMap m[MAXP];
+};
+// dst[box at (c0, c1, c2, c3, c4)] += the 8 KiB f32 box at shared address src (swizzled as
+// the map says), read asynchronously; completion tracked by this thread's bulk groups.
+__device__ __forceinline__ void tma_reduce_add5(const TMap* map, u32 src, int c0, int c1, int c2, int c3,
+                                                int c4) {
+    asm volatile(
+        "cp.reduce.async.bulk.tensor.5d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4, %5, %6}], [%1];"
+        ::"l"(reinterpret_cast<unsigned long long>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk operations have read their shared-memory sources (the buffer may be
+// rewritten) / have completed (their global writes are performed).
+__device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
 // The ping-pong turns of dkdv_wg, per MMA phase: bit 0 the Sᵀ/dPᵀ phase, bit 1 the dV/dK
 // (and fused dQ) phase; FUSED_TURNS for the fused bwd_wgp, DKDV_TURNS for the two-pass dK/dV
 // kernel (not the deferred-wait one, which runs free).
@@ -1473,12 +1500,21 @@ __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, in
 // H100, see CUDA.md.)
 // This replaces dq_wg, which recomputes S and dP: 5 products per tile pair instead of 7.
 // DW (deferred waits, ping-pong only): as dq_wg's, for the tile's dV and dK MMAs.
-template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false>
+// TR (bwd_wgt, with FQ && PP): the dQ columns go through shared memory and the tensor
+// memory accelerator instead of red.global.add from registers (FlashAttention-3's dQ):
+// after the tile's MMAs each dQ-computing warpgroup writes its 64 × 64 f32 columns into one
+// 16 KiB staging buffer (two 32-column boxes, 128-byte swizzle; rows without a query as
+// zeros), and one thread issues two bulk tensor reduce-adds (`tms`, one map per pattern).
+// At D = 128 the two warpgroups share the buffer in the order of their dV/dK/dQ turns
+// (warpgroup 0, then 1, per tile): two mbarriers (stgdone, count 1) say that a warpgroup's
+// reduce-adds have read it; the issuing thread waits for that (bulk_wait_read0) only
+// after its next tile's S/dP MMAs are issued, so the wait is hidden under them.
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-                        float* __restrict__ dqacc) {
+                        float* __restrict__ dqacc, const TMaps* tms = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
     // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
@@ -1489,6 +1525,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
+    static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
@@ -1504,6 +1541,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     const u32 dsbar = pipe.bars + 6 * 8;
     auto dsfull = [&](int it) { return dsbar + 8 * (it & 1); };
     auto dsempty = [&](int it) { return dsbar + 8 * (2 + (it & 1)); };
+    // TR: stgdone(w) completes once per tile when warpgroup w's reduce-adds have read the
+    // staging buffer stg (1024-aligned after the barriers).
+    auto stgdone = [&](int w) { return dsbar + 8 * (4 + w); };
+    const u32 stg = TR ? ((dsbar + 6 * 8 + 1023) & ~1023u) : 0u;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
@@ -1511,6 +1552,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
     if (FQ && PP && tid == 0) {
         for (int i = 0; i < 4; ++i) mbar_init(dsbar + 8 * i, 256);
+        if (TR) {
+            mbar_init(stgdone(0), 1);
+            mbar_init(stgdone(1), 1);
+        }
     }
     if (PP) pipe.init(tid);  // its __syncthreads publishes these too
     const int grp = P.H / P.Hkv;
@@ -1610,6 +1655,45 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             }
         }
     };
+    // TR: whether rows wq*16 + lane/4 (+ 8) of the tile hold a query (read before the
+    // end-of-tile wait, as dq_dst), and the staging of the warpgroup's dQ columns.
+    const bool issuer = (tid & 127) == 0;
+    auto dq_stage = [&](int it, const KvState& st, bool on0, bool on1) {
+        if constexpr (TR) {
+            // The buffer's previous user: at D = 128 the other warpgroup (0 before 1 within
+            // a tile, 1 of the tile before 0), at D = 64 warpgroup 0 itself.
+            if (CB == 2) {
+                if (wg == 1) mbar_wait(stgdone(0), it & 1);
+                else if (it > 0) mbar_wait(stgdone(1), (it - 1) & 1);
+            } else if (it > 0) {
+                mbar_wait(stgdone(0), (it - 1) & 1);
+            }
+            const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                // Columns 8n + 2(lane & 3) + {0, 1}: box n / 4, 16-byte chunk 2(n % 4) +
+                // (lane & 3) / 2, swizzled by the row.
+                const u32 ch = (n & 3) * 2 + ((lane & 3) >> 1), box = stg + (n >> 2) * 8192 + (lane & 1) * 8;
+                const u32 a0 = box + qr0 * 128 + ((ch ^ (qr0 & 7)) << 4);
+                const u32 a1 = box + qr1 * 128 + ((ch ^ (qr1 & 7)) << 4);
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a0), "f"(on0 ? dqa[4 * n] : 0.f),
+                             "f"(on0 ? dqa[4 * n + 1] : 0.f)
+                             : "memory");
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a1), "f"(on1 ? dqa[4 * n + 2] : 0.f),
+                             "f"(on1 ? dqa[4 * n + 3] : 0.f)
+                             : "memory");
+            }
+            fence_proxy_async();
+            named_sync(3 + wg, 128);
+            if (issuer) {
+                const TMap* map = &tms->m[st.i];
+                const int c3 = st.a / st.r + st.q0;
+                tma_reduce_add5(map, stg, wg * 64, st.h, st.o, c3, b);
+                tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, c3, b);
+                bulk_commit();
+            }
+        }
+    };
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
@@ -1646,6 +1730,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
         if (TU1) turn_end(wg, TU2 ? false : !hn);  // the last turn passes none on
+        if constexpr (TR) {
+            // The previous tile's reduce-adds have read the staging buffer (under S and dP).
+            if (wg < CB && issuer && it > 0) {
+                bulk_wait_read0();
+                mbar_arrive(stgdone(wg));
+            }
+        }
         // The causal limit and L of the first MPRE column groups, loaded while S is still
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
@@ -1732,8 +1823,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_commit();
         if (TU2) turn_end(wg, !hn);
         DqDst dst{};  // FQ: where the tile's dQ columns go
+        bool qon0 = false, qon1 = false;  // TR: which of this thread's dQ rows hold a query
+        if constexpr (TR) {
+            qon0 = __float_as_int(qm[wq * 16 + (lane >> 2)].w) >= 0;
+            qon1 = __float_as_int(qm[wq * 16 + (lane >> 2) + 8].w) >= 0;
+        }
         if constexpr (FQ) {
-            dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
+            if constexpr (!TR) dst = dq_dst(qm, cur.h);  // under the MMAs, before the wait
             if constexpr (!PP) {
                 // dS complete in shared memory (both warpgroups' key rows).
                 fence_proxy_async();
@@ -1763,7 +1859,11 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) pipe.produced(it + 1);
         }
-        dq_red(dst);  // FQ only
+        if constexpr (TR) {
+            if (wg < CB) dq_stage(it, cur, qon0, qon1);
+        } else {
+            dq_red(dst);  // FQ only
+        }
         if (PP && !DW) pipe.release(it);
         cur = nx;
         have = hn;
@@ -1776,6 +1876,14 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         reg_fence(adk);
         reg_fence(xp);
         reg_fence(xs);
+    }
+    if constexpr (TR) {
+        // The last tile's reduce-adds: read (the other warpgroup may be waiting to stage)
+        // and performed (before the CTA's shared memory goes, and dq_convert reads dqacc).
+        if (wg < CB && issuer && it > 0) {
+            bulk_wait0();
+            mbar_arrive(stgdone(wg));
+        }
     }
     cp_commit();  // PP never commits: the barriers track its copies
     cp_wait<0>();
@@ -1898,6 +2006,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const unsigned char* mask, const float* lse, const T* dout,          \
                              const float* delta, T* dk, T* dv, float* dqacc) {                    \
         dkdv_wg<T, D, WG_BS, true, true>(P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc);       \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgt_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,         \
+                             const T* k, const T* v, const unsigned char* mask, const float* lse, \
+                             const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {     \
+        dkdv_wg<T, D, WG_BS, true, true, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv,  \
+                                                      dqacc, &tms);                               \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
