@@ -499,8 +499,8 @@ impl Cuda {
     /// default): each warpgroup's dQ columns of a tile go to shared memory and one thread
     /// adds them into the f32 buffer with two bulk tensor reduce-adds
     /// (`cp.reduce.async.bulk.tensor`, one tensor map per pattern) instead of sixteen
-    /// `red.global.add` per thread (`bwd_wgt`, `false` by default: FlashAttention-3's dQ,
-    /// measured in CUDA.md). Where a pattern's dilation does not divide the sequence length
+    /// `red.global.add` per thread (`bwd_wgt`, `false` by default: FlashAttention-3's dQ;
+    /// on an H200 1–9 % slower than `bwd_wgp`, `benches/results/gpu_h200_fused_tma.txt`). Where a pattern's dilation does not divide the sequence length
     /// and its segment, the rows are no tensor-map box and `bwd_wgp` runs instead.
     pub fn set_fused_dq_tma(&self, on: bool) {
         self.fused_dq_tma.store(on, Ordering::Relaxed);
