@@ -1478,6 +1478,18 @@ __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.comm
 __device__ __forceinline__ void bulk_wait_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
+// bwd_wgt: when the issuing thread waits for its reduce-adds to have read the staging
+// buffer and hands it on (stgdone). 0: after its next tile's S/dP MMAs are issued; 1: at
+// once, after issuing them (its warpgroup's next tile starts that much later). Stop 19's
+// profile of 0 (gpu_h200_profile_fused_tma.txt): warpgroup 1 waited there for warpgroup
+// 0's next S/dP (12.7 % of the samples), and warpgroup 0 then for warpgroup 1's dS rows
+// (dsfull, 15.5 %): the hand-over chained the warpgroups. 1 moved the waits (dsfull 12.7,
+// stgdone 7.3, the hand-over's own arrive 2.8 %) and measured slower on the dense cases,
+// less slow under the LSE combine, never faster than bwd_wgp (gpu_h200_fused_tma_eager.txt).
+#ifndef TR_EAGER
+#define TR_EAGER 0
+#endif
+
 // The ping-pong turns of dkdv_wg, per MMA phase: bit 0 the Sᵀ/dPᵀ phase, bit 1 the dV/dK
 // (and fused dQ) phase; FUSED_TURNS for the fused bwd_wgp, DKDV_TURNS for the two-pass dK/dV
 // kernel (not the deferred-wait one, which runs free).
@@ -1507,8 +1519,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // zeros), and one thread issues two bulk tensor reduce-adds (`tms`, one map per pattern).
 // At D = 128 the two warpgroups share the buffer in the order of their dV/dK/dQ turns
 // (warpgroup 0, then 1, per tile): two mbarriers (stgdone, count 1) say that a warpgroup's
-// reduce-adds have read it; the issuing thread waits for that (bulk_wait_read0) only
-// after its next tile's S/dP MMAs are issued, so the wait is hidden under them.
+// reduce-adds have read it; the issuing thread waits for that (bulk_wait_read0) right
+// after issuing them or after its next tile's S/dP MMAs (TR_EAGER above).
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
@@ -1691,6 +1703,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 tma_reduce_add5(map, stg, wg * 64, st.h, st.o, c3, b);
                 tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, c3, b);
                 bulk_commit();
+                if constexpr (TR_EAGER) {
+                    bulk_wait_read0();
+                    mbar_arrive(stgdone(wg));
+                }
             }
         }
     };
@@ -1732,7 +1748,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         if (TU1) turn_end(wg, TU2 ? false : !hn);  // the last turn passes none on
         if constexpr (TR) {
             // The previous tile's reduce-adds have read the staging buffer (under S and dP).
-            if (wg < CB && issuer && it > 0) {
+            if (!TR_EAGER && wg < CB && issuer && it > 0) {
                 bulk_wait_read0();
                 mbar_arrive(stgdone(wg));
             }
@@ -1882,7 +1898,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // and performed (before the CTA's shared memory goes, and dq_convert reads dqacc).
         if (wg < CB && issuer && it > 0) {
             bulk_wait0();
-            mbar_arrive(stgdone(wg));
+            if (!TR_EAGER) mbar_arrive(stgdone(wg));
         }
     }
     cp_commit();  // PP never commits: the barriers track its copies
