@@ -88,7 +88,8 @@ const FWD_VARIANTS: &[Variant] = &[
 ];
 
 /// Backward alternatives: the mma.sync kernels, fused dQ with the ping-pong turns
-/// (`bwd_wgp`), the same with dQ through the tensor memory accelerator (`bwd_wgt`) and in
+/// (`bwd_wgp`), the same with dQ through the tensor memory accelerator (`bwd_wgt`; with a
+/// staging buffer per warpgroup `bwd_wgt2`) and in
 /// lockstep (`bwd_wg`), the lockstep two-pass
 /// backward (`dq_wgs` + `dkdv_wgs`), Q/dO from shared memory in the dQ pass (`dq_wg`), the
 /// deferred MMA waits (`dq_wgrd` + `dkdv_wgd`).
@@ -98,6 +99,11 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fusedt", |d, on| {
         d.set_fused_dq(on);
         d.set_fused_dq_tma(on)
+    }),
+    ("fusedt2", |d, on| {
+        d.set_fused_dq(on);
+        d.set_fused_dq_tma(on);
+        d.set_fused_dq_tma_split(on)
     }),
     ("fusedls", |d, on| {
         d.set_fused_dq(on);

@@ -106,7 +106,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
     // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
     // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
-    // (bwd_wgt; bwd_wgp where a dilation divides neither N nor its segment); 3: the
+    // (bwd_wgt; bwd_wgp where a dilation divides neither N nor its segment); 13: as 12 with a
+    // staging buffer per warpgroup and two Q/dO stages (bwd_wgt2); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -117,8 +118,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(warps == 1 || warps == 9 || warps == 12);
-    dev.set_fused_dq_tma(warps == 12);
+    dev.set_fused_dq(warps == 1 || warps == 9 || warps == 12 || warps == 13);
+    dev.set_fused_dq_tma(warps == 12 || warps == 13);
+    dev.set_fused_dq_tma_split(warps == 13);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -182,6 +184,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(false);
     dev.set_fused_dq(false);
     dev.set_fused_dq_tma(false);
+    dev.set_fused_dq_tma_split(false);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -264,7 +267,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12][(case.seed % 13) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13][(case.seed % 14) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -303,6 +306,7 @@ fn longnet_schedule_matches_oracle() {
                 BWD.store((seed % 6) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 all_dtypes_w(&case, KernelPref::Auto, true, 12);
+                all_dtypes_w(&case, KernelPref::Auto, true, 13);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -345,6 +349,7 @@ fn dense_matches_oracle() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
@@ -443,6 +448,7 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);

@@ -197,6 +197,8 @@ pub struct Cuda {
     /// Fused Hopper backward with its dQ columns staged in shared memory and added by the
     /// tensor memory accelerator (`bwd_wgt`; opt-in).
     fused_dq_tma: AtomicBool,
+    /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; opt-in).
+    fused_dq_tma_split: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -263,6 +265,7 @@ impl Cuda {
             sms,
             fused_dq: AtomicBool::new(false),
             fused_dq_tma: AtomicBool::new(false),
+            fused_dq_tma_split: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -508,6 +511,17 @@ impl Cuda {
     /// See [`set_fused_dq_tma`](Self::set_fused_dq_tma).
     pub fn fused_dq_tma(&self) -> bool {
         self.fused_dq_tma.load(Ordering::Relaxed)
+    }
+    /// With [`set_fused_dq_tma`](Self::set_fused_dq_tma): a staging buffer per warpgroup
+    /// (`true`, `bwd_wgt2`: no hand-over between the warpgroups; the shared memory comes from
+    /// a Q/dO ring of two stages instead of three) or one buffer both use in turn (`false`,
+    /// the default, `bwd_wgt`). For comparisons (see CUDA.md).
+    pub fn set_fused_dq_tma_split(&self, on: bool) {
+        self.fused_dq_tma_split.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split).
+    pub fn fused_dq_tma_split(&self) -> bool {
+        self.fused_dq_tma_split.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

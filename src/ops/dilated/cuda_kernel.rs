@@ -539,7 +539,14 @@ fn wg_fused_tma_smem(d: usize) -> u32 {
     wg_fused_pp_smem(d) + (2 * 8 + 1024 + 64 * 64 * 4) as u32
 }
 
-/// The tensor maps of `bwd_wgt_*` (`struct TMaps` in hopper.cu), one per pattern.
+/// Dynamic shared memory of `bwd_wgt2_*`: `bwd_wgt_*`'s layout with two Q/dO stages
+/// instead of three (two streamed tiles and their metadata less) and a second 16 KiB
+/// staging buffer.
+fn wg_fused_tma2_smem(d: usize) -> u32 {
+    wg_fused_tma_smem(d) - (2 * WG_BS * d * 2 + WG_BS * 4 * 4) as u32 + 64 * 64 * 4
+}
+
+/// The tensor maps of `bwd_wgt_*` / `bwd_wgt2_*` (`struct TMaps` in hopper.cu), one per pattern.
 #[repr(C, align(128))]
 #[derive(Clone, Copy)]
 struct DqMaps([cudarc::driver::sys::CUtensorMap; MAX_PATTERNS]);
@@ -809,7 +816,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
         } else {
             None
         };
-        let (kind, smem) = if maps.is_some() {
+        let (kind, smem) = if maps.is_some() && dev.fused_dq_tma_split() {
+            ("wgt2", wg_fused_tma2_smem(d))
+        } else if maps.is_some() {
             ("wgt", wg_fused_tma_smem(d))
         } else if dev.bwd_pingpong() {
             ("wgp", wg_fused_pp_smem(d))
@@ -834,7 +843,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dv)
             .arg(&mut dqacc);
         // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
-        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` (the tensor maps first, encoded over
+        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` (the tensor maps first, encoded over
         // dqacc, which stays alive and is passed too); each tile writes its own dk/dv rows;
         // dqacc only receives atomic adds (reduce-adds through the maps).
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
@@ -1054,6 +1063,7 @@ mod tests {
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
                 ("bwd_wgt", wg_fused_tma_smem(d)),
+                ("bwd_wgt2", wg_fused_tma2_smem(d)),
             ] {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }

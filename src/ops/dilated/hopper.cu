@@ -1146,22 +1146,23 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // the fused bwd_wgp takes turns, and since stop 18 only in its dV/dK/dQ phase (FUSED_TURNS
 // below): the two passes measured 0.7–4.2 % faster running free, and turns put back into
 // either phase of dkdv_wg slower again (DKDV_TURNS; CUDA.md has the tables).
-struct Pipe3 {
-    u32 bars;  // full[3], empty[3]
-    __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % 3); }
-    __device__ __forceinline__ u32 empty(int it) const { return bars + 8 * (3 + it % 3); }
+template <int NS>
+struct PipeN {
+    u32 bars;  // full[NS], empty[NS]
+    __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % NS); }
+    __device__ __forceinline__ u32 empty(int it) const { return bars + 8 * (NS + it % NS); }
     __device__ __forceinline__ void init(int tid) const {
         if (tid == 0) {
-            for (int st = 0; st < 3; ++st) {
+            for (int st = 0; st < NS; ++st) {
                 mbar_init(full(st), 512);
                 mbar_init(empty(st), 256);
             }
         }
         __syncthreads();
     }
-    // Before loading tile `it`: its stage's previous tile (it - 3) is no longer read.
+    // Before loading tile `it`: its stage's previous tile (it - NS) is no longer read.
     __device__ __forceinline__ void acquire(int it) const {
-        if (it >= 3) mbar_wait(empty(it), ((it / 3) & 1) ^ 1);
+        if (it >= NS) mbar_wait(empty(it), ((it / NS) & 1) ^ 1);
     }
     // After issuing tile `it`'s copies and writing its metadata.
     __device__ __forceinline__ void produced(int it) const {
@@ -1169,11 +1170,12 @@ struct Pipe3 {
         mbar_arrive(full(it));
     }
     __device__ __forceinline__ void wait_full(int it) const {
-        mbar_wait(full(it), (it / 3) & 1);
+        mbar_wait(full(it), (it / NS) & 1);
         fence_proxy_async();
     }
     __device__ __forceinline__ void release(int it) const { mbar_arrive(empty(it)); }
 };
+using Pipe3 = PipeN<3>;
 // Ping-pong turns: warpgroup wg issues its MMA phase between turn_begin and turn_end.
 // Warpgroup 1 gives warpgroup 0 the first turn; its own last phase passes no turn on, so
 // every arrival meets a wait.
@@ -1521,7 +1523,11 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // (warpgroup 0, then 1, per tile): two mbarriers (stgdone, count 1) say that a warpgroup's
 // reduce-adds have read it; the issuing thread waits for that (bulk_wait_read0) right
 // after issuing them or after its next tile's S/dP MMAs (TR_EAGER above).
-template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false>
+// TS (bwd_wgt2, with TR): a staging buffer per warpgroup, so that no hand-over chains the
+// warpgroups (stop 19's profile of bwd_wgt); the 16 KiB it takes come from a Q/dO ring of
+// two stages instead of three, whose stage is released as soon as the tile's dV/dK/dQ
+// MMAs are done (before the staging), since the next tile but one now reuses it.
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1538,15 +1544,17 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
     static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
+    static_assert(!TS || TR, "split staging: TMA dQ kernel only");
+    constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sK = (raw + 1023) & ~1023u;
-    const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + 3 * ST;
-    float4* qmeta = (float4*)(smem_raw + (sO + 3 * ST - raw));  // 3 x BS (query_meta4)
+    const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + NS * ST;
+    float4* qmeta = (float4*)(smem_raw + (sO + NS * ST - raw));  // NS x BS (query_meta4)
     // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned; FQ && PP: two buffers,
     // then the stage barriers and dsfull[2], dsempty[2]). PP: the stage barriers.
-    const u32 sdS = (smem_u32(qmeta + 3 * BS) + 1023) & ~1023u;
-    const Pipe3 pipe{FQ ? sdS + 2 * RK * 128 : (smem_u32(qmeta + 3 * BS) + 7) & ~7u};
+    const u32 sdS = (smem_u32(qmeta + NS * BS) + 1023) & ~1023u;
+    const PipeN<NS> pipe{FQ ? sdS + 2 * RK * 128 : (smem_u32(qmeta + NS * BS) + 7) & ~7u};
     // FQ && PP: dsfull(buf) completes when all 256 threads have written their dSᵀ rows of
     // the tile using buffer buf (tile & 1); dsempty(buf) when both warpgroups' dQ MMAs
     // have read it.
@@ -1556,7 +1564,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // TR: stgdone(w) completes once per tile when warpgroup w's reduce-adds have read the
     // staging buffer stg (1024-aligned after the barriers).
     auto stgdone = [&](int w) { return dsbar + 8 * (4 + w); };
-    const u32 stg = TR ? ((dsbar + 6 * 8 + 1023) & ~1023u) : 0u;
+    // TS: one 16 KiB buffer per warpgroup.
+    const u32 stg0 = TR ? ((dsbar + 6 * 8 + 1023) & ~1023u) : 0u;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
@@ -1670,15 +1679,17 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // TR: whether rows wq*16 + lane/4 (+ 8) of the tile hold a query (read before the
     // end-of-tile wait, as dq_dst), and the staging of the warpgroup's dQ columns.
     const bool issuer = (tid & 127) == 0;
+    const u32 stg = stg0 + (TS ? wg * 16384 : 0);
     auto dq_stage = [&](int it, const KvState& st, bool on0, bool on1) {
         if constexpr (TR) {
             // The buffer's previous user: at D = 128 the other warpgroup (0 before 1 within
             // a tile, 1 of the tile before 0), at D = 64 warpgroup 0 itself.
-            if (CB == 2) {
+            // TS: the warpgroup's own buffer, its own previous tile.
+            if (CB == 2 && !TS) {
                 if (wg == 1) mbar_wait(stgdone(0), it & 1);
                 else if (it > 0) mbar_wait(stgdone(1), (it - 1) & 1);
             } else if (it > 0) {
-                mbar_wait(stgdone(0), (it - 1) & 1);
+                mbar_wait(stgdone(wg), (it - 1) & 1);
             }
             const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
 #pragma unroll
@@ -1713,7 +1724,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
-        const int ns = stage == 2 ? 0 : stage + 1;
+        const int ns = stage == NS - 1 ? 0 : stage + 1;
         QPre pre{};
         if constexpr (PP) {
             if (hn) {
@@ -1861,6 +1872,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(adk);
             if (wg < CB) reg_fence(dqa);
             if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
+            if (TS) pipe.release(it);  // two stages: free the stage as early as possible
         } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
@@ -1880,7 +1892,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         } else {
             dq_red(dst);  // FQ only
         }
-        if (PP && !DW) pipe.release(it);
+        if (PP && !DW && !TS) pipe.release(it);
         cur = nx;
         have = hn;
         stage = ns;
@@ -2029,6 +2041,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {     \
         dkdv_wg<T, D, WG_BS, true, true, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv,  \
                                                       dqacc, &tms);                               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgt2_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
+                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
+        dkdv_wg<T, D, WG_BS, true, true, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, \
+                                                            dv, dqacc, &tms);                     \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
