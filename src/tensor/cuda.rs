@@ -515,7 +515,8 @@ impl Cuda {
     /// With [`set_fused_dq_tma`](Self::set_fused_dq_tma): a staging buffer per warpgroup
     /// (`true`, `bwd_wgt2`: no hand-over between the warpgroups; the shared memory comes from
     /// a Q/dO ring of two stages instead of three) or one buffer both use in turn (`false`,
-    /// the default, `bwd_wgt`). For comparisons (see CUDA.md).
+    /// the default, `bwd_wgt`). For comparisons; not yet timed on a GPU, and validated
+    /// only on the oracle cases listed in CUDA.md.
     pub fn set_fused_dq_tma_split(&self, on: bool) {
         self.fused_dq_tma_split.store(on, Ordering::Relaxed);
     }
