@@ -561,20 +561,28 @@ unsafe impl DeviceRepr for DqMaps {}
 /// the box rows (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows, 128-byte swizzle (the
 /// kernel's staging layout). `None` where a pattern's dilation does not divide N and its
 /// (capped) segment: its rows are then no box of such a map.
+/// Whether every pattern's rows are boxes of [`dq_tensor_maps`]'s maps: its dilation
+/// divides the sequence length and its (capped) segment, so segments start at multiples of
+/// it. Otherwise the fused backward runs `bwd_wgp`.
+fn dq_rows_are_boxes(pr: &Prob) -> bool {
+    let p = &pr.p;
+    (0..pr.npat).all(|i| p.n % p.r[i] == 0 && p.w[i] % p.r[i] == 0)
+}
+
 fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<Option<DqMaps>> {
     use cudarc::driver::sys::{
         cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
         CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
     };
+    if !dq_rows_are_boxes(pr) {
+        return Ok(None);
+    }
     let p = &pr.p;
     let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps = DqMaps(unsafe { std::mem::zeroed() });
     for i in 0..pr.npat {
-        let (w, r) = (p.w[i] as u64, p.r[i] as u64);
-        if n % r != 0 || w % r != 0 {
-            return Ok(None);
-        }
+        let r = p.r[i] as u64;
         let dims = [d, h, r, n / r, b];
         let strides = [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d];
         let boxes = [32u32, 1, 1, 64, 1];
@@ -1071,6 +1079,26 @@ mod tests {
         // The warp-specialised forward at D = 128 is the tightest: three stages of 64 KiB
         // plus the Q tile leave under 1 KiB.
         assert!(SM90_SMEM - ws_smem(128, false) < 1024);
+    }
+
+    #[test]
+    fn tma_dq_only_where_dilated_rows_are_boxes() {
+        let prob = |seq: usize, pats: &[(usize, usize)]| {
+            let plan = Plan::new(
+                Dims::mha(1, seq, 4, 64),
+                &pats
+                    .iter()
+                    .map(|&(w, r)| crate::shape::Pattern::new(w, r))
+                    .collect::<Vec<_>>(),
+                crate::shape::Options::default(),
+            )
+            .unwrap();
+            Prob::of_plan(&plan, 0, false).unwrap()
+        };
+        assert!(dq_rows_are_boxes(&prob(96, &[(32, 1), (96, 3)])));
+        assert!(dq_rows_are_boxes(&prob(1024, &[(64, 1), (512, 8)])));
+        // A dilation that divides neither the length nor its segment: bwd_wgp instead.
+        assert!(!dq_rows_are_boxes(&prob(100, &[(50, 1), (100, 3)])));
     }
 
     #[test]

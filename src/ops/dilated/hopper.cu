@@ -1564,7 +1564,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // TR: stgdone(w) completes once per tile when warpgroup w's reduce-adds have read the
     // staging buffer stg (1024-aligned after the barriers).
     auto stgdone = [&](int w) { return dsbar + 8 * (4 + w); };
-    // TS: one 16 KiB buffer per warpgroup.
     const u32 stg0 = TR ? ((dsbar + 6 * 8 + 1023) & ~1023u) : 0u;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
@@ -1676,8 +1675,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             }
         }
     };
-    // TR: whether rows wq*16 + lane/4 (+ 8) of the tile hold a query (read before the
-    // end-of-tile wait, as dq_dst), and the staging of the warpgroup's dQ columns.
+    // TR: the staging of the warpgroup's dQ columns (on0 / on1: whether this thread's rows
+    // hold a query, read before the end-of-tile wait below; dq_dst's flags, without its
+    // addresses: reusing dq_dst there changed the measured kernel's SASS). TS: one 16 KiB
+    // buffer per warpgroup.
     const bool issuer = (tid & 127) == 0;
     const u32 stg = stg0 + (TS ? wg * 16384 : 0);
     auto dq_stage = [&](int it, const KvState& st, bool on0, bool on1) {
