@@ -34,9 +34,11 @@ if has tests; then
 fi
 if has sanitize; then
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool (sanitizer_small)"
+    # SAN_TEST (default sanitizer_small, every kernel): the test run under the sanitizer,
+    # e.g. sanitizer_fused_tma (the tensor-map backwards and the defaults only, faster).
+    echo "== compute-sanitizer $tool (${SAN_TEST:-sanitizer_small})"
     # SAN_TIMEOUT (seconds, default 300): a hung kernel under the sanitizer ends this run only.
-    timeout ${SAN_TIMEOUT:-300} "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact sanitizer_small > "$O/$tool.log" 2>&1
+    timeout ${SAN_TIMEOUT:-300} "$SAN" --tool $tool --error-exitcode 9 "$G/gpu_vs_oracle" --ignored --test-threads=1 --exact ${SAN_TEST:-sanitizer_small} > "$O/$tool.log" 2>&1
     echo "$tool exit $?"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Error|error" "$O/$tool.log" | head -8
     # The persistent forward over several work items per CTA (stage ring and Q buffer

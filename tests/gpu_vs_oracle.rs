@@ -417,6 +417,40 @@ fn persistent_forward_many_items() {
     }
 }
 
+/// The sanitizer's case: N = 96, GQA, causal, a padding mask, two patterns (one dilated).
+fn sanitizer_case(d: usize, combine: Combine, detach: bool) -> Case {
+    let n = 96;
+    Case {
+        dims: Dims {
+            batch: 1,
+            seq: n,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: d,
+        },
+        schedule: vec![Pattern::new(32, 1), Pattern::new(96, 3)],
+        opts: Options::default()
+            .combine(combine)
+            .causal(true)
+            .detach_weights(detach),
+        mask: Some((0..n).map(|i| i % 5 != 0).collect()),
+        seed: 3,
+    }
+}
+
+/// The sanitizer's case on the tensor-map backwards only (`bwd_wgt`, `bwd_wgt2`) and the
+/// defaults: racecheck of every kernel (`sanitizer_small`) takes ~190 s, this a fraction.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn sanitizer_fused_tma() {
+    for (d, combine) in [(64, Combine::Lse), (128, Combine::HeadGroups)] {
+        let case = sanitizer_case(d, combine, false);
+        all_dtypes(&case, KernelPref::Auto, true);
+        all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
+    }
+}
+
 /// Small fixed cases for compute-sanitizer (memcheck, racecheck): every kernel once.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
@@ -426,23 +460,7 @@ fn sanitizer_small() {
         (128, Combine::HeadGroups, false),
         (8, Combine::Lse, true),
     ] {
-        let n = 96;
-        let case = Case {
-            dims: Dims {
-                batch: 1,
-                seq: n,
-                heads: 4,
-                kv_heads: 2,
-                head_dim: d,
-            },
-            schedule: vec![Pattern::new(32, 1), Pattern::new(96, 3)],
-            opts: Options::default()
-                .combine(combine)
-                .causal(true)
-                .detach_weights(detach),
-            mask: Some((0..n).map(|i| i % 5 != 0).collect()),
-            seed: 3,
-        };
+        let case = sanitizer_case(d, combine, detach);
         // The default kernels (on Hopper: wgmma forward and backward), then every mma.sync
         // backward variant.
         all_dtypes(&case, KernelPref::Auto, true);
