@@ -139,8 +139,9 @@ time_against_base() {
   for b in "$@"; do
     v=${b#gpu_bench_}
     if [ "$v" != "$b" ] && [ -x "$G/gpu_vs_oracle_$v" ]; then
+      # VAR_TESTS: libtest filters for these runs (e.g. "dense longnet"; default: all).
       timeout ${TEST_TIMEOUT:-420} "$G/gpu_vs_oracle_$v" --ignored --test-threads=1 --nocapture \
-        > "$O/${tag}_tests_$v.log" 2>&1 &
+        ${VAR_TESTS:-} > "$O/${tag}_tests_$v.log" 2>&1 &
       tested="$tested $v"
     else
       timeout 300 "$G/$b" --quick --max-n 16384 --defaults-only --no-bwd > "$O/${tag}_warm_$b.txt" 2>&1 &

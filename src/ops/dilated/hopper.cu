@@ -1146,6 +1146,16 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // the fused bwd_wgp takes turns, and since stop 18 only in its dV/dK/dQ phase (FUSED_TURNS
 // below): the two passes measured 0.7–4.2 % faster running free, and turns put back into
 // either phase of dkdv_wg slower again (DKDV_TURNS; CUDA.md has the tables).
+// Where the ping-pong backwards issue the next tile's copies (and its metadata loads):
+// bit 0 dq_wg, bit 1 the two-pass dkdv_wg, bit 2 the fused dkdv_wg (bwd_wgp, bwd_wgt,
+// bwd_wgt2). Clear: before the tile's S/dP MMAs (the stage's wait, then the copies, then the
+// MMAs); set: right after they are issued, while the warpgroup would otherwise wait for S.
+// The 256 threads issue the copies themselves (no producer warp): stop 20's profile of
+// bwd_wgt2 had 13.5 % of its samples in that address arithmetic and copy issue, in front
+// of every tile's MMAs.
+#ifndef LOAD_LATE
+#define LOAD_LATE 0
+#endif
 template <int NS>
 struct PipeN {
     u32 bars;  // full[NS], empty[NS]
@@ -1286,11 +1296,14 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     while (have) {
         PatState nx = cur;
         bool hn = tc_next<BS>(P, t, h, nx, RQ);
+        constexpr bool LATE = PP && !DW && (LOAD_LATE & 1);
         if constexpr (PP) {
-            if (hn) {
-                pipe.acquire(it + 1);
-                load_kv(nx, stage == 2 ? 0 : stage + 1);
-                pipe.produced(it + 1);
+            if constexpr (!LATE) {
+                if (hn) {
+                    pipe.acquire(it + 1);
+                    load_kv(nx, stage == 2 ? 0 : stage + 1);
+                    pipe.produced(it + 1);
+                }
             }
             pipe.wait_full(it);
             if constexpr (RA) {
@@ -1331,6 +1344,13 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
             wg_commit();
             wg_abt<T, D, BS>(dp, sO + wg * 64 * 128, OB, vb, SB);  // dP = dO Vᵀ (without fac)
             wg_commit();
+        }
+        if constexpr (LATE) {
+            if (hn) {
+                pipe.acquire(it + 1);
+                load_kv(nx, stage == 2 ? 0 : stage + 1);
+                pipe.produced(it + 1);
+            }
         }
         // P while dP is still being computed.
         wg_wait<1>();  // DW: the previous tile's dQ MMA too
@@ -1490,6 +1510,14 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // less slow under the LSE combine, never faster than bwd_wgp (gpu_h200_fused_tma_eager.txt).
 #ifndef TR_EAGER
 #define TR_EAGER 0
+#endif
+// bwd_wgt / bwd_wgt2: the order of a tile's dV/dK/dQ MMAs. 0: dV, dK, dQ in one commit
+// group, all waited for before the dQ columns are staged. 1: dV, then dQ, then dK, each its
+// own group; the staging waits for dV and dQ only and runs while dK is computed (as
+// FlashAttention-3 orders them), the wait for dK comes after it. Stop 20's profile of
+// bwd_wgt2 had 7.4 % of its samples in the end-of-tile wait and 13.9 % in the staging.
+#ifndef DQ_FIRST
+#define DQ_FIRST 0
 #endif
 
 // The ping-pong turns of dkdv_wg, per MMA phase: bit 0 the Sᵀ/dPᵀ phase, bit 1 the dV/dK
@@ -1727,10 +1755,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
         const int ns = stage == NS - 1 ? 0 : stage + 1;
         QPre pre{};
+        constexpr bool LATE = PP && !DW && (LOAD_LATE & (FQ ? 4 : 2));
         if constexpr (PP) {
-            if (hn) {
-                pipe.acquire(it + 1);
-                pre = load_q(nx, ns);
+            if constexpr (!LATE) {
+                if (hn) {
+                    pipe.acquire(it + 1);
+                    pre = load_q(nx, ns);
+                }
             }
             pipe.wait_full(it);
         } else {
@@ -1758,6 +1789,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
         if (TU1) turn_end(wg, TU2 ? false : !hn);  // the last turn passes none on
+        if constexpr (LATE) {
+            if (hn) {
+                pipe.acquire(it + 1);
+                pre = load_q(nx, ns);
+            }
+        }
         if constexpr (TR) {
             // The previous tile's reduce-adds have read the staging buffer (under S and dP).
             if (!TR_EAGER && wg < CB && issuer && it > 0) {
@@ -1837,11 +1874,20 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 mbar_arrive(dsfull(it));
             }
         }
+        // TR && DQ_FIRST: dV, dQ, dK in three groups (DQ_FIRST above).
+        constexpr bool DQF = TR && DQ_FIRST;
         if (TU2) turn_begin(wg);
         wg_fence();
         wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
+        if constexpr (DQF) {
+            wg_commit();
+            mbar_wait(dsfull(it), (it >> 1) & 1);
+            fence_proxy_async();
+            if (CB == 2 || wg < CB) dq_mma(sdSb);
+            wg_commit();
+        }
         wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
-        if constexpr (FQ && PP) {
+        if constexpr (FQ && PP && !DQF) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
             mbar_wait(dsfull(it), (it >> 1) & 1);
@@ -1868,12 +1914,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                     wg_commit();
                 }
             }
-            wg_wait<0>();
-            reg_fence(adv);
-            reg_fence(adk);
-            if (wg < CB) reg_fence(dqa);
+            if constexpr (DQF) {
+                wg_wait<1>();  // dV and dQ; dK still runs (on Q of this stage, dSᵀ in xs)
+                reg_fence(adv);
+                if (wg < CB) reg_fence(dqa);
+            } else {
+                wg_wait<0>();
+                reg_fence(adv);
+                reg_fence(adk);
+                if (wg < CB) reg_fence(dqa);
+            }
             if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
-            if (TS) pipe.release(it);  // two stages: free the stage as early as possible
+            if (TS && !DQF) pipe.release(it);  // two stages: free the stage as early as possible
         } else if constexpr (!DW) {
             wg_wait<0>();
             reg_fence(adv);
@@ -1890,6 +1942,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         if constexpr (TR) {
             if (wg < CB) dq_stage(it, cur, qon0, qon1);
+            if constexpr (DQF) {
+                wg_wait<0>();  // dK
+                reg_fence(adk);
+                reg_fence(xs);
+                if (TS) pipe.release(it);
+            }
         } else {
             dq_red(dst);  // FQ only
         }
