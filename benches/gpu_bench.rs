@@ -87,31 +87,31 @@ const FWD_VARIANTS: &[Variant] = &[
     }),
 ];
 
-/// Backward alternatives: the mma.sync kernels, fused dQ with the ping-pong turns
-/// (`bwd_wgp`), the same with dQ through the tensor memory accelerator (`bwd_wgt`; with a
-/// staging buffer per warpgroup `bwd_wgt2`) and in
-/// lockstep (`bwd_wg`), the lockstep two-pass
+/// Backward alternatives (the default on Hopper: `bwd_wgt2`, the fused backward with its dQ
+/// through the tensor memory accelerator and a staging buffer per warpgroup): the mma.sync
+/// kernels, the two passes (`dq_wgr` + `dkdv_wg`, the default until stop 20), fused dQ by
+/// per-thread atomics with the ping-pong turns (`bwd_wgp`), one staging buffer for both
+/// warpgroups (`bwd_wgt`), the fused kernel in lockstep (`bwd_wg`), the lockstep two-pass
 /// backward (`dq_wgs` + `dkdv_wgs`), Q/dO from shared memory in the dQ pass (`dq_wg`), the
 /// deferred MMA waits (`dq_wgrd` + `dkdv_wgd`).
 const BWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
-    ("fused", |d, on| d.set_fused_dq(on)),
-    ("fusedt", |d, on| {
-        d.set_fused_dq(on);
-        d.set_fused_dq_tma(on)
-    }),
-    ("fusedt2", |d, on| {
-        d.set_fused_dq(on);
-        d.set_fused_dq_tma(on);
-        d.set_fused_dq_tma_split(on)
-    }),
-    ("fusedls", |d, on| {
-        d.set_fused_dq(on);
+    ("twopass", |d, on| d.set_fused_dq(!on)),
+    ("fused", |d, on| d.set_fused_dq_tma(!on)),
+    ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
+    ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
+    ("lockstep", |d, on| {
+        d.set_fused_dq(!on);
         d.set_bwd_pingpong(!on)
     }),
-    ("lockstep", |d, on| d.set_bwd_pingpong(!on)),
-    ("smema", |d, on| d.set_bwd_reg_operands(!on)),
-    ("deferred", |d, on| d.set_bwd_deferred_waits(on)),
+    ("smema", |d, on| {
+        d.set_fused_dq(!on);
+        d.set_bwd_reg_operands(!on)
+    }),
+    ("deferred", |d, on| {
+        d.set_fused_dq(!on);
+        d.set_bwd_deferred_waits(on)
+    }),
 ];
 
 fn args() -> Args {

@@ -99,15 +99,18 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let want = oracle_forward::<E>(case, &plan, &qr, &kr, &vr);
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
-    // intra-warpgroup overlap, persistent on non-causal problems, and the two-pass
-    // ping-pong wgmma backward, its dQ pass with register A operands: dq_wgr + dkdv_wg); 1:
+    // intra-warpgroup overlap, persistent on non-causal problems, and the fused backward with
+    // its dQ through the tensor memory accelerator, a staging buffer per warpgroup: bwd_wgt2;
+    // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
+    // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
+    // code below but 1, 9, 12 and 13 runs); 1:
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
     // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the default forward
     // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
     // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
     // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
-    // (bwd_wgt; bwd_wgp where a dilation divides neither N nor its segment); 13: as 12 with a
-    // staging buffer per warpgroup and two Q/dO stages (bwd_wgt2); 3: the
+    // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); 13: the
+    // defaults, explicitly (bwd_wgt2); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -118,9 +121,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(warps == 1 || warps == 9 || warps == 12 || warps == 13);
-    dev.set_fused_dq_tma(warps == 12 || warps == 13);
-    dev.set_fused_dq_tma_split(warps == 13);
+    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -182,9 +185,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(true);
     dev.set_fwd_persistent(true);
     dev.set_fwd_persistent_causal(false);
-    dev.set_fused_dq(false);
-    dev.set_fused_dq_tma(false);
-    dev.set_fused_dq_tma_split(false);
+    dev.set_fused_dq(true);
+    dev.set_fused_dq_tma(true);
+    dev.set_fused_dq_tma_split(true);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);

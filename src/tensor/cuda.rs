@@ -191,13 +191,13 @@ pub struct Cuda {
     fwd_wide_tiles: AtomicBool,
     /// Streaming multiprocessors (the persistent forward's grid).
     sms: u32,
-    /// Hopper backward: dQ fused into the key-owner kernel (`bwd_wgp`, `bwd_wg`) or its own
-    /// pass (the default).
+    /// Hopper backward: dQ fused into the key-owner kernel (the default: `bwd_wgt2`;
+    /// `bwd_wgp`, `bwd_wg`) or its own pass.
     fused_dq: AtomicBool,
     /// Fused Hopper backward with its dQ columns staged in shared memory and added by the
-    /// tensor memory accelerator (`bwd_wgt`; opt-in).
+    /// tensor memory accelerator (`bwd_wgt`, `bwd_wgt2`; the default).
     fused_dq_tma: AtomicBool,
-    /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; opt-in).
+    /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; the default).
     fused_dq_tma_split: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
@@ -263,9 +263,9 @@ impl Cuda {
             fwd_persistent: AtomicBool::new(true),
             fwd_persistent_causal: AtomicBool::new(false),
             sms,
-            fused_dq: AtomicBool::new(false),
-            fused_dq_tma: AtomicBool::new(false),
-            fused_dq_tma_split: AtomicBool::new(false),
+            fused_dq: AtomicBool::new(true),
+            fused_dq_tma: AtomicBool::new(true),
+            fused_dq_tma_split: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -485,12 +485,15 @@ impl Cuda {
         self.sms
     }
     /// Hopper backward: dQ accumulated by the key-owner kernel into an f32 buffer of
-    /// `B·N·H·D` floats with atomic adds (`true`: five matrix products per tile pair;
-    /// `bwd_wgp` with the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong),
-    /// `bwd_wg` in lockstep) or computed by its own query-owner pass (`false`, the default:
-    /// seven, as the mma.sync path, and no extra buffer). On an H200 `bwd_wgp` measured
-    /// −8.7 to +2.6 % against the two passes of the same build
-    /// (`benches/results/gpu_h200_fused_turns.txt`) and `bwd_wg` 6–18 % slower (see CUDA.md).
+    /// `B·N·H·D` floats (`true`, the default: five matrix products per tile pair instead of
+    /// seven) or computed by its own query-owner pass (`false`: `dq_wgr` + `dkdv_wg`, the
+    /// default until stop 20, and the only backward of the GPU ring's launch problems). Which
+    /// fused kernel runs: [`set_fused_dq_tma`](Self::set_fused_dq_tma) and
+    /// [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split) (both on by default:
+    /// `bwd_wgt2`), the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong)
+    /// (off: `bwd_wg`, lockstep). On an H200 the default fused kernel measured 10–16 % faster
+    /// than the two passes of the same build (`benches/results/gpu_h200_load_late.txt`); see
+    /// CUDA.md.
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }
@@ -501,10 +504,11 @@ impl Cuda {
     /// Hopper fused backward (with [`set_fused_dq`](Self::set_fused_dq) and the ping-pong
     /// default): each warpgroup's dQ columns of a tile go to shared memory and one thread
     /// adds them into the f32 buffer with two bulk tensor reduce-adds
-    /// (`cp.reduce.async.bulk.tensor`, one tensor map per pattern) instead of sixteen
-    /// `red.global.add` per thread (`bwd_wgt`, `false` by default: FlashAttention-3's dQ;
-    /// on an H200 1–9 % slower than `bwd_wgp`, `benches/results/gpu_h200_fused_tma.txt`). Where a pattern's dilation does not divide the sequence length
-    /// and its segment, the rows are no tensor-map box and `bwd_wgp` runs instead.
+    /// (`cp.reduce.async.bulk.tensor`, one tensor map per pattern: `bwd_wgt`, `bwd_wgt2`;
+    /// `true`, the default, FlashAttention-3's dQ) or sixteen `red.global.add` per thread
+    /// (`false`: `bwd_wgp`). Where a pattern's dilation does not divide the sequence length
+    /// and its segment, its rows are no tensor-map box, and the two passes run instead
+    /// (they measured faster than `bwd_wgp`).
     pub fn set_fused_dq_tma(&self, on: bool) {
         self.fused_dq_tma.store(on, Ordering::Relaxed);
     }
@@ -513,10 +517,9 @@ impl Cuda {
         self.fused_dq_tma.load(Ordering::Relaxed)
     }
     /// With [`set_fused_dq_tma`](Self::set_fused_dq_tma): a staging buffer per warpgroup
-    /// (`true`, `bwd_wgt2`: no hand-over between the warpgroups; the shared memory comes from
-    /// a Q/dO ring of two stages instead of three) or one buffer both use in turn (`false`,
-    /// the default, `bwd_wgt`). For comparisons; not yet timed on a GPU, and validated
-    /// only on the oracle cases listed in CUDA.md.
+    /// (`true`, the default, `bwd_wgt2`: no hand-over between the warpgroups; the shared
+    /// memory comes from a Q/dO ring of two stages instead of three; the next tile's copies
+    /// issued under the S/dP MMAs) or one buffer both use in turn (`false`, `bwd_wgt`).
     pub fn set_fused_dq_tma_split(&self, on: bool) {
         self.fused_dq_tma_split.store(on, Ordering::Relaxed);
     }

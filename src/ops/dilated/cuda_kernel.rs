@@ -563,7 +563,7 @@ unsafe impl DeviceRepr for DqMaps {}
 /// (capped) segment: its rows are then no box of such a map.
 /// Whether every pattern's rows are boxes of [`dq_tensor_maps`]'s maps: its dilation
 /// divides the sequence length and its (capped) segment, so segments start at multiples of
-/// it. Otherwise the fused backward runs `bwd_wgp`.
+/// it. Otherwise the backward runs the two passes.
 fn dq_rows_are_boxes(pr: &Prob) -> bool {
     let p = &pr.p;
     (0..pr.npat).all(|i| p.n % p.r[i] == 0 && p.w[i] % p.r[i] == 0)
@@ -810,15 +810,20 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let d = dm.head_dim;
     let e = E::NAME;
     let wg = wgmma::<E>(dev, d);
-    if wg && dev.fused_dq() {
-        // Hopper, fused: dK/dV and dQ (into an f32 buffer) in one pass, then dq = scale·acc.
+    // Hopper, fused (the default on whole plans; the ring's launch problems keep the two
+    // passes, on which the fused kernels were never validated): dK/dV and dQ (into an f32
+    // buffer) in one pass, then dq = scale·acc. With the ping-pong turns (bwd_wgt2 / bwd_wgt,
+    // the dQ through the tensor memory accelerator, where every pattern's rows are boxes of
+    // its maps; bwd_wgp with per-thread atomics) or in lockstep (bwd_wg). Where the
+    // tensor-map kernels are asked for but the rows are no boxes, the two passes run: they
+    // measured faster than bwd_wgp.
+    let tma = wg && dev.bwd_pingpong() && dev.fused_dq_tma();
+    if wg && dev.fused_dq() && pr.whole_device && (!tma || dq_rows_are_boxes(pr)) {
         let mut dqacc = dev
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // With the ping-pong turns (bwd_wgp; bwd_wgt with the dQ through the tensor memory
-        // accelerator) or in lockstep (bwd_wg).
-        let maps = if dev.bwd_pingpong() && dev.fused_dq_tma() {
+        let maps = if tma {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             dq_tensor_maps(pr, ptr)?
         } else {

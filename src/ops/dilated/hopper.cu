@@ -1153,8 +1153,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // The 256 threads issue the copies themselves (no producer warp): stop 20's profile of
 // bwd_wgt2 had 13.5 % of its samples in that address arithmetic and copy issue, in front
 // of every tile's MMAs.
+// Measured (stop 20, gpu_h200_load_late.txt): bit 2 made bwd_wgt2 12–19 % faster, bits 0
+// and 1 the two passes 3–11 % slower; the default is bit 2 alone.
 #ifndef LOAD_LATE
-#define LOAD_LATE 0
+#define LOAD_LATE 4
 #endif
 template <int NS>
 struct PipeN {
@@ -1292,6 +1294,16 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
     bool part0 = false, part1 = false;
     float d0 = 0.f, d1 = 0.f;
     u32 qf[RA ? D / 16 : 1][4], of[RA ? D / 16 : 1][4];  // RA: Q and dO rows as A fragments
+    if constexpr (RA && PP && !DW && (LOAD_LATE & 1)) {
+        // Defined before the loop (they are written at tile 0 only): left undefined there,
+        // the copies issued under the S/dP MMAs (LOAD_LATE) let ptxas give the dS fragments
+        // the registers of `of`, which the next tile's dP MMA still reads (stop 20: dQ
+        // wrong on every wgmma case).
+#pragma unroll
+        for (int i = 0; i < D / 16; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) qf[i][j] = of[i][j] = 0u;
+    }
     u32 xs[BS / 16][4];  // dS as A fragments (DW: read by the MMA until the next tile's wait)
     while (have) {
         PatState nx = cur;
