@@ -491,9 +491,9 @@ impl Cuda {
     /// fused kernel runs: [`set_fused_dq_tma`](Self::set_fused_dq_tma) and
     /// [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split) (both on by default:
     /// `bwd_wgt2`), the ping-pong turns of [`set_bwd_pingpong`](Self::set_bwd_pingpong)
-    /// (off: `bwd_wg`, lockstep). On an H200 the default fused kernel measured 10–16 % faster
-    /// than the two passes of the same build (`benches/results/gpu_h200_load_late.txt`); see
-    /// CUDA.md.
+    /// (off: `bwd_wg`, lockstep). On an H200 the default fused kernel measured 3–14 % faster
+    /// (forward + backward) than the two passes of the same build
+    /// (`benches/results/gpu_h200_s20.txt`); see CUDA.md.
     pub fn set_fused_dq(&self, on: bool) {
         self.fused_dq.store(on, Ordering::Relaxed);
     }
