@@ -569,6 +569,49 @@ fn dq_rows_are_boxes(pr: &Prob) -> bool {
     (0..pr.npat).all(|i| p.n % p.r[i] == 0 && p.w[i] % p.r[i] == 0)
 }
 
+/// The Hopper backward kernels, as [`hopper_backward`] picks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HopperBwd {
+    /// `dq_wgr` + `dkdv_wg` (or their lockstep / deferred-wait variants).
+    TwoPass,
+    /// Fused, in lockstep.
+    Wg,
+    /// Fused, ping-pong turns, dQ by per-thread atomics.
+    Wgp,
+    /// Fused, dQ by bulk tensor reduce-adds from one staging buffer.
+    Wgt,
+    /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup (the default).
+    Wgt2,
+}
+
+/// The device's backward settings that [`hopper_backward`] reads.
+#[derive(Debug, Clone, Copy)]
+struct BwdFlags {
+    fused: bool,
+    pingpong: bool,
+    tma: bool,
+    split: bool,
+}
+
+/// Which Hopper backward runs. Fused (the default, `bwd_wgt2`) only on whole plans: the
+/// ring's launch problems (`whole_device` false) keep the two passes, on which the ring was
+/// validated. The tensor-map kernels need the ping-pong turns and every pattern's rows to
+/// be boxes of their maps (`boxes`, [`dq_rows_are_boxes`]); where they are asked for but
+/// the rows are no boxes the two passes run, which measured faster than `bwd_wgp`
+/// (CUDA.md, stop 18).
+fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool) -> HopperBwd {
+    let tma = f.pingpong && f.tma;
+    if !f.fused || !whole_device || (tma && !boxes) {
+        return HopperBwd::TwoPass;
+    }
+    match (tma, f.split, f.pingpong) {
+        (true, true, _) => HopperBwd::Wgt2,
+        (true, false, _) => HopperBwd::Wgt,
+        (false, _, true) => HopperBwd::Wgp,
+        (false, _, false) => HopperBwd::Wg,
+    }
+}
+
 fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<Option<DqMaps>> {
     use cudarc::driver::sys::{
         cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
@@ -810,33 +853,40 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let d = dm.head_dim;
     let e = E::NAME;
     let wg = wgmma::<E>(dev, d);
-    // Hopper, fused (the default on whole plans; the ring's launch problems keep the two
-    // passes, on which the fused kernels were never validated): dK/dV and dQ (into an f32
-    // buffer) in one pass, then dq = scale·acc. With the ping-pong turns (bwd_wgt2 / bwd_wgt,
-    // the dQ through the tensor memory accelerator, where every pattern's rows are boxes of
-    // its maps; bwd_wgp with per-thread atomics) or in lockstep (bwd_wg). Where the
-    // tensor-map kernels are asked for but the rows are no boxes, the two passes run: they
-    // measured faster than bwd_wgp.
-    let tma = wg && dev.bwd_pingpong() && dev.fused_dq_tma();
-    if wg && dev.fused_dq() && pr.whole_device && (!tma || dq_rows_are_boxes(pr)) {
+    // Hopper, fused (hopper_backward says which kernel): dK/dV and dQ (into an f32 buffer)
+    // in one pass, then dq = scale·acc.
+    let choice = if wg {
+        hopper_backward(
+            BwdFlags {
+                fused: dev.fused_dq(),
+                pingpong: dev.bwd_pingpong(),
+                tma: dev.fused_dq_tma(),
+                split: dev.fused_dq_tma_split(),
+            },
+            pr.whole_device,
+            dq_rows_are_boxes(pr),
+        )
+    } else {
+        HopperBwd::TwoPass
+    };
+    if choice != HopperBwd::TwoPass {
         let mut dqacc = dev
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        let maps = if tma {
+        let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
-            dq_tensor_maps(pr, ptr)?
+            Some(dq_tensor_maps(pr, ptr)?.ok_or_else(|| Error::Device {
+                msg: "fused backward: a pattern's rows are no tensor-map box".into(),
+            })?)
         } else {
             None
         };
-        let (kind, smem) = if maps.is_some() && dev.fused_dq_tma_split() {
-            ("wgt2", wg_fused_tma2_smem(d))
-        } else if maps.is_some() {
-            ("wgt", wg_fused_tma_smem(d))
-        } else if dev.bwd_pingpong() {
-            ("wgp", wg_fused_pp_smem(d))
-        } else {
-            ("wg", wg_fused_smem(d))
+        let (kind, smem) = match choice {
+            HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
+            HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
+            HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
+            _ => ("wg", wg_fused_smem(d)),
         };
         let name = format!("bwd_{kind}_{}_{d}", E::NAME);
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), Some(smem))?;
@@ -1102,8 +1152,35 @@ mod tests {
         };
         assert!(dq_rows_are_boxes(&prob(96, &[(32, 1), (96, 3)])));
         assert!(dq_rows_are_boxes(&prob(1024, &[(64, 1), (512, 8)])));
-        // A dilation that divides neither the length nor its segment: bwd_wgp instead.
+        // A dilation that divides neither the length nor its segment: the two passes instead.
         assert!(!dq_rows_are_boxes(&prob(100, &[(50, 1), (100, 3)])));
+    }
+
+    #[test]
+    fn fused_backward_by_default_on_whole_plans_only() {
+        let on = BwdFlags {
+            fused: true,
+            pingpong: true,
+            tma: true,
+            split: true,
+        };
+        // The defaults: bwd_wgt2 on a whole plan whose rows are boxes.
+        assert_eq!(hopper_backward(on, true, true), HopperBwd::Wgt2);
+        // The ring's launch problems, rows that are no boxes, fused off: the two passes.
+        assert_eq!(hopper_backward(on, false, true), HopperBwd::TwoPass);
+        assert_eq!(hopper_backward(on, true, false), HopperBwd::TwoPass);
+        let off = BwdFlags { fused: false, ..on };
+        assert_eq!(hopper_backward(off, true, true), HopperBwd::TwoPass);
+        // The opt-in fused kernels.
+        let one = BwdFlags { split: false, ..on };
+        assert_eq!(hopper_backward(one, true, true), HopperBwd::Wgt);
+        let atomics = BwdFlags { tma: false, ..on };
+        assert_eq!(hopper_backward(atomics, true, false), HopperBwd::Wgp);
+        let lockstep = BwdFlags {
+            pingpong: false,
+            ..on
+        };
+        assert_eq!(hopper_backward(lockstep, true, false), HopperBwd::Wg);
     }
 
     #[test]
