@@ -555,12 +555,6 @@ struct DqMaps([cudarc::driver::sys::CUtensorMap; MAX_PATTERNS]);
 // 128-byte, 128-aligned tensor maps; unused entries zero and never read).
 unsafe impl DeviceRepr for DqMaps {}
 
-/// One tensor map per pattern over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
-/// reduce-adds of `bwd_wgt_*`: dims (D, H, r, N/r, B) with byte strides (4·D, 4·H·D,
-/// 4·r·H·D, 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r) are
-/// the box rows (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows, 128-byte swizzle (the
-/// kernel's staging layout). `None` where a pattern's dilation does not divide N and its
-/// (capped) segment: its rows are then no box of such a map.
 /// Whether every pattern's rows are boxes of [`dq_tensor_maps`]'s maps: its dilation
 /// divides the sequence length and its (capped) segment, so segments start at multiples of
 /// it. Otherwise the backward runs the two passes.
@@ -612,13 +606,21 @@ fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool) -> HopperBwd {
     }
 }
 
-fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<Option<DqMaps>> {
+/// One tensor map per pattern over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
+/// reduce-adds of `bwd_wgt_*` / `bwd_wgt2_*`: dims (D, H, r, N/r, B) with byte strides (4·D,
+/// 4·H·D, 4·r·H·D, 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r)
+/// are the box rows (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows, 128-byte swizzle
+/// (the kernel's staging layout). An error where a pattern's rows are no box of such a map
+/// ([`dq_rows_are_boxes`], which [`hopper_backward`] checks first).
+fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<DqMaps> {
     use cudarc::driver::sys::{
         cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
         CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
     };
     if !dq_rows_are_boxes(pr) {
-        return Ok(None);
+        return Err(Error::Device {
+            msg: "fused backward: a pattern's rows are no tensor-map box".into(),
+        });
     }
     let p = &pr.p;
     let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
@@ -657,7 +659,7 @@ fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<Option<DqMaps>> {
             });
         }
     }
-    Ok(Some(maps))
+    Ok(maps)
 }
 
 fn grid_t(pr: &Prob, rows: usize, heads: usize, threads: u32) -> Result<LaunchConfig> {
@@ -876,9 +878,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .map_err(dev_err("device allocation"))?;
         let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
-            Some(dq_tensor_maps(pr, ptr)?.ok_or_else(|| Error::Device {
-                msg: "fused backward: a pattern's rows are no tensor-map box".into(),
-            })?)
+            Some(dq_tensor_maps(pr, ptr)?)
         } else {
             None
         };
