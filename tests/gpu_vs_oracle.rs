@@ -100,7 +100,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap, persistent on non-causal problems, and the fused backward with
-    // its dQ through the tensor memory accelerator, a staging buffer per warpgroup: bwd_wgt2;
+    // its dQ through the tensor memory accelerator, a staging buffer per warpgroup, Q/dO tiles
+    // by box loads: bwd_wgt3;
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
     // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
     // code below but 1, 9 and 12 runs); 1:
@@ -109,8 +110,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
     // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
     // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
-    // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); (13,
-    // bwd_wgt2, is the default since stop 20: 0); 3: the
+    // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); 13: the
+    // same with a staging buffer per warpgroup and Q/dO by cp.async (bwd_wgt2, the default
+    // in stop 20); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -121,9 +123,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12));
-    dev.set_fused_dq_tma_split(warps == 0);
+    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
+    dev.set_fused_tma_loads(warps == 0);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -188,6 +191,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(true);
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
+    dev.set_fused_tma_loads(true);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -270,7 +274,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12][(case.seed % 13) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13][(case.seed % 14) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -309,6 +313,7 @@ fn longnet_schedule_matches_oracle() {
                 BWD.store((seed % 6) as u8, Ordering::Relaxed);
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 all_dtypes_w(&case, KernelPref::Auto, true, 12);
+                all_dtypes_w(&case, KernelPref::Auto, true, 13);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -351,6 +356,7 @@ fn dense_matches_oracle() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
@@ -439,7 +445,8 @@ fn sanitizer_case(d: usize, combine: Combine, detach: bool) -> Case {
     }
 }
 
-/// The sanitizer's case on the tensor-map backwards only (`bwd_wgt2`, the default, and `bwd_wgt`):
+/// The sanitizer's case on the tensor-map backwards only (`bwd_wgt3`, the default,
+/// `bwd_wgt2` and `bwd_wgt`):
 /// racecheck of every kernel (`sanitizer_small`) takes ~190 s, this a fraction.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
@@ -448,6 +455,7 @@ fn sanitizer_fused_tma() {
         let case = sanitizer_case(d, combine, false);
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
     }
 }
 
@@ -466,6 +474,7 @@ fn sanitizer_small() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
+        all_dtypes_w(&case, KernelPref::Auto, true, 13);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);

@@ -199,6 +199,7 @@ pub struct Cuda {
     fused_dq_tma: AtomicBool,
     /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; the default).
     fused_dq_tma_split: AtomicBool,
+    fused_tma_loads: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -266,6 +267,7 @@ impl Cuda {
             fused_dq: AtomicBool::new(true),
             fused_dq_tma: AtomicBool::new(true),
             fused_dq_tma_split: AtomicBool::new(true),
+            fused_tma_loads: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -526,6 +528,18 @@ impl Cuda {
     /// See [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split).
     pub fn fused_dq_tma_split(&self) -> bool {
         self.fused_dq_tma_split.load(Ordering::Relaxed)
+    }
+    /// With [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split): the Q and dO tiles
+    /// loaded by the tensor memory accelerator, one thread issuing a tile's box loads
+    /// (`true`, the default, `bwd_wgt3`; needs at most 8 patterns and 16-byte aligned Q and
+    /// dO, else `bwd_wgt2` runs), or by 16-byte `cp.async` copies from every thread
+    /// (`false`, `bwd_wgt2`).
+    pub fn set_fused_tma_loads(&self, on: bool) {
+        self.fused_tma_loads.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fused_tma_loads`](Self::set_fused_tma_loads).
+    pub fn fused_tma_loads(&self) -> bool {
+        self.fused_tma_loads.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

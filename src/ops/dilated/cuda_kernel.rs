@@ -574,8 +574,11 @@ enum HopperBwd {
     Wgp,
     /// Fused, dQ by bulk tensor reduce-adds from one staging buffer.
     Wgt,
-    /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup (the default).
+    /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup, Q/dO tiles by
+    /// cp.async.
     Wgt2,
+    /// `Wgt2` with the Q/dO tiles by tensor-map box loads (the default).
+    Wgt3,
 }
 
 /// The device's backward settings that [`hopper_backward`] reads.
@@ -585,6 +588,7 @@ struct BwdFlags {
     pingpong: bool,
     tma: bool,
     split: bool,
+    loads: bool,
 }
 
 /// Which Hopper backward runs. Fused (the default, `bwd_wgt2`) only on whole plans: the
@@ -592,13 +596,16 @@ struct BwdFlags {
 /// validated. The tensor-map kernels need the ping-pong turns and every pattern's rows to
 /// be boxes of their maps (`boxes`, [`dq_rows_are_boxes`]); where they are asked for but
 /// the rows are no boxes the two passes run, which measured faster than `bwd_wgp`
-/// (CUDA.md, stop 18).
-fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool) -> HopperBwd {
+/// (CUDA.md, stop 18). The Q/dO box loads of `bwd_wgt3` also need the plan's patterns to
+/// fit its parameter block and Q, dO to be 16-byte aligned (`loadable`, [`loads_fit`]);
+/// otherwise `bwd_wgt2` loads them by cp.async.
+fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool, loadable: bool) -> HopperBwd {
     let tma = f.pingpong && f.tma;
     if !f.fused || !whole_device || (tma && !boxes) {
         return HopperBwd::TwoPass;
     }
     match (tma, f.split, f.pingpong) {
+        (true, true, _) if f.loads && loadable => HopperBwd::Wgt3,
         (true, true, _) => HopperBwd::Wgt2,
         (true, false, _) => HopperBwd::Wgt,
         (false, _, true) => HopperBwd::Wgp,
@@ -606,58 +613,173 @@ fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool) -> HopperBwd {
     }
 }
 
-/// One tensor map per pattern over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
-/// reduce-adds of `bwd_wgt_*` / `bwd_wgt2_*`: dims (D, H, r, N/r, B) with byte strides (4·D,
-/// 4·H·D, 4·r·H·D, 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r)
-/// are the box rows (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows, 128-byte swizzle
-/// (the kernel's staging layout). An error where a pattern's rows are no box of such a map
+/// One 5-d tiled tensor map over the device buffer at `ptr`: `dims` (innermost first), byte
+/// `strides` of dims 1..5, `boxes`, 128-byte swizzle, out-of-bounds elements read as zero;
+/// `what` names the buffer in the error.
+fn encode_map(
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    ptr: u64,
+    dims: [u64; 5],
+    strides: [u64; 4],
+    boxes: [u32; 5],
+    what: &str,
+) -> Result<cudarc::driver::sys::CUtensorMap> {
+    use cudarc::driver::sys::{
+        cuTensorMapEncodeTiled, CUresult, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
+        CUtensorMapL2promotion, CUtensorMapSwizzle,
+    };
+    if ptr % 16 != 0 || strides.iter().any(|s| s % 16 != 0) {
+        return Err(Error::Device {
+            msg: format!("tensor map of {what}: address or strides not 16-byte aligned"),
+        });
+    }
+    // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
+    let mut map: cudarc::driver::sys::CUtensorMap = unsafe { std::mem::zeroed() };
+    let elem = [1u32; 5];
+    // SAFETY: every array has the rank's length (5, strides 4); `ptr` is a live, 16-byte
+    // aligned device allocation spanning the dims and strides (the callers' buffers), strides
+    // are multiples of 16 bytes (checked above); the call only encodes the map into `map`.
+    let res = unsafe {
+        cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            5,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if res != CUresult::CUDA_SUCCESS {
+        return Err(Error::Device {
+            msg: format!("cuTensorMapEncodeTiled for {what} (dims {dims:?}): {res:?}"),
+        });
+    }
+    Ok(map)
+}
+
+/// The map of pattern `i` over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
+/// reduce-adds of `bwd_wgt*`: dims (D, H, r, N/r, B) with byte strides (4·D, 4·H·D, 4·r·H·D,
+/// 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r) are the box rows
+/// (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows (the kernel's staging layout).
+fn dq_map(pr: &Prob, i: usize, ptr: u64) -> Result<cudarc::driver::sys::CUtensorMap> {
+    let p = &pr.p;
+    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
+    let r = p.r[i] as u64;
+    encode_map(
+        cudarc::driver::sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+        ptr,
+        [d, h, r, n / r, b],
+        [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d],
+        [32, 1, 1, 64, 1],
+        &format!("the dQ buffer of pattern {i}"),
+    )
+}
+
+/// One tensor map per pattern over the f32 dQ buffer at `ptr` ([`dq_map`]) for
+/// `bwd_wgt_*` / `bwd_wgt2_*`. An error where a pattern's rows are no box of such a map
 /// ([`dq_rows_are_boxes`], which [`hopper_backward`] checks first).
 fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<DqMaps> {
-    use cudarc::driver::sys::{
-        cuTensorMapEncodeTiled, CUresult, CUtensorMapDataType, CUtensorMapFloatOOBfill,
-        CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
-    };
     if !dq_rows_are_boxes(pr) {
         return Err(Error::Device {
             msg: "fused backward: a pattern's rows are no tensor-map box".into(),
         });
     }
-    let p = &pr.p;
-    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps = DqMaps(unsafe { std::mem::zeroed() });
     for i in 0..pr.npat {
-        let r = p.r[i] as u64;
-        let dims = [d, h, r, n / r, b];
-        let strides = [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d];
-        let boxes = [32u32, 1, 1, 64, 1];
-        let elem = [1u32; 5];
-        // SAFETY: every array has the rank's length (5, strides 4); `ptr` is a live device
-        // allocation of B·N·H·D f32 (16-byte aligned, as every cudarc allocation), strides
-        // are multiples of 16 bytes; the call only encodes the map into `maps.0[i]`.
-        let res = unsafe {
-            cuTensorMapEncodeTiled(
-                &mut maps.0[i],
-                CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
-                5,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                elem.as_ptr(),
-                CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        if res != CUresult::CUDA_SUCCESS {
+        maps.0[i] = dq_map(pr, i, ptr)?;
+    }
+    Ok(maps)
+}
+
+/// Patterns at most whose maps `bwd_wgt3_*` takes (`MAXT` in hopper.cu: three maps of 128
+/// bytes per pattern in the 4 KiB of kernel parameters).
+const MAX_LOAD_PATTERNS: usize = 8;
+
+/// The tensor maps of `bwd_wgt3_*` (`struct LMaps` in hopper.cu): per pattern the dQ
+/// buffer's ([`dq_map`]), then Q's and dO's ([`load_map`]).
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct LoadMaps {
+    dq: [cudarc::driver::sys::CUtensorMap; MAX_LOAD_PATTERNS],
+    q: [cudarc::driver::sys::CUtensorMap; MAX_LOAD_PATTERNS],
+    o: [cudarc::driver::sys::CUtensorMap; MAX_LOAD_PATTERNS],
+}
+
+// SAFETY: plain old data, the layout of the CUDA `struct LMaps` (3 × MAX_LOAD_PATTERNS
+// opaque 128-byte, 128-aligned tensor maps; unused entries zero and never read).
+unsafe impl DeviceRepr for LoadMaps {}
+
+/// Whether `bwd_wgt3` can take the plan's Q and dO (device addresses `q`, `dout`): at most
+/// [`MAX_LOAD_PATTERNS`] patterns, both 16-byte aligned, a 16-bit element type.
+fn loads_fit(pr: &Prob, elem_bytes: usize, q: u64, dout: u64) -> bool {
+    pr.npat <= MAX_LOAD_PATTERNS && elem_bytes == 2 && q % 16 == 0 && dout % 16 == 0
+}
+
+/// The map of pattern `i` over the 16-bit rows `(B, N, H, D)` at `ptr` (Q or dO) for the
+/// box loads of `bwd_wgt3_*`: dims (D, H, r, w/r, B·N/w) with byte strides (2·D, 2·H·D,
+/// 2·r·H·D, 2·w·H·D), so that a segment's rows a + o + r·j are the box rows
+/// (·, h, o, j, b·N/w + a/w) and rows past the segment's end (j ≥ w/r) lie outside the map
+/// and load as zeros; boxes of 64 columns × 64 rows (the wgmma layout's column blocks).
+/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]).
+fn load_map(
+    pr: &Prob,
+    i: usize,
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    ptr: u64,
+    what: &str,
+) -> Result<cudarc::driver::sys::CUtensorMap> {
+    let p = &pr.p;
+    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
+    let (w, r) = (p.w[i] as u64, p.r[i] as u64);
+    if r == 0 || w % r != 0 || n % w != 0 {
+        return Err(Error::Device {
+            msg: format!("tensor map of {what}: pattern {i}'s rows (w {w}, r {r}) are no box"),
+        });
+    }
+    encode_map(
+        dtype,
+        ptr,
+        [d, h, r, w / r, b * (n / w)],
+        [2 * d, 2 * h * d, 2 * r * h * d, 2 * w * h * d],
+        [64, 1, 1, 64, 1],
+        &format!("{what}, pattern {i}"),
+    )
+}
+
+/// The maps of `bwd_wgt3_*` over dQ (f32, `dq`), Q (`q`) and dO (`dout`), element type
+/// `name` (`bf16` or `f16`).
+fn load_tensor_maps(pr: &Prob, name: &str, dq: u64, q: u64, dout: u64) -> Result<LoadMaps> {
+    use cudarc::driver::sys::CUtensorMapDataType as Dt;
+    let dtype = match name {
+        "bf16" => Dt::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        "f16" => Dt::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        _ => {
             return Err(Error::Device {
-                msg: format!(
-                    "cuTensorMapEncodeTiled for the dQ buffer of pattern {i} (dims {dims:?}): {res:?}"
-                ),
-            });
+                msg: format!("bwd_wgt3 box loads: no {name} kernel"),
+            })
         }
+    };
+    if !dq_rows_are_boxes(pr) || pr.npat > MAX_LOAD_PATTERNS {
+        return Err(Error::Device {
+            msg: format!(
+                "bwd_wgt3: {} patterns (at most {MAX_LOAD_PATTERNS}) or rows that are no box",
+                pr.npat
+            ),
+        });
+    }
+    // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
+    let mut maps: LoadMaps = unsafe { std::mem::zeroed() };
+    for i in 0..pr.npat {
+        maps.dq[i] = dq_map(pr, i, dq)?;
+        maps.q[i] = load_map(pr, i, dtype, q, "Q")?;
+        maps.o[i] = load_map(pr, i, dtype, dout, "dO")?;
     }
     Ok(maps)
 }
@@ -864,9 +986,16 @@ pub(crate) fn backward_launch<E: CudaElement>(
                 pingpong: dev.bwd_pingpong(),
                 tma: dev.fused_dq_tma(),
                 split: dev.fused_dq_tma_split(),
+                loads: dev.fused_tma_loads(),
             },
             pr.whole_device,
             dq_rows_are_boxes(pr),
+            loads_fit(
+                pr,
+                std::mem::size_of::<E>(),
+                q.device_ptr(dev.stream()).0,
+                grad_out.device_ptr(dev.stream()).0,
+            ),
         )
     } else {
         HopperBwd::TwoPass
@@ -882,7 +1011,16 @@ pub(crate) fn backward_launch<E: CudaElement>(
         } else {
             None
         };
+        let lmaps = if choice == HopperBwd::Wgt3 {
+            let (ptr, _sync) = dqacc.device_ptr(dev.stream());
+            let (qp, _sq) = q.device_ptr(dev.stream());
+            let (op, _so) = grad_out.device_ptr(dev.stream());
+            Some(load_tensor_maps(pr, E::NAME, ptr, qp, op)?)
+        } else {
+            None
+        };
         let (kind, smem) = match choice {
+            HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
             HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
@@ -892,6 +1030,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
         let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), Some(smem))?;
         let mut b = dev.stream().launch_builder(&f);
         if let Some(m) = maps.as_ref() {
+            b.arg(m);
+        }
+        if let Some(m) = lmaps.as_ref() {
             b.arg(m);
         }
         b.arg(&p)
@@ -906,8 +1047,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dv)
             .arg(&mut dqacc);
         // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
-        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` (the tensor maps first, encoded over
-        // dqacc, which stays alive and is passed too); each tile writes its own dk/dv rows;
+        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` / `bwd_wgt3_*` (the
+        // tensor maps first, encoded over dqacc and, for bwd_wgt3, over q and grad_out, all
+        // of which stay alive and are passed too); each tile writes its own dk/dv rows;
         // dqacc only receives atomic adds (reduce-adds through the maps).
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         let name = format!("dq_convert_{}", E::NAME);
@@ -1163,24 +1305,52 @@ mod tests {
             pingpong: true,
             tma: true,
             split: true,
+            loads: true,
         };
-        // The defaults: bwd_wgt2 on a whole plan whose rows are boxes.
-        assert_eq!(hopper_backward(on, true, true), HopperBwd::Wgt2);
+        // The defaults: bwd_wgt3 on a whole plan whose rows are boxes and whose Q, dO its
+        // maps take; bwd_wgt2 where they do not (too many patterns, misaligned).
+        assert_eq!(hopper_backward(on, true, true, true), HopperBwd::Wgt3);
+        assert_eq!(hopper_backward(on, true, true, false), HopperBwd::Wgt2);
         // The ring's launch problems, rows that are no boxes, fused off: the two passes.
-        assert_eq!(hopper_backward(on, false, true), HopperBwd::TwoPass);
-        assert_eq!(hopper_backward(on, true, false), HopperBwd::TwoPass);
+        assert_eq!(hopper_backward(on, false, true, true), HopperBwd::TwoPass);
+        assert_eq!(hopper_backward(on, true, false, true), HopperBwd::TwoPass);
         let off = BwdFlags { fused: false, ..on };
-        assert_eq!(hopper_backward(off, true, true), HopperBwd::TwoPass);
+        assert_eq!(hopper_backward(off, true, true, true), HopperBwd::TwoPass);
         // The opt-in fused kernels.
+        let cp = BwdFlags { loads: false, ..on };
+        assert_eq!(hopper_backward(cp, true, true, true), HopperBwd::Wgt2);
         let one = BwdFlags { split: false, ..on };
-        assert_eq!(hopper_backward(one, true, true), HopperBwd::Wgt);
+        assert_eq!(hopper_backward(one, true, true, true), HopperBwd::Wgt);
         let atomics = BwdFlags { tma: false, ..on };
-        assert_eq!(hopper_backward(atomics, true, false), HopperBwd::Wgp);
+        assert_eq!(hopper_backward(atomics, true, false, false), HopperBwd::Wgp);
         let lockstep = BwdFlags {
             pingpong: false,
             ..on
         };
-        assert_eq!(hopper_backward(lockstep, true, false), HopperBwd::Wg);
+        assert_eq!(hopper_backward(lockstep, true, false, false), HopperBwd::Wg);
+    }
+
+    #[test]
+    fn box_loads_take_aligned_16_bit_rows_of_few_patterns() {
+        let prob = |pats: &[(usize, usize)]| {
+            let schedule: Vec<crate::shape::Pattern> = pats
+                .iter()
+                .map(|&(w, r)| crate::shape::Pattern::new(w, r))
+                .collect();
+            let plan = Plan::new(
+                Dims::mha(1, 1024, 2, 64),
+                &schedule,
+                crate::shape::Options::default(),
+            )
+            .unwrap();
+            Prob::of_plan(&plan, 0, false).unwrap()
+        };
+        let few = prob(&[(64, 1), (512, 8)]);
+        assert!(loads_fit(&few, 2, 256, 512));
+        assert!(!loads_fit(&few, 4, 256, 512)); // f32: no wgmma kernel
+        assert!(!loads_fit(&few, 2, 256 + 8, 512)); // misaligned Q
+        let many: Vec<(usize, usize)> = (0..9).map(|i| (1024, 1 << (i % 4))).collect();
+        assert!(!loads_fit(&prob(&many), 2, 256, 512));
     }
 
     #[test]

@@ -1163,10 +1163,11 @@ struct PipeN {
     u32 bars;  // full[NS], empty[NS]
     __device__ __forceinline__ u32 full(int it) const { return bars + 8 * (it % NS); }
     __device__ __forceinline__ u32 empty(int it) const { return bars + 8 * (NS + it % NS); }
-    __device__ __forceinline__ void init(int tid) const {
+    // full: 512 arrivals (each thread's cp.async arrive and its own), or `fulls`.
+    __device__ __forceinline__ void init(int tid, int fulls = 512) const {
         if (tid == 0) {
             for (int st = 0; st < NS; ++st) {
-                mbar_init(full(st), 512);
+                mbar_init(full(st), fulls);
                 mbar_init(empty(st), 256);
             }
         }
@@ -1506,6 +1507,38 @@ __device__ __forceinline__ void tma_reduce_add5(const TMap* map, u32 src, int c0
         ::"l"(reinterpret_cast<unsigned long long>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
         : "memory");
 }
+// TQ (bwd_wgt3): the Q and dO tiles through the tensor memory accelerator too. One map per
+// pattern and tensor over the bf16/f16 rows (B, N, H, D) with dims (D, H, r, w/r, B·N/w):
+// a segment's rows a + o + r·j are the box rows (·, h, o, j, b·N/w + a/w), so that rows
+// past the segment's end are out of the map's bounds and arrive as zeros, as cp.async's
+// zero-filled rows did. Box: 64 columns (128 bytes) × 64 rows, 128-byte swizzle: the
+// layout load_rows_sw writes. MAXT patterns at most (three maps each, 3 KiB of the 4 KiB
+// of kernel parameters); more run bwd_wgt2 (`load_tensor_maps` in cuda_kernel.rs).
+#define MAXT 8
+struct LMaps {
+    TMap dq[MAXT];
+    TMap q[MAXT];
+    TMap o[MAXT];
+};
+// The box at (c0, .., c4) of `map` into shared address dst; its bytes complete on mbarrier
+// bar's transaction count.
+__device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int c0, int c1, int c2, int c3,
+                                          int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, %7}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+        "r"(c4)
+        : "memory");
+}
+// Arrive on bar and expect `bytes` more transaction bytes in its current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrive on bar when this thread's earlier cp.async copies have landed, without counting
+// as an arrival (the pending count is raised first: no init count accounts for it).
+__device__ __forceinline__ void mbar_cp_async_arrive_inc(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // This thread's bulk operations have read their shared-memory sources (the buffer may be
 // rewritten) / have completed (their global writes are performed).
@@ -1567,12 +1600,20 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // warpgroups (stop 19's profile of bwd_wgt); the 16 KiB it takes come from a Q/dO ring of
 // two stages instead of three, whose stage is released as soon as the tile's dV/dK/dQ
 // MMAs are done (before the staging), since the next tile but one now reuses it.
-template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false>
+// TQ (bwd_wgt3, with TS): the Q and dO tiles through the tensor memory accelerator (maps
+// tq, to; LMaps above): thread 0 arrives on the stage's full barrier with the tile's bytes
+// expected and issues 2·D/64 box loads, instead of 256 threads issuing 16-byte cp.async
+// copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
+// (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
+// metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
+template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
+          bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
                         const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-                        float* __restrict__ dqacc, const TMaps* tms = nullptr) {
+                        float* __restrict__ dqacc, const TMap* tdq = nullptr, const TMap* tq = nullptr,
+                        const TMap* to = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
     // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
@@ -1585,6 +1626,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
     static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
+    static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
@@ -1617,7 +1659,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             mbar_init(stgdone(1), 1);
         }
     }
-    if (PP) pipe.init(tid);  // its __syncthreads publishes these too
+    if (PP) pipe.init(tid, TQ ? 257 : 512);  // its __syncthreads publishes these too
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
     load_rows2_sw<D, NT, RK>(sK, k, sV, v,
@@ -1625,13 +1667,38 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (!PP) cp_commit();  // PP: tile 0's barrier arrival covers these copies too
     const float LOG2E = 1.4426950408889634f;
 
-    // The rows of a query tile (cp.async) and the loads of its metadata (query_pre).
-    auto load_q = [&](const KvState& st, int stage) {
-        const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
-        const long long step = (long long)st.r * P.H * P.D;
-        load_rows2_sw<D, NT, BS>(sQ + stage * ST, q, sO + stage * ST, dout,
-                                 st.m - st.q0, base, step, tid);
+    // The rows of query tile `qi` into `stage` (cp.async; TQ: box loads completing on the
+    // tile's full barrier) and the loads of its metadata (query_pre).
+    auto load_q = [&](const KvState& st, int stage, int qi) {
+        if constexpr (TQ) {
+            if (tid == 0) {
+                const u32 bar = pipe.full(qi);
+                mbar_arrive_expect_tx(bar, 2 * CB * BS * 128);
+                const int w = P.w[st.i];
+                const int c4 = b * (P.N / w) + st.a / w;
+#pragma unroll
+                for (int c = 0; c < CB; ++c) {
+                    tma_load5(&tq[st.i], sQ + stage * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
+                    tma_load5(&to[st.i], sO + stage * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
+                }
+            }
+        } else {
+            const long long base = qidx(P, b, st.a + st.o + st.q0 * st.r, st.h);
+            const long long step = (long long)st.r * P.H * P.D;
+            load_rows2_sw<D, NT, BS>(sQ + stage * ST, q, sO + stage * ST, dout,
+                                     st.m - st.q0, base, step, tid);
+        }
         return query_pre<BS>(P, st, b, lse, delta, tid);
+    };
+    // Tile qi's metadata is written (and, but for TQ, its copies issued): arrive on its full
+    // barrier. TQ, tile 0: the barrier waits for the owner tile's cp.async copies too.
+    auto produced = [&](int qi) {
+        if constexpr (TQ) {
+            if (qi == 0) mbar_cp_async_arrive_inc(pipe.full(0));
+            mbar_arrive(pipe.full(qi));
+        } else {
+            pipe.produced(qi);
+        }
     };
 
     const int r0 = wg * 64 + wq * 16 + (lane >> 2), r1 = r0 + 8;
@@ -1654,9 +1721,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     cur.m = 0;
     cur.q0 = 0;
     bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
-    if (have) query_put<BS>(P, load_q(cur, 0), tid, qmeta);
+    if (have) query_put<BS>(P, load_q(cur, 0, 0), tid, qmeta);
     if (PP) {
-        if (have) pipe.produced(0);
+        if (have) produced(0);
         if ((TU1 || TU2) && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
@@ -1750,7 +1817,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             fence_proxy_async();
             named_sync(3 + wg, 128);
             if (issuer) {
-                const TMap* map = &tms->m[st.i];
+                const TMap* map = &tdq[st.i];
                 const int c3 = st.a / st.r + st.q0;
                 tma_reduce_add5(map, stg, wg * 64, st.h, st.o, c3, b);
                 tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, c3, b);
@@ -1772,12 +1839,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if constexpr (!LATE) {
                 if (hn) {
                     pipe.acquire(it + 1);
-                    pre = load_q(nx, ns);
+                    pre = load_q(nx, ns, it + 1);
                 }
             }
             pipe.wait_full(it);
         } else {
-            if (hn) pre = load_q(nx, ns);
+            if (hn) pre = load_q(nx, ns, it + 1);
             cp_commit();
             cp_wait<1>();
             fence_proxy_async();
@@ -1804,7 +1871,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         if constexpr (LATE) {
             if (hn) {
                 pipe.acquire(it + 1);
-                pre = load_q(nx, ns);
+                pre = load_q(nx, ns, it + 1);
             }
         }
         if constexpr (TR) {
@@ -1950,7 +2017,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // waiting on it).
         if (hn) {
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
-            if (PP) pipe.produced(it + 1);
+            if (PP) produced(it + 1);
         }
         if constexpr (TR) {
             if (wg < CB) dq_stage(it, cur, qon0, qon1);
@@ -2111,14 +2178,22 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              const T* k, const T* v, const unsigned char* mask, const float* lse, \
                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {     \
         dkdv_wg<T, D, WG_BS, true, true, false, true>(P, q, k, v, mask, lse, dout, delta, dk, dv,  \
-                                                      dqacc, &tms);                               \
+                                                      dqacc, tms.m);                              \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         bwd_wgt2_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,        \
                               const T* k, const T* v, const unsigned char* mask, const float* lse,\
                               const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
         dkdv_wg<T, D, WG_BS, true, true, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, \
-                                                            dv, dqacc, &tms);                     \
+                                                            dv, dqacc, tms.m);                    \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgt3_##NAME##_##D(const __grid_constant__ LMaps lms, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
+                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
+        dkdv_wg<T, D, WG_BS, true, true, false, true, true, true>(P, q, k, v, mask, lse, dout, delta, \
+                                                                  dk, dv, dqacc, lms.dq, lms.q,   \
+                                                                  lms.o);                         \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
