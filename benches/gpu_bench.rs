@@ -87,9 +87,9 @@ const FWD_VARIANTS: &[Variant] = &[
     }),
 ];
 
-/// Backward alternatives (the default on Hopper: `bwd_wgt3`, the fused backward with its dQ
-/// through the tensor memory accelerator, a staging buffer per warpgroup and the Q/dO tiles
-/// by box loads): Q/dO by cp.async (`bwd_wgt2`, the default in stop 20), the mma.sync
+/// Backward alternatives (the default on Hopper: `bwd_wgt2`, the fused backward with its dQ
+/// through the tensor memory accelerator and a staging buffer per warpgroup): its Q/dO tiles
+/// by tensor-map box loads (`bwd_wgt3`, `tmaloads`), the mma.sync
 /// kernels, the two passes (`dq_wgr` + `dkdv_wg`, the default until stop 20), fused dQ by
 /// per-thread atomics with the ping-pong turns (`bwd_wgp`), one staging buffer for both
 /// warpgroups (`bwd_wgt`), the fused kernel in lockstep (`bwd_wg`), the lockstep two-pass
@@ -100,7 +100,7 @@ const BWD_VARIANTS: &[Variant] = &[
     ("twopass", |d, on| d.set_fused_dq(!on)),
     ("fused", |d, on| d.set_fused_dq_tma(!on)),
     ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
-    ("fusedcp", |d, on| d.set_fused_tma_loads(!on)),
+    ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

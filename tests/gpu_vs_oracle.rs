@@ -100,8 +100,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap, persistent on non-causal problems, and the fused backward with
-    // its dQ through the tensor memory accelerator, a staging buffer per warpgroup, Q/dO tiles
-    // by box loads: bwd_wgt3;
+    // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
+    // bwd_wgt2;
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
     // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
     // code below but 1, 9 and 12 runs); 1:
@@ -111,8 +111,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
     // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
     // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); 13: the
-    // same with a staging buffer per warpgroup and Q/dO by cp.async (bwd_wgt2, the default
-    // in stop 20); 3: the
+    // default with the Q/dO tiles by tensor-map box loads (bwd_wgt3); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -126,7 +125,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13));
     dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
-    dev.set_fused_tma_loads(warps == 0);
+    dev.set_fused_tma_loads(warps == 13);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -191,7 +190,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(true);
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
-    dev.set_fused_tma_loads(true);
+    dev.set_fused_tma_loads(false);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -445,8 +444,8 @@ fn sanitizer_case(d: usize, combine: Combine, detach: bool) -> Case {
     }
 }
 
-/// The sanitizer's case on the tensor-map backwards only (`bwd_wgt3`, the default,
-/// `bwd_wgt2` and `bwd_wgt`):
+/// The sanitizer's case on the tensor-map backwards only (`bwd_wgt2`, the default,
+/// `bwd_wgt3` and `bwd_wgt`):
 /// racecheck of every kernel (`sanitizer_small`) takes ~190 s, this a fraction.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]

@@ -267,7 +267,7 @@ impl Cuda {
             fused_dq: AtomicBool::new(true),
             fused_dq_tma: AtomicBool::new(true),
             fused_dq_tma_split: AtomicBool::new(true),
-            fused_tma_loads: AtomicBool::new(true),
+            fused_tma_loads: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -531,9 +531,11 @@ impl Cuda {
     }
     /// With [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split): the Q and dO tiles
     /// loaded by the tensor memory accelerator, one thread issuing a tile's box loads
-    /// (`true`, the default, `bwd_wgt3`; needs at most 8 patterns and 16-byte aligned Q and
-    /// dO, else `bwd_wgt2` runs), or by 16-byte `cp.async` copies from every thread
-    /// (`false`, `bwd_wgt2`).
+    /// (`true`, `bwd_wgt3`; needs at most 8 patterns and 16-byte aligned Q and dO, else
+    /// `bwd_wgt2` runs), or by 16-byte `cp.async` copies from every thread (`false`, the
+    /// default, `bwd_wgt2`). On an H200 the two measured the same (−2.1…+1.3 % forward +
+    /// backward, `benches/results/gpu_h200_tma_loads.txt`): the copies, though 18 % of
+    /// `bwd_wgt2`'s samples, ran under its S/dP MMAs, off the critical path.
     pub fn set_fused_tma_loads(&self, on: bool) {
         self.fused_tma_loads.store(on, Ordering::Relaxed);
     }

@@ -577,7 +577,7 @@ enum HopperBwd {
     /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup, Q/dO tiles by
     /// cp.async.
     Wgt2,
-    /// `Wgt2` with the Q/dO tiles by tensor-map box loads (the default).
+    /// `Wgt2` with the Q/dO tiles by tensor-map box loads (opt-in: measured the same).
     Wgt3,
 }
 
@@ -1307,8 +1307,9 @@ mod tests {
             split: true,
             loads: true,
         };
-        // The defaults: bwd_wgt3 on a whole plan whose rows are boxes and whose Q, dO its
-        // maps take; bwd_wgt2 where they do not (too many patterns, misaligned).
+        // With the box loads asked for: bwd_wgt3 on a whole plan whose rows are boxes and
+        // whose Q, dO its maps take; bwd_wgt2 where they do not (too many patterns,
+        // misaligned).
         assert_eq!(hopper_backward(on, true, true, true), HopperBwd::Wgt3);
         assert_eq!(hopper_backward(on, true, true, false), HopperBwd::Wgt2);
         // The ring's launch problems, rows that are no boxes, fused off: the two passes.
@@ -1316,7 +1317,7 @@ mod tests {
         assert_eq!(hopper_backward(on, true, false, true), HopperBwd::TwoPass);
         let off = BwdFlags { fused: false, ..on };
         assert_eq!(hopper_backward(off, true, true, true), HopperBwd::TwoPass);
-        // The opt-in fused kernels.
+        // The defaults (loads off): bwd_wgt2. The opt-in fused kernels.
         let cp = BwdFlags { loads: false, ..on };
         assert_eq!(hopper_backward(cp, true, true, true), HopperBwd::Wgt2);
         let one = BwdFlags { split: false, ..on };
