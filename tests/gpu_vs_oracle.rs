@@ -111,7 +111,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
     // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
     // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); 13: the
-    // default with the Q/dO tiles by tensor-map box loads (bwd_wgt3); 3: the
+    // default with the tiles by tensor-map box loads: the forward's K/V (fwd_wspt, causal:
+    // fwd_wsot) and the backward's Q/dO (bwd_wgt3); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -126,6 +127,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
     dev.set_fused_tma_loads(warps == 13);
+    dev.set_fwd_tma_loads(warps == 13);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -191,6 +193,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
+    dev.set_fwd_tma_loads(false);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -402,10 +405,12 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11] {
+        for warps in [0, 6, 7, 10, 11, 13] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wso",
+                13 if causal => "fwd_wsot",
+                13 => "fwd_wspt",
                 10 if causal => "fwd_wsor",
                 10 => "fwd_wspr",
                 11 if causal => "fwd_wsow",
@@ -455,6 +460,10 @@ fn sanitizer_fused_tma() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
+        // Not causal: the persistent forward with box loads (fwd_wspt) too.
+        let mut free = sanitizer_case(d, combine, false);
+        free.opts = free.opts.causal(false);
+        all_dtypes_w(&free, KernelPref::Auto, true, 13);
     }
 }
 

@@ -200,6 +200,7 @@ pub struct Cuda {
     /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; the default).
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
+    fwd_tma_loads: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -268,6 +269,7 @@ impl Cuda {
             fused_dq_tma: AtomicBool::new(true),
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
+            fwd_tma_loads: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -542,6 +544,19 @@ impl Cuda {
     /// See [`set_fused_tma_loads`](Self::set_fused_tma_loads).
     pub fn fused_tma_loads(&self) -> bool {
         self.fused_tma_loads.load(Ordering::Relaxed)
+    }
+    /// Hopper warp-specialised forward (the overlapped 128-key kernels): the producer's K
+    /// and V tiles loaded by the tensor memory accelerator, its thread 0 issuing a tile's box
+    /// loads (`true`: `fwd_wspt` / `fwd_wsot`), or by 16-byte `cp.async` copies from all its
+    /// 128 threads (`false`, the default: `fwd_wsp` / `fwd_wso`). Box loads need a
+    /// whole-device problem, at most 8 patterns, dilations dividing their segments and
+    /// 16-byte aligned K, V; elsewhere the cp.async kernels run.
+    pub fn set_fwd_tma_loads(&self, on: bool) {
+        self.fwd_tma_loads.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_tma_loads`](Self::set_fwd_tma_loads).
+    pub fn fwd_tma_loads(&self) -> bool {
+        self.fwd_tma_loads.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

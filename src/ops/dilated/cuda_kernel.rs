@@ -394,7 +394,25 @@ fn check_inputs<E>(
 /// on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     let persist = may_persist(dev, plan.options().causal, true);
-    fwd_kernel::<E>(dev, plan.dims().head_dim, persist).map(|k| k.name)
+    let tma = Prob::of_plan(plan, 0, false)
+        .map(|pr| fwd_tma_fits(dev, &pr, 2 * std::mem::size_of::<E>() as u64, 16, 16))
+        .unwrap_or(false);
+    fwd_kernel::<E>(dev, plan.dims().head_dim, persist, tma).map(|k| k.name)
+}
+
+/// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
+/// [`Cuda::set_fwd_tma_loads`]): asked for, a whole-device problem (the ring's launch
+/// problems keep cp.async, on which the ring was validated), every pattern's rows boxes of
+/// [`load_map`]'s maps, at most [`MAX_LOAD_PATTERNS`] patterns, 16-bit elements
+/// (`elem2` = 2·element bytes = 4) and K, V (device addresses `k`, `v`) 16-byte aligned.
+fn fwd_tma_fits(dev: &Cuda, pr: &Prob, elem2: u64, k: u64, v: u64) -> bool {
+    dev.fwd_tma_loads()
+        && pr.whole_device
+        && dq_rows_are_boxes(pr)
+        && pr.npat <= MAX_LOAD_PATTERNS
+        && elem2 == 4
+        && k % 16 == 0
+        && v % 16 == 0
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -439,7 +457,8 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
 /// `persist`: the persistent kernel may run ([`may_persist`]).
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool) -> Option<Launch> {
+/// `tma`: the key tiles by box loads ([`fwd_tma_fits`]; the overlapped 128-key kernels).
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
@@ -452,8 +471,10 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool) -> Option<Lau
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) if wide => ("wspw", true),
                 (true, false) if wide => ("wsow", false),
-                (true, true) => (if ra { "wspr" } else { "wsp" }, true),
-                (true, false) => (if ra { "wsor" } else { "wso" }, false),
+                (true, true) if ra => ("wspr", true),
+                (true, false) if ra => ("wsor", false),
+                (true, true) => (if tma { "wspt" } else { "wsp" }, true),
+                (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
             };
             Launch {
@@ -727,16 +748,20 @@ fn loads_fit(pr: &Prob, elem_bytes: usize, q: u64, dout: u64) -> bool {
 /// 2·r·H·D, 2·w·H·D), so that a segment's rows a + o + r·j are the box rows
 /// (·, h, o, j, b·N/w + a/w) and rows past the segment's end (j ≥ w/r) lie outside the map
 /// and load as zeros; boxes of 64 columns × 64 rows (the wgmma layout's column blocks).
-/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]).
+/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]). `kv`: over K or
+/// V (`Hkv` heads, boxes of 128 rows: the forward's key tiles) instead.
 fn load_map(
     pr: &Prob,
     i: usize,
     dtype: cudarc::driver::sys::CUtensorMapDataType,
     ptr: u64,
+    kv: bool,
     what: &str,
 ) -> Result<cudarc::driver::sys::CUtensorMap> {
     let p = &pr.p;
-    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
+    let (n, d, b) = (p.n as u64, p.d as u64, p.b as u64);
+    let h = if kv { p.hkv } else { p.h } as u64;
+    let rows = if kv { 128 } else { WG_BS as u32 };
     let (w, r) = (p.w[i] as u64, p.r[i] as u64);
     if r == 0 || w % r != 0 || n % w != 0 {
         return Err(Error::Device {
@@ -748,7 +773,7 @@ fn load_map(
         ptr,
         [d, h, r, w / r, b * (n / w)],
         [2 * d, 2 * h * d, 2 * r * h * d, 2 * w * h * d],
-        [64, 1, 1, 64, 1],
+        [64, 1, 1, rows, 1],
         &format!("{what}, pattern {i}"),
     )
 }
@@ -756,30 +781,63 @@ fn load_map(
 /// The maps of `bwd_wgt3_*` over dQ (f32, `dq`), Q (`q`) and dO (`dout`), element type
 /// `name` (`bf16` or `f16`).
 fn load_tensor_maps(pr: &Prob, name: &str, dq: u64, q: u64, dout: u64) -> Result<LoadMaps> {
-    use cudarc::driver::sys::CUtensorMapDataType as Dt;
-    let dtype = match name {
-        "bf16" => Dt::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        "f16" => Dt::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-        _ => {
-            return Err(Error::Device {
-                msg: format!("bwd_wgt3 box loads: no {name} kernel"),
-            })
-        }
-    };
-    if !dq_rows_are_boxes(pr) || pr.npat > MAX_LOAD_PATTERNS {
-        return Err(Error::Device {
-            msg: format!(
-                "bwd_wgt3: {} patterns (at most {MAX_LOAD_PATTERNS}) or rows that are no box",
-                pr.npat
-            ),
-        });
-    }
+    let dtype = map_dtype(pr, name, "bwd_wgt3")?;
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps: LoadMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
         maps.dq[i] = dq_map(pr, i, dq)?;
-        maps.q[i] = load_map(pr, i, dtype, q, "Q")?;
-        maps.o[i] = load_map(pr, i, dtype, dout, "dO")?;
+        maps.q[i] = load_map(pr, i, dtype, q, false, "Q")?;
+        maps.o[i] = load_map(pr, i, dtype, dout, false, "dO")?;
+    }
+    Ok(maps)
+}
+
+/// The 16-bit map data type of element type `name` for `kernel`'s row maps, checking that
+/// the plan's patterns are boxes and fit its parameter block.
+fn map_dtype(
+    pr: &Prob,
+    name: &str,
+    kernel: &str,
+) -> Result<cudarc::driver::sys::CUtensorMapDataType> {
+    use cudarc::driver::sys::CUtensorMapDataType as Dt;
+    if !dq_rows_are_boxes(pr) || pr.npat > MAX_LOAD_PATTERNS {
+        return Err(Error::Device {
+            msg: format!(
+                "{kernel}: {} patterns (at most {MAX_LOAD_PATTERNS}) or rows that are no box",
+                pr.npat
+            ),
+        });
+    }
+    match name {
+        "bf16" => Ok(Dt::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16),
+        "f16" => Ok(Dt::CU_TENSOR_MAP_DATA_TYPE_FLOAT16),
+        _ => Err(Error::Device {
+            msg: format!("{kernel} box loads: no {name} kernel"),
+        }),
+    }
+}
+
+/// The tensor maps of `fwd_wspt_*` / `fwd_wsot_*` (`struct KMaps` in hopper.cu): per
+/// pattern K's, then V's ([`load_map`] with 128-row boxes).
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct KvMaps {
+    k: [cudarc::driver::sys::CUtensorMap; MAX_LOAD_PATTERNS],
+    v: [cudarc::driver::sys::CUtensorMap; MAX_LOAD_PATTERNS],
+}
+
+// SAFETY: plain old data, the layout of the CUDA `struct KMaps` (2 × MAX_LOAD_PATTERNS
+// opaque 128-byte, 128-aligned tensor maps; unused entries zero and never read).
+unsafe impl DeviceRepr for KvMaps {}
+
+/// The maps of `fwd_wspt_*` / `fwd_wsot_*` over K (`k`) and V (`v`), element type `name`.
+fn kv_tensor_maps(pr: &Prob, name: &str, k: u64, v: u64) -> Result<KvMaps> {
+    let dtype = map_dtype(pr, name, "fwd_wspt / fwd_wsot")?;
+    // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
+    let mut maps: KvMaps = unsafe { std::mem::zeroed() };
+    for i in 0..pr.npat {
+        maps.k[i] = load_map(pr, i, dtype, k, true, "K")?;
+        maps.v[i] = load_map(pr, i, dtype, v, true, "V")?;
     }
     Ok(maps)
 }
@@ -828,7 +886,15 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let dummy = dev.zeros::<u8>(1)?;
     let mask = mask.unwrap_or(&dummy);
     let persist = may_persist(dev, p.causal != 0, pr.whole_device);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist) {
+    let (kp, _sk) = k.device_ptr(dev.stream());
+    let (vp, _sv) = v.device_ptr(dev.stream());
+    let tma = fwd_tma_fits(dev, pr, 2 * std::mem::size_of::<E>() as u64, kp, vp);
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, tma) {
+        let kmaps = if l.name.starts_with("fwd_wspt_") || l.name.starts_with("fwd_wsot_") {
+            Some(kv_tensor_maps(pr, E::NAME, kp, vp)?)
+        } else {
+            None
+        };
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
         if l.persistent {
@@ -843,6 +909,9 @@ pub(crate) fn forward_launch<E: CudaElement>(
             cfg.grid_dim = ((items as u32).min(dev.sm_count()).max(1), 1, 1);
         }
         let mut b = dev.stream().launch_builder(&f);
+        if let Some(m) = kmaps.as_ref() {
+            b.arg(m);
+        }
         b.arg(&p)
             .arg(q)
             .arg(k)
@@ -851,7 +920,9 @@ pub(crate) fn forward_launch<E: CudaElement>(
             .arg(&mut out)
             .arg(&mut lse);
         // SAFETY: argument order and types match `fwd_tc*_*` in dilated.cu and `fwd_wg_*` /
-        // `fwd_ws*_*` in hopper.cu (Params, q, k, v, mask, out, lse); q/out hold
+        // `fwd_ws*_*` in hopper.cu (Params, q, k, v, mask, out, lse; `fwd_wspt_*` /
+        // `fwd_wsot_*` take the tensor maps first, encoded over k and v, which stay alive
+        // and are passed too); q/out hold
         // B·N·H·D elements, k/v B·N·Hkv·D, lse B·N·H, mask B·N bytes when has_mask (checked
         // above); the Hopper kernels are chosen only where the module was compiled for
         // sm_90a (`is_hopper`); the grid (or, persistent, the item loop over `p.tiles` ×

@@ -757,6 +757,36 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
+// A CUtensorMap (cuTensorMapEncodeTiled, cuda_kernel.rs): 128 opaque bytes, 128-aligned,
+// passed inside a __grid_constant__ kernel parameter.
+struct __align__(128) TMap {
+    unsigned long long v[16];
+};
+// Patterns at most of the kernels that take row-loading maps (fwd_wspt / fwd_wsot: K and V,
+// 2 KiB; bwd_wgt3: dQ, Q and dO, 3 KiB of the 4 KiB of kernel parameters).
+#define MAXT 8
+// The box at (c0, .., c4) of `map` into shared address dst; its bytes complete on mbarrier
+// bar's transaction count.
+__device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int c0, int c1, int c2, int c3,
+                                          int c4) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, %7}], [%2];"
+        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+        "r"(c4)
+        : "memory");
+}
+// Arrive on bar and expect `bytes` more transaction bytes in its current phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// TK (fwd_wspt / fwd_wsot): the producer's K and V tiles through the tensor memory
+// accelerator, one map per pattern and tensor over the rows (B, N, Hkv, D) with dims (D,
+// Hkv, r, w/r, B·N/w), boxes of 64 columns × 128 rows (as bwd_wgt3's Q/dO maps, LMaps).
+struct KMaps {
+    TMap k[MAXT];
+    TMap v[MAXT];
+};
+
 #define WS_STAGES 3
 // Key tile rows of the wide forward (fwd_wspw / fwd_wsow).
 #define WIDE_BK 176
@@ -783,12 +813,16 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
 // producer's copies need a further ~32 bytes per cycle. 32 more registers per consumer
 // thread. PS && RA: qempty is arrived as soon as the fragments are loaded, so the next
 // item's Q loads under the whole current item instead of its last P·V.
-template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK>
+// TK (KMaps above): thread 0 of the producer arrives on a stage's full barrier with the K
+// and V tiles' bytes expected and issues their 4·D/64 box loads; the other producer threads
+// only write the key metadata (full then counts 128 + 1 arrivals).
+template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
-                       T* __restrict__ out, float* __restrict__ lse) {
+                       T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(OV || !PS, "the persistent forward is built on the overlapped loop");
+    static_assert(!TK || BK == WG_BK, "TMA key tiles: 128-key tiles only");
     static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
@@ -869,7 +903,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     }
     if (tid == 0) {
         for (int st = 0; st < NS; ++st) {
-            mbar_init(full(st), 256);   // 128 cp.async arrivals + 128 producer arrivals
+            // 128 cp.async arrivals (TK: thread 0's expect_tx) + 128 producer arrivals
+            mbar_init(full(st), TK ? 129 : 256);
             mbar_init(empty(st), 256);  // every consumer thread
             if constexpr (SPLIT) {
                 mbar_init(fullv(st), 128);   // 128 cp.async arrivals
@@ -916,12 +951,25 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 if (it >= NS) mbar_wait(empty(s), ((it / NS) & 1) ^ 1);
                 const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
                 const long long step = (long long)st.r * P.Hkv * P.D;
-                if constexpr (SPLIT)
-                    load_rows_sw_rolled<D, 128, BK>(sK + s * TILE, k, st.m - st.k0, base, step, pt);
-                else
-                    load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
-                                              st.m - st.k0, base, step, pt);
-                mbar_cp_async_arrive(full(s));
+                if constexpr (TK) {
+                    if (pt == 0) {
+                        mbar_arrive_expect_tx(full(s), 2 * CB * KB);
+                        const int w = P.w[st.i];
+                        const int c4 = b * (P.N / w) + st.a / w;
+#pragma unroll
+                        for (int c = 0; c < CB; ++c) {
+                            tma_load5(&km->k[st.i], sK + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0, c4);
+                            tma_load5(&km->v[st.i], sV + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0, c4);
+                        }
+                    }
+                } else {
+                    if constexpr (SPLIT)
+                        load_rows_sw_rolled<D, 128, BK>(sK + s * TILE, k, st.m - st.k0, base, step, pt);
+                    else
+                        load_rows2_sw<D, 128, BK>(sK + s * TILE, k, sV + s * TILE, v,
+                                                  st.m - st.k0, base, step, pt);
+                    mbar_cp_async_arrive(full(s));
+                }
                 // Key metadata of tile row j: its position, or -1 - position. (__ldg: the
                 // lambda's captured pointer loses __restrict__, and with it the read-only
                 // load the code had before.)
@@ -1491,10 +1539,8 @@ __device__ __forceinline__ void red_row8(float* dst, bool on, const float* a, in
 // segment starting at a (a multiple of r) with offset o < r are the box rows
 // (·, h, o, a/r + j, b). Box: 32 columns (128 bytes, the 128-byte swizzle's span) × 64
 // rows. Built by `dq_tensor_maps` in cuda_kernel.rs (cuTensorMapEncodeTiled), passed by
-// value as a __grid_constant__ kernel parameter (the PTX operand is its generic address).
-struct __align__(128) TMap {
-    unsigned long long v[16];
-};
+// value as a __grid_constant__ kernel parameter (the PTX operand is its generic address;
+// struct TMap above).
 struct TMaps {
     TMap m[MAXP];
 };
@@ -1514,26 +1560,11 @@ __device__ __forceinline__ void tma_reduce_add5(const TMap* map, u32 src, int c0
 // zero-filled rows did. Box: 64 columns (128 bytes) × 64 rows, 128-byte swizzle: the
 // layout load_rows_sw writes. MAXT patterns at most (three maps each, 3 KiB of the 4 KiB
 // of kernel parameters); more run bwd_wgt2 (`load_tensor_maps` in cuda_kernel.rs).
-#define MAXT 8
 struct LMaps {
     TMap dq[MAXT];
     TMap q[MAXT];
     TMap o[MAXT];
 };
-// The box at (c0, .., c4) of `map` into shared address dst; its bytes complete on mbarrier
-// bar's transaction count.
-__device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int c0, int c1, int c2, int c3,
-                                          int c4) {
-    asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6, %7}], [%2];"
-        ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
-        "r"(c4)
-        : "memory");
-}
-// Arrive on bar and expect `bytes` more transaction bytes in its current phase.
-__device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
 // Arrive on bar when this thread's earlier cp.async copies have landed, without counting
 // as an arrival (the pending count is raised first: no init count accounts for it).
 __device__ __forceinline__ void mbar_cp_async_arrive_inc(u32 bar) {
@@ -2108,6 +2139,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         fwd_wspw_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
                               const unsigned char* mask, T* out, float* lse) {                    \
         fwd_ws<T, D, true, true, false, WIDE_BK>(P, q, k, v, mask, out, lse);                     \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wsot_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,         \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_ws<T, D, true, false, false, WG_BK, true>(P, q, k, v, mask, out, lse, &km);           \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,         \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_ws<T, D, true, true, false, WG_BK, true>(P, q, k, v, mask, out, lse, &km);            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsor_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
