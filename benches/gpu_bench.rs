@@ -71,8 +71,9 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
 /// one without persistence (`fwd_wso`), persistence for causal problems too (`fwd_wsp`
 /// with tiles dealt in pairs; the same as the default on non-causal ones), Q as the
-/// register A operand of `S = Q·Kᵀ` (`fwd_wspr` / `fwd_wsor`), K/V tiles by tensor-map box
-/// loads (`fwdtma`: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspw`
+/// register A operand of `S = Q·Kᵀ` (`fwd_wspr` / `fwd_wsor`), K/V tiles by cp.async
+/// (`fwdcp`: `fwd_wsp` / `fwd_wso`, the default until stop 20; the default since has them by
+/// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspw`
 /// where the default is persistent, `fwd_wsow` elsewhere; `wideo`: `fwd_wsow` throughout).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
@@ -81,7 +82,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wso", |d, on| d.set_fwd_persistent(!on)),
     ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
     ("wsr", |d, on| d.set_fwd_reg_operands(on)),
-    ("fwdtma", |d, on| d.set_fwd_tma_loads(on)),
+    ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("wideo", |d, on| {
         d.set_fwd_wide_tiles(on);

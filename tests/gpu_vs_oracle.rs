@@ -99,7 +99,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let want = oracle_forward::<E>(case, &plan, &qr, &kr, &vr);
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
-    // intra-warpgroup overlap, persistent on non-causal problems, and the fused backward with
+    // intra-warpgroup overlap, its K/V tiles by tensor-map box loads where the rows are boxes,
+    // persistent on non-causal problems: fwd_wspt / fwd_wsot; and the fused backward with
     // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
     // bwd_wgt2;
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
@@ -108,11 +109,11 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
     // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the default forward
     // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
-    // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the default
-    // forward and the fused-dQ backward with its dQ through the tensor memory accelerator
-    // (bwd_wgt; the two passes where a dilation divides neither N nor its segment); 13: the
-    // default with the tiles by tensor-map box loads: the forward's K/V (fwd_wspt, causal:
-    // fwd_wsot) and the backward's Q/dO (bwd_wgt3); 3: the
+    // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the forward with
+    // its K/V tiles by cp.async (fwd_wsp, causal: fwd_wso) and the fused-dQ backward with its
+    // dQ through the tensor memory accelerator and one staging buffer (bwd_wgt; the two
+    // passes where a dilation divides neither N nor its segment); 13: the default with the
+    // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -127,7 +128,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
     dev.set_fused_tma_loads(warps == 13);
-    dev.set_fwd_tma_loads(warps == 13);
+    dev.set_fwd_tma_loads(warps != 12);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -193,7 +194,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
-    dev.set_fwd_tma_loads(false);
+    dev.set_fwd_tma_loads(true);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -405,12 +406,12 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 13] {
+        for warps in [0, 6, 7, 10, 11, 12] {
             let kernel = match warps {
                 0 => "default",
-                6 => "fwd_wso",
-                13 if causal => "fwd_wsot",
-                13 => "fwd_wspt",
+                6 => "fwd_wsot",
+                12 if causal => "fwd_wso",
+                12 => "fwd_wsp",
                 10 if causal => "fwd_wsor",
                 10 => "fwd_wspr",
                 11 if causal => "fwd_wsow",
@@ -460,10 +461,11 @@ fn sanitizer_fused_tma() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
-        // Not causal: the persistent forward with box loads (fwd_wspt) too.
+        // Not causal: the persistent forwards (fwd_wspt, fwd_wsp) too.
         let mut free = sanitizer_case(d, combine, false);
         free.opts = free.opts.causal(false);
-        all_dtypes_w(&free, KernelPref::Auto, true, 13);
+        all_dtypes(&free, KernelPref::Auto, true);
+        all_dtypes_w(&free, KernelPref::Auto, true, 12);
     }
 }
 
