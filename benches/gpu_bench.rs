@@ -69,12 +69,13 @@ fn mma_sync(d: &Cuda, on: bool) {
 
 /// Forward alternatives: the mma.sync kernels, the lockstep wgmma forward (`fwd_wg`), the
 /// warp-specialised forward without the intra-warpgroup overlap (`fwd_ws`), the overlapped
-/// one without persistence (`fwd_wso`), persistence for causal problems too (`fwd_wsp`
+/// one without persistence (`fwd_wsot`), persistence for causal problems too (`fwd_wspt`
 /// with tiles dealt in pairs; the same as the default on non-causal ones), Q as the
 /// register A operand of `S = Q·Kᵀ` (`fwd_wspr` / `fwd_wsor`), K/V tiles by cp.async
 /// (`fwdcp`: `fwd_wsp` / `fwd_wso`, the default until stop 20; the default since has them by
-/// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspw`
-/// where the default is persistent, `fwd_wsow` elsewhere; `wideo`: `fwd_wsow` throughout).
+/// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspwt`
+/// where the default is persistent, `fwd_wsowt` elsewhere; `wideo`: `fwd_wsowt` throughout;
+/// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -84,6 +85,10 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wsr", |d, on| d.set_fwd_reg_operands(on)),
     ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
+    ("widecp", |d, on| {
+        d.set_fwd_wide_tiles(on);
+        d.set_fwd_tma_loads(!on)
+    }),
     ("wideo", |d, on| {
         d.set_fwd_wide_tiles(on);
         d.set_fwd_persistent(!on)

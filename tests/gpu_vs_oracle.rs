@@ -109,7 +109,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // on Hopper the lockstep wgmma forward and the fused-dQ backward with the ping-pong turns
     // (bwd_wgp); 9: the fused-dQ backward in lockstep (bwd_wg); 10: the default forward
     // with Q as the register A operand of S = Q·Kᵀ (fwd_wspr, causal: fwd_wsor); 11: the
-    // default forward with 176-key tiles (fwd_wspw, causal: fwd_wsow); 12: the forward with
+    // default forward with 176-key tiles (fwd_wspwt, causal: fwd_wsowt; 14: the same with
+    // cp.async, fwd_wspw / fwd_wsow); 12: the forward with
     // its K/V tiles by cp.async (fwd_wsp, causal: fwd_wso) and the fused-dQ backward with its
     // dQ through the tensor memory accelerator and one staging buffer (bwd_wgt; the two
     // passes where a dilation divides neither N nor its segment); 13: the default with the
@@ -128,12 +129,12 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
     dev.set_fused_tma_loads(warps == 13);
-    dev.set_fwd_tma_loads(warps != 12);
+    dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
     dev.set_fwd_reg_operands(warps == 10);
-    dev.set_fwd_wide_tiles(warps == 11);
+    dev.set_fwd_wide_tiles(warps == 11 || warps == 14);
     let pref = if pref == KernelPref::Auto && matches!(warps, 2 | 4 | 8) {
         KernelPref::MmaSync
     } else {
@@ -277,7 +278,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13][(case.seed % 14) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14][(case.seed % 15) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -328,6 +329,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, w);
                 all_dtypes_w(&case, KernelPref::Auto, false, 10);
                 all_dtypes_w(&case, KernelPref::Auto, false, 11);
+                all_dtypes_w(&case, KernelPref::Auto, false, 14);
                 all_dtypes_w(&case, KernelPref::Auto, false, 4);
                 all_dtypes_w(&case, KernelPref::Auto, false, 8);
                 all_dtypes_w(&case, KernelPref::Auto, false, 2);
@@ -363,6 +365,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
+        all_dtypes_w(&case, KernelPref::Auto, true, 14);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -406,7 +409,7 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12] {
+        for warps in [0, 6, 7, 10, 11, 12, 14] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wsot",
@@ -414,8 +417,10 @@ fn persistent_forward_many_items() {
                 12 => "fwd_wsp",
                 10 if causal => "fwd_wsor",
                 10 => "fwd_wspr",
-                11 if causal => "fwd_wsow",
-                11 => "fwd_wspw",
+                11 if causal => "fwd_wsowt",
+                11 => "fwd_wspwt",
+                14 if causal => "fwd_wsow",
+                14 => "fwd_wspw",
                 _ if causal => "fwd_wsp (causal)",
                 _ => continue, // the default kernel again
             };
@@ -466,6 +471,9 @@ fn sanitizer_fused_tma() {
         free.opts = free.opts.causal(false);
         all_dtypes(&free, KernelPref::Auto, true);
         all_dtypes_w(&free, KernelPref::Auto, true, 12);
+        // The wide forwards with box loads (fwd_wsowt, fwd_wspwt).
+        all_dtypes_w(&case, KernelPref::Auto, false, 11);
+        all_dtypes_w(&free, KernelPref::Auto, false, 11);
     }
 }
 
@@ -488,6 +496,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
+        all_dtypes_w(&case, KernelPref::Auto, true, 14);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

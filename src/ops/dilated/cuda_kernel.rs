@@ -469,8 +469,8 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
             let ra = dev.fwd_reg_operands();
             let wide = dev.fwd_wide_tiles() && !ra && dev.fwd_overlap();
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
-                (true, true) if wide => ("wspw", true),
-                (true, false) if wide => ("wsow", false),
+                (true, true) if wide => (if tma { "wspwt" } else { "wspw" }, true),
+                (true, false) if wide => (if tma { "wsowt" } else { "wsow" }, false),
                 (true, true) if ra => ("wspr", true),
                 (true, false) if ra => ("wsor", false),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
@@ -748,20 +748,20 @@ fn loads_fit(pr: &Prob, elem_bytes: usize, q: u64, dout: u64) -> bool {
 /// 2·r·H·D, 2·w·H·D), so that a segment's rows a + o + r·j are the box rows
 /// (·, h, o, j, b·N/w + a/w) and rows past the segment's end (j ≥ w/r) lie outside the map
 /// and load as zeros; boxes of 64 columns × 64 rows (the wgmma layout's column blocks).
-/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]). `kv`: over K or
-/// V (`Hkv` heads, boxes of 128 rows: the forward's key tiles) instead.
+/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]). `kv = Some(rows)`:
+/// over K or V (`Hkv` heads, boxes of `rows` rows: the forward's key tiles) instead.
 fn load_map(
     pr: &Prob,
     i: usize,
     dtype: cudarc::driver::sys::CUtensorMapDataType,
     ptr: u64,
-    kv: bool,
+    kv: Option<u32>,
     what: &str,
 ) -> Result<cudarc::driver::sys::CUtensorMap> {
     let p = &pr.p;
     let (n, d, b) = (p.n as u64, p.d as u64, p.b as u64);
-    let h = if kv { p.hkv } else { p.h } as u64;
-    let rows = if kv { 128 } else { WG_BS as u32 };
+    let h = if kv.is_some() { p.hkv } else { p.h } as u64;
+    let rows = kv.unwrap_or(WG_BS as u32);
     let (w, r) = (p.w[i] as u64, p.r[i] as u64);
     if r == 0 || w % r != 0 || n % w != 0 {
         return Err(Error::Device {
@@ -786,8 +786,8 @@ fn load_tensor_maps(pr: &Prob, name: &str, dq: u64, q: u64, dout: u64) -> Result
     let mut maps: LoadMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
         maps.dq[i] = dq_map(pr, i, dq)?;
-        maps.q[i] = load_map(pr, i, dtype, q, false, "Q")?;
-        maps.o[i] = load_map(pr, i, dtype, dout, false, "dO")?;
+        maps.q[i] = load_map(pr, i, dtype, q, None, "Q")?;
+        maps.o[i] = load_map(pr, i, dtype, dout, None, "dO")?;
     }
     Ok(maps)
 }
@@ -830,14 +830,26 @@ struct KvMaps {
 // opaque 128-byte, 128-aligned tensor maps; unused entries zero and never read).
 unsafe impl DeviceRepr for KvMaps {}
 
-/// The maps of `fwd_wspt_*` / `fwd_wsot_*` over K (`k`) and V (`v`), element type `name`.
-fn kv_tensor_maps(pr: &Prob, name: &str, k: u64, v: u64) -> Result<KvMaps> {
+/// The key-tile rows of the forward kernels that take K/V tensor maps (`fwd_wspt_*`,
+/// `fwd_wsot_*`: 128; the wide `fwd_wspwt_*`, `fwd_wsowt_*`: 176), `None` for the others.
+fn kv_box_rows(kernel: &str) -> Option<u32> {
+    let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
+    match kind {
+        "wspt" | "wsot" => Some(128),
+        "wspwt" | "wsowt" => Some(176),
+        _ => None,
+    }
+}
+
+/// The maps of the forward's box-load kernels over K (`k`) and V (`v`), element type
+/// `name`, boxes of `rows` key rows ([`kv_box_rows`]).
+fn kv_tensor_maps(pr: &Prob, name: &str, k: u64, v: u64, rows: u32) -> Result<KvMaps> {
     let dtype = map_dtype(pr, name, "fwd_wspt / fwd_wsot")?;
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps: KvMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
-        maps.k[i] = load_map(pr, i, dtype, k, true, "K")?;
-        maps.v[i] = load_map(pr, i, dtype, v, true, "V")?;
+        maps.k[i] = load_map(pr, i, dtype, k, Some(rows), "K")?;
+        maps.v[i] = load_map(pr, i, dtype, v, Some(rows), "V")?;
     }
     Ok(maps)
 }
@@ -890,10 +902,9 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let (vp, _sv) = v.device_ptr(dev.stream());
     let tma = fwd_tma_fits(dev, pr, 2 * std::mem::size_of::<E>() as u64, kp, vp);
     if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, tma) {
-        let kmaps = if l.name.starts_with("fwd_wspt_") || l.name.starts_with("fwd_wsot_") {
-            Some(kv_tensor_maps(pr, E::NAME, kp, vp)?)
-        } else {
-            None
+        let kmaps = match kv_box_rows(&l.name) {
+            Some(rows) => Some(kv_tensor_maps(pr, E::NAME, kp, vp, rows)?),
+            None => None,
         };
         let (f, mut cfg) = kernel(dev, &l.name, pr, (l.rows, dm.heads, l.threads), l.smem)?;
         let mut p = p;
@@ -1400,6 +1411,22 @@ mod tests {
             ..on
         };
         assert_eq!(hopper_backward(lockstep, true, false, false), HopperBwd::Wg);
+    }
+
+    #[test]
+    fn forward_box_loads_name_their_key_rows() {
+        assert_eq!(kv_box_rows("fwd_wspt_bf16_128"), Some(128));
+        assert_eq!(kv_box_rows("fwd_wsot_f16_64"), Some(128));
+        assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
+        assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
+        for cp in [
+            "fwd_wsp_bf16_128",
+            "fwd_wso_bf16_128",
+            "fwd_wspw_bf16_128",
+            "fwd_wspr_bf16_64",
+        ] {
+            assert_eq!(kv_box_rows(cp), None, "{cp}");
+        }
     }
 
     #[test]

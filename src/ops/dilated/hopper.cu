@@ -822,7 +822,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(OV || !PS, "the persistent forward is built on the overlapped loop");
-    static_assert(!TK || BK == WG_BK, "TMA key tiles: 128-key tiles only");
+    static_assert(!TK || !RA, "TMA key tiles: not with Q in registers");
     static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
@@ -907,7 +907,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             mbar_init(full(st), TK ? 129 : 256);
             mbar_init(empty(st), 256);  // every consumer thread
             if constexpr (SPLIT) {
-                mbar_init(fullv(st), 128);   // 128 cp.async arrivals
+                mbar_init(fullv(st), TK ? 1 : 128);  // 128 cp.async arrivals (TK: expect_tx)
                 mbar_init(emptyv(st), 256);  // every consumer thread
             }
         }
@@ -952,14 +952,17 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 const long long base = kidx(P, b, st.a + st.o + st.k0 * st.r, g);
                 const long long step = (long long)st.r * P.Hkv * P.D;
                 if constexpr (TK) {
+                    // SPLIT: the K half here, the V half below on its own barrier.
                     if (pt == 0) {
-                        mbar_arrive_expect_tx(full(s), 2 * CB * KB);
+                        mbar_arrive_expect_tx(full(s), (SPLIT ? 1 : 2) * CB * KB);
                         const int w = P.w[st.i];
                         const int c4 = b * (P.N / w) + st.a / w;
 #pragma unroll
                         for (int c = 0; c < CB; ++c) {
                             tma_load5(&km->k[st.i], sK + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0, c4);
-                            tma_load5(&km->v[st.i], sV + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0, c4);
+                            if constexpr (!SPLIT)
+                                tma_load5(&km->v[st.i], sV + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0,
+                                          c4);
                         }
                     }
                 } else {
@@ -992,9 +995,22 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 if constexpr (SPLIT) {
                     // The V half: its stage is free once both warpgroups' P·V of tile it - NS
                     // are done.
-                    if (it >= NS) mbar_wait(emptyv(s), ((it / NS) & 1) ^ 1);
-                    load_rows_sw_rolled<D, 128, BK>(sV + s * TILE, v, st.m - st.k0, base, step, pt);
-                    mbar_cp_async_arrive(fullv(s));
+                    if constexpr (TK) {
+                        if (pt == 0) {
+                            if (it >= NS) mbar_wait(emptyv(s), ((it / NS) & 1) ^ 1);
+                            mbar_arrive_expect_tx(fullv(s), CB * KB);
+                            const int w = P.w[st.i];
+                            const int c4 = b * (P.N / w) + st.a / w;
+#pragma unroll
+                            for (int c = 0; c < CB; ++c)
+                                tma_load5(&km->v[st.i], sV + s * TILE + c * KB, fullv(s), c * 64, g, st.o, st.k0,
+                                          c4);
+                        }
+                    } else {
+                        if (it >= NS) mbar_wait(emptyv(s), ((it / NS) & 1) ^ 1);
+                        load_rows_sw_rolled<D, 128, BK>(sV + s * TILE, v, st.m - st.k0, base, step, pt);
+                        mbar_cp_async_arrive(fullv(s));
+                    }
                 }
                 ++it;
             }
@@ -2151,6 +2167,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               const T* k, const T* v, const unsigned char* mask, T* out,          \
                               float* lse) {                                                       \
         fwd_ws<T, D, true, true, false, WG_BK, true>(P, q, k, v, mask, out, lse, &km);            \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                               const T* k, const T* v, const unsigned char* mask, T* out,         \
+                               float* lse) {                                                      \
+        fwd_ws<T, D, true, false, false, WIDE_BK, true>(P, q, k, v, mask, out, lse, &km);         \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspwt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                               const T* k, const T* v, const unsigned char* mask, T* out,         \
+                               float* lse) {                                                      \
+        fwd_ws<T, D, true, true, false, WIDE_BK, true>(P, q, k, v, mask, out, lse, &km);          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsor_##NAME##_##D(const Params P, const T* q, const T* k, const T* v,                 \
