@@ -421,7 +421,7 @@ fn persistent_forward_many_items() {
                 11 => "fwd_wspwt",
                 14 if causal => "fwd_wsow",
                 14 => "fwd_wspw",
-                _ if causal => "fwd_wsp (causal)",
+                _ if causal => "fwd_wspt (causal)",
                 _ => continue, // the default kernel again
             };
             let t = std::time::Instant::now();

@@ -1,9 +1,11 @@
 // Hopper kernels (sm_90a): the forward and backward of dilated.cu on warpgroup MMAs
 // (`wgmma`): fwd_wg, fwd_ws / fwd_wso / fwd_wsp (warp-specialised; with the intra-warpgroup
-// overlap; that, persistent: the defaults), dq_wg(s) / dq_wgr(d) + dkdv_wg(s/d) (two-pass
-// backward, mbarrier stages by default or lockstep; dq_wgr, the default dQ pass, with register A
+// overlap; that, persistent), fwd_wsot / fwd_wspt (the same with the K/V tiles by tensor-map
+// box loads: the defaults where rows are boxes), dq_wg(s) / dq_wgr(d) + dkdv_wg(s/d)
+// (two-pass backward, mbarrier stages by default or lockstep; dq_wgr with register A
 // operands; the d kernels with deferred MMA waits, opt-in) and bwd_wg (dQ fused into the
-// key-owner pass; bwd_wgp the same with the ping-pong turns, opt-in).
+// key-owner pass; bwd_wgp with the ping-pong turns, bwd_wgt / bwd_wgt2 with dQ by bulk
+// tensor reduce-adds — bwd_wgt2 the default — and bwd_wgt3 with Q/dO by box loads).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
@@ -14,8 +16,9 @@
 //
 // * A CTA is two warpgroups (8 warps); each owns 64 query rows (128 per CTA), and both
 //   share one stream of key/value tiles of BK = 128 rows.
-// * Q, K and V tiles are gathered row by row with `cp.async` (dilated rows cannot be one
-//   TMA box) into the 128-byte-swizzled layout that `wgmma` reads: a tile of R rows and D
+// * Q, K and V tiles are gathered row by row with `cp.async` (or, in the box-load kernels,
+//   as boxes of a 5-d view in which a segment's dilated rows are one box: TMap below) into
+//   the 128-byte-swizzled layout that `wgmma` reads: a tile of R rows and D
 //   columns is D/64 column blocks of R rows × 128 bytes; row r's 16-byte chunk c sits at
 //   chunk c ^ (r & 7). Every block starts on a 1024-byte boundary, so descriptors carry no
 //   base offset.
