@@ -411,8 +411,8 @@ fn fwd_tma_fits(dev: &Cuda, pr: &Prob, elem2: u64, k: u64, v: u64) -> bool {
         && dq_rows_are_boxes(pr)
         && pr.npat <= MAX_LOAD_PATTERNS
         && elem2 == 4
-        && k % 16 == 0
-        && v % 16 == 0
+        && k.is_multiple_of(16)
+        && v.is_multiple_of(16)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -649,7 +649,7 @@ fn encode_map(
         cuTensorMapEncodeTiled, CUresult, CUtensorMapFloatOOBfill, CUtensorMapInterleave,
         CUtensorMapL2promotion, CUtensorMapSwizzle,
     };
-    if ptr % 16 != 0 || strides.iter().any(|s| s % 16 != 0) {
+    if !ptr.is_multiple_of(16) || strides.iter().any(|s| !s.is_multiple_of(16)) {
         return Err(Error::Device {
             msg: format!("tensor map of {what}: address or strides not 16-byte aligned"),
         });
@@ -740,7 +740,10 @@ unsafe impl DeviceRepr for LoadMaps {}
 /// Whether `bwd_wgt3` can take the plan's Q and dO (device addresses `q`, `dout`): at most
 /// [`MAX_LOAD_PATTERNS`] patterns, both 16-byte aligned, a 16-bit element type.
 fn loads_fit(pr: &Prob, elem_bytes: usize, q: u64, dout: u64) -> bool {
-    pr.npat <= MAX_LOAD_PATTERNS && elem_bytes == 2 && q % 16 == 0 && dout % 16 == 0
+    pr.npat <= MAX_LOAD_PATTERNS
+        && elem_bytes == 2
+        && q.is_multiple_of(16)
+        && dout.is_multiple_of(16)
 }
 
 /// The map of pattern `i` over the 16-bit rows `(B, N, H, D)` at `ptr` (Q or dO) for the
@@ -763,7 +766,7 @@ fn load_map(
     let h = if kv.is_some() { p.hkv } else { p.h } as u64;
     let rows = kv.unwrap_or(WG_BS as u32);
     let (w, r) = (p.w[i] as u64, p.r[i] as u64);
-    if r == 0 || w % r != 0 || n % w != 0 {
+    if r == 0 || !w.is_multiple_of(r) || !n.is_multiple_of(w) {
         return Err(Error::Device {
             msg: format!("tensor map of {what}: pattern {i}'s rows (w {w}, r {r}) are no box"),
         });
