@@ -206,6 +206,8 @@ impl Prob {
     /// Patterns `pats` of `plan` on `seq` local rows whose segments all start at
     /// multiples of their length (a rank's rows where every such segment is local), with
     /// output factor `fac`. Offsets and head groups are the plan's.
+    // Used by the GPU ring (feature nccl) and the tests.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn patterns(
         plan: &Plan,
         seq: usize,
@@ -234,6 +236,8 @@ impl Prob {
     /// Dense attention of `rows` compact query rows against `rows` compact key rows
     /// (`causal`: key `j` visible to query `i` iff `j <= i`), softmax scale of `plan`,
     /// output factor `fac`; `has_mask`: a `(batch, rows)` key padding mask comes along.
+    // Used by the GPU ring (feature nccl) and the tests.
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn dense_block(
         plan: &Plan,
         dims: Dims,
@@ -689,17 +693,46 @@ fn encode_map(
 /// 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r) are the box rows
 /// (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows (the kernel's staging layout).
 fn dq_map(pr: &Prob, i: usize, ptr: u64) -> Result<cudarc::driver::sys::CUtensorMap> {
-    let p = &pr.p;
-    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
-    let r = p.r[i] as u64;
+    let g = dq_map_geometry(pr, i);
     encode_map(
         cudarc::driver::sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
         ptr,
-        [d, h, r, n / r, b],
-        [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d],
-        [32, 1, 1, 64, 1],
+        g.dims,
+        g.strides,
+        g.boxes,
         &format!("the dQ buffer of pattern {i}"),
     )
+}
+
+/// A 5-d tiled tensor map's shape: dims (innermost first), byte strides of dims 1..5, box.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapGeometry {
+    dims: [u64; 5],
+    strides: [u64; 4],
+    boxes: [u32; 5],
+}
+
+impl MapGeometry {
+    /// Byte offset of the element at coordinates `c` (each checked against its dim).
+    #[cfg(test)]
+    fn offset(&self, c: [u64; 5], elem: u64) -> Option<u64> {
+        if (0..5).any(|k| c[k] >= self.dims[k]) {
+            return None;
+        }
+        Some(c[0] * elem + (0..4).map(|k| c[k + 1] * self.strides[k]).sum::<u64>())
+    }
+}
+
+/// [`dq_map`]'s shape (f32 rows of `H` heads).
+fn dq_map_geometry(pr: &Prob, i: usize) -> MapGeometry {
+    let p = &pr.p;
+    let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
+    let r = p.r[i] as u64;
+    MapGeometry {
+        dims: [d, h, r, n / r, b],
+        strides: [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d],
+        boxes: [32, 1, 1, 64, 1],
+    }
 }
 
 /// One tensor map per pattern over the f32 dQ buffer at `ptr` ([`dq_map`]) for
@@ -761,24 +794,38 @@ fn load_map(
     kv: Option<u32>,
     what: &str,
 ) -> Result<cudarc::driver::sys::CUtensorMap> {
+    let g = load_map_geometry(pr, i, kv).ok_or_else(|| Error::Device {
+        msg: format!(
+            "tensor map of {what}: pattern {i}'s rows (w {}, r {}) are no box",
+            pr.p.w[i], pr.p.r[i]
+        ),
+    })?;
+    encode_map(
+        dtype,
+        ptr,
+        g.dims,
+        g.strides,
+        g.boxes,
+        &format!("{what}, pattern {i}"),
+    )
+}
+
+/// [`load_map`]'s shape (16-bit rows), `None` where the dilation does not divide the
+/// segment.
+fn load_map_geometry(pr: &Prob, i: usize, kv: Option<u32>) -> Option<MapGeometry> {
     let p = &pr.p;
     let (n, d, b) = (p.n as u64, p.d as u64, p.b as u64);
     let h = if kv.is_some() { p.hkv } else { p.h } as u64;
     let rows = kv.unwrap_or(WG_BS as u32);
     let (w, r) = (p.w[i] as u64, p.r[i] as u64);
     if r == 0 || !w.is_multiple_of(r) || !n.is_multiple_of(w) {
-        return Err(Error::Device {
-            msg: format!("tensor map of {what}: pattern {i}'s rows (w {w}, r {r}) are no box"),
-        });
+        return None;
     }
-    encode_map(
-        dtype,
-        ptr,
-        [d, h, r, w / r, b * (n / w)],
-        [2 * d, 2 * h * d, 2 * r * h * d, 2 * w * h * d],
-        [64, 1, 1, rows, 1],
-        &format!("{what}, pattern {i}"),
-    )
+    Some(MapGeometry {
+        dims: [d, h, r, w / r, b * (n / w)],
+        strides: [2 * d, 2 * h * d, 2 * r * h * d, 2 * w * h * d],
+        boxes: [64, 1, 1, rows, 1],
+    })
 }
 
 /// The maps of `bwd_wgt3_*` over dQ (f32, `dq`), Q (`q`) and dO (`dout`), element type
@@ -1414,6 +1461,80 @@ mod tests {
             ..on
         };
         assert_eq!(hopper_backward(lockstep, true, false, false), HopperBwd::Wg);
+    }
+
+    /// Every dilated row of every segment, offset, head and batch is where the kernels'
+    /// box coordinates say: the load maps' (·, h, o, j, b·N/w + a/w) and the dQ map's
+    /// (·, h, o, a/r + j, b) address row a + o + r·j of the (B, N, H, D) tensor; one past a
+    /// segment's last row is outside the load maps (zero-filled).
+    #[test]
+    fn tensor_map_boxes_address_the_dilated_rows() {
+        let (bsz, n, h, hkv, d) = (2usize, 96usize, 4usize, 2usize, 64usize);
+        let schedule: Vec<crate::shape::Pattern> = [(32, 1), (96, 3), (48, 4), (96, 96)]
+            .iter()
+            .map(|&(w, r)| crate::shape::Pattern::new(w, r))
+            .collect();
+        let plan = Plan::new(
+            Dims {
+                batch: bsz,
+                seq: n,
+                heads: h,
+                kv_heads: hkv,
+                head_dim: d,
+            },
+            &schedule,
+            crate::shape::Options::default(),
+        )
+        .unwrap();
+        let pr = Prob::of_plan(&plan, 0, false).unwrap();
+        assert!(dq_rows_are_boxes(&pr));
+        for (i, pat) in plan.patterns().iter().enumerate() {
+            let (w, r) = (pat.segment, pat.dilation);
+            let dq = dq_map_geometry(&pr, i);
+            for (kv, heads) in [(None, h), (Some(128), hkv)] {
+                let g = load_map_geometry(&pr, i, kv).unwrap();
+                assert_eq!(g.boxes[3], kv.unwrap_or(64));
+                for b in 0..bsz {
+                    for a in (0..n).step_by(w) {
+                        for o in 0..r {
+                            let seg = (b * (n / w) + a / w) as u64;
+                            for j in 0..w / r {
+                                let row = (b * n + a + o + j * r) as u64;
+                                for hh in 0..heads {
+                                    let want = (row * heads as u64 + hh as u64) * d as u64;
+                                    let c = [0, hh as u64, o as u64, j as u64, seg];
+                                    assert_eq!(g.offset(c, 2), Some(2 * want), "pattern {i}");
+                                    if kv.is_none() {
+                                        let c =
+                                            [0, hh as u64, o as u64, (a / r + j) as u64, b as u64];
+                                        assert_eq!(
+                                            dq.offset(c, 4),
+                                            Some(4 * want),
+                                            "dQ, pattern {i}"
+                                        );
+                                    }
+                                }
+                            }
+                            let past = [0, 0, o as u64, (w / r) as u64, seg];
+                            assert_eq!(g.offset(past, 2), None, "past the segment, pattern {i}");
+                        }
+                    }
+                }
+            }
+        }
+        // A dilation that does not divide its segment: no load map.
+        let plan = Plan::new(
+            Dims::mha(1, 100, 4, 64),
+            &[
+                crate::shape::Pattern::new(50, 1),
+                crate::shape::Pattern::new(100, 3),
+            ],
+            crate::shape::Options::default(),
+        )
+        .unwrap();
+        let pr = Prob::of_plan(&plan, 0, false).unwrap();
+        assert!(load_map_geometry(&pr, 0, None).is_some());
+        assert!(load_map_geometry(&pr, 1, None).is_none());
     }
 
     #[test]
