@@ -398,8 +398,9 @@ fn check_inputs<E>(
 /// on Hopper, `fwd_tc*_*` for the `mma.sync` kernels), `None` for the generic kernel.
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     let persist = may_persist(dev, plan.options().causal, true);
+    // Device addresses unknown here: taken as aligned (as every cudarc allocation is).
     let tma = Prob::of_plan(plan, 0, false)
-        .map(|pr| fwd_tma_fits(dev, &pr, 2 * std::mem::size_of::<E>() as u64, 16, 16))
+        .map(|pr| fwd_tma_fits(dev, &pr, std::mem::size_of::<E>(), 0, 0))
         .unwrap_or(false);
     fwd_kernel::<E>(dev, plan.dims().head_dim, persist, tma).map(|k| k.name)
 }
@@ -407,16 +408,13 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
 /// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
 /// [`Cuda::set_fwd_tma_loads`]): asked for, a whole-device problem (the ring's launch
 /// problems keep cp.async, on which the ring was validated), every pattern's rows boxes of
-/// [`load_map`]'s maps, at most [`MAX_LOAD_PATTERNS`] patterns, 16-bit elements
-/// (`elem2` = 2·element bytes = 4) and K, V (device addresses `k`, `v`) 16-byte aligned.
-fn fwd_tma_fits(dev: &Cuda, pr: &Prob, elem2: u64, k: u64, v: u64) -> bool {
+/// [`load_map`]'s maps, and K, V (device addresses `k`, `v`, elements of `elem_bytes`) maps
+/// the kernel takes ([`loads_fit`]).
+fn fwd_tma_fits(dev: &Cuda, pr: &Prob, elem_bytes: usize, k: u64, v: u64) -> bool {
     dev.fwd_tma_loads()
         && pr.whole_device
         && dq_rows_are_boxes(pr)
-        && pr.npat <= MAX_LOAD_PATTERNS
-        && elem2 == 4
-        && k.is_multiple_of(16)
-        && v.is_multiple_of(16)
+        && loads_fit(pr, elem_bytes, k, v)
 }
 
 /// Tensor cores take this problem: bf16/f16, D = 64 or 128, not forced to the generic
@@ -770,13 +768,11 @@ struct LoadMaps {
 // opaque 128-byte, 128-aligned tensor maps; unused entries zero and never read).
 unsafe impl DeviceRepr for LoadMaps {}
 
-/// Whether `bwd_wgt3` can take the plan's Q and dO (device addresses `q`, `dout`): at most
+/// Whether the box-load kernels take two of the plan's 16-bit row tensors (device
+/// addresses `x`, `y`: Q and dO for `bwd_wgt3`, K and V for the forward): at most
 /// [`MAX_LOAD_PATTERNS`] patterns, both 16-byte aligned, a 16-bit element type.
-fn loads_fit(pr: &Prob, elem_bytes: usize, q: u64, dout: u64) -> bool {
-    pr.npat <= MAX_LOAD_PATTERNS
-        && elem_bytes == 2
-        && q.is_multiple_of(16)
-        && dout.is_multiple_of(16)
+fn loads_fit(pr: &Prob, elem_bytes: usize, x: u64, y: u64) -> bool {
+    pr.npat <= MAX_LOAD_PATTERNS && elem_bytes == 2 && x.is_multiple_of(16) && y.is_multiple_of(16)
 }
 
 /// The map of pattern `i` over the 16-bit rows `(B, N, H, D)` at `ptr` (Q or dO) for the
@@ -950,7 +946,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let persist = may_persist(dev, p.causal != 0, pr.whole_device);
     let (kp, _sk) = k.device_ptr(dev.stream());
     let (vp, _sv) = v.device_ptr(dev.stream());
-    let tma = fwd_tma_fits(dev, pr, 2 * std::mem::size_of::<E>() as u64, kp, vp);
+    let tma = fwd_tma_fits(dev, pr, std::mem::size_of::<E>(), kp, vp);
     if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, tma) {
         let kmaps = match kv_box_rows(&l.name) {
             Some(rows) => Some(kv_tensor_maps(pr, E::NAME, kp, vp, rows)?),
@@ -1410,20 +1406,19 @@ mod tests {
         assert!(SM90_SMEM - ws_smem(128, false) < 1024);
     }
 
+    /// The whole-plan launch problem of `dims` and the (segment, dilation) pairs `pats`.
+    fn prob_of(dims: Dims, pats: &[(usize, usize)]) -> Prob {
+        let schedule: Vec<crate::shape::Pattern> = pats
+            .iter()
+            .map(|&(w, r)| crate::shape::Pattern::new(w, r))
+            .collect();
+        let plan = Plan::new(dims, &schedule, crate::shape::Options::default()).unwrap();
+        Prob::of_plan(&plan, 0, false).unwrap()
+    }
+
     #[test]
     fn tma_dq_only_where_dilated_rows_are_boxes() {
-        let prob = |seq: usize, pats: &[(usize, usize)]| {
-            let plan = Plan::new(
-                Dims::mha(1, seq, 4, 64),
-                &pats
-                    .iter()
-                    .map(|&(w, r)| crate::shape::Pattern::new(w, r))
-                    .collect::<Vec<_>>(),
-                crate::shape::Options::default(),
-            )
-            .unwrap();
-            Prob::of_plan(&plan, 0, false).unwrap()
-        };
+        let prob = |seq: usize, pats: &[(usize, usize)]| prob_of(Dims::mha(1, seq, 4, 64), pats);
         assert!(dq_rows_are_boxes(&prob(96, &[(32, 1), (96, 3)])));
         assert!(dq_rows_are_boxes(&prob(1024, &[(64, 1), (512, 8)])));
         // A dilation that divides neither the length nor its segment: the two passes instead.
@@ -1523,16 +1518,7 @@ mod tests {
             }
         }
         // A dilation that does not divide its segment: no load map.
-        let plan = Plan::new(
-            Dims::mha(1, 100, 4, 64),
-            &[
-                crate::shape::Pattern::new(50, 1),
-                crate::shape::Pattern::new(100, 3),
-            ],
-            crate::shape::Options::default(),
-        )
-        .unwrap();
-        let pr = Prob::of_plan(&plan, 0, false).unwrap();
+        let pr = prob_of(Dims::mha(1, 100, 4, 64), &[(50, 1), (100, 3)]);
         assert!(load_map_geometry(&pr, 0, None).is_some());
         assert!(load_map_geometry(&pr, 1, None).is_none());
     }
@@ -1555,19 +1541,7 @@ mod tests {
 
     #[test]
     fn box_loads_take_aligned_16_bit_rows_of_few_patterns() {
-        let prob = |pats: &[(usize, usize)]| {
-            let schedule: Vec<crate::shape::Pattern> = pats
-                .iter()
-                .map(|&(w, r)| crate::shape::Pattern::new(w, r))
-                .collect();
-            let plan = Plan::new(
-                Dims::mha(1, 1024, 2, 64),
-                &schedule,
-                crate::shape::Options::default(),
-            )
-            .unwrap();
-            Prob::of_plan(&plan, 0, false).unwrap()
-        };
+        let prob = |pats: &[(usize, usize)]| prob_of(Dims::mha(1, 1024, 2, 64), pats);
         let few = prob(&[(64, 1), (512, 8)]);
         assert!(loads_fit(&few, 2, 256, 512));
         assert!(!loads_fit(&few, 4, 256, 512)); // f32: no wgmma kernel

@@ -778,13 +778,20 @@ __device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int
         "r"(c4)
         : "memory");
 }
+// The last box coordinate of a row-loading map (LMaps, KMaps): segment a / w of batch b of
+// pattern i, in the view's merged (segment, batch) dimension B·N/w.
+__device__ __forceinline__ int box_segment(const Params& P, int i, int a, int b) {
+    const int w = P.w[i];
+    return b * (P.N / w) + a / w;
+}
 // Arrive on bar and expect `bytes` more transaction bytes in its current phase.
 __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
 // TK (fwd_wspt / fwd_wsot): the producer's K and V tiles through the tensor memory
 // accelerator, one map per pattern and tensor over the rows (B, N, Hkv, D) with dims (D,
-// Hkv, r, w/r, B·N/w), boxes of 64 columns × 128 rows (as bwd_wgt3's Q/dO maps, LMaps).
+// Hkv, r, w/r, B·N/w), boxes of 64 columns × BK rows (128; 176 for the wide kernels), as
+// bwd_wgt3's Q/dO maps (LMaps).
 struct KMaps {
     TMap k[MAXT];
     TMap v[MAXT];
@@ -958,8 +965,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                     // SPLIT: the K half here, the V half below on its own barrier.
                     if (pt == 0) {
                         mbar_arrive_expect_tx(full(s), (SPLIT ? 1 : 2) * CB * KB);
-                        const int w = P.w[st.i];
-                        const int c4 = b * (P.N / w) + st.a / w;
+                        const int c4 = box_segment(P, st.i, st.a, b);
 #pragma unroll
                         for (int c = 0; c < CB; ++c) {
                             tma_load5(&km->k[st.i], sK + s * TILE + c * KB, full(s), c * 64, g, st.o, st.k0, c4);
@@ -1002,8 +1008,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                         if (pt == 0) {
                             if (it >= NS) mbar_wait(emptyv(s), ((it / NS) & 1) ^ 1);
                             mbar_arrive_expect_tx(fullv(s), CB * KB);
-                            const int w = P.w[st.i];
-                            const int c4 = b * (P.N / w) + st.a / w;
+                            const int c4 = box_segment(P, st.i, st.a, b);
 #pragma unroll
                             for (int c = 0; c < CB; ++c)
                                 tma_load5(&km->v[st.i], sV + s * TILE + c * KB, fullv(s), c * 64, g, st.o, st.k0,
@@ -1724,8 +1729,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (tid == 0) {
                 const u32 bar = pipe.full(qi);
                 mbar_arrive_expect_tx(bar, 2 * CB * BS * 128);
-                const int w = P.w[st.i];
-                const int c4 = b * (P.N / w) + st.a / w;
+                const int c4 = box_segment(P, st.i, st.a, b);
 #pragma unroll
                 for (int c = 0; c < CB; ++c) {
                     tma_load5(&tq[st.i], sQ + stage * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
