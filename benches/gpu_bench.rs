@@ -97,10 +97,7 @@ const FWD_VARIANTS: &[Variant] = &[
 
 /// Backward alternatives (the default on Hopper: `bwd_wgt2`, the fused backward with its dQ
 /// through the tensor memory accelerator and a staging buffer per warpgroup): its Q/dO tiles
-/// by tensor-map box loads (`bwd_wgt3`, `tmaloads`), each tile's dQ staged under the next
-/// tile's S/dP MMAs (`bwd_wgt4`, `late`; with the box loads `bwd_wgt5`, `latetma`), the dV
-/// MMA issued before the wait for dP (`bwd_wgt7`, `early`; with late staging `bwd_wgt6`,
-/// `lateearly`), the mma.sync
+/// by tensor-map box loads (`bwd_wgt3`, `tmaloads`), the mma.sync
 /// kernels, the two passes (`dq_wgr` + `dkdv_wg`, the default until stop 20), fused dQ by
 /// per-thread atomics with the ping-pong turns (`bwd_wgp`), one staging buffer for both
 /// warpgroups (`bwd_wgt`), the fused kernel in lockstep (`bwd_wg`), the lockstep two-pass
@@ -112,16 +109,6 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fused", |d, on| d.set_fused_dq_tma(!on)),
     ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
-    ("late", |d, on| d.set_fused_late_staging(on)),
-    ("early", |d, on| d.set_fused_early_dv(on)),
-    ("lateearly", |d, on| {
-        d.set_fused_late_staging(on);
-        d.set_fused_early_dv(on)
-    }),
-    ("latetma", |d, on| {
-        d.set_fused_late_staging(on);
-        d.set_fused_tma_loads(on)
-    }),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

@@ -114,10 +114,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // its K/V tiles by cp.async (fwd_wsp, causal: fwd_wso) and the fused-dQ backward with its
     // dQ through the tensor memory accelerator and one staging buffer (bwd_wgt; the two
     // passes where a dilation divides neither N nor its segment); 13: the default with the
-    // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 15: the default with each
-    // tile's dQ staged under the next tile's S/dP MMAs (bwd_wgt4; 16: with the Q/dO box
-    // loads too, bwd_wgt5); 17: the default with the dV MMA issued before the wait for dP
-    // (bwd_wgt7; 18: with the late staging too, bwd_wgt6); 3: the
+    // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -128,12 +125,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15..=18));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15..=18));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15..=18));
-    dev.set_fused_tma_loads(warps == 13 || warps == 16);
-    dev.set_fused_late_staging(matches!(warps, 15 | 16 | 18));
-    dev.set_fused_early_dv(warps == 17 || warps == 18);
+    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
+    dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
@@ -200,8 +195,6 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
-    dev.set_fused_late_staging(false);
-    dev.set_fused_early_dv(false);
     dev.set_fwd_tma_loads(true);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
@@ -285,8 +278,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18];
-        let w = w[(case.seed % w.len() as u64) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14][(case.seed % 15) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -326,10 +318,6 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 all_dtypes_w(&case, KernelPref::Auto, true, 12);
                 all_dtypes_w(&case, KernelPref::Auto, true, 13);
-                all_dtypes_w(&case, KernelPref::Auto, true, 15);
-                all_dtypes_w(&case, KernelPref::Auto, true, 16);
-                all_dtypes_w(&case, KernelPref::Auto, true, 17);
-                all_dtypes_w(&case, KernelPref::Auto, true, 18);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -374,10 +362,6 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
-        all_dtypes_w(&case, KernelPref::Auto, true, 15);
-        all_dtypes_w(&case, KernelPref::Auto, true, 16);
-        all_dtypes_w(&case, KernelPref::Auto, true, 17);
-        all_dtypes_w(&case, KernelPref::Auto, true, 18);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
@@ -472,7 +456,7 @@ fn sanitizer_case(d: usize, combine: Combine, detach: bool) -> Case {
 }
 
 /// The sanitizer's case on the tensor-map backwards only (`bwd_wgt2`, the default,
-/// `bwd_wgt3`, `bwd_wgt`, the late-staging `bwd_wgt4` and `bwd_wgt5`):
+/// `bwd_wgt3` and `bwd_wgt`):
 /// racecheck of every kernel (`sanitizer_small`) takes ~190 s, this a fraction.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
@@ -482,17 +466,11 @@ fn sanitizer_fused_tma() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
-        all_dtypes_w(&case, KernelPref::Auto, true, 15);
-        all_dtypes_w(&case, KernelPref::Auto, true, 16);
-        all_dtypes_w(&case, KernelPref::Auto, true, 17);
-        all_dtypes_w(&case, KernelPref::Auto, true, 18);
         // Not causal: the persistent forwards (fwd_wspt, fwd_wsp) too.
         let mut free = sanitizer_case(d, combine, false);
         free.opts = free.opts.causal(false);
         all_dtypes(&free, KernelPref::Auto, true);
         all_dtypes_w(&free, KernelPref::Auto, true, 12);
-        all_dtypes_w(&free, KernelPref::Auto, true, 15);
-        all_dtypes_w(&free, KernelPref::Auto, true, 18);
         // The wide forwards with box loads (fwd_wsowt, fwd_wspwt).
         all_dtypes_w(&case, KernelPref::Auto, false, 11);
         all_dtypes_w(&free, KernelPref::Auto, false, 11);
@@ -515,10 +493,6 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 1);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
-        all_dtypes_w(&case, KernelPref::Auto, true, 15);
-        all_dtypes_w(&case, KernelPref::Auto, true, 16);
-        all_dtypes_w(&case, KernelPref::Auto, true, 17);
-        all_dtypes_w(&case, KernelPref::Auto, true, 18);
         all_dtypes_w(&case, KernelPref::Auto, true, 9);
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);

@@ -200,11 +200,6 @@ pub struct Cuda {
     /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; the default).
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
-    /// ... with each tile's dQ columns staged under the next tile's S/dP MMAs
-    /// (`bwd_wgt4`, `bwd_wgt5`).
-    fused_late_staging: AtomicBool,
-    /// ... with each tile's dV MMA issued before the wait for dP (`bwd_wgt7`, `bwd_wgt6`).
-    fused_early_dv: AtomicBool,
     fwd_tma_loads: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
@@ -274,8 +269,6 @@ impl Cuda {
             fused_dq_tma: AtomicBool::new(true),
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
-            fused_late_staging: AtomicBool::new(false),
-            fused_early_dv: AtomicBool::new(false),
             fwd_tma_loads: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
@@ -551,31 +544,6 @@ impl Cuda {
     /// See [`set_fused_tma_loads`](Self::set_fused_tma_loads).
     pub fn fused_tma_loads(&self) -> bool {
         self.fused_tma_loads.load(Ordering::Relaxed)
-    }
-    /// With [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split): each tile's dQ
-    /// columns stay in registers past the tile and are staged in shared memory (and their
-    /// reduce-adds issued) right after the next tile's S/dP MMAs are issued, under the tensor
-    /// cores (`true`: `bwd_wgt4`, with [`set_fused_tma_loads`](Self::set_fused_tma_loads)
-    /// `bwd_wgt5`), or between the tile's last MMA wait and the next tile's MMAs (`false`,
-    /// the default: `bwd_wgt2` / `bwd_wgt3`).
-    pub fn set_fused_late_staging(&self, on: bool) {
-        self.fused_late_staging.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_fused_late_staging`](Self::set_fused_late_staging).
-    pub fn fused_late_staging(&self) -> bool {
-        self.fused_late_staging.load(Ordering::Relaxed)
-    }
-    /// With [`set_fused_dq_tma_split`](Self::set_fused_dq_tma_split) and the Q/dO tiles by
-    /// `cp.async`: each tile's dV MMA (`fac·Pᵀ·dO`) issued as soon as P is in registers, so
-    /// that it runs while dS is computed (`true`: `bwd_wgt7`, with
-    /// [`set_fused_late_staging`](Self::set_fused_late_staging) `bwd_wgt6`), or with the
-    /// dK and dQ MMAs after dS (`false`, the default).
-    pub fn set_fused_early_dv(&self, on: bool) {
-        self.fused_early_dv.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_fused_early_dv`](Self::set_fused_early_dv).
-    pub fn fused_early_dv(&self) -> bool {
-        self.fused_early_dv.load(Ordering::Relaxed)
     }
     /// Hopper warp-specialised forward (the overlapped 128-key kernels): the producer's K
     /// and V tiles loaded by the tensor memory accelerator, its thread 0 issuing a tile's box

@@ -598,13 +598,10 @@ enum HopperBwd {
     /// Fused, dQ by bulk tensor reduce-adds from one staging buffer.
     Wgt,
     /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup, Q/dO tiles by
-    /// cp.async (`bwd_wgt2`); `late`: each tile's dQ columns staged under the next tile's
-    /// S/dP MMAs (`bwd_wgt4`); `early`: the tile's dV MMA issued before the wait for dP
-    /// (`bwd_wgt7`; with `late`, `bwd_wgt6`).
-    Wgt2 { late: bool, early: bool },
-    /// `Wgt2` with the Q/dO tiles by tensor-map box loads (opt-in: measured the same;
-    /// `bwd_wgt3`, late: `bwd_wgt5`).
-    Wgt3 { late: bool },
+    /// cp.async.
+    Wgt2,
+    /// `Wgt2` with the Q/dO tiles by tensor-map box loads (opt-in: measured the same).
+    Wgt3,
 }
 
 /// The device's backward settings that [`hopper_backward`] reads.
@@ -615,8 +612,6 @@ struct BwdFlags {
     tma: bool,
     split: bool,
     loads: bool,
-    late: bool,
-    early: bool,
 }
 
 /// Which Hopper backward runs. Fused (the default, `bwd_wgt2`) only on whole plans: the
@@ -626,19 +621,15 @@ struct BwdFlags {
 /// the rows are no boxes the two passes run, which measured faster than `bwd_wgp`
 /// (CUDA.md, stop 18). The Q/dO box loads of `bwd_wgt3` also need the plan's patterns to
 /// fit its parameter block and Q, dO to be 16-byte aligned (`loadable`, [`loads_fit`]);
-/// otherwise `bwd_wgt2` loads them by cp.async. The early dV (`early`) exists for the
-/// cp.async kernels only: with the box loads asked for too, `bwd_wgt3` / `bwd_wgt5` run.
+/// otherwise `bwd_wgt2` loads them by cp.async.
 fn hopper_backward(f: BwdFlags, whole_device: bool, boxes: bool, loadable: bool) -> HopperBwd {
     let tma = f.pingpong && f.tma;
     if !f.fused || !whole_device || (tma && !boxes) {
         return HopperBwd::TwoPass;
     }
     match (tma, f.split, f.pingpong) {
-        (true, true, _) if f.loads && loadable => HopperBwd::Wgt3 { late: f.late },
-        (true, true, _) => HopperBwd::Wgt2 {
-            late: f.late,
-            early: f.early,
-        },
+        (true, true, _) if f.loads && loadable => HopperBwd::Wgt3,
+        (true, true, _) => HopperBwd::Wgt2,
         (true, false, _) => HopperBwd::Wgt,
         (false, _, true) => HopperBwd::Wgp,
         (false, _, false) => HopperBwd::Wg,
@@ -1124,8 +1115,6 @@ pub(crate) fn backward_launch<E: CudaElement>(
                 tma: dev.fused_dq_tma(),
                 split: dev.fused_dq_tma_split(),
                 loads: dev.fused_tma_loads(),
-                late: dev.fused_late_staging(),
-                early: dev.fused_early_dv(),
             },
             pr.whole_device,
             dq_rows_are_boxes(pr),
@@ -1144,13 +1133,13 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2 { .. }) {
+        let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             Some(dq_tensor_maps(pr, ptr)?)
         } else {
             None
         };
-        let lmaps = if matches!(choice, HopperBwd::Wgt3 { .. }) {
+        let lmaps = if choice == HopperBwd::Wgt3 {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             let (qp, _sq) = q.device_ptr(dev.stream());
             let (op, _so) = grad_out.device_ptr(dev.stream());
@@ -1159,17 +1148,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
             None
         };
         let (kind, smem) = match choice {
-            HopperBwd::Wgt3 { late: false } => ("wgt3", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt3 { late: true } => ("wgt5", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt2 { late, early } => {
-                let kind = match (late, early) {
-                    (false, false) => "wgt2",
-                    (true, false) => "wgt4",
-                    (true, true) => "wgt6",
-                    (false, true) => "wgt7",
-                };
-                (kind, wg_fused_tma2_smem(d))
-            }
+            HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
+            HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
             HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
             _ => ("wg", wg_fused_smem(d)),
@@ -1453,53 +1433,12 @@ mod tests {
             tma: true,
             split: true,
             loads: true,
-            late: false,
-            early: false,
         };
         // With the box loads asked for: bwd_wgt3 on a whole plan whose rows are boxes and
         // whose Q, dO its maps take; bwd_wgt2 where they do not (too many patterns,
         // misaligned).
-        assert_eq!(
-            hopper_backward(on, true, true, true),
-            HopperBwd::Wgt3 { late: false }
-        );
-        assert_eq!(
-            hopper_backward(on, true, true, false),
-            HopperBwd::Wgt2 {
-                late: false,
-                early: false
-            }
-        );
-        // Late staging asked for: the same choice, its late kernel; not on the ring.
-        let late = BwdFlags { late: true, ..on };
-        assert_eq!(
-            hopper_backward(late, true, true, true),
-            HopperBwd::Wgt3 { late: true }
-        );
-        assert_eq!(
-            hopper_backward(late, true, true, false),
-            HopperBwd::Wgt2 {
-                late: true,
-                early: false
-            }
-        );
-        assert_eq!(hopper_backward(late, false, true, true), HopperBwd::TwoPass);
-        // The early dV: on the cp.async kernels only.
-        let early = BwdFlags {
-            early: true,
-            ..late
-        };
-        assert_eq!(
-            hopper_backward(early, true, true, false),
-            HopperBwd::Wgt2 {
-                late: true,
-                early: true
-            }
-        );
-        assert_eq!(
-            hopper_backward(early, true, true, true),
-            HopperBwd::Wgt3 { late: true }
-        );
+        assert_eq!(hopper_backward(on, true, true, true), HopperBwd::Wgt3);
+        assert_eq!(hopper_backward(on, true, true, false), HopperBwd::Wgt2);
         // The ring's launch problems, rows that are no boxes, fused off: the two passes.
         assert_eq!(hopper_backward(on, false, true, true), HopperBwd::TwoPass);
         assert_eq!(hopper_backward(on, true, false, true), HopperBwd::TwoPass);
@@ -1507,13 +1446,7 @@ mod tests {
         assert_eq!(hopper_backward(off, true, true, true), HopperBwd::TwoPass);
         // The defaults (loads off): bwd_wgt2. The opt-in fused kernels.
         let cp = BwdFlags { loads: false, ..on };
-        assert_eq!(
-            hopper_backward(cp, true, true, true),
-            HopperBwd::Wgt2 {
-                late: false,
-                early: false
-            }
-        );
+        assert_eq!(hopper_backward(cp, true, true, true), HopperBwd::Wgt2);
         let one = BwdFlags { split: false, ..on };
         assert_eq!(hopper_backward(one, true, true, true), HopperBwd::Wgt);
         let atomics = BwdFlags { tma: false, ..on };

@@ -1661,20 +1661,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
 // (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
 // metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
-// SL (bwd_wgt4 = bwd_wgt2 + SL, bwd_wgt5 = bwd_wgt3 + SL): late staging. A tile's dQ
-// columns stay in their accumulator registers past the tile's end and are staged (and their
-// reduce-adds issued) at the top of the next iteration, right after its S/dP MMAs are
-// issued, so that the stores, the proxy fence and the warpgroup's barrier run under the
-// tensor cores instead of between the tile's last wait and the next tile's MMAs (17 % of
-// bwd_wgt2's samples, gpu_h200_profile_bwd_wgt2_late.txt). The next dQ MMA overwrites them
-// only after that. The issuing thread waits for the reduce-adds of the tile two back there
-// (issued an iteration earlier); the last tile is staged after the loop.
-// EV (bwd_wgt6 = bwd_wgt4 + EV, bwd_wgt7 = bwd_wgt2 + EV): early dV. The tile's dV MMA
-// (fac·Pᵀ dO: P in registers, dO in shared memory) is issued as soon as P is packed, in its
-// own commit group, and runs while the warpgroup waits for dP and computes dS; dK and dQ
-// follow in the turn as before. Same registers (xp is live until the tile's end either way).
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool SL = false, bool EV = false>
+          bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1694,8 +1682,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
-    static_assert(!SL || (TS && !DQ_FIRST), "late staging: split-staging kernel, dQ in the last group");
-    static_assert(!EV || (TS && !DQ_FIRST), "early dV: split-staging kernel, dQ in the last group");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
@@ -1856,12 +1842,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // buffer per warpgroup.
     const bool issuer = (tid & 127) == 0;
     const u32 stg = stg0 + (TS ? wg * 16384 : 0);
-    // Where a tile's dQ columns go: its pattern, head, offset and the map's row coordinate.
-    struct StgAt {
-        int i, h, o, c3;
-    };
-    auto stg_at = [&](const KvState& st) { return StgAt{st.i, st.h, st.o, st.a / st.r + st.q0}; };
-    auto dq_stage = [&](int it, const StgAt& st, const float (&x)[FQ ? 32 : 1], bool on0, bool on1) {
+    auto dq_stage = [&](int it, const KvState& st, bool on0, bool on1) {
         if constexpr (TR) {
             // The buffer's previous user: at D = 128 the other warpgroup (0 before 1 within
             // a tile, 1 of the tile before 0), at D = 64 warpgroup 0 itself.
@@ -1880,19 +1861,20 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 const u32 ch = (n & 3) * 2 + ((lane & 3) >> 1), box = stg + (n >> 2) * 8192 + (lane & 1) * 8;
                 const u32 a0 = box + qr0 * 128 + ((ch ^ (qr0 & 7)) << 4);
                 const u32 a1 = box + qr1 * 128 + ((ch ^ (qr1 & 7)) << 4);
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a0), "f"(on0 ? x[4 * n] : 0.f),
-                             "f"(on0 ? x[4 * n + 1] : 0.f)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a0), "f"(on0 ? dqa[4 * n] : 0.f),
+                             "f"(on0 ? dqa[4 * n + 1] : 0.f)
                              : "memory");
-                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a1), "f"(on1 ? x[4 * n + 2] : 0.f),
-                             "f"(on1 ? x[4 * n + 3] : 0.f)
+                asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(a1), "f"(on1 ? dqa[4 * n + 2] : 0.f),
+                             "f"(on1 ? dqa[4 * n + 3] : 0.f)
                              : "memory");
             }
             fence_proxy_async();
             named_sync(3 + wg, 128);
             if (issuer) {
                 const TMap* map = &tdq[st.i];
-                tma_reduce_add5(map, stg, wg * 64, st.h, st.o, st.c3, b);
-                tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, st.c3, b);
+                const int c3 = st.a / st.r + st.q0;
+                tma_reduce_add5(map, stg, wg * 64, st.h, st.o, c3, b);
+                tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, c3, b);
                 bulk_commit();
                 if constexpr (TR_EAGER) {
                     bulk_wait_read0();
@@ -1901,9 +1883,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             }
         }
     };
-    // SL: the tile whose dQ columns are still to be staged, and those columns.
-    StgAt sst{};
-    float dqs[SL ? 32 : 1];
     while (have) {
         KvState nx = cur;
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
@@ -1951,14 +1930,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         if constexpr (TR) {
             // The previous tile's reduce-adds have read the staging buffer (under S and dP).
-            // SL: the reduce-adds of tile it - 2, issued in the previous iteration; then the
-            // previous tile's dQ columns (still in dqa) are staged, under this tile's S/dP.
-            if (!TR_EAGER && wg < CB && issuer && it > (SL ? 1 : 0)) {
+            if (!TR_EAGER && wg < CB && issuer && it > 0) {
                 bulk_wait_read0();
                 mbar_arrive(stgdone(wg));
-            }
-            if constexpr (SL) {
-                if (wg < CB && it > 0) dq_stage(it - 1, sst, dqs, true, true);
             }
         }
         // The causal limit and L of the first MPRE column groups, loaded while S is still
@@ -2002,16 +1976,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
             wg_pack<T, BS>(fp, xp);
         }
-        if constexpr (EV) {
-            // dV += fac·Pᵀ dO now, its own group: it runs while dS is computed (the wait
-            // below is for dP only), outside the dV/dK/dQ turn.
-            wg_fence();
-            wg_xb<T, D, BS>(adv, xp, ob, SB);
-            wg_commit();
-            wg_wait<1>();
-        } else {
-            wg_wait<0>();
-        }
+        wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
@@ -2046,7 +2011,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         constexpr bool DQF = TR && DQ_FIRST;
         if (TU2) turn_begin(wg);
         wg_fence();
-        if constexpr (!EV) wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
+        wg_xb<T, D, BS>(adv, xp, ob, SB);  // dV += fac·Pᵀ dO
         if constexpr (DQF) {
             wg_commit();
             mbar_wait(dsfull(it), (it >> 1) & 1);
@@ -2108,20 +2073,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) produced(it + 1);
         }
-        if constexpr (SL) {
-            // Staged at the top of the next iteration (or after the loop).
-            // The rows without a query as zeros, in registers no MMA defines: read under the
-            // next tile's S/dP MMAs, dqa itself would make ptxas wait for those (C7517).
-            sst = stg_at(cur);
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                dqs[4 * n] = qon0 ? dqa[4 * n] : 0.f;
-                dqs[4 * n + 1] = qon0 ? dqa[4 * n + 1] : 0.f;
-                dqs[4 * n + 2] = qon1 ? dqa[4 * n + 2] : 0.f;
-                dqs[4 * n + 3] = qon1 ? dqa[4 * n + 3] : 0.f;
-            }
-        } else if constexpr (TR) {
-            if (wg < CB) dq_stage(it, stg_at(cur), dqa, qon0, qon1);
+        if constexpr (TR) {
+            if (wg < CB) dq_stage(it, cur, qon0, qon1);
             if constexpr (DQF) {
                 wg_wait<0>();  // dK
                 reg_fence(adk);
@@ -2143,16 +2096,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         reg_fence(adk);
         reg_fence(xp);
         reg_fence(xs);
-    }
-    if constexpr (SL) {
-        // The last tile's dQ columns (the reduce-adds of the tile before it read first).
-        if (wg < CB && it > 0) {
-            if (issuer && it > 1) {
-                bulk_wait_read0();
-                mbar_arrive(stgdone(wg));
-            }
-            dq_stage(it - 1, sst, dqs, true, true);
-        }
     }
     if constexpr (TR) {
         // The last tile's reduce-adds: read (the other warpgroup may be waiting to stage)
@@ -2329,34 +2272,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dkdv_wg<T, D, WG_BS, true, true, false, true, true, true>(P, q, k, v, mask, lse, dout, delta, \
                                                                   dk, dv, dqacc, lms.dq, lms.q,   \
                                                                   lms.o);                         \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt4_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,        \
-                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
-                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, true>(                         \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt5_##NAME##_##D(const __grid_constant__ LMaps lms, const Params P, const T* q,        \
-                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
-                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, true, true>(                          \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt6_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,        \
-                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
-                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, true, true>(                   \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt7_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,        \
-                              const T* k, const T* v, const unsigned char* mask, const float* lse,\
-                              const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, false, true>(                  \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
     }
 
 // dq = scale · dqacc (fused backward), grid-stride over n elements, two per thread step.
