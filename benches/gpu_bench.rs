@@ -73,8 +73,7 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// with tiles dealt in pairs; the same as the default on non-causal ones), Q as the
 /// register A operand of `S = Q·Kᵀ` (`fwd_wspr` / `fwd_wsor`), K/V tiles by cp.async
 /// (`fwdcp`: `fwd_wsp` / `fwd_wso`, the default until stop 20; the default since has them by
-/// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), the O rescale skipped where no row's
-/// maximum changed (`skip`: `fwd_wspts` / `fwd_wsots`), 176-key tiles (`fwd_wspwt`
+/// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspwt`
 /// where the default is persistent, `fwd_wsowt` elsewhere; `wideo`: `fwd_wsowt` throughout;
 /// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`).
 const FWD_VARIANTS: &[Variant] = &[
@@ -85,7 +84,6 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
     ("wsr", |d, on| d.set_fwd_reg_operands(on)),
     ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
-    ("skip", |d, on| d.set_fwd_skip_rescale(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

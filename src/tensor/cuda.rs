@@ -201,9 +201,6 @@ pub struct Cuda {
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
     fwd_tma_loads: AtomicBool,
-    /// Box-load forward skipping the O rescale where no row's maximum changed
-    /// (`fwd_wspts` / `fwd_wsots`).
-    fwd_skip_rescale: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -273,7 +270,6 @@ impl Cuda {
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
             fwd_tma_loads: AtomicBool::new(true),
-            fwd_skip_rescale: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -563,17 +559,6 @@ impl Cuda {
     /// See [`set_fwd_tma_loads`](Self::set_fwd_tma_loads).
     pub fn fwd_tma_loads(&self) -> bool {
         self.fwd_tma_loads.load(Ordering::Relaxed)
-    }
-    /// With the box-load forward ([`set_fwd_tma_loads`](Self::set_fwd_tma_loads), 128-key
-    /// tiles): skip the per-tile rescale of the output accumulator where it is the identity,
-    /// no row of a warp having got a new running maximum (`true`: `fwd_wspts` /
-    /// `fwd_wsots`), or rescale after every tile (`false`, the default).
-    pub fn set_fwd_skip_rescale(&self, on: bool) {
-        self.fwd_skip_rescale.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_fwd_skip_rescale`](Self::set_fwd_skip_rescale).
-    pub fn fwd_skip_rescale(&self) -> bool {
-        self.fwd_skip_rescale.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

@@ -470,15 +470,11 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
             let persist = dev.fwd_persistent() && persist;
             let ra = dev.fwd_reg_operands();
             let wide = dev.fwd_wide_tiles() && !ra && dev.fwd_overlap();
-            // The rescale skip exists for the 128-key box-load kernels.
-            let skip = dev.fwd_skip_rescale();
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) if wide => (if tma { "wspwt" } else { "wspw" }, true),
                 (true, false) if wide => (if tma { "wsowt" } else { "wsow" }, false),
                 (true, true) if ra => ("wspr", true),
                 (true, false) if ra => ("wsor", false),
-                (true, true) if tma && skip => ("wspts", true),
-                (true, false) if tma && skip => ("wsots", false),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
@@ -885,7 +881,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wspts" | "wsots" => Some(128),
+        "wspt" | "wsot" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1531,8 +1527,6 @@ mod tests {
     fn forward_box_loads_name_their_key_rows() {
         assert_eq!(kv_box_rows("fwd_wspt_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsot_f16_64"), Some(128));
-        assert_eq!(kv_box_rows("fwd_wspts_bf16_128"), Some(128));
-        assert_eq!(kv_box_rows("fwd_wsots_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
         assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
         for cp in [

@@ -826,13 +826,7 @@ struct KMaps {
 // TK (KMaps above): thread 0 of the producer arrives on a stage's full barrier with the K
 // and V tiles' bytes expected and issues their 4·D/64 box loads; the other producer threads
 // only write the key metadata (full then counts 128 + 1 arrivals).
-// SK (fwd_wspts / fwd_wsots = fwd_wspt / fwd_wsot + SK): the O rescale of the overlapped
-// loop skipped where it is the identity, i.e. where no row of the warp got a new maximum
-// (both factors exactly 1: one vote per warp and tile, a warp-uniform branch). With random
-// keys a row's maximum changes in about 1/j of its j-th tiles, so most of a long row's
-// rescales (64 FMULs per thread and tile at D = 128) go.
-template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool SK = false>
+template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -1149,11 +1143,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             reg_fence(o);
             // K(c) and V(c) are no longer read (SPLIT: V(c); K(c) was released a tile ago).
             mbar_arrive(SPLIT ? emptyv(sc) : empty(sc));
-            if constexpr (SK) {
-                if (__any_sync(0xffffffffu, (al0 != 1.f) | (al1 != 1.f))) wg_rescale<D>(o, al0, al1);
-            } else {
-                wg_rescale<D>(o, al0, al1);
-            }
+            wg_rescale<D>(o, al0, al1);
             wg_pack<T, BK>(s, pa);
             cur = nx;
             ++it;
@@ -2184,18 +2174,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               const T* k, const T* v, const unsigned char* mask, T* out,          \
                               float* lse) {                                                       \
         fwd_ws<T, D, true, true, false, WG_BK, true>(P, q, k, v, mask, out, lse, &km);            \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        fwd_wsots_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
-                               const T* k, const T* v, const unsigned char* mask, T* out,         \
-                               float* lse) {                                                      \
-        fwd_ws<T, D, true, false, false, WG_BK, true, true>(P, q, k, v, mask, out, lse, &km);     \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        fwd_wspts_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
-                               const T* k, const T* v, const unsigned char* mask, T* out,         \
-                               float* lse) {                                                      \
-        fwd_ws<T, D, true, true, false, WG_BK, true, true>(P, q, k, v, mask, out, lse, &km);      \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
