@@ -84,6 +84,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wspc", |d, on| d.set_fwd_persistent_causal(on)),
     ("wsr", |d, on| d.set_fwd_reg_operands(on)),
     ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
+    ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);
@@ -109,6 +110,7 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fused", |d, on| d.set_fused_dq_tma(!on)),
     ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
+    ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

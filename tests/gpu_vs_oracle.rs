@@ -114,7 +114,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // its K/V tiles by cp.async (fwd_wsp, causal: fwd_wso) and the fused-dQ backward with its
     // dQ through the tensor memory accelerator and one staging buffer (bwd_wgt; the two
     // passes where a dilation divides neither N nor its segment); 13: the default with the
-    // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 3: the
+    // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 15: the default kernels
+    // without the block ends before their MMA waits (fwd_wsptn / fwd_wsotn, bwd_wgt2n);
+    // 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -125,11 +127,12 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13));
+    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15));
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
+    dev.set_wait_block_ends(warps != 15);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -196,6 +199,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
     dev.set_fwd_tma_loads(true);
+    dev.set_wait_block_ends(true);
     dev.set_bwd_pingpong(true);
     dev.set_bwd_reg_operands(true);
     dev.set_bwd_deferred_waits(false);
@@ -278,7 +282,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14][(case.seed % 15) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15][(case.seed % 16) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -318,6 +322,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 0);
                 all_dtypes_w(&case, KernelPref::Auto, true, 12);
                 all_dtypes_w(&case, KernelPref::Auto, true, 13);
+                all_dtypes_w(&case, KernelPref::Auto, true, 15);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -366,6 +371,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 14);
+        all_dtypes_w(&case, KernelPref::Auto, true, 15);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -409,7 +415,7 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12, 14] {
+        for warps in [0, 6, 7, 10, 11, 12, 14, 15] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wsot",
@@ -421,6 +427,8 @@ fn persistent_forward_many_items() {
                 11 => "fwd_wspwt",
                 14 if causal => "fwd_wsow",
                 14 => "fwd_wspw",
+                15 if causal => "fwd_wsotn",
+                15 => "fwd_wsptn",
                 _ if causal => "fwd_wspt (causal)",
                 _ => continue, // the default kernel again
             };
@@ -474,6 +482,9 @@ fn sanitizer_fused_tma() {
         // The wide forwards with box loads (fwd_wsowt, fwd_wspwt).
         all_dtypes_w(&case, KernelPref::Auto, false, 11);
         all_dtypes_w(&free, KernelPref::Auto, false, 11);
+        // The kernels without the block ends (fwd_wsotn, fwd_wsptn, bwd_wgt2n).
+        all_dtypes_w(&case, KernelPref::Auto, true, 15);
+        all_dtypes_w(&free, KernelPref::Auto, true, 15);
     }
 }
 
@@ -497,6 +508,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 10);
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 14);
+        all_dtypes_w(&case, KernelPref::Auto, true, 15);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

@@ -201,6 +201,9 @@ pub struct Cuda {
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
     fwd_tma_loads: AtomicBool,
+    /// A branch before the MMA waits that ptxas would otherwise hoist (`false`: `fwd_wsptn`,
+    /// `fwd_wsotn`, `bwd_wgt2n`).
+    wait_block_ends: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -270,6 +273,7 @@ impl Cuda {
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
             fwd_tma_loads: AtomicBool::new(true),
+            wait_block_ends: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -559,6 +563,20 @@ impl Cuda {
     /// See [`set_fwd_tma_loads`](Self::set_fwd_tma_loads).
     pub fn fwd_tma_loads(&self) -> bool {
         self.fwd_tma_loads.load(Ordering::Relaxed)
+    }
+    /// Hopper default kernels (`fwd_wspt` / `fwd_wsot`, `bwd_wgt2`): end the basic block
+    /// before the MMA wait that follows the code meant to run under that MMA (the forward's
+    /// softmax of `S(n)` under `P(c)·V(c)`, the backward's `P` under `dPᵀ`), so that ptxas
+    /// cannot schedule the wait ahead of that code (`true`, the default), or leave the
+    /// schedule to ptxas (`false`: `fwd_wsptn` / `fwd_wsotn`, `bwd_wgt2n`, the kernels as up
+    /// to stop 21, whose SASS has the forward's wait before the whole softmax). For
+    /// comparisons.
+    pub fn set_wait_block_ends(&self, on: bool) {
+        self.wait_block_ends.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_wait_block_ends`](Self::set_wait_block_ends).
+    pub fn wait_block_ends(&self) -> bool {
+        self.wait_block_ends.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see
