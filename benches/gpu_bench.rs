@@ -110,7 +110,6 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fused", |d, on| d.set_fused_dq_tma(!on)),
     ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
-    ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

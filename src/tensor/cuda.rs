@@ -201,8 +201,8 @@ pub struct Cuda {
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
     fwd_tma_loads: AtomicBool,
-    /// A branch before the MMA waits that ptxas would otherwise hoist (`false`: `fwd_wsptn`,
-    /// `fwd_wsotn`, `bwd_wgt2n`).
+    /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
+    /// hoist (`false`: `fwd_wsptn`).
     wait_block_ends: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
@@ -564,13 +564,11 @@ impl Cuda {
     pub fn fwd_tma_loads(&self) -> bool {
         self.fwd_tma_loads.load(Ordering::Relaxed)
     }
-    /// Hopper default kernels (`fwd_wspt` / `fwd_wsot`, `bwd_wgt2`): end the basic block
-    /// before the MMA wait that follows the code meant to run under that MMA (the forward's
-    /// softmax of `S(n)` under `P(c)·V(c)`, the backward's `P` under `dPᵀ`), so that ptxas
-    /// cannot schedule the wait ahead of that code (`true`, the default), or leave the
-    /// schedule to ptxas (`false`: `fwd_wsptn` / `fwd_wsotn`, `bwd_wgt2n`, the kernels as up
-    /// to stop 21, whose SASS has the forward's wait before the whole softmax). For
-    /// comparisons.
+    /// The persistent Hopper forward (`fwd_wspt`, the default on non-causal problems): end
+    /// the basic block before the wait for `P(c)·V(c)`, so that ptxas cannot schedule that
+    /// wait ahead of the softmax of `S(n)` meant to run under it (`true`, the default), or
+    /// leave the schedule to ptxas (`false`: `fwd_wsptn`, the kernel as up to stop 21, whose
+    /// SASS has the wait before the whole softmax). For comparisons.
     pub fn set_wait_block_ends(&self, on: bool) {
         self.wait_block_ends.store(on, Ordering::Relaxed);
     }

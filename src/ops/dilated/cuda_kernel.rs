@@ -470,8 +470,8 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
             let persist = dev.fwd_persistent() && persist;
             let ra = dev.fwd_reg_operands();
             let wide = dev.fwd_wide_tiles() && !ra && dev.fwd_overlap();
-            // The kernels without the block ends before their waits: for comparisons, the
-            // 128-key box-load kernels only.
+            // The persistent box-load forward without the block end before its wait for
+            // P·V (for comparisons).
             let ends = dev.wait_block_ends();
             let (kind, persistent) = match (dev.fwd_overlap(), persist) {
                 (true, true) if wide => (if tma { "wspwt" } else { "wspw" }, true),
@@ -479,7 +479,6 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 (true, true) if ra => ("wspr", true),
                 (true, false) if ra => ("wsor", false),
                 (true, true) if tma && !ends => ("wsptn", true),
-                (true, false) if tma && !ends => ("wsotn", false),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
@@ -886,7 +885,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wsotn" => Some(128),
+        "wspt" | "wsot" | "wsptn" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1154,7 +1153,6 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt2 if !dev.wait_block_ends() => ("wgt2n", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
             HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
@@ -1534,7 +1532,6 @@ mod tests {
         assert_eq!(kv_box_rows("fwd_wspt_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsot_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsptn_bf16_128"), Some(128));
-        assert_eq!(kv_box_rows("fwd_wsotn_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
         assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
         for cp in [

@@ -352,20 +352,6 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 __device__ __forceinline__ void block_end_after(float a, float b) {
     if ((__float_as_uint(a) & __float_as_uint(b)) == 0xffffffffu) asm volatile("nanosleep.u32 0;");
 }
-// The same on every register of x, so that nothing computing one of them sinks below the
-// branch (the backwards' P before their wait for dP): an AND over their bits, then the branch.
-template <int N> __device__ __forceinline__ void block_end_after_all(const float (&x)[N]) {
-    u32 all = 0xffffffffu;
-#pragma unroll
-    for (int i = 0; i < N; ++i) all &= __float_as_uint(x[i]);
-    block_end_after(__uint_as_float(all), __uint_as_float(all));
-}
-template <int K> __device__ __forceinline__ void block_end_after_all(const u32 (&x)[K][4]) {
-    u32 all = 0xffffffffu;
-#pragma unroll
-    for (int k = 0; k < K; ++k) all &= x[k][0] & x[k][1] & x[k][2] & x[k][3];
-    block_end_after(__uint_as_float(all), __uint_as_float(all));
-}
 // Keep the compiler from moving accumulator registers across an async MMA.
 template <int N> __device__ __forceinline__ void reg_fence(float (&d)[N]) {
 #pragma unroll
@@ -849,9 +835,9 @@ struct KMaps {
 // TK (KMaps above): thread 0 of the producer arrives on a stage's full barrier with the K
 // and V tiles' bytes expected and issues their 4·D/64 box loads; the other producer threads
 // only write the key metadata (full then counts 128 + 1 arrivals).
-// NB (fwd_wsptn / fwd_wsotn = fwd_wspt / fwd_wsot + NB, for comparisons): without the block
-// end before the wait for P(c)·V(c) (block_end_after), i.e. as up to stop 21, ptxas placing
-// that wait before the softmax of S(n).
+// NB (fwd_wsptn = fwd_wspt + NB, for comparisons): without the block end before the wait
+// for P(c)·V(c) (block_end_after), i.e. as up to stop 21, ptxas placing that wait before the
+// softmax of S(n).
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
           bool NB = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
@@ -1166,7 +1152,9 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             float al0, al1;
             softmax_p(nx, sn, al0, al1);
             if constexpr (SPLIT) mbar_arrive(empty(sn));  // K(n) and its key metadata are read
-            if constexpr (!NB) block_end_after(l[0], l[1]);  // the softmax above, under P(c)·V(c)
+            // The softmax above, under P(c)·V(c): in the persistent kernel (measured +0.7 ...
+            // +3.9 % on 7 of 8 non-causal cases, stop 22; the causal fwd_wsot -1.7 / -3.3 %).
+            if constexpr (PS && !NB) block_end_after(l[0], l[1]);
             wg_wait<0>();
             reg_fence(o);
             // K(c) and V(c) are no longer read (SPLIT: V(c); K(c) was released a tile ago).
@@ -1485,7 +1473,6 @@ __device__ void dq_wg(const Params& P, const T* __restrict__ q, const T* __restr
                 s[4 * n + 2 + j] = c1 ? x1 : 0.f;
             }
         }
-        block_end_after_all(s);  // P above, under dP
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
@@ -1690,10 +1677,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
 // (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
 // metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
-// NB (bwd_wgt2n, for comparisons): without the block end before the wait for dPᵀ, i.e. as
-// up to stop 21, ptxas placing that wait among P's exponentials.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool NB = false>
+          bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2007,9 +1992,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
             wg_pack<T, BS>(fp, xp);
         }
-        // P above, under dPᵀ (ptxas placed the wait among its exponentials otherwise).
-        // (Not in the lockstep bwd_wg: there it costs a 132-byte spill.)
-        if constexpr (!NB && PP) block_end_after_all(xp);
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
@@ -2210,12 +2192,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         fwd_ws<T, D, true, true, false, WG_BK, true>(P, q, k, v, mask, out, lse, &km);            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        fwd_wsotn_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
-                               const T* k, const T* v, const unsigned char* mask, T* out,         \
-                               float* lse) {                                                      \
-        fwd_ws<T, D, true, false, false, WG_BK, true, true>(P, q, k, v, mask, out, lse, &km);     \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsptn_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
                                const T* k, const T* v, const unsigned char* mask, T* out,         \
                                float* lse) {                                                      \
@@ -2310,13 +2286,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {    \
         dkdv_wg<T, D, WG_BS, true, true, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, \
                                                             dv, dqacc, tms.m);                    \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt2n_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,       \
-                               const T* k, const T* v, const unsigned char* mask, const float* lse,\
-                               const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {   \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, true>(                         \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         bwd_wgt3_##NAME##_##D(const __grid_constant__ LMaps lms, const Params P, const T* q,        \
