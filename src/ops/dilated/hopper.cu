@@ -814,6 +814,9 @@ struct KMaps {
 // two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
 // on the tensor cores, and only the O rescale and the packing of P(n) wait for it. Same
 // registers as without (s holds P(n) in f32 until then; pa is read by P(c)·V(c)).
+// ptxas scheduled the wait for P(c)·V(c) ahead of that softmax in every such kernel until
+// stop 22; the persistent kernels (PS) now end the block before it (block_end_after), the
+// others keep ptxas's schedule (measured faster there; CUDA.md).
 //
 // PS (with OV): persistent. The grid is one CTA per SM; CTA c takes the work items
 // (query tile, head, batch) c, c + gridDim.x, ... in the order of the non-persistent grid
