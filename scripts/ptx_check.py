@@ -10,6 +10,10 @@ shows in the spill columns. With --base REV, also the kernels whose numbers diff
 those of the same sources at git revision REV. With --sass KERNEL, the kernel's SASS
 (cuobjdump and nvdisasm from their wheels; 13.2, the oldest on PyPI, reads 13.0's cubins),
 to read where ptxas put moves, branches and waits; with --base too, a diff against REV's.
+With --waits KERNEL[,KERNEL...], each kernel's wgmma waits in SASS order with the MUFU.EX2
+(exponentials) between them (with --base, of REV's sources): whether a softmax meant to
+run under an MMA sits before the wait for that MMA (ptxas schedules waits freely within a
+basic block; stop 22 found the overlapped forward's softmax after its wait for P·V).
 
 NVRTC and ptxas come from NVIDIA's PyPI wheels (nvidia-cuda-nvrtc, nvidia-cuda-nvcc, the
 CUDA version of the GPU machine, 13.0), downloaded once into a cache folder
@@ -17,6 +21,7 @@ CUDA version of the GPU machine, 13.0), downloaded once into a cache folder
 developers only, never a dependency of the crate.
 
     python3 scripts/ptx_check.py [--arch sm_90a] [--only REGEX] [--base REV] [--sass KERNEL]
+                                 [--waits KERNEL[,KERNEL...]]
 """
 
 import argparse
@@ -75,6 +80,35 @@ def sass(lib, ptxas, src, arch, kernel):
     # Drop addresses and encodings, so that two versions diff by instruction.
     return [re.sub(r"/\*[0-9a-f]{4,}\*/|/\* 0x[0-9a-f]+ \*/", "", l).rstrip()
             for l in out.splitlines() if l.strip() and not l.strip().startswith("/* 0x")]
+
+
+def waits(lib, ptxas, src, arch, names):
+    """Per kernel: its wgmma waits and the exponentials between them, in SASS order."""
+    ptx, _ = compile_ptx(lib, src, arch)
+    cuobjdump, bindir = sass_tools()
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    with tempfile.TemporaryDirectory() as d:
+        path, cubin = os.path.join(d, "m.ptx"), os.path.join(d, "m.cubin")
+        open(path, "wb").write(ptx)
+        entries = [x for n in names for x in ("-e", n)]
+        subprocess.run([ptxas, f"-arch={arch}", path, "-o", cubin] + entries, check=True,
+                       capture_output=True)
+        for n in names:
+            out = subprocess.run([cuobjdump, "-sass", "-fun", n, cubin], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            seq, ex2 = [], 0
+            for line in out.splitlines():
+                if "MUFU.EX2" in line:
+                    ex2 += 1
+                m = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", line)
+                if m:
+                    if ex2:
+                        seq.append(f"{ex2} EX2")
+                    seq.append(f"wait<={int(m.group(1), 16)}")
+                    ex2 = 0
+            if ex2:
+                seq.append(f"{ex2} EX2")
+            print(f"{n}: " + " | ".join(seq))
 
 
 def toolkit():
@@ -142,8 +176,13 @@ def main():
     ap.add_argument("--only", default=".", help="regex over kernel names")
     ap.add_argument("--base", help="git revision to compare with")
     ap.add_argument("--sass", metavar="KERNEL", help="print (or with --base, diff) its SASS")
+    ap.add_argument("--waits", metavar="KERNELS",
+                    help="comma-separated kernels: their wgmma waits and the exponentials between")
     a = ap.parse_args()
     lib, ptxas = toolkit()
+    if a.waits:
+        waits(lib, ptxas, sources_at(a.base), a.arch, a.waits.split(","))
+        return
     if a.sass:
         new = sass(lib, ptxas, sources_at(None), a.arch, a.sass)
         if not a.base:
