@@ -345,10 +345,13 @@ template <int N> __device__ __forceinline__ void wg_wait() {
 }
 // ptxas schedules the instructions of a basic block freely around a wgmma wait
 // (WARPGROUP.DEPBAR): in fwd_ws's overlapped loop it placed the wait for P(c)·V(c) before
-// the whole softmax of S(n) (SASS of every fwd_wso* / fwd_wsp* kernel up to stop 21), so the
-// softmax never ran under that MMA. A branch on values the code before the wait computes
-// last (never taken: both all-ones bit patterns) ends the block, and the wait stays after
-// the code that computes them; the branch's body is a no-op that NVVM cannot remove.
+// the whole softmax of S(n) (SASS of stop 21's fwd_wso* / fwd_wsp* kernels), so the softmax
+// never ran under that MMA. A branch on values the code before the wait computes last
+// (never taken: both all-ones bit patterns) ends the block, and the wait stays after the
+// code that computes them; the branch's body is a no-op that NVVM cannot remove. Hazard: in
+// dq_wgr (D = 64) the same branch under an in-flight wgmma made ptxas produce a wrong dQ
+// (stop 22's oracle tests); a kernel that gets one needs the device tests, and
+// `scripts/ptx_check.py --waits` shows where its waits landed.
 __device__ __forceinline__ void block_end_after(float a, float b) {
     if ((__float_as_uint(a) & __float_as_uint(b)) == 0xffffffffu) asm volatile("nanosleep.u32 0;");
 }
@@ -814,9 +817,9 @@ struct KMaps {
 // two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
 // on the tensor cores, and only the O rescale and the packing of P(n) wait for it. Same
 // registers as without (s holds P(n) in f32 until then; pa is read by P(c)·V(c)).
-// ptxas scheduled the wait for P(c)·V(c) ahead of that softmax in every such kernel until
-// stop 22; the persistent kernels (PS) now end the block before it (block_end_after), the
-// others keep ptxas's schedule (measured faster there; CUDA.md).
+// ptxas scheduled the wait for P(c)·V(c) ahead of that softmax (stop 21's SASS); the
+// persistent kernels (PS) now end the block before it (block_end_after), the others keep
+// ptxas's schedule (the causal fwd_wsot measured slower with the block end; CUDA.md).
 //
 // PS (with OV): persistent. The grid is one CTA per SM; CTA c takes the work items
 // (query tile, head, batch) c, c + gridDim.x, ... in the order of the non-persistent grid
@@ -1155,8 +1158,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             float al0, al1;
             softmax_p(nx, sn, al0, al1);
             if constexpr (SPLIT) mbar_arrive(empty(sn));  // K(n) and its key metadata are read
-            // The softmax above, under P(c)·V(c): in the persistent kernel (measured +0.7 ...
-            // +3.9 % on 7 of 8 non-causal cases, stop 22; the causal fwd_wsot -1.7 / -3.3 %).
+            // The softmax above, under P(c)·V(c): in the persistent kernels only (fwd_wspt
+            // +1.4 ... +2.8 % dense in two calls, stop 22; fwd_wsot -1.7 / -3.3 %).
             if constexpr (PS && !NB) block_end_after(l[0], l[1]);
             wg_wait<0>();
             reg_fence(o);
