@@ -268,7 +268,12 @@ fn main() {
     };
     let name = dev.name().unwrap_or_default();
     println!("device: {name}");
+    let t = std::time::Instant::now();
     gpu::warm_up(&dev).unwrap();
+    println!(
+        "kernels compiled and loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let mut recs: Vec<String> = Vec::new();
     // One record: the pass's median time and, for the default kernels, the peak of the
     // device pool's allocations during one call (inputs included).

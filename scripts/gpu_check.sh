@@ -32,6 +32,18 @@ cp "$example_bin" "$stage/ring_nccl"
 strip "$stage"/gpu_vs_oracle "$stage"/gpu_bench "$stage"/gpu_ring "$stage"/nccl_ring \
   "$stage"/gpu_ring_bench "$stage"/ring_nccl 2>/dev/null || true
 cp benches/peers/torch_dilated.py "$stage/"
+# The kernels, compiled here ahead of time with NVRTC 13.0 (the GPU machine's CUDA version;
+# NVIDIA's PyPI wheel, fetched once by ptx_check.py into its cache folder) into the folder
+# the run script points DILATED_ATTENTION_KERNEL_CACHE at: every process there (tests,
+# sanitizers, bench) then loads the module instead of compiling it (~150 s on a fresh
+# machine until stop 22). The same SASS ptx_check.py shows. PRECOMPILE=0 skips it.
+if [ "${PRECOMPILE:-1}" != 0 ]; then
+  nvrtc_lib=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); import ptx_check; print(ptx_check.toolkit()[0])')
+  cargo build --release --features cuda --example precompile_kernels 2>/dev/null
+  LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    target/release/examples/precompile_kernels sm_90a "$stage/kernels" \
+    || { echo "precompile failed (PRECOMPILE=0 stages without)" >&2; exit 1; }
+fi
 cp scripts/gpu_run.sh "$stage/run_all.sh"
 cp scripts/ab_compare.py "$stage/"
 # BASE_REV=<git revision>: also the bench of that revision, as gpu_bench_base, for the `ab`
@@ -58,9 +70,9 @@ GPU_STAGE_DIR=<that checkout>/.gpu), run:
 ringbench, profile, ab, variants; ab and variants need BASE_REV here: this build, or each
 gpu_bench_<v> / gpu_vs_oracle_<v> copied into the stage after this script, against that one,
 same call; results in ab.txt / variants.txt, round logs in ab_runs.tar / variants_runs.tar)
-A call may run 600 s at most; where the stages together need more (on a fresh H200 the
-module's first compile and load alone takes ~140 s, the whole tests stage ~200 s with
-it, racecheck ~190 s: stop 16),
+A call may run 600 s at most; where the stages together need more (without the staged
+kernels, PRECOMPILE=0, the module's first compile and load on a fresh H200 alone took
+~140 s, the whole tests stage ~200 s with it, racecheck ~190 s: stop 16),
 split it:
   command="bash .gpu/run_all.sh tests sanitize", then command="bash .gpu/run_all.sh bench peers quick"
 MSG

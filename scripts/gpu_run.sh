@@ -14,6 +14,9 @@ O=${OUT:-/tmp/gpu_out}
 mkdir -p "$O"
 export PYTHONUNBUFFERED=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# The module compiled ahead of time by gpu_check.sh (loaded, not compiled, by every process
+# whose kernel sources match; a mismatch compiles as usual and adds its own file).
+if [ -d "$G/kernels" ]; then export DILATED_ATTENTION_KERNEL_CACHE=$PWD/$G/kernels; fi
 stages=" ${*:-all} "
 has() { [[ "$stages" == *" $1 "* || "$stages" == *" all "* ]]; }
 # The 2-GPU stages run only when asked for by name.

@@ -37,13 +37,16 @@ fn dev() -> std::sync::MutexGuard<'static, Cuda> {
         let d = Cuda::new(0).expect("these tests need a CUDA GPU");
         d.set_poison(true);
         eprintln!("GPU: {}", d.name().unwrap_or_default());
-        // The module's compile and load, timed, so that a slow first use (NVRTC, and the
-        // driver's JIT of the PTX on a fresh machine) is not mistaken for a hung kernel.
+        // The module's compile and load, timed, so that a slow first use (NVRTC, ~90 s for
+        // sm_90a) is not mistaken for a hung kernel; with DILATED_ATTENTION_KERNEL_CACHE
+        // naming a folder with a matching precompiled module, a load of well under 1 s.
         let t = std::time::Instant::now();
         gpu::warm_up(&d).expect("compile the kernels");
         eprintln!(
-            "kernels compiled and loaded in {:.1} s",
-            t.elapsed().as_secs_f64()
+            "kernels compiled and loaded in {:.1} s ({}={:?})",
+            t.elapsed().as_secs_f64(),
+            gpu::KERNEL_CACHE_VAR,
+            std::env::var_os(gpu::KERNEL_CACHE_VAR)
         );
         Mutex::new(d)
     })

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use cudarc::nvrtc::CompileOptions;
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::shape::{check_len, Combine, Dims, Plan};
@@ -268,7 +268,186 @@ impl Prob {
 
 type Cache = Mutex<HashMap<usize, Arc<CudaModule>>>;
 
+/// Environment variable naming a folder of compiled modules kept across processes (see
+/// [`module`]); unset, every process compiles once per device.
+pub const KERNEL_CACHE_VAR: &str = "DILATED_ATTENTION_KERNEL_CACHE";
+
+/// The whole module's source: `dilated.cu`, `hopper.cu`, the ring's `gpu.cu`.
+fn kernel_source() -> String {
+    format!("{SRC}\n{HOPPER_SRC}\n{RING_SRC}")
+}
+
+/// NVRTC's target for compute capability `major.minor`: `sm_90a` on 9.0 (`wgmma` exists
+/// only in the arch-specific target, hopper.cu), `sm_XY` elsewhere.
+fn target_arch(major: i32, minor: i32) -> String {
+    let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+    format!("sm_{major}{minor}{suffix}")
+}
+
+/// Include paths from `$CUDA_HOME` / `$CUDA_PATH` (`include`, `include/cccl`) where they
+/// exist. The kernels include no header (checked by a unit test), so these paths cannot
+/// change the compiled code and stay out of the cache key.
+fn include_options() -> Vec<String> {
+    let mut v = Vec::new();
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = std::env::var_os(var) {
+            let root = std::path::PathBuf::from(root);
+            for sub in ["include", "include/cccl"] {
+                let p = root.join(sub);
+                if p.is_dir() {
+                    v.push(format!("--include-path={}", p.to_string_lossy()));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The options that determine the code: the target and the language standard.
+fn code_options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+}
+
+/// NVRTC's (major, minor) version.
+fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-pointers to live locals; NVRTC's presence was checked by the caller.
+    let rc = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::Device {
+            msg: format!("nvrtcVersion failed: {rc:?}"),
+        });
+    }
+    Ok((major, minor))
+}
+
+/// 64-bit FNV-1a over `parts`, each followed by a zero byte: the cache key. Stable across
+/// Rust versions and platforms (std's `DefaultHasher` is not), and plenty for telling
+/// sources apart (it is not a defence against a crafted file: the folder is trusted).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.iter().chain(std::iter::once(&0u8)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The cache file name of the module for `arch` compiled from `src` by NVRTC `version`:
+/// `<arch>-<key>.cubin`, the key over the source, the code options and the version.
+fn cache_name(src: &str, arch: &str, version: (i32, i32)) -> String {
+    let opts = code_options(arch).join(" ");
+    let ver = format!("nvrtc {}.{}", version.0, version.1);
+    let key = fnv1a(&[
+        b"dilated-attention module v1",
+        opts.as_bytes(),
+        ver.as_bytes(),
+        src.as_bytes(),
+    ]);
+    format!("{arch}-{key:016x}.cubin")
+}
+
+/// Compile the module for `arch` with NVRTC straight to a CUBIN (SASS for that target).
+///
+/// NVRTC assembles the SASS itself whenever the target is a real architecture; loading
+/// its PTX instead, as the crate did until stop 23, had the driver assemble the same
+/// module a second time (about half of the first call's ~150 s on a fresh H200).
+fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result, sys};
+    let fail = |what: &str, e: &dyn std::fmt::Debug| Error::Device {
+        msg: format!("NVRTC {what} (dilated.cu, {arch}): {e:?}"),
+    };
+    let csrc = std::ffi::CString::new(src).map_err(|e| fail("source", &e))?;
+    let prog = result::create_program(&csrc, None).map_err(|e| fail("create", &e))?;
+    let mut opts = code_options(arch);
+    opts.extend(include_options());
+    // SAFETY: `prog` is a live program from create_program; it is destroyed once below,
+    // after its log or CUBIN has been copied out.
+    let out = unsafe {
+        let compiled = result::compile_program(prog, &opts);
+        let out = match compiled {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes)
+                            .trim_end_matches('\0')
+                            .to_string()
+                    })
+                    .unwrap_or_default();
+                Err(Error::Device {
+                    msg: format!("NVRTC failed to compile dilated.cu for {arch}: {e:?}\n{log}"),
+                })
+            }
+            Ok(()) => {
+                let mut n = 0usize;
+                let rc = sys::nvrtcGetCUBINSize(prog, &mut n);
+                if rc != sys::nvrtcResult::NVRTC_SUCCESS || n == 0 {
+                    Err(fail("CUBIN size", &rc))
+                } else {
+                    let mut bin = vec![0u8; n];
+                    let rc = sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr().cast());
+                    if rc != sys::nvrtcResult::NVRTC_SUCCESS {
+                        Err(fail("CUBIN", &rc))
+                    } else {
+                        Ok(bin)
+                    }
+                }
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    };
+    out
+}
+
+/// Write `bin` to `path` through a temporary file in the same folder and a rename, so that
+/// a reader never sees a partial file (a process that loses the race overwrites an
+/// identical one).
+fn write_atomic(path: &std::path::Path, bin: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bin)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+fn check_nvrtc() -> Result<()> {
+    // SAFETY: only tries to open the shared library.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Device {
+            msg: "NVRTC (libnvrtc) was not found; it compiles the CUDA kernels at run time".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Compile the module for `arch` (`"sm_90a"` for Hopper, `"sm_80"`, ...) without a GPU and
+/// write it into folder `dir` under the name a process with [`KERNEL_CACHE_VAR`] = `dir`
+/// looks for; returns the file's path. Needs NVRTC (no driver, no GPU): for building the
+/// kernels ahead of time on another machine (`examples/precompile_kernels.rs`).
+pub fn precompile(arch: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
+    check_nvrtc()?;
+    let src = kernel_source();
+    let path = dir.join(cache_name(&src, arch, nvrtc_version()?));
+    let bin = compile_cubin(&src, arch)?;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| write_atomic(&path, &bin))
+        .map_err(|e| Error::Device {
+            msg: format!("writing {}: {e}", path.display()),
+        })?;
+    Ok(path)
+}
+
 /// The compiled module of device `dev`, compiling it at first use.
+///
+/// With [`KERNEL_CACHE_VAR`] set to a folder, the module is first looked up there (file
+/// name from [`cache_name`]: source, target, NVRTC version), and a freshly compiled one is
+/// written there; a file the driver refuses (another GPU, a damaged file) is compiled
+/// again and replaced. A failure to write the cache costs only the next process's compile
+/// and is not an error.
 fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
@@ -276,12 +455,7 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
     if let Some(m) = map.get(&dev.ordinal()) {
         return Ok(m.clone());
     }
-    // SAFETY: only tries to open the shared library.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(Error::Device {
-            msg: "NVRTC (libnvrtc) was not found; it compiles the CUDA kernels at run time".into(),
-        });
-    }
+    check_nvrtc()?;
     let (major, minor) = dev
         .context()
         .compute_capability()
@@ -291,35 +465,36 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
             msg: format!("compute capability {major}.{minor}: the kernels need 8.0 or newer"),
         });
     }
-    // 9.0 gets the arch-specific target: `wgmma` exists only in sm_90a (hopper.cu).
-    let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
-    let arch: &'static str = Box::leak(format!("sm_{major}{minor}{suffix}").into_boxed_str());
-    let mut include_paths = Vec::new();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Some(root) = std::env::var_os(var) {
-            let root = std::path::PathBuf::from(root);
-            for sub in ["include", "include/cccl"] {
-                let p = root.join(sub);
-                if p.is_dir() {
-                    include_paths.push(p.to_string_lossy().into_owned());
-                }
+    let arch = target_arch(major, minor);
+    let src = kernel_source();
+    let cached = std::env::var_os(KERNEL_CACHE_VAR)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            Ok::<_, Error>(std::path::PathBuf::from(d).join(cache_name(
+                &src,
+                &arch,
+                nvrtc_version()?,
+            )))
+        })
+        .transpose()?;
+    if let Some(path) = &cached {
+        if let Ok(bin) = std::fs::read(path) {
+            if let Ok(m) = dev.context().load_module(Ptx::from_binary(bin)) {
+                map.insert(dev.ordinal(), m.clone());
+                return Ok(m);
             }
         }
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        include_paths,
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    let src = format!("{SRC}\n{HOPPER_SRC}\n{RING_SRC}");
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Device {
-        msg: format!("NVRTC failed to compile dilated.cu: {e}"),
-    })?;
+    let bin = compile_cubin(&src, &arch)?;
     let m = dev
         .context()
-        .load_module(ptx)
+        .load_module(Ptx::from_binary(bin.clone()))
         .map_err(dev_err("loading the compiled module"))?;
+    if let Some(path) = &cached {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir).and_then(|()| write_atomic(path, &bin));
+        }
+    }
     map.insert(dev.ordinal(), m.clone());
     Ok(m)
 }
@@ -1383,6 +1558,45 @@ fn bwd_tc_smem(owned_rows: usize, streamed_rows: usize, d: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_cache_key() {
+        // FNV-1a 64 of the empty string followed by our zero separator: one round.
+        assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(&[b"a"]), fnv1a(&[b"a"]));
+        assert_ne!(
+            fnv1a(&[b"ab", b""]),
+            fnv1a(&[b"a", b"b"]),
+            "parts are separated"
+        );
+        let src = kernel_source();
+        let n = cache_name(&src, "sm_90a", (13, 0));
+        assert!(n.starts_with("sm_90a-") && n.ends_with(".cubin"), "{n}");
+        assert_eq!(n, cache_name(&src, "sm_90a", (13, 0)), "deterministic");
+        assert_ne!(n, cache_name(&src, "sm_80", (13, 0)), "target in the key");
+        assert_ne!(
+            n,
+            cache_name(&src, "sm_90a", (13, 1)),
+            "NVRTC version in the key"
+        );
+        let edited = format!("{src}\n// an edit\n");
+        assert_ne!(
+            n,
+            cache_name(&edited, "sm_90a", (13, 0)),
+            "source in the key"
+        );
+        assert_eq!(target_arch(9, 0), "sm_90a");
+        assert_eq!(target_arch(8, 9), "sm_89");
+    }
+
+    #[test]
+    fn kernels_include_no_header() {
+        // The include paths are left out of the cache key because no header is read.
+        assert!(
+            !kernel_source().contains("#include"),
+            "a kernel source includes a header: put the include paths into cache_name"
+        );
+    }
 
     /// Opt-in dynamic shared memory per block on compute capability 9.0 (227 KiB).
     const SM90_SMEM: u32 = 232_448;
