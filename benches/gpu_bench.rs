@@ -36,6 +36,8 @@ struct Args {
     check_dir: Option<String>,
     quick: bool,
     max_n: usize,
+    /// Lengths below this are skipped (`--min-n`: a profile of one length's first launch).
+    min_n: usize,
     bwd: bool,
     /// Also time the alternative kernels (the [`FWD_VARIANTS`] and [`BWD_VARIANTS`]).
     variants: bool,
@@ -144,6 +146,7 @@ fn args() -> Args {
         check_dir: None,
         quick: false,
         max_n: 1 << 20,
+        min_n: 0,
         bwd: true,
         variants: true,
         only: None,
@@ -162,6 +165,10 @@ fn args() -> Args {
             }
             "--max-n" => {
                 a.max_n = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(a.max_n);
+                i += 1;
+            }
+            "--min-n" => {
+                a.min_n = v.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(a.min_n);
                 i += 1;
             }
             "--quick" => a.quick = true,
@@ -311,7 +318,7 @@ fn main() {
 
     // Dense.
     for &n in &[16384usize, 65536] {
-        if n > a.max_n {
+        if n > a.max_n || n < a.min_n {
             continue;
         }
         let q = rand_buf(&dev, n * H * D, 1);
@@ -349,7 +356,7 @@ fn main() {
 
     // Dilated.
     for &n in &[16384usize, 65536, 262144, 1 << 20] {
-        if n > a.max_n {
+        if n > a.max_n || n < a.min_n {
             continue;
         }
         let q = rand_buf(&dev, n * H * D, 5);

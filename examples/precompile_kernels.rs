@@ -20,7 +20,7 @@ fn main() {
     let t = std::time::Instant::now();
     match dilated_attention::ops::dilated::cuda::precompile(&arch, &dir) {
         Ok(path) => println!(
-            "{}: {} bytes, compiled in {:.1} s",
+            "{}: {} bytes, in {:.1} s (a file already there is kept)",
             path.display(),
             std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0),
             t.elapsed().as_secs_f64()

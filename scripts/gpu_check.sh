@@ -40,9 +40,14 @@ cp benches/peers/torch_dilated.py "$stage/"
 if [ "${PRECOMPILE:-1}" != 0 ]; then
   nvrtc_lib=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); import ptx_check; print(ptx_check.toolkit()[0])')
   cargo build --release --features cuda --example precompile_kernels 2>/dev/null
-  LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    target/release/examples/precompile_kernels sm_90a "$stage/kernels" \
+  # Kept in target/precompiled-kernels (named by the sources' key: unchanged sources are
+  # not compiled again), the current one copied into the stage.
+  cubin=$(LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    target/release/examples/precompile_kernels sm_90a target/precompiled-kernels | cut -d: -f1) \
     || { echo "precompile failed (PRECOMPILE=0 stages without)" >&2; exit 1; }
+  mkdir -p "$stage/kernels"
+  cp "$cubin" "$stage/kernels/"
+  echo "kernels: $cubin"
 fi
 cp scripts/gpu_run.sh "$stage/run_all.sh"
 cp scripts/ab_compare.py "$stage/"
@@ -55,6 +60,9 @@ if [ -n "${BASE_REV:-}" ]; then
   base_bin=$(cargo bench --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" --features cuda \
     --bench gpu_bench --no-run --message-format=json 2>/dev/null | exe gpu_bench || true)
   git worktree remove --force "$wt"
+  # The base's build shares this target folder; without a fresh mtime here, the next cargo
+  # build of this checkout linked a bench against the base's library (seen in stop 23).
+  touch src/lib.rs
   [ -n "$base_bin" ] || { echo "build of $BASE_REV failed" >&2; exit 1; }
   cp "$base_bin" "$stage/gpu_bench_base"
   strip "$stage/gpu_bench_base" 2>/dev/null || true

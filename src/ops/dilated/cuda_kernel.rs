@@ -427,11 +427,15 @@ fn check_nvrtc() -> Result<()> {
 /// Compile the module for `arch` (`"sm_90a"` for Hopper, `"sm_80"`, ...) without a GPU and
 /// write it into folder `dir` under the name a process with [`KERNEL_CACHE_VAR`] = `dir`
 /// looks for; returns the file's path. Needs NVRTC (no driver, no GPU): for building the
-/// kernels ahead of time on another machine (`examples/precompile_kernels.rs`).
+/// kernels ahead of time on another machine (`examples/precompile_kernels.rs`). A file of
+/// that name already there is kept (the name is the content's key) and nothing is compiled.
 pub fn precompile(arch: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
     check_nvrtc()?;
     let src = kernel_source();
     let path = dir.join(cache_name(&src, arch, nvrtc_version()?));
+    if path.is_file() {
+        return Ok(path);
+    }
     let bin = compile_cubin(&src, arch)?;
     std::fs::create_dir_all(dir)
         .and_then(|()| write_atomic(&path, &bin))
