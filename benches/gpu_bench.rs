@@ -125,19 +125,6 @@ const BWD_VARIANTS: &[Variant] = &[
         d.set_fused_dq(!on);
         d.set_bwd_deferred_waits(on)
     }),
-    // Experimental forms of bwd_wgt2 (stop 23, Cuda::set_bwd_wgt2_variant).
-    ("noturns", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 1 } else { 0 })
-    }),
-    ("bothturns", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 2 } else { 0 })
-    }),
-    ("rot8", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 3 } else { 0 })
-    }),
-    ("rot32", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 4 } else { 0 })
-    }),
 ];
 
 fn args() -> Args {

@@ -1206,12 +1206,9 @@ __device__ void dq_tc(const Params& P, const T* __restrict__ q, const T* __restr
 struct KvState {
     int hh, i, q0;
     int h, o, a, m, r;
-    // ROT (kv_next below) only: the pattern's first query tile qf, its tile count nt, the
-    // tiles visited j, the rotation asked for rot (tiles) and its value rs < nt.
-    int qf, nt, j, rot, rs;
 };
 
-template <int BS, bool ROT = false>
+template <int BS>
 __device__ __forceinline__ bool kv_setup(const Params& P, const Tile& t, int g, int grp, int b,
                                          const unsigned char* mask, KvState& st) {
     st.h = g * grp + st.hh;
@@ -1233,51 +1230,24 @@ __device__ __forceinline__ bool kv_setup(const Params& P, const Tile& t, int g, 
     st.r = r;
     st.m = (w - o + r - 1) / r;
     st.q0 = P.causal ? ((kmin - a - o) / r) / BS * BS : 0;
-    if (ROT) {
-        st.qf = st.q0;
-        st.nt = (st.m - st.qf + BS - 1) / BS;
-        st.rs = st.rot % st.nt;
-        st.j = 0;
-        st.q0 = st.qf + st.rs * BS;
-    }
     return true;
 }
 
-// The next query tile of a key-owner's walk (patterns, then heads of the KV group). ROT:
-// each pattern's tiles from tile rs on, wrapping around (rs = st.rot mod the tile count;
-// the caller sets st.rot, and st.j = st.nt = 0 before the first call), so that owners
-// running at the same moment do not all reduce into the same dQ rows.
-template <int BS, bool ROT = false>
+template <int BS>
 __device__ __forceinline__ bool kv_next(const Params& P, const Tile& t, int g, int grp, int b,
                                         const unsigned char* mask, KvState& st) {
-    if (ROT) {
-        st.j++;
-    } else {
-        st.q0 += BS;
-    }
+    st.q0 += BS;
     while (true) {
-        if (ROT) {
-            if (st.j < st.nt) {
-                int x = st.rs + st.j;
-                if (x >= st.nt) x -= st.nt;
-                st.q0 = st.qf + x * BS;
-                return true;
-            }
-        } else if (st.q0 < st.m) {
-            return true;
-        }
+        if (st.q0 < st.m) return true;
         st.i++;
         if (st.i >= P.G) {
             st.i = 0;
             st.hh++;
             if (st.hh >= grp) return false;
         }
-        if (!kv_setup<BS, ROT>(P, t, g, grp, b, mask, st)) {
+        if (!kv_setup<BS>(P, t, g, grp, b, mask, st)) {
             st.m = 0;
             st.q0 = 0;
-            st.j = st.nt = 0;
-        } else if (ROT) {
-            return true;  // kv_setup placed q0 on the pattern's first tile of the walk
         }
     }
 }

@@ -1683,12 +1683,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
 // (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
 // metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
-// TMO (experiments, bwd_wgt2 only): the turns' phases in place of FUSED_TURNS (-1: that).
-// ROT (experiments): owner x walks each pattern's query tiles from tile ((x & 7) · ROT) mod
-// the count on, wrapping around (kv_next): the 132 owners resident at one moment then
-// reduce-add into eight query tiles' dQ rows instead of one.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, int TMO = -1, int ROT = 0>
+          bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1699,8 +1695,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
     // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
     // Which MMA phases take turns: FUSED_TURNS / DKDV_TURNS above.
-    constexpr int TM = TMO >= 0 ? TMO : FQ ? FUSED_TURNS : (DW ? 0 : DKDV_TURNS);
-    constexpr bool RT = ROT > 0;
+    constexpr int TM = FQ ? FUSED_TURNS : (DW ? 0 : DKDV_TURNS);
     constexpr bool TU1 = PP && (TM & 1), TU2 = PP && (TM & 2);
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
@@ -1801,9 +1796,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     cur.i = -1;
     cur.m = 0;
     cur.q0 = 0;
-    cur.rot = (blockIdx.x & 7) * ROT;
-    cur.j = cur.nt = 0;
-    bool have = kv_next<BS, RT>(P, t, g, grp, b, mask, cur);
+    bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
     if (have) query_put<BS>(P, load_q(cur, 0, 0), tid, qmeta);
     if (PP) {
         if (have) produced(0);
@@ -1914,7 +1907,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     };
     while (have) {
         KvState nx = cur;
-        bool hn = kv_next<BS, RT>(P, t, g, grp, b, mask, nx);
+        bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
         const int ns = stage == NS - 1 ? 0 : stage + 1;
         QPre pre{};
         constexpr bool LATE = PP && !DW && (LOAD_LATE & (FQ ? 4 : 2));
@@ -2158,18 +2151,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 // Streamed tile rows of the backward kernels.
 #define WG_BS 64
 
-// Experimental bwd_wgt2 kernels (stop 23; Cuda::set_bwd_wgt2_variant): bwd_wgt2<X> with the
-// turns' phases TMO (-1: FUSED_TURNS) and the query-tile rotation ROT (dkdv_wg above).
-#define BWD_WGT2X(T, NAME, D, X, TMO, ROT)                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt2##X##_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,   \
-                                   const T* k, const T* v, const unsigned char* mask,             \
-                                   const float* lse, const T* dout, const float* delta, T* dk,    \
-                                   T* dv, float* dqacc) {                                         \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, TMO, ROT>(                     \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
-    }
-
 // Dynamic shared memory (mirrored by `wg_smem` / `wg_bwd_smem` in cuda_kernel.rs): 1024
 // bytes of alignment slack; fwd_wg: the Q tile, two stages of K and V tiles, key metadata;
 // dq_wg / dkdv_wg: two owner tiles, three stages of two streamed tiles, row metadata.
@@ -2312,10 +2293,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dkdv_wg<T, D, WG_BS, true, true, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, \
                                                             dv, dqacc, tms.m);                    \
     }                                                                                             \
-    BWD_WGT2X(T, NAME, D, n, 0, 0)                                                                \
-    BWD_WGT2X(T, NAME, D, b, 3, 0)                                                                \
-    BWD_WGT2X(T, NAME, D, r, -1, 8)                                                               \
-    BWD_WGT2X(T, NAME, D, s, -1, 32)                                                              \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         bwd_wgt3_##NAME##_##D(const __grid_constant__ LMaps lms, const Params P, const T* q,        \
                               const T* k, const T* v, const unsigned char* mask, const float* lse,\
