@@ -125,13 +125,6 @@ const BWD_VARIANTS: &[Variant] = &[
         d.set_fused_dq(!on);
         d.set_bwd_deferred_waits(on)
     }),
-    // Experimental forms of bwd_wgt2 (stop 23, Cuda::set_bwd_wgt2_variant).
-    ("regk", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 1 } else { 0 })
-    }),
-    ("regkv", |d, on| {
-        d.set_bwd_wgt2_variant(if on { 2 } else { 0 })
-    }),
 ];
 
 fn args() -> Args {

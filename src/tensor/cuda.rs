@@ -204,8 +204,6 @@ pub struct Cuda {
     /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
     /// hoist (`false`: `fwd_wsptn`).
     wait_block_ends: AtomicBool,
-    /// Experimental `bwd_wgt2` kernels (0: the default kernel).
-    bwd_wgt2_variant: AtomicU8,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -276,7 +274,6 @@ impl Cuda {
             fused_tma_loads: AtomicBool::new(false),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
-            bwd_wgt2_variant: AtomicU8::new(0),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -578,17 +575,6 @@ impl Cuda {
     /// See [`set_wait_block_ends`](Self::set_wait_block_ends).
     pub fn wait_block_ends(&self) -> bool {
         self.wait_block_ends.load(Ordering::Relaxed)
-    }
-    /// The default fused backward `bwd_wgt2` or an experimental form of it, for comparisons
-    /// (stop 23): 0 the default; 1 `bwd_wgt2k`, the warpgroup's owner rows of K held as
-    /// register A fragments of `Sᵀ = K Qᵀ`; 2 `bwd_wgt2kv`, those of V for `dPᵀ = V dOᵀ`
-    /// too. Values above 2 are taken as 0.
-    pub fn set_bwd_wgt2_variant(&self, v: u8) {
-        self.bwd_wgt2_variant.store(v, Ordering::Relaxed);
-    }
-    /// See [`set_bwd_wgt2_variant`](Self::set_bwd_wgt2_variant).
-    pub fn bwd_wgt2_variant(&self) -> u8 {
-        self.bwd_wgt2_variant.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

@@ -1330,13 +1330,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
         } else {
             None
         };
-        let wgt2 = ["wgt2", "wgt2k", "wgt2kv"];
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt2 => (
-                *wgt2.get(dev.bwd_wgt2_variant() as usize).unwrap_or(&"wgt2"),
-                wg_fused_tma2_smem(d),
-            ),
+            HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
             HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
             _ => ("wg", wg_fused_smem(d)),

@@ -1683,12 +1683,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
 // (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
 // metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
-// RKA (experiment, bwd_wgt2 only): the warpgroup's 64 owner rows of K (1), and of V (2), held
-// as register A fragments (wg_frag_a after tile 0's full barrier), so that Sᵀ = K Qᵀ (and
-// dPᵀ = V dOᵀ) read only the streamed tile from shared memory: 16 KiB (32 KiB) less per
-// warpgroup and tile of shared-memory reads, which stop 23's profile found ~70 % busy.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, int RKA = 0>
+          bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -1811,18 +1807,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 
     int stage = 0, cur_hi = -1, it = 0;
     bool part0 = false, part1 = false;
-    // RKA: the owner rows as A fragments, defined on every path before the loop (dq_wgr's
-    // lesson, stop 20: fragments written at tile 0 only let ptxas reuse their registers).
-    static_assert(RKA == 0 || (TS && !TQ), "register K/V: bwd_wgt2 only");
-    u32 kf[RKA >= 1 ? D / 16 : 1][4], vf[RKA >= 2 ? D / 16 : 1][4];
-#pragma unroll
-    for (int i = 0; i < (RKA >= 1 ? D / 16 : 1); ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) kf[i][j] = 0u;
-#pragma unroll
-    for (int i = 0; i < (RKA >= 2 ? D / 16 : 1); ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) vf[i][j] = 0u;
     // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
     u32 xp[BS / 16][4], xs[BS / 16][4];
     // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major; A: the dSᵀ buffer abuf):
@@ -1935,13 +1919,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 }
             }
             pipe.wait_full(it);
-            if constexpr (RKA >= 1) {
-                // Tile 0's full barrier also covered the owner tiles' copies (every thread's).
-                if (it == 0) {
-                    wg_frag_a<D>(kf, sK + wg * 64 * 128, OB, wq * 16 + (lane >> 2), lane);
-                    if constexpr (RKA >= 2) wg_frag_a<D>(vf, sV + wg * 64 * 128, OB, wq * 16 + (lane >> 2), lane);
-                }
-            }
         } else {
             if (hn) pre = load_q(nx, ns, it + 1);
             cp_commit();
@@ -1962,15 +1939,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         float s[BS / 2], dp[BS / 2];
         if (TU1) turn_begin(wg);
         wg_fence();
-        if constexpr (RKA >= 1)
-            wg_xbt<T, D, BS>(s, kf, qb, SB);  // Sᵀ = K Qᵀ
-        else
-            wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
+        wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
         wg_commit();
-        if constexpr (RKA >= 2)
-            wg_xbt<T, D, BS>(dp, vf, ob, SB);  // dPᵀ = V dOᵀ (without fac)
-        else
-            wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
+        wg_abt<T, D, BS, DW>(dp, sV + wg * 64 * 128, OB, ob, SB);  // dPᵀ = V dOᵀ (without fac)
         wg_commit();
         if (TU1) turn_end(wg, TU2 ? false : !hn);  // the last turn passes none on
         if constexpr (LATE) {
@@ -1990,8 +1961,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
         // Not in the deferred-wait and lockstep fused kernels: at 255 registers they spill.
-        // RKA: the fragments take the registers these would (64 bytes of spill at D = 128).
-        constexpr int MPRE = (DW || (FQ && !PP) || RKA) ? 0 : 4;
+        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
         float2 mpre[MPRE > 0 ? MPRE : 1][2];
 #pragma unroll
         for (int n = 0; n < MPRE; ++n) {
@@ -2181,18 +2151,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 // Streamed tile rows of the backward kernels.
 #define WG_BS 64
 
-// Experimental bwd_wgt2 kernels (stop 23; Cuda::set_bwd_wgt2_variant): bwd_wgt2<X> with the
-// owner rows as register A fragments (RKA, dkdv_wg above).
-#define BWD_WGT2X(T, NAME, D, X, RKA)                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
-        bwd_wgt2##X##_##NAME##_##D(const __grid_constant__ TMaps tms, const Params P, const T* q,   \
-                                   const T* k, const T* v, const unsigned char* mask,             \
-                                   const float* lse, const T* dout, const float* delta, T* dk,    \
-                                   T* dv, float* dqacc) {                                         \
-        dkdv_wg<T, D, WG_BS, true, true, false, true, true, false, RKA>(                          \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, tms.m);                            \
-    }
-
 // Dynamic shared memory (mirrored by `wg_smem` / `wg_bwd_smem` in cuda_kernel.rs): 1024
 // bytes of alignment slack; fwd_wg: the Q tile, two stages of K and V tiles, key metadata;
 // dq_wg / dkdv_wg: two owner tiles, three stages of two streamed tiles, row metadata.
@@ -2335,8 +2293,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         dkdv_wg<T, D, WG_BS, true, true, false, true, true>(P, q, k, v, mask, lse, dout, delta, dk, \
                                                             dv, dqacc, tms.m);                    \
     }                                                                                             \
-    BWD_WGT2X(T, NAME, D, k, 1)                                                                   \
-    BWD_WGT2X(T, NAME, D, kv, 2)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 1)                                          \
         bwd_wgt3_##NAME##_##D(const __grid_constant__ LMaps lms, const Params P, const T* q,        \
                               const T* k, const T* v, const unsigned char* mask, const float* lse,\
