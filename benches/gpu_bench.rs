@@ -278,8 +278,9 @@ fn main() {
     let t = std::time::Instant::now();
     gpu::warm_up(&dev).unwrap();
     println!(
-        "kernels compiled and loaded in {:.1} s",
-        t.elapsed().as_secs_f64()
+        "kernels compiled and loaded in {:.1} s (from cache: {:?})",
+        t.elapsed().as_secs_f64(),
+        gpu::module_info(&dev).map(|i| i.loaded_from)
     );
     let mut recs: Vec<String> = Vec::new();
     // One record: the pass's median time and, for the default kernels, the peak of the

@@ -346,6 +346,35 @@ fn longnet_schedule_matches_oracle() {
     }
 }
 
+/// The kernel module came from where the environment says: with
+/// `DILATED_ATTENTION_KERNEL_CACHE` naming a folder (as the device runs stage it, with this
+/// build's precompiled module in it), loaded from or written to that folder under the name
+/// `precompile` gives for the device's target; without it, compiled by this process only.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn kernel_module_origin() {
+    let dev = dev();
+    let info = gpu::module_info(&dev).unwrap();
+    eprintln!("{info:?}");
+    match std::env::var_os(gpu::KERNEL_CACHE_VAR).filter(|d| !d.is_empty()) {
+        Some(dir) => {
+            let used = info
+                .loaded_from
+                .as_ref()
+                .or(info.written_to.as_ref())
+                .expect("with the cache folder set, the module is loaded from it or written to it");
+            assert_eq!(used.parent(), Some(std::path::Path::new(&dir)));
+            // The same file by name: precompile finds it there and compiles nothing.
+            let again = gpu::precompile(&info.arch, std::path::Path::new(&dir)).unwrap();
+            assert_eq!(&again, used);
+        }
+        None => assert!(
+            info.loaded_from.is_none() && info.written_to.is_none(),
+            "{info:?}"
+        ),
+    }
+}
+
 /// Dense attention is the schedule [(N, 1)]: causal, padding mask, detach.
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]

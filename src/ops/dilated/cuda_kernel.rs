@@ -266,7 +266,21 @@ impl Prob {
     }
 }
 
-type Cache = Mutex<HashMap<usize, Arc<CudaModule>>>;
+type Cache = Mutex<HashMap<usize, (Arc<CudaModule>, ModuleInfo)>>;
+
+/// Where a device's kernel module came from ([`module_info`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleInfo {
+    /// NVRTC's target, e.g. `sm_90a`.
+    pub arch: String,
+    /// The cache file it was loaded from (`None`: compiled by this process).
+    pub loaded_from: Option<std::path::PathBuf>,
+    /// The cache file this process wrote after compiling (`None`: no cache folder set, or
+    /// the write failed).
+    pub written_to: Option<std::path::PathBuf>,
+    /// Seconds from the lookup to the loaded module (compile included).
+    pub seconds: f64,
+}
 
 /// Environment variable naming a folder of compiled modules kept across processes (see
 /// [`module`]); unset, every process compiles once per device.
@@ -453,12 +467,24 @@ pub fn precompile(arch: &str, dir: &std::path::Path) -> Result<std::path::PathBu
 /// again and replaced. A failure to write the cache costs only the next process's compile
 /// and is not an error.
 fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
+    module_entry(dev).map(|(m, _)| m)
+}
+
+/// Where the kernels of `dev` came from — the cache file they were loaded from, or compiled
+/// by this process (and written where) — compiling or loading them first if needed. For
+/// diagnostics: whether a [`KERNEL_CACHE_VAR`] folder was used.
+pub fn module_info(dev: &Cuda) -> Result<ModuleInfo> {
+    module_entry(dev).map(|(_, i)| i)
+}
+
+fn module_entry(dev: &Cuda) -> Result<(Arc<CudaModule>, ModuleInfo)> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(m) = map.get(&dev.ordinal()) {
-        return Ok(m.clone());
+    if let Some(e) = map.get(&dev.ordinal()) {
+        return Ok(e.clone());
     }
+    let t = std::time::Instant::now();
     check_nvrtc()?;
     let (major, minor) = dev
         .context()
@@ -481,11 +507,19 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
             )))
         })
         .transpose()?;
+    let mut info = ModuleInfo {
+        arch: arch.clone(),
+        loaded_from: None,
+        written_to: None,
+        seconds: 0.0,
+    };
     if let Some(path) = &cached {
         if let Ok(bin) = std::fs::read(path) {
             if let Ok(m) = dev.context().load_module(Ptx::from_binary(bin)) {
-                map.insert(dev.ordinal(), m.clone());
-                return Ok(m);
+                info.loaded_from = Some(path.clone());
+                info.seconds = t.elapsed().as_secs_f64();
+                map.insert(dev.ordinal(), (m.clone(), info.clone()));
+                return Ok((m, info));
             }
         }
     }
@@ -496,11 +530,17 @@ fn module(dev: &Cuda) -> Result<Arc<CudaModule>> {
         .map_err(dev_err("loading the compiled module"))?;
     if let Some(path) = &cached {
         if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir).and_then(|()| write_atomic(path, &bin));
+            if std::fs::create_dir_all(dir)
+                .and_then(|()| write_atomic(path, &bin))
+                .is_ok()
+            {
+                info.written_to = Some(path.clone());
+            }
         }
     }
-    map.insert(dev.ordinal(), m.clone());
-    Ok(m)
+    info.seconds = t.elapsed().as_secs_f64();
+    map.insert(dev.ordinal(), (m.clone(), info.clone()));
+    Ok((m, info))
 }
 
 pub(crate) fn function(dev: &Cuda, name: &str) -> Result<CudaFunction> {

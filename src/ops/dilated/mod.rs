@@ -38,8 +38,8 @@ pub(crate) mod cuda_kernel;
 #[cfg(feature = "cuda")]
 pub mod cuda {
     pub use super::cuda_kernel::{
-        mask_to_device, precompile, tensor_core_kernel, try_backward, try_forward, warm_up,
-        CudaForward, CudaGrads, KERNEL_CACHE_VAR, MAX_HEAD_DIM, MAX_PATTERNS,
+        mask_to_device, module_info, precompile, tensor_core_kernel, try_backward, try_forward,
+        warm_up, CudaForward, CudaGrads, ModuleInfo, KERNEL_CACHE_VAR, MAX_HEAD_DIM, MAX_PATTERNS,
     };
 }
 
