@@ -282,8 +282,11 @@ pub struct ModuleInfo {
     pub seconds: f64,
 }
 
-/// Environment variable naming a folder of compiled modules kept across processes (see
-/// [`module`]); unset, every process compiles once per device.
+/// Environment variable naming a folder of compiled modules kept across processes: a
+/// process loads its kernels from there when the folder holds a module compiled from the
+/// same sources for the same target by the same NVRTC version, and writes the one it
+/// compiles otherwise ([`module_info`] says which happened; [`precompile`] fills the folder
+/// without a GPU). Unset, every process compiles once per device.
 pub const KERNEL_CACHE_VAR: &str = "DILATED_ATTENTION_KERNEL_CACHE";
 
 /// The whole module's source: `dilated.cu`, `hopper.cu`, the ring's `gpu.cu`.
