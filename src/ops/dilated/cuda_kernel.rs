@@ -1637,6 +1637,22 @@ mod tests {
     }
 
     #[test]
+    fn cache_file_written_whole() {
+        let dir = std::env::temp_dir().join(format!("dilated-kc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sm_90a-0000000000000000.cubin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second, longer").unwrap(); // replaces, never appends
+        assert_eq!(std::fs::read(&path).unwrap(), b"second, longer");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn kernels_include_no_header() {
         // The include paths are left out of the cache key because no header is read.
         assert!(
