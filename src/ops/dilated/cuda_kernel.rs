@@ -366,6 +366,12 @@ fn cache_name(src: &str, arch: &str, version: (i32, i32)) -> String {
     format!("{arch}-{key:016x}.cubin")
 }
 
+/// The cache file in folder `dir` for the module of `arch` compiled from `src` by this
+/// process's NVRTC.
+fn cache_file(dir: &std::path::Path, src: &str, arch: &str) -> Result<std::path::PathBuf> {
+    Ok(dir.join(cache_name(src, arch, nvrtc_version()?)))
+}
+
 /// Compile the module for `arch` with NVRTC straight to a CUBIN (SASS for that target).
 ///
 /// NVRTC assembles the SASS itself whenever the target is a real architecture; loading
@@ -420,10 +426,13 @@ fn compile_cubin(src: &str, arch: &str) -> Result<Vec<u8>> {
     out
 }
 
-/// Write `bin` to `path` through a temporary file in the same folder and a rename, so that
-/// a reader never sees a partial file (a process that loses the race overwrites an
-/// identical one).
+/// Write `bin` to `path` (creating its folder) through a temporary file in the same folder
+/// and a rename, so that a reader never sees a partial file (a process that loses the race
+/// overwrites an identical one).
 fn write_atomic(path: &std::path::Path, bin: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bin)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
@@ -449,16 +458,14 @@ fn check_nvrtc() -> Result<()> {
 pub fn precompile(arch: &str, dir: &std::path::Path) -> Result<std::path::PathBuf> {
     check_nvrtc()?;
     let src = kernel_source();
-    let path = dir.join(cache_name(&src, arch, nvrtc_version()?));
+    let path = cache_file(dir, &src, arch)?;
     if path.is_file() {
         return Ok(path);
     }
     let bin = compile_cubin(&src, arch)?;
-    std::fs::create_dir_all(dir)
-        .and_then(|()| write_atomic(&path, &bin))
-        .map_err(|e| Error::Device {
-            msg: format!("writing {}: {e}", path.display()),
-        })?;
+    write_atomic(&path, &bin).map_err(|e| Error::Device {
+        msg: format!("writing {}: {e}", path.display()),
+    })?;
     Ok(path)
 }
 
@@ -502,13 +509,7 @@ fn module_entry(dev: &Cuda) -> Result<(Arc<CudaModule>, ModuleInfo)> {
     let src = kernel_source();
     let cached = std::env::var_os(KERNEL_CACHE_VAR)
         .filter(|d| !d.is_empty())
-        .map(|d| {
-            Ok::<_, Error>(std::path::PathBuf::from(d).join(cache_name(
-                &src,
-                &arch,
-                nvrtc_version()?,
-            )))
-        })
+        .map(|d| cache_file(std::path::Path::new(&d), &src, &arch))
         .transpose()?;
     let mut info = ModuleInfo {
         arch: arch.clone(),
@@ -532,13 +533,8 @@ fn module_entry(dev: &Cuda) -> Result<(Arc<CudaModule>, ModuleInfo)> {
         .load_module(Ptx::from_binary(bin.clone()))
         .map_err(dev_err("loading the compiled module"))?;
     if let Some(path) = &cached {
-        if let Some(dir) = path.parent() {
-            if std::fs::create_dir_all(dir)
-                .and_then(|()| write_atomic(path, &bin))
-                .is_ok()
-            {
-                info.written_to = Some(path.clone());
-            }
+        if write_atomic(path, &bin).is_ok() {
+            info.written_to = Some(path.clone());
         }
     }
     info.seconds = t.elapsed().as_secs_f64();
@@ -1608,9 +1604,10 @@ mod tests {
 
     #[test]
     fn kernel_cache_key() {
-        // FNV-1a 64 of the empty string followed by our zero separator: one round.
+        // No parts: the offset basis. FNV-1a 64 of "a" is the published 0xaf63dc4c8601ec8c;
+        // with our zero separator after it one more round: 0x089be207b544f1e4.
         assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a(&[b"a"]), fnv1a(&[b"a"]));
+        assert_eq!(fnv1a(&[b"a"]), 0x089b_e207_b544_f1e4);
         assert_ne!(
             fnv1a(&[b"ab", b""]),
             fnv1a(&[b"a", b"b"]),
@@ -1638,8 +1635,8 @@ mod tests {
 
     #[test]
     fn cache_file_written_whole() {
-        let dir = std::env::temp_dir().join(format!("dilated-kc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let top = std::env::temp_dir().join(format!("dilated-kc-{}", std::process::id()));
+        let dir = top.join("kernels"); // not there yet: write_atomic creates it
         let path = dir.join("sm_90a-0000000000000000.cubin");
         write_atomic(&path, b"first").unwrap();
         write_atomic(&path, b"second, longer").unwrap(); // replaces, never appends
@@ -1649,7 +1646,7 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&top).unwrap();
     }
 
     #[test]
