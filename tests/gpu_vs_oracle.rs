@@ -119,7 +119,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // passes where a dilation divides neither N nor its segment); 13: the default with the
     // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 15: the default with the
     // persistent forward as up to stop 21, without the block end before its wait for P·V
-    // (fwd_wsptn; causal problems run fwd_wsot, as by default); 3: the
+    // (fwd_wsptn; causal problems run fwd_wsot, as by default); 16: the default with the
+    // fused backward's query tiles of 80 rows at D = 128 (bwd_wgt2w); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -130,9 +131,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15));
+    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15 | 16));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16));
+    dev.set_bwd_wide_tiles(warps == 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_wait_block_ends(warps != 15);
@@ -201,6 +203,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
+    dev.set_bwd_wide_tiles(false);
     dev.set_fwd_tma_loads(true);
     dev.set_wait_block_ends(true);
     dev.set_bwd_pingpong(true);
@@ -285,7 +288,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15][(case.seed % 16) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16][(case.seed % 17) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -326,6 +329,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 12);
                 all_dtypes_w(&case, KernelPref::Auto, true, 13);
                 all_dtypes_w(&case, KernelPref::Auto, true, 15);
+                all_dtypes_w(&case, KernelPref::Auto, true, 16);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -404,6 +408,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 14);
         all_dtypes_w(&case, KernelPref::Auto, true, 15);
+        all_dtypes_w(&case, KernelPref::Auto, true, 16);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -506,11 +511,13 @@ fn sanitizer_fused_tma() {
         all_dtypes(&case, KernelPref::Auto, true);
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
+        all_dtypes_w(&case, KernelPref::Auto, true, 16);
         // Not causal: the persistent forwards (fwd_wspt, fwd_wsp) too.
         let mut free = sanitizer_case(d, combine, false);
         free.opts = free.opts.causal(false);
         all_dtypes(&free, KernelPref::Auto, true);
         all_dtypes_w(&free, KernelPref::Auto, true, 12);
+        all_dtypes_w(&free, KernelPref::Auto, true, 16);
         // The wide forwards with box loads (fwd_wsowt, fwd_wspwt).
         all_dtypes_w(&case, KernelPref::Auto, false, 11);
         all_dtypes_w(&free, KernelPref::Auto, false, 11);
@@ -540,6 +547,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 11);
         all_dtypes_w(&case, KernelPref::Auto, true, 14);
         all_dtypes_w(&case, KernelPref::Auto, true, 15);
+        all_dtypes_w(&case, KernelPref::Auto, true, 16);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

@@ -99,10 +99,10 @@ fn wrapper(
     s
 }
 
-/// The wrappers, for bf16 and f16 and N = 64 and 128 (and `ss176`, `ss176z`): (prefix, suffix, comment, transpose
+/// The wrappers, for bf16 and f16 and N = 64 and 128 (and `ss80`, `ss80a`, `ss176`, `ss176z`): (prefix, suffix, comment, transpose
 /// immediates, scale-d). Prefix `ss`: A and B in shared memory; `rs`: A in registers.
 /// `ssN` (both K-major), `ssNz` (its first k16 step, D written only), `ssNt` (both
-/// MN-major), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
+/// MN-major), `ssNa` (A MN-major, B K-major; N = 80 only), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
 /// first k16 step), `rsNkz` (its first k16 step, D written only).
 const WRAPPERS: &[(&str, &str, &str, &str, Acc)] = &[
     (
@@ -124,6 +124,13 @@ const WRAPPERS: &[(&str, &str, &str, &str, Acc)] = &[
         "t",
         "(+)= A(smem, MN-major) * B(smem, MN-major)",
         "1, 1",
+        Acc::Arg,
+    ),
+    (
+        "ss",
+        "a",
+        "(+)= A(smem, MN-major) * B(smem, K-major)^T",
+        "1, 0",
         Acc::Arg,
     ),
     (
@@ -154,10 +161,20 @@ fn generate() -> String {
     let mut s = String::new();
     for ty in ["bf16", "f16"] {
         s += &format!("template <> struct Wg<{ty}> {{\n");
-        for n in [64, 128, 176] {
+        for n in [64, 80, 128, 176] {
             for &(prefix, suffix, comment, trans, acc) in WRAPPERS {
                 // N = 176: only S = Q·Kᵀ of the wide forward (both operands in shared memory).
                 if n == 176 && (prefix != "ss" || suffix == "t") {
+                    continue;
+                }
+                // N = 80: the backward with 80-query tiles (bwd_wgt2w): Sᵀ and dPᵀ (`ss80`)
+                // and dQᵀ = Kᵀ dSᵀ (`ss80a`); `ssNa` exists for N = 80 only.
+                let keep = if n == 80 {
+                    prefix == "ss" && (suffix.is_empty() || suffix == "a")
+                } else {
+                    suffix != "a"
+                };
+                if !keep {
                     continue;
                 }
                 let name = format!("{prefix}{n}{suffix}");

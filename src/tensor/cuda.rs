@@ -200,6 +200,7 @@ pub struct Cuda {
     /// ... with a staging buffer per warpgroup and two Q/dO stages (`bwd_wgt2`; the default).
     fused_dq_tma_split: AtomicBool,
     fused_tma_loads: AtomicBool,
+    bwd_wide_tiles: AtomicBool,
     fwd_tma_loads: AtomicBool,
     /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
     /// hoist (`false`: `fwd_wsptn`).
@@ -272,6 +273,7 @@ impl Cuda {
             fused_dq_tma: AtomicBool::new(true),
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
+            bwd_wide_tiles: AtomicBool::new(false),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
@@ -548,6 +550,16 @@ impl Cuda {
     /// See [`set_fused_tma_loads`](Self::set_fused_tma_loads).
     pub fn fused_tma_loads(&self) -> bool {
         self.fused_tma_loads.load(Ordering::Relaxed)
+    }
+    /// Hopper fused backward (`bwd_wgt2`), head dim 128: query tiles of 80 rows
+    /// (`bwd_wgt2w`, dQ computed transposed, `true`) or 64 (`false`, the default). Where
+    /// `bwd_wgt2` does not run, or at head dim 64, this has no effect.
+    pub fn set_bwd_wide_tiles(&self, on: bool) {
+        self.bwd_wide_tiles.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_wide_tiles`](Self::set_bwd_wide_tiles).
+    pub fn bwd_wide_tiles(&self) -> bool {
+        self.bwd_wide_tiles.load(Ordering::Relaxed)
     }
     /// Hopper warp-specialised forward (the overlapped 128-key kernels): the producer's K
     /// and V tiles loaded by the tensor memory accelerator, its thread 0 issuing a tile's box

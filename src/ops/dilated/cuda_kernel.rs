@@ -791,6 +791,24 @@ fn wg_fused_tma2_smem(d: usize) -> u32 {
     wg_fused_tma_smem(d) - (2 * WG_BS * d * 2 + WG_BS * 4 * 4) as u32 + 64 * 64 * 4
 }
 
+/// Query rows per tile of `bwd_wgt2w_*` (`WG_BS_WIDE` in hopper.cu).
+const WG_BS_WIDE: usize = 80;
+
+/// Dynamic shared memory of `bwd_wgt2w_*` (D = 128 only; hopper.cu lays it out from the
+/// dynamic base, without alignment slack): the owner K and V tiles (128 rows), two stages
+/// of Q and dO tiles of [`WG_BS_WIDE`] rows, two dS buffers (the tile's rows × 128 keys,
+/// 16-bit), a staging buffer per warpgroup (the rows × 64 f32 columns), the row metadata
+/// (16 bytes per row and stage), twelve mbarrier slots.
+fn wg_fused_wide_smem() -> u32 {
+    let (d, rows) = (128, WG_BS_WIDE);
+    (2 * 128 * d * 2
+        + 2 * 2 * rows * d * 2
+        + 2 * rows * 128 * 2
+        + 2 * rows * 64 * 4
+        + 2 * rows * 16
+        + 12 * 8) as u32
+}
+
 /// The tensor maps of `bwd_wgt_*` / `bwd_wgt2_*` (`struct TMaps` in hopper.cu), one per pattern.
 #[repr(C, align(128))]
 #[derive(Clone, Copy)]
@@ -911,9 +929,10 @@ fn encode_map(
 /// The map of pattern `i` over the f32 dQ buffer at `ptr` (`B·N·H·D` floats) for the
 /// reduce-adds of `bwd_wgt*`: dims (D, H, r, N/r, B) with byte strides (4·D, 4·H·D, 4·r·H·D,
 /// 4·N·H·D), so that a segment's rows a + o + r·j (a a multiple of r, o < r) are the box rows
-/// (·, h, o, a/r + j, b); boxes of 32 columns × 64 rows (the kernel's staging layout).
-fn dq_map(pr: &Prob, i: usize, ptr: u64) -> Result<cudarc::driver::sys::CUtensorMap> {
-    let g = dq_map_geometry(pr, i);
+/// (·, h, o, a/r + j, b); boxes of 32 columns × `rows` rows (the kernel's staging layout:
+/// its query tile's rows, 64, or [`WG_BS_WIDE`] for `bwd_wgt2w`).
+fn dq_map(pr: &Prob, i: usize, ptr: u64, rows: u32) -> Result<cudarc::driver::sys::CUtensorMap> {
+    let g = dq_map_geometry(pr, i, rows);
     encode_map(
         cudarc::driver::sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
         ptr,
@@ -943,22 +962,23 @@ impl MapGeometry {
     }
 }
 
-/// [`dq_map`]'s shape (f32 rows of `H` heads).
-fn dq_map_geometry(pr: &Prob, i: usize) -> MapGeometry {
+/// [`dq_map`]'s shape (f32 rows of `H` heads; boxes of `rows` rows).
+fn dq_map_geometry(pr: &Prob, i: usize, rows: u32) -> MapGeometry {
     let p = &pr.p;
     let (n, h, d, b) = (p.n as u64, p.h as u64, p.d as u64, p.b as u64);
     let r = p.r[i] as u64;
     MapGeometry {
         dims: [d, h, r, n / r, b],
         strides: [4 * d, 4 * h * d, 4 * r * h * d, 4 * n * h * d],
-        boxes: [32, 1, 1, 64, 1],
+        boxes: [32, 1, 1, rows, 1],
     }
 }
 
 /// One tensor map per pattern over the f32 dQ buffer at `ptr` ([`dq_map`]) for
-/// `bwd_wgt_*` / `bwd_wgt2_*`. An error where a pattern's rows are no box of such a map
-/// ([`dq_rows_are_boxes`], which [`hopper_backward`] checks first).
-fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<DqMaps> {
+/// `bwd_wgt_*` / `bwd_wgt2_*` (boxes of `rows` rows: the kernel's query tile). An error
+/// where a pattern's rows are no box of such a map ([`dq_rows_are_boxes`], which
+/// [`hopper_backward`] checks first).
+fn dq_tensor_maps(pr: &Prob, ptr: u64, rows: u32) -> Result<DqMaps> {
     if !dq_rows_are_boxes(pr) {
         return Err(Error::Device {
             msg: "fused backward: a pattern's rows are no tensor-map box".into(),
@@ -967,7 +987,7 @@ fn dq_tensor_maps(pr: &Prob, ptr: u64) -> Result<DqMaps> {
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps = DqMaps(unsafe { std::mem::zeroed() });
     for i in 0..pr.npat {
-        maps.0[i] = dq_map(pr, i, ptr)?;
+        maps.0[i] = dq_map(pr, i, ptr, rows)?;
     }
     Ok(maps)
 }
@@ -1053,7 +1073,7 @@ fn load_tensor_maps(pr: &Prob, name: &str, dq: u64, q: u64, dout: u64) -> Result
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps: LoadMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
-        maps.dq[i] = dq_map(pr, i, dq)?;
+        maps.dq[i] = dq_map(pr, i, dq, WG_BS as u32)?;
         maps.q[i] = load_map(pr, i, dtype, q, None, "Q")?;
         maps.o[i] = load_map(pr, i, dtype, dout, None, "dO")?;
     }
@@ -1355,9 +1375,12 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
+        // bwd_wgt2 with 80-row query tiles (opt-in, D = 128).
+        let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
         let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
-            Some(dq_tensor_maps(pr, ptr)?)
+            let rows = if wide { WG_BS_WIDE } else { WG_BS };
+            Some(dq_tensor_maps(pr, ptr, rows as u32)?)
         } else {
             None
         };
@@ -1371,6 +1394,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
+            HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
             HopperBwd::Wgp => ("wgp", wg_fused_pp_smem(d)),
@@ -1679,6 +1703,9 @@ mod tests {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }
         }
+        // bwd_wgt2w (D = 128): 416 bytes to spare, hence no alignment slack (hopper.cu).
+        assert_eq!(wg_fused_wide_smem(), 232_032);
+        assert!(wg_fused_wide_smem() <= SM90_SMEM);
         // The warp-specialised forward at D = 128 is the tightest: three stages of 64 KiB
         // plus the Q tile leave under 1 KiB.
         assert!(SM90_SMEM - ws_smem(128, false) < 1024);
@@ -1763,7 +1790,7 @@ mod tests {
         assert!(dq_rows_are_boxes(&pr));
         for (i, pat) in plan.patterns().iter().enumerate() {
             let (w, r) = (pat.segment, pat.dilation);
-            let dq = dq_map_geometry(&pr, i);
+            let dq = dq_map_geometry(&pr, i, 64);
             for (kv, heads) in [(None, h), (Some(128), hkv)] {
                 let g = load_map_geometry(&pr, i, kv).unwrap();
                 assert_eq!(g.boxes[3], kv.unwrap_or(64));

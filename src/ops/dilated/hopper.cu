@@ -97,6 +97,26 @@ template <> struct Wg<bf16> {
             : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
     }
+    // D[64x80] (+)= A(smem, K-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss80(float (&d)[40], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x80] (+)= A(smem, MN-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss80a(float (&d)[40], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+            : "l"(da), "l"(db), "r"(acc));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -238,6 +258,26 @@ template <> struct Wg<f16> {
             "{%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
             : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(0));
+    }
+    // D[64x80] (+)= A(smem, K-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss80(float (&d)[40], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+            : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x80] (+)= A(smem, MN-major) * B(smem, K-major)^T
+    __device__ __forceinline__ static void ss80a(float (&d)[40], u64 da, u64 db, int acc) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 1, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+            : "l"(da), "l"(db), "r"(acc));
     }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
@@ -432,6 +472,9 @@ __device__ __forceinline__ void wg_abt(float (&d)[N / 2], u32 a, int a_cb, u32 b
                 Wg<T>::ss128z(d, da, db);
             else
                 Wg<T>::ss128(d, da, db, kk);
+        } else if constexpr (N == 80) {
+            static_assert(!Z, "no ss80z");
+            Wg<T>::ss80(d, da, db, kk);
         } else {
             if (Z && kk == 0)
                 Wg<T>::ss64z(d, da, db);
@@ -1683,6 +1726,21 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies (and their addresses) under the S/dP MMAs: 18 % of bwd_wgt2's samples
 // (gpu_h200_profile_bwd_wgt2_late.txt). The full barriers then count 256 arrivals (the
 // metadata) and thread 0's; the owner's K/V copies of tile 0 arrive without counting.
+// BS = 80 (bwd_wgt2w, with TS; D = 128): query tiles of 80 rows instead of 64 (the tile
+// FlashAttention-3 uses for its non-causal head-dim-128 backward): Sᵀ and dPᵀ are
+// m64n80 products, dV and dK take five k16 steps, and a tile's fixed costs (barriers,
+// waits, metadata, the staging's fence and hand-off) are spread over 25 % more work.
+// dQ = dS·K cannot be an m64 product of 80 query rows, so it is computed transposed:
+// warpgroup w's dQᵀ rows 64w.. = Kᵀ(its D columns, all 128 keys) · dSᵀ (`ss80a`: A = the
+// owner K tile read MN-major, B = dS read K-major). dS therefore goes to shared memory
+// query-major (80 rows × 128 keys, warpgroup w's keys in column block w), each 8 × 8
+// block of the dSᵀ fragments stored transposed by `stmatrix .trans`; the dQᵀ accumulator
+// is staged as rows of 64 f32 columns (scalar stores; conflict-free in the 128-byte
+// swizzle) for the same reduce-adds, boxes of 80 rows. Rows past a segment's end (zero-
+// filled Q/dO rows) and queries without keys (L = +inf in the metadata) have dS = 0
+// exactly, so their staged rows are zeros without a mask. Shared memory: 232,032 of
+// 232,448 bytes, which leaves no alignment slack: the layout starts at the dynamic
+// shared memory's base, which the kernel checks is 1024-byte aligned (it traps if not).
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
           bool TQ = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
@@ -1699,21 +1757,30 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     constexpr bool TU1 = PP && (TM & 1), TU2 = PP && (TM & 2);
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
-    static_assert(!FQ || BS == 64, "fused dQ: dS rows are one 128-byte column block");
     static_assert(!DW || (PP && !FQ), "deferred waits: ping-pong two-pass kernel only");
     static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
+    constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
+    static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
+    // One dS buffer (SW: BS query rows of 128 keys, two column blocks; else dSᵀ: RK key
+    // rows of 64 queries) and one warpgroup's dQ staging buffer (64 f32 columns of BS rows).
+    constexpr int DSB = SW ? BS * 256 : RK * 128, STB = SW ? BS * 256 : 16384;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
-    const u32 sK = (raw + 1023) & ~1023u;
+    if (SW && (raw & 1023u)) __trap();  // no slack for alignment (above)
+    const u32 sK = SW ? raw : (raw + 1023) & ~1023u;
     const u32 sV = sK + CB * OB, sQ = sV + CB * OB, sO = sQ + NS * ST;
-    float4* qmeta = (float4*)(smem_raw + (sO + NS * ST - raw));  // NS x BS (query_meta4)
+    // NS x BS (query_meta4); SW: after the dS and staging buffers.
+    float4* qmeta = (float4*)(smem_raw + (sO + NS * ST + (SW ? 2 * DSB + 2 * STB : 0) - raw));
     // FQ: dSᵀ (RK key rows of BS queries, swizzled, 1024-aligned; FQ && PP: two buffers,
-    // then the stage barriers and dsfull[2], dsempty[2]). PP: the stage barriers.
-    const u32 sdS = (smem_u32(qmeta + NS * BS) + 1023) & ~1023u;
-    const PipeN<NS> pipe{FQ ? sdS + 2 * RK * 128 : (smem_u32(qmeta + NS * BS) + 7) & ~7u};
+    // then the stage barriers and dsfull[2], dsempty[2]). PP: the stage barriers. SW: the
+    // two dS buffers right after the Q/dO stages, then the two staging buffers, the
+    // metadata and the barriers.
+    const u32 sdS = SW ? sO + NS * ST : (smem_u32(qmeta + NS * BS) + 1023) & ~1023u;
+    const PipeN<NS> pipe{SW ? smem_u32(qmeta + NS * BS)
+                            : FQ ? sdS + 2 * RK * 128 : (smem_u32(qmeta + NS * BS) + 7) & ~7u};
     // FQ && PP: dsfull(buf) completes when all 256 threads have written their dSᵀ rows of
     // the tile using buffer buf (tile & 1); dsempty(buf) when both warpgroups' dQ MMAs
     // have read it.
@@ -1723,7 +1790,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // TR: stgdone(w) completes once per tile when warpgroup w's reduce-adds have read the
     // staging buffer stg (1024-aligned after the barriers).
     auto stgdone = [&](int w) { return dsbar + 8 * (4 + w); };
-    const u32 stg0 = TR ? ((dsbar + 6 * 8 + 1023) & ~1023u) : 0u;
+    const u32 stg0 = !TR ? 0u : SW ? sdS + 2 * DSB : ((dsbar + 6 * 8 + 1023) & ~1023u);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = wg_index(), wq = warp & 3;
     const int g = blockIdx.y, b = blockIdx.z;
@@ -1811,9 +1878,19 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     u32 xp[BS / 16][4], xs[BS / 16][4];
     // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major; A: the dSᵀ buffer abuf):
     // the key-owner's share of a query tile's dQ. Warpgroup wg < CB computes it.
-    float dqa[FQ ? 32 : 1];
+    // SW: dQᵀ[64wg.., :] = Kᵀ · dSᵀ (A: the owner K tile's column block wg, MN-major; B: the
+    // dS buffer abuf, K-major, its column blocks BS·128 bytes apart).
+    float dqa[FQ ? (SW ? BS / 2 : 32) : 1];
     auto dq_mma = [&](u32 abuf) {
-        if constexpr (FQ) {
+        if constexpr (FQ && SW) {
+            const u64 da0 = wg_desc(sK + wg * OB, 16, 1024), db0 = wg_desc(abuf, 16, 1024);
+#pragma unroll
+            for (int kc = 0; kc < RK / 16; ++kc) {
+                const u64 da = wg_desc_at(da0, kc * 16 * 128);
+                const u64 db = wg_desc_at(db0, (kc >> 2) * (BS * 128) + (kc & 3) * 32);
+                Wg<T>::ss80a(dqa, da, db, kc);
+            }
+        } else if constexpr (FQ) {
             const u64 da0 = wg_desc(abuf, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
 #pragma unroll
             for (int kc = 0; kc < RK / 16; ++kc) {
@@ -1863,7 +1940,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // addresses: reusing dq_dst there changed the measured kernel's SASS). TS: one 16 KiB
     // buffer per warpgroup.
     const bool issuer = (tid & 127) == 0;
-    const u32 stg = stg0 + (TS ? wg * 16384 : 0);
+    const u32 stg = stg0 + (TS ? wg * STB : 0);
     auto dq_stage = [&](int it, const KvState& st, bool on0, bool on1) {
         if constexpr (TR) {
             // The buffer's previous user: at D = 128 the other warpgroup (0 before 1 within
@@ -1875,6 +1952,23 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             } else if (it > 0) {
                 mbar_wait(stgdone(wg), (it - 1) & 1);
             }
+            if constexpr (SW) {
+                // dQᵀ rows (D columns of dQ) dl = wq·16 + lane/4 (+ 8): box wq / 2, 16-byte
+                // chunk (wq & 1)·4 + lane/16 (+ 2), word (lane/4) & 3; query columns
+                // 8n + 2(lane & 3) + j, whose swizzle (q & 7) is the same for every n.
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int q7 = 2 * (lane & 3) + j, c0 = (wq & 1) * 4 + (lane >> 4);
+                    const u32 row = stg + (wq >> 1) * (BS * 128) + q7 * 128 + ((lane >> 2) & 3) * 4;
+                    const u32 a0 = row + ((c0 ^ q7) << 4), a1 = row + (((c0 + 2) ^ q7) << 4);
+#pragma unroll
+                    for (int n = 0; n < BS / 8; ++n) {
+                        asm volatile("st.shared.f32 [%0], %1;" ::"r"(a0 + n * 1024), "f"(dqa[4 * n + j]) : "memory");
+                        asm volatile("st.shared.f32 [%0], %1;" ::"r"(a1 + n * 1024), "f"(dqa[4 * n + 2 + j])
+                                     : "memory");
+                    }
+                }
+            } else {
             const int qr0 = wq * 16 + (lane >> 2), qr1 = qr0 + 8;
 #pragma unroll
             for (int n = 0; n < 8; ++n) {
@@ -1890,13 +1984,14 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                              "f"(on1 ? dqa[4 * n + 3] : 0.f)
                              : "memory");
             }
+            }
             fence_proxy_async();
             named_sync(3 + wg, 128);
             if (issuer) {
                 const TMap* map = &tdq[st.i];
                 const int c3 = st.a / st.r + st.q0;
                 tma_reduce_add5(map, stg, wg * 64, st.h, st.o, c3, b);
-                tma_reduce_add5(map, stg + 8192, wg * 64 + 32, st.h, st.o, c3, b);
+                tma_reduce_add5(map, stg + BS * 128, wg * 64 + 32, st.h, st.o, c3, b);
                 bulk_commit();
                 if constexpr (TR_EAGER) {
                     bulk_wait_read0();
@@ -2012,8 +2107,24 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         wg_pack<T, BS>(dp, xs);
         // FQ && PP: this tile's dSᵀ buffer (two, alternating), free once both warpgroups'
         // dQ MMAs of the tile two back have read it.
-        const u32 sdSb = sdS + ((FQ && PP) ? (it & 1) * RK * 128 : 0);
-        if constexpr (FQ) {
+        const u32 sdSb = sdS + ((FQ && PP) ? (it & 1) * DSB : 0);
+        if constexpr (FQ && SW) {
+            if (it >= 2) mbar_wait(dsempty(it), ((it >> 1) & 1) ^ 1);
+            // dS rows (queries) of this warpgroup's key column block: each 8 × 8 block of the
+            // dSᵀ fragments (xs[kc][m]: keys + 8·(m & 1), queries 16kc + 8·(m >> 1)) stored
+            // transposed, lane 8m + j giving the address of query row j of block m.
+            const int m = lane >> 3, j = lane & 7;
+#pragma unroll
+            for (int kc = 0; kc < BS / 16; ++kc) {
+                const int qr = 16 * kc + 8 * (m >> 1) + j;
+                const u32 a = sdSb + wg * (BS * 128) + qr * 128 + (((2 * wq + (m & 1)) ^ (qr & 7)) << 4);
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(a),
+                             "r"(xs[kc][0]), "r"(xs[kc][1]), "r"(xs[kc][2]), "r"(xs[kc][3])
+                             : "memory");
+            }
+            fence_proxy_async();
+            mbar_arrive(dsfull(it));
+        } else if constexpr (FQ) {
             if (PP && it >= 2) mbar_wait(dsempty(it), ((it >> 1) & 1) ^ 1);
             // dSᵀ rows r0, r1 (keys), query columns 8n + 2(lane & 3) + {0, 1}.
 #pragma unroll
@@ -2053,7 +2164,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         if (TU2) turn_end(wg, !hn);
         DqDst dst{};  // FQ: where the tile's dQ columns go
         bool qon0 = false, qon1 = false;  // TR: which of this thread's dQ rows hold a query
-        if constexpr (TR) {
+        if constexpr (TR && !SW) {
             qon0 = __float_as_int(qm[wq * 16 + (lane >> 2)].w) >= 0;
             qon1 = __float_as_int(qm[wq * 16 + (lane >> 2) + 8].w) >= 0;
         }
@@ -2320,3 +2431,16 @@ WG(bf16, bf16, 64)
 WG(bf16, bf16, 128)
 WG(f16, f16, 64)
 WG(f16, f16, 128)
+
+// bwd_wgt2 with query tiles of 80 rows (BS = 80 in dkdv_wg), head dim 128 only.
+#define WG_BS_WIDE 80
+#define WGW(T, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 1)                                          \
+        bwd_wgt2w_##NAME##_128(const __grid_constant__ TMaps tms, const Params P, const T* q,     \
+                               const T* k, const T* v, const unsigned char* mask, const float* lse, \
+                               const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {   \
+        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true>(P, q, k, v, mask, lse, dout,   \
+                                                                   delta, dk, dv, dqacc, tms.m);  \
+    }
+WGW(bf16, bf16)
+WGW(f16, f16)
