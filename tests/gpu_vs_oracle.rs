@@ -105,7 +105,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // intra-warpgroup overlap, its K/V tiles by tensor-map box loads where the rows are boxes,
     // persistent on non-causal problems: fwd_wspt / fwd_wsot; and the fused backward with
     // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
-    // bwd_wgt2;
+    // bwd_wgt2, at D = 128 with 80-row query tiles: bwd_wgt2w;
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
     // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
     // code below but 1, 9 and 12 runs); 1:
@@ -120,7 +120,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // backward's Q/dO by tensor-map box loads too (bwd_wgt3); 15: the default with the
     // persistent forward as up to stop 21, without the block end before its wait for P·V
     // (fwd_wsptn; causal problems run fwd_wsot, as by default); 16: the default with the
-    // fused backward's query tiles of 80 rows at D = 128 (bwd_wgt2w); 3: the
+    // fused backward's query tiles of 64 rows at D = 128 too (bwd_wgt2; the default there is
+    // bwd_wgt2w, 80 rows); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -134,7 +135,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15 | 16));
     dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16));
-    dev.set_bwd_wide_tiles(warps == 16);
+    dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_wait_block_ends(warps != 15);
@@ -203,7 +204,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fused_dq_tma(true);
     dev.set_fused_dq_tma_split(true);
     dev.set_fused_tma_loads(false);
-    dev.set_bwd_wide_tiles(false);
+    dev.set_bwd_wide_tiles(true);
     dev.set_fwd_tma_loads(true);
     dev.set_wait_block_ends(true);
     dev.set_bwd_pingpong(true);

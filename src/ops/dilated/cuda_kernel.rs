@@ -838,7 +838,7 @@ enum HopperBwd {
     /// Fused, dQ by bulk tensor reduce-adds from one staging buffer.
     Wgt,
     /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup, Q/dO tiles by
-    /// cp.async.
+    /// cp.async (at D = 128 with query tiles of 80 rows, `bwd_wgt2w`, unless turned off).
     Wgt2,
     /// `Wgt2` with the Q/dO tiles by tensor-map box loads (opt-in: measured the same).
     Wgt3,
@@ -1375,7 +1375,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // bwd_wgt2 with 80-row query tiles (opt-in, D = 128).
+        // bwd_wgt2 with 80-row query tiles (D = 128, the default: bwd_wgt2w).
         let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
         let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
