@@ -1216,6 +1216,10 @@ __device__ __forceinline__ bool kv_setup(const Params& P, const Tile& t, int g, 
     if (o < 0) return false;
     int w = P.w[st.i], r = P.r[st.i];
     int a = (t.base / w) * w;
+    // Rows a step apart that is a multiple of r share one residue: none takes part unless
+    // the first does (the scan below would try all t.cnt rows for nothing; under head
+    // groups that is most key tiles of the dilated heads).
+    if (t.step % r == 0 && ((t.base - a) % r) != o) return false;
     int kmin = 0x7fffffff;
     for (int j = 0; j < t.cnt; ++j) {
         int kp = t.base + j * t.step;

@@ -1796,6 +1796,31 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     const int g = blockIdx.y, b = blockIdx.z;
     Tile t;
     if (!decode_tile(P, blockIdx.x, RK, t)) return;
+    {
+        // An owner tile that no query attends (under head groups most key tiles of the
+        // dilated heads: a tile's keys share one residue modulo the plan's step, and a head
+        // takes part in one pattern): dK = dV = 0 for its rows, nothing to load or wait for.
+        // The condition is the CTA's (t, g, b), so all threads return here or none.
+        KvState probe;
+        probe.hh = 0;
+        probe.i = -1;
+        probe.m = 0;
+        probe.q0 = 0;
+        if (!kv_next<BS>(P, t, g, P.H / P.Hkv, b, mask, probe)) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int r = wg * 64 + wq * 16 + (lane >> 2) + 8 * x;
+                if (r >= t.cnt) continue;
+                const long long ix = kidx(P, b, t.base + r * t.step, g) + (lane & 3) * 2;
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    *(u32*)(dk + ix + n * 8) = 0u;
+                    *(u32*)(dv + ix + n * 8) = 0u;
+                }
+            }
+            return;
+        }
+    }
     if (FQ && PP && tid == 0) {
         for (int i = 0; i < 4; ++i) mbar_init(dsbar + 8 * i, 256);
         if (TR) {
