@@ -555,9 +555,9 @@ impl Cuda {
     /// Hopper fused backward (`bwd_wgt2`), head dim 128: query tiles of 80 rows
     /// (`true`, the default: `bwd_wgt2w`, with dQ computed transposed) or 64 (`false`, the
     /// default until stop 24). Where `bwd_wgt2` does not run, or at head dim 64, this has no
-    /// effect. On an H200 the 80-row tiles measured 3.5–10 % faster forward + backward on
-    /// every bench case, dense and dilated, causal or not
-    /// (`benches/results/gpu_h200_s24.txt`).
+    /// effect. The 80-row tiles measured 3.5–10 % faster forward + backward on every bench
+    /// case on an H200 (stop 24), and 5.6–10 % on 7 of 8 on an H100 (dense 64K causal
+    /// −0.1 %; `benches/results/gpu_h100_s25.txt`, bench variant `narrowq`).
     pub fn set_bwd_wide_tiles(&self, on: bool) {
         self.bwd_wide_tiles.store(on, Ordering::Relaxed);
     }

@@ -5,7 +5,8 @@
 // (two-pass backward, mbarrier stages by default or lockstep; dq_wgr with register A
 // operands; the d kernels with deferred MMA waits, opt-in) and bwd_wg (dQ fused into the
 // key-owner pass; bwd_wgp with the ping-pong turns, bwd_wgt / bwd_wgt2 with dQ by bulk
-// tensor reduce-adds — bwd_wgt2 the default — and bwd_wgt3 with Q/dO by box loads).
+// tensor reduce-adds — bwd_wgt2 the default, at D = 128 with query tiles of 80 rows,
+// bwd_wgt2w — and bwd_wgt3 with Q/dO by box loads).
 //
 // Appended to dilated.cu by the host (one NVRTC module); compiled for `sm_90a` on
 // compute capability 9.0, where `__CUDA_ARCH_FEAT_SM90_ALL` is defined. Elsewhere the
