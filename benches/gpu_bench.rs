@@ -13,8 +13,10 @@
 //! against ours before timing and print the ratios.
 //!
 //! `cargo bench --features cuda --bench gpu_bench -- --json out.json [--quick] [--max-n N]
-//! [--no-bwd] [--defaults-only | --variants a,b]` (only the default kernels, no alternatives;
-//! or only the named alternatives of `FWD_VARIANTS` / `BWD_VARIANTS`).
+//! [--no-bwd] [--no-dense] [--defaults-only | --variants a,b]` (only the default kernels, no
+//! alternatives; or only the named alternatives of `FWD_VARIANTS` / `BWD_VARIANTS`).
+//! `--no-dense` skips the dense problems, so that a profiler's first launch of a kernel is a
+//! dilated problem's.
 
 #[path = "common/gpu.rs"]
 mod gpu_common;
@@ -39,6 +41,8 @@ struct Args {
     /// Lengths below this are skipped (`--min-n`: a profile of one length's first launch).
     min_n: usize,
     bwd: bool,
+    /// Skip the dense problems (`--no-dense`).
+    no_dense: bool,
     /// Also time the alternative kernels (the [`FWD_VARIANTS`] and [`BWD_VARIANTS`]).
     variants: bool,
     /// Only these variants (labels), when given.
@@ -138,6 +142,7 @@ fn args() -> Args {
         max_n: 1 << 20,
         min_n: 0,
         bwd: true,
+        no_dense: false,
         variants: true,
         only: None,
     };
@@ -163,6 +168,7 @@ fn args() -> Args {
             }
             "--quick" => a.quick = true,
             "--no-bwd" => a.bwd = false,
+            "--no-dense" => a.no_dense = true,
             "--defaults-only" => a.variants = false,
             "--variants" => {
                 a.only = v
@@ -309,7 +315,7 @@ fn main() {
 
     // Dense.
     for &n in &[16384usize, 65536] {
-        if n > a.max_n || n < a.min_n {
+        if n > a.max_n || n < a.min_n || a.no_dense {
             continue;
         }
         let q = rand_buf(&dev, n * H * D, 1);
