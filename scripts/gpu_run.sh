@@ -91,7 +91,9 @@ if named profile; then
   # 16K, the bench's first case; KERNS overrides the list): the summary, every raw metric
   # (CSV, gzipped: stall reasons, pipe utilisation, shared-memory wavefronts) and the SASS with
   # per-instruction stall samples (CSV, gzipped). Only when asked for by name (about a minute
-  # per kernel).
+  # per kernel). PROFILE_ARGS is passed to gpu_bench after --quick --max-n 16384, so a later
+  # --max-n overrides: KERNS=fwd_wspt PROFILE_ARGS="--defaults-only --no-dense --no-bwd
+  # --min-n 65536 --max-n 65536" profiles the first head-group launch at 64K (stop 25).
   NCU=$(command -v ncu || echo "$CUDA_HOME/bin/ncu")
   if [ -x "$NCU" ]; then
     for kern in ${KERNS:-fwd_ws dq_wg dkdv_wg}; do
