@@ -81,7 +81,8 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// (`fwdcp`: `fwd_wsp` / `fwd_wso`, the default until stop 20; the default since has them by
 /// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspwt`
 /// where the default is persistent, `fwd_wsowt` elsewhere; `wideo`: `fwd_wsowt` throughout;
-/// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`).
+/// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`), the persistent forward
+/// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -91,6 +92,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("wsr", |d, on| d.set_fwd_reg_operands(on)),
     ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
     ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
+    ("xitem", |d, on| d.set_fwd_deferred_stores(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

@@ -206,6 +206,9 @@ pub struct Cuda {
     /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
     /// hoist (`false`: `fwd_wsptn`).
     wait_block_ends: AtomicBool,
+    /// The persistent forward stores an item's output rows under the next item's first MMA
+    /// (`fwd_wspx`; opt-in).
+    fwd_deferred_stores: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -277,6 +280,7 @@ impl Cuda {
             bwd_wide_tiles: AtomicBool::new(true),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
+            fwd_deferred_stores: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -591,6 +595,20 @@ impl Cuda {
     /// See [`set_wait_block_ends`](Self::set_wait_block_ends).
     pub fn wait_block_ends(&self) -> bool {
         self.wait_block_ends.load(Ordering::Relaxed)
+    }
+    /// The persistent Hopper forward with box loads (non-causal problems): pack a work
+    /// item's output rows at its end and store them only once the next item's first
+    /// `S = Q·Kᵀ` is issued, so that the stores run under that MMA (`true`: `fwd_wspx`), or
+    /// store them before the next item starts (`false`, the default: `fwd_wspt`). `fwd_wspx`
+    /// also stores 16 bytes per instruction (after a transpose across each quad of lanes)
+    /// where `fwd_wspt` stores 4. Opt-in and not yet timed or run on a GPU (stop 26 had no
+    /// device); the GPU oracle tests cover it (code 17). See CUDA.md.
+    pub fn set_fwd_deferred_stores(&self, on: bool) {
+        self.fwd_deferred_stores.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores).
+    pub fn fwd_deferred_stores(&self) -> bool {
+        self.fwd_deferred_stores.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

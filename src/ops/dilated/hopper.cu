@@ -623,8 +623,73 @@ __device__ __forceinline__ void wg_rescale(float (&o)[D / 2], float al0, float a
     }
 }
 
-// Forward epilogue of a warpgroup: out = fac·O / l for this thread's rows rp[x] (where
-// rin[x]), L = m·ln 2 + ln l in natural log (−inf where nothing was attended).
+// Forward epilogue of a warpgroup, in two parts so that the persistent forward can issue
+// the next item's first MMA between them (XI in fwd_ws). wg_out_pack: out = fac·O / l for
+// this thread's rows, packed and transposed across each quad into `ob` (below), and
+// L = m·ln 2 + ln l in natural log (−inf where nothing was attended) stored for rows rp[x]
+// (where rin[x]). wg_out_flush: the packed rows stored, 16 bytes per store.
+//
+// Stores of 16 bytes: in the accumulator layout lane q of a quad holds columns 2q, 2q + 1 of
+// every 8-column chunk (one 4-byte word each). Per group g of four chunks a 4 × 4 transpose
+// of those words across the quad (two shfl.xor rounds: the 2 × 2 blocks' own transposes,
+// then the off-diagonal blocks swapped) leaves lane q all of chunk 4g + q in ob[x][g]. The
+// quad's four lanes share their rows, so rin[x] only guards the stores. (Stop 25's profile of
+// the head-group forward had 8.3 % of the samples on the 32 four-byte stores per thread.)
+template <typename T, int D>
+__device__ __forceinline__ void wg_out_pack(const Params& P, const float (&o)[D / 2], float (&l)[2],
+                                            const float (&m)[2], const int (&rp)[2], const bool (&rin)[2],
+                                            int b, int h, int lane, float* __restrict__ lse,
+                                            u32 (&ob)[2][D / 32][4]) {
+    static_assert(D % 32 == 0, "wg_out_pack: groups of four 8-column chunks");
+    const float ln2 = 0.6931471805599453f;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+    const int qd = lane & 3;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        const float fx = l[x] > 0.f ? P.fac / l[x] : 0.f;
+#pragma unroll
+        for (int g = 0; g < D / 32; ++g) {
+            u32(&w)[4] = ob[x][g];  // w[j]: this lane's word of chunk 4g + j, then chunk 4g + qd
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                w[j] = Mma<T>::pack(o[4 * (4 * g + j) + 2 * x] * fx, o[4 * (4 * g + j) + 2 * x + 1] * fx);
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                const u32 v = __shfl_xor_sync(0xffffffffu, (qd & 1) ? w[2 * a] : w[2 * a + 1], 1);
+                if (qd & 1) w[2 * a] = v; else w[2 * a + 1] = v;
+            }
+#pragma unroll
+            for (int a = 0; a < 2; ++a) {
+                const u32 v = __shfl_xor_sync(0xffffffffu, (qd & 2) ? w[a] : w[2 + a], 2);
+                if (qd & 2) w[a] = v; else w[2 + a] = v;
+            }
+        }
+    }
+    if (qd == 0) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
+    }
+}
+// `row[x]`: the output row's first element (16-byte aligned: a row starts at a multiple of D
+// elements, a chunk at 8); stored where rin[x].
+template <typename T, int D>
+__device__ __forceinline__ void wg_out_flush(const u32 (&ob)[2][D / 32][4], T* const (&row)[2],
+                                             const bool (&rin)[2], int lane) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x)
+#pragma unroll
+        for (int g = 0; g < D / 32; ++g)
+            if (rin[x])
+                *(uint4*)(row[x] + (4 * g + (lane & 3)) * 8) = make_uint4(ob[x][g][0], ob[x][g][1], ob[x][g][2], ob[x][g][3]);
+}
+// The epilogue of the kernels other than fwd_wspx: out = fac·O / l for rows rp[x] (where
+// rin[x]) in 4-byte stores from the accumulator layout, L as in wg_out_pack. (Its 16-byte
+// form, wg_out_pack + wg_out_flush, has not run on a GPU yet: fwd_wspx only, opt-in.)
 template <typename T, int D>
 __device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2], float (&l)[2], const float (&m)[2],
                                          const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
@@ -888,8 +953,13 @@ struct KMaps {
 // NB (fwd_wsptn = fwd_wspt + NB, for comparisons): without the block end before the wait
 // for P(c)·V(c) (block_end_after), i.e. as up to stop 21, ptxas placing that wait before the
 // softmax of S(n).
+// XI (fwd_wspx, with PS, 128-key tiles): an item's output rows are packed at its end
+// (wg_out_pack, L stored) and stored only once the next item's S(0) is issued
+// (wg_out_flush), so that the stores run under that MMA instead of in front of it (stop
+// 25's profile of the head-group forward: 8.3 % of the samples on the output stores, ~28 %
+// outside the main loop, where an item has only 16 key tiles).
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool NB = false>
+          bool NB = false, bool XI = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -897,6 +967,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     static_assert(OV || !PS, "the persistent forward is built on the overlapped loop");
     static_assert(!TK || !RA, "TMA key tiles: not with Q in registers");
     static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
+    static_assert(!XI || (PS && BK == WG_BK), "deferred output stores: persistent 128-key kernel only");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
     // stages fit in shared memory, not three.
@@ -1094,6 +1165,16 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
     const u32 qa = sQ + wg * 64 * 128;
     int it = 0, done = 0;  // stage counter, items computed
+    // XI: the previous item's packed output rows, not yet stored (pend).
+    u32 ob[2][D / 32][4];
+    T* orow[2] = {out, out};
+    bool orin[2] = {false, false}, pend = false;
+    auto flush = [&]() {
+        if constexpr (XI) {
+            if (pend) wg_out_flush<T, D>(ob, orow, orin, lane);
+            pend = false;
+        }
+    };
     for (int wi = 0, w; kth(wi, w); ++wi) {
     Tile t;
     int h, b;
@@ -1109,8 +1190,12 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     }
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
     float o[D / 2];
+    // XI: zeroed once the previous item's rows are stored (ob's registers are o's then).
+    auto zero_o = [&]() {
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    };
+    if constexpr (!XI) zero_o();
     float s[BK / 2];
     u32 pa[BK / 16][4];
     u32 qf[RA ? D / 16 : 1][4];  // RA: this thread's Q rows as A fragments
@@ -1172,12 +1257,20 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         wg_fence();
         s_mma(sK + s0 * TILE);
         wg_commit();
+        if constexpr (XI) {
+            flush();  // the previous item's rows, under S(0)
+            zero_o();
+        }
         wg_wait<0>();
         reg_fence(s);
         softmax(cur, s0);
         if constexpr (SPLIT) mbar_arrive(empty(s0));  // K(0) and its key metadata are read
         // Warpgroup 0 issues first.
         if (wg == 1) named_arrive(1, 256);
+    }
+    if (XI && !have) {
+        flush();
+        zero_o();
     }
     if constexpr (OV) {
         // Every iteration issues S(n) and P(c)·V(c); the last tile's P·V follows the loop, so
@@ -1257,8 +1350,19 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     }
     }
 
-    wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
+    if constexpr (XI) {
+        wg_out_pack<T, D>(P, o, l, m, rp, rin, b, h, lane, lse, ob);
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+            orow[x] = out + qidx(P, b, rp[x], h);
+            orin[x] = rin[x];
+        }
+        pend = true;
+    } else {
+        wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
+    }
     }  // work items
+    flush();  // the last item's rows
     }  // consumers
 #else
     __trap();
@@ -2339,6 +2443,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                                const T* k, const T* v, const unsigned char* mask, T* out,         \
                                float* lse) {                                                      \
         fwd_ws<T, D, true, true, false, WG_BK, true, true>(P, q, k, v, mask, out, lse, &km);      \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspx_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_ws<T, D, true, true, false, WG_BK, true, false, true>(P, q, k, v, mask, out, lse, &km); \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
