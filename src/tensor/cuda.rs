@@ -209,6 +209,8 @@ pub struct Cuda {
     /// The persistent forward stores an item's output rows under the next item's first MMA
     /// (`fwd_wspx`; opt-in).
     fwd_deferred_stores: AtomicBool,
+    /// ... the same 16-byte stores at each item's end (`fwd_wsps`; opt-in, comparisons).
+    fwd_vector_stores: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -281,6 +283,7 @@ impl Cuda {
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
             fwd_deferred_stores: AtomicBool::new(false),
+            fwd_vector_stores: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -609,6 +612,18 @@ impl Cuda {
     /// See [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores).
     pub fn fwd_deferred_stores(&self) -> bool {
         self.fwd_deferred_stores.load(Ordering::Relaxed)
+    }
+    /// The persistent Hopper forward with box loads (non-causal problems) storing its output
+    /// 16 bytes per instruction at each work item's end (`true`: `fwd_wsps`), i.e. the
+    /// stores of [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores) without the
+    /// deferral, to tell the two parts apart; that setting wins where both are on. Opt-in,
+    /// not yet run on a GPU (stop 26); GPU oracle code 18.
+    pub fn set_fwd_vector_stores(&self, on: bool) {
+        self.fwd_vector_stores.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_vector_stores`](Self::set_fwd_vector_stores).
+    pub fn fwd_vector_stores(&self) -> bool {
+        self.fwd_vector_stores.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

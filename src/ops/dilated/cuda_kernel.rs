@@ -698,6 +698,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 (true, false) if ra => ("wsor", false),
                 (true, true) if tma && !ends => ("wsptn", true),
                 (true, true) if tma && dev.fwd_deferred_stores() => ("wspx", true),
+                (true, true) if tma && dev.fwd_vector_stores() => ("wsps", true),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
@@ -1124,7 +1125,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wspx" => Some(128),
+        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1835,6 +1836,7 @@ mod tests {
         assert_eq!(kv_box_rows("fwd_wsot_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsptn_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspx_bf16_128"), Some(128));
+        assert_eq!(kv_box_rows("fwd_wsps_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
         assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
         for cp in [

@@ -687,9 +687,19 @@ __device__ __forceinline__ void wg_out_flush(const u32 (&ob)[2][D / 32][4], T* c
             if (rin[x])
                 *(uint4*)(row[x] + (4 * g + (lane & 3)) * 8) = make_uint4(ob[x][g][0], ob[x][g][1], ob[x][g][2], ob[x][g][3]);
 }
-// The epilogue of the kernels other than fwd_wspx: out = fac·O / l for rows rp[x] (where
-// rin[x]) in 4-byte stores from the accumulator layout, L as in wg_out_pack. (Its 16-byte
-// form, wg_out_pack + wg_out_flush, has not run on a GPU yet: fwd_wspx only, opt-in.)
+// Both at once (fwd_wsps).
+template <typename T, int D>
+__device__ __forceinline__ void wg_store16(const Params& P, const float (&o)[D / 2], float (&l)[2],
+                                           const float (&m)[2], const int (&rp)[2], const bool (&rin)[2], int b,
+                                           int h, int lane, T* __restrict__ out, float* __restrict__ lse) {
+    u32 ob[2][D / 32][4];
+    wg_out_pack<T, D>(P, o, l, m, rp, rin, b, h, lane, lse, ob);
+    T* const row[2] = {out + qidx(P, b, rp[0], h), out + qidx(P, b, rp[1], h)};
+    wg_out_flush<T, D>(ob, row, rin, lane);
+}
+// The epilogue of the kernels other than fwd_wspx and fwd_wsps: out = fac·O / l for rows
+// rp[x] (where rin[x]) in 4-byte stores from the accumulator layout, L as in wg_out_pack.
+// (Its 16-byte form, wg_store16, has not run on a GPU yet: fwd_wsps, fwd_wspx, opt-in.)
 template <typename T, int D>
 __device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2], float (&l)[2], const float (&m)[2],
                                          const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
@@ -953,13 +963,15 @@ struct KMaps {
 // NB (fwd_wsptn = fwd_wspt + NB, for comparisons): without the block end before the wait
 // for P(c)·V(c) (block_end_after), i.e. as up to stop 21, ptxas placing that wait before the
 // softmax of S(n).
-// XI (fwd_wspx, with PS, 128-key tiles): an item's output rows are packed at its end
-// (wg_out_pack, L stored) and stored only once the next item's S(0) is issued
-// (wg_out_flush), so that the stores run under that MMA instead of in front of it (stop
-// 25's profile of the head-group forward: 8.3 % of the samples on the output stores, ~28 %
-// outside the main loop, where an item has only 16 key tiles).
+// XO, the output stores (stop 25's profile of the head-group forward: 8.3 % of the samples
+// on them, ~28 % outside the main loop, where an item has only 16 key tiles): 0, wg_store
+// (4-byte stores, the defaults); 1 (fwd_wsps, for comparisons): 16-byte stores at the item's
+// end (wg_out_pack + wg_out_flush); 2 (XI; fwd_wspx, with PS, 128-key tiles): the rows
+// packed at the item's end (wg_out_pack, L stored) and stored only once the next item's
+// S(0) is issued (wg_out_flush), so that the stores run under that MMA instead of in front
+// of it.
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool NB = false, bool XI = false>
+          bool NB = false, int XO = 0>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -967,6 +979,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     static_assert(OV || !PS, "the persistent forward is built on the overlapped loop");
     static_assert(!TK || !RA, "TMA key tiles: not with Q in registers");
     static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
+    constexpr bool XI = XO == 2;
     static_assert(!XI || (PS && BK == WG_BK), "deferred output stores: persistent 128-key kernel only");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
@@ -1358,6 +1371,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             orin[x] = rin[x];
         }
         pend = true;
+    } else if constexpr (XO == 1) {
+        wg_store16<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
     } else {
         wg_store<T, D>(P, o, l, m, rp, rin, b, h, lane, out, lse);
     }
@@ -2448,7 +2463,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         fwd_wspx_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
                               const T* k, const T* v, const unsigned char* mask, T* out,          \
                               float* lse) {                                                       \
-        fwd_ws<T, D, true, true, false, WG_BK, true, false, true>(P, q, k, v, mask, out, lse, &km); \
+        fwd_ws<T, D, true, true, false, WG_BK, true, false, 2>(P, q, k, v, mask, out, lse, &km);  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wsps_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_ws<T, D, true, true, false, WG_BK, true, false, 1>(P, q, k, v, mask, out, lse, &km);  \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
