@@ -477,7 +477,7 @@ fn persistent_forward_many_items() {
                 15 => "fwd_wsptn",
                 17 if causal => continue, // fwd_wsot again
                 17 => "fwd_wspx",
-                18 if causal => continue,
+                18 if causal => continue, // fwd_wsot again
                 18 => "fwd_wsps",
                 _ if causal => "fwd_wspt (causal)",
                 _ => continue, // the default kernel again
@@ -536,7 +536,8 @@ fn sanitizer_fused_tma() {
         all_dtypes_w(&free, KernelPref::Auto, false, 11);
         // The persistent forward without the block end (fwd_wsptn).
         all_dtypes_w(&free, KernelPref::Auto, false, 15);
-        // ... and with the output stores under the next item's first MMA (fwd_wspx).
+        // ... with the output stores under the next item's first MMA (fwd_wspx), and with
+        // the same 16-byte stores at each item's end (fwd_wsps).
         all_dtypes_w(&free, KernelPref::Auto, false, 17);
         all_dtypes_w(&free, KernelPref::Auto, false, 18);
     }

@@ -623,6 +623,28 @@ __device__ __forceinline__ void wg_rescale(float (&o)[D / 2], float al0, float a
     }
 }
 
+// The epilogues' row sums: l[x] of this thread's row x summed over its quad (the four
+// lanes holding the row's columns).
+__device__ __forceinline__ void wg_row_sums(float (&l)[2]) {
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
+        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
+    }
+}
+// L = m·ln 2 + ln l in natural log (−inf where nothing was attended) for rows rp[x] (where
+// rin[x]), by the quad's first lane, after wg_row_sums.
+__device__ __forceinline__ void wg_store_lse(const Params& P, const float (&l)[2], const float (&m)[2],
+                                             const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
+                                             float* __restrict__ lse) {
+    const float ln2 = 0.6931471805599453f;
+    if ((lane & 3) == 0) {
+#pragma unroll
+        for (int x = 0; x < 2; ++x)
+            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
+    }
+}
+
 // Forward epilogue of a warpgroup, in two parts so that the persistent forward can issue
 // the next item's first MMA between them (XI in fwd_ws). wg_out_pack: out = fac·O / l for
 // this thread's rows, packed and transposed across each quad into `ob` (below), and
@@ -641,12 +663,7 @@ __device__ __forceinline__ void wg_out_pack(const Params& P, const float (&o)[D 
                                             int b, int h, int lane, float* __restrict__ lse,
                                             u32 (&ob)[2][D / 32][4]) {
     static_assert(D % 32 == 0, "wg_out_pack: groups of four 8-column chunks");
-    const float ln2 = 0.6931471805599453f;
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
-    }
+    wg_row_sums(l);
     const int qd = lane & 3;
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
@@ -669,11 +686,7 @@ __device__ __forceinline__ void wg_out_pack(const Params& P, const float (&o)[D 
             }
         }
     }
-    if (qd == 0) {
-#pragma unroll
-        for (int x = 0; x < 2; ++x)
-            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
-    }
+    wg_store_lse(P, l, m, rp, rin, b, h, lane, lse);
 }
 // `row[x]`: the output row's first element (16-byte aligned: a row starts at a multiple of D
 // elements, a chunk at 8); stored where rin[x].
@@ -704,12 +717,7 @@ template <typename T, int D>
 __device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2], float (&l)[2], const float (&m)[2],
                                          const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
                                          T* __restrict__ out, float* __restrict__ lse) {
-    const float ln2 = 0.6931471805599453f;
-#pragma unroll
-    for (int x = 0; x < 2; ++x) {
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 1);
-        l[x] += __shfl_xor_sync(0xffffffffu, l[x], 2);
-    }
+    wg_row_sums(l);
     const float f0 = l[0] > 0.f ? P.fac / l[0] : 0.f;
     const float f1 = l[1] > 0.f ? P.fac / l[1] : 0.f;
 #pragma unroll
@@ -718,11 +726,7 @@ __device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2
         if (rin[0]) *(u32*)(out + qidx(P, b, rp[0], h) + d) = Mma<T>::pack(o[4 * n] * f0, o[4 * n + 1] * f0);
         if (rin[1]) *(u32*)(out + qidx(P, b, rp[1], h) + d) = Mma<T>::pack(o[4 * n + 2] * f1, o[4 * n + 3] * f1);
     }
-    if ((lane & 3) == 0) {
-#pragma unroll
-        for (int x = 0; x < 2; ++x)
-            if (rin[x]) lse[lidx(P, b, rp[x], h)] = l[x] > 0.f ? m[x] * ln2 + logf(l[x]) : neg_inf();
-    }
+    wg_store_lse(P, l, m, rp, rin, b, h, lane, lse);
 }
 
 #define WG_BK 128
