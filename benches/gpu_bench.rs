@@ -83,7 +83,8 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// where the default is persistent, `fwd_wsowt` elsewhere; `wideo`: `fwd_wsowt` throughout;
 /// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`), the persistent forward
 /// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`), and its
-/// 16-byte stores without that deferral (`stores16`: `fwd_wsps`).
+/// 16-byte stores without that deferral (`stores16`: `fwd_wsps`), two Q buffers and two K/V
+/// stages (`qdouble`: `fwd_wspq`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -95,6 +96,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
     ("xitem", |d, on| d.set_fwd_deferred_stores(on)),
     ("stores16", |d, on| d.set_fwd_vector_stores(on)),
+    ("qdouble", |d, on| d.set_fwd_double_q(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

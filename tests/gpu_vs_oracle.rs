@@ -123,7 +123,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // fused backward's query tiles of 64 rows at D = 128 too (bwd_wgt2; the default there is
     // bwd_wgt2w, 80 rows); 17: the default with the persistent forward's output rows stored
     // under the next work item's first MMA (fwd_wspx; causal problems run fwd_wsot); 18: the
-    // same 16-byte stores at each item's end (fwd_wsps); 3: the
+    // same 16-byte stores at each item's end (fwd_wsps); 19: the persistent forward with two
+    // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -134,15 +135,19 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_overlap(warps != 5);
     dev.set_fwd_persistent(warps != 6);
     dev.set_fwd_persistent_causal(warps == 7);
-    dev.set_fused_dq(matches!(warps, 0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18));
+    dev.set_fused_dq(matches!(
+        warps,
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19
+    ));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19));
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_wait_block_ends(warps != 15);
     dev.set_fwd_deferred_stores(warps == 17);
     dev.set_fwd_vector_stores(warps == 18);
+    dev.set_fwd_double_q(warps == 19);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -293,7 +298,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18][(case.seed % 19) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19][(case.seed % 20) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -337,6 +342,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 16);
                 all_dtypes_w(&case, KernelPref::Auto, true, 17);
                 all_dtypes_w(&case, KernelPref::Auto, true, 18);
+                all_dtypes_w(&case, KernelPref::Auto, true, 19);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -418,6 +424,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 16);
         all_dtypes_w(&case, KernelPref::Auto, true, 17);
         all_dtypes_w(&case, KernelPref::Auto, true, 18);
+        all_dtypes_w(&case, KernelPref::Auto, true, 19);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -461,7 +468,7 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18] {
+        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wsot",
@@ -479,6 +486,8 @@ fn persistent_forward_many_items() {
                 17 => "fwd_wspx",
                 18 if causal => continue, // fwd_wsot again
                 18 => "fwd_wsps",
+                19 if causal => continue,
+                19 => "fwd_wspq",
                 _ if causal => "fwd_wspt (causal)",
                 _ => continue, // the default kernel again
             };
@@ -540,6 +549,8 @@ fn sanitizer_fused_tma() {
         // the same 16-byte stores at each item's end (fwd_wsps).
         all_dtypes_w(&free, KernelPref::Auto, false, 17);
         all_dtypes_w(&free, KernelPref::Auto, false, 18);
+        // ... and with two Q buffers (fwd_wspq).
+        all_dtypes_w(&free, KernelPref::Auto, false, 19);
     }
 }
 
@@ -567,6 +578,7 @@ fn sanitizer_small() {
         all_dtypes_w(&case, KernelPref::Auto, true, 16);
         all_dtypes_w(&case, KernelPref::Auto, true, 17);
         all_dtypes_w(&case, KernelPref::Auto, true, 18);
+        all_dtypes_w(&case, KernelPref::Auto, true, 19);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);

@@ -211,6 +211,8 @@ pub struct Cuda {
     fwd_deferred_stores: AtomicBool,
     /// ... the same 16-byte stores at each item's end (`fwd_wsps`; opt-in, comparisons).
     fwd_vector_stores: AtomicBool,
+    /// The persistent forward with two Q buffers and two K/V stages (`fwd_wspq`; opt-in).
+    fwd_double_q: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -284,6 +286,7 @@ impl Cuda {
             wait_block_ends: AtomicBool::new(true),
             fwd_deferred_stores: AtomicBool::new(false),
             fwd_vector_stores: AtomicBool::new(false),
+            fwd_double_q: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -624,6 +627,17 @@ impl Cuda {
     /// See [`set_fwd_vector_stores`](Self::set_fwd_vector_stores).
     pub fn fwd_vector_stores(&self) -> bool {
         self.fwd_vector_stores.load(Ordering::Relaxed)
+    }
+    /// The persistent Hopper forward with box loads (non-causal problems) with two Q buffers
+    /// and two K/V stages (`true`: `fwd_wspq`) instead of one and three, so that the next
+    /// work item's Q loads while this item still streams its keys (see hopper.cu). The two
+    /// settings above win where on. Opt-in, not yet run on a GPU (stop 27); GPU oracle code 19.
+    pub fn set_fwd_double_q(&self, on: bool) {
+        self.fwd_double_q.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_double_q`](Self::set_fwd_double_q).
+    pub fn fwd_double_q(&self) -> bool {
+        self.fwd_double_q.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

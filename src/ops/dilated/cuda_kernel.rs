@@ -699,6 +699,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 (true, true) if tma && !ends => ("wsptn", true),
                 (true, true) if tma && dev.fwd_deferred_stores() => ("wspx", true),
                 (true, true) if tma && dev.fwd_vector_stores() => ("wsps", true),
+                (true, true) if tma && dev.fwd_double_q() => ("wspq", true),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
@@ -707,7 +708,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 name: format!("fwd_{kind}_{e}_{d}"),
                 rows: 128,
                 threads: 384,
-                smem: Some(ws_smem(d, wide)),
+                smem: Some(ws_smem(d, wide, kind == "wspq")),
                 persistent,
             }
         } else {
@@ -752,10 +753,18 @@ fn wg_smem(d: usize) -> u32 {
 /// slack, the Q tile, three stages of K and V tiles of 128 rows, key metadata, eight
 /// mbarriers (full and empty per stage, qfull, qempty). `wide` (`fwd_wsow_*` /
 /// `fwd_wspw_*`): two stages of 176 rows (`WIDE_BK`), and full and empty for the V half of
-/// each stage too: ten mbarriers.
-fn ws_smem(d: usize, wide: bool) -> u32 {
-    let (keys, stages, bars) = if wide { (176, 2, 10) } else { (128, 3, 8) };
-    (1024 + 128 * d * 2 + 2 * stages * keys * d * 2 + stages * keys * 4 + bars * 8) as u32
+/// each stage too: ten mbarriers. `double_q` (`fwd_wspq_*`): two Q tiles and two stages of
+/// 128 rows (full and empty per stage, qfull and qempty per Q tile: eight mbarriers).
+fn ws_smem(d: usize, wide: bool, double_q: bool) -> u32 {
+    let (keys, stages, bars) = if wide {
+        (176, 2, 10)
+    } else if double_q {
+        (128, 2, 8)
+    } else {
+        (128, 3, 8)
+    };
+    let q_tiles = if double_q { 2 } else { 1 };
+    (1024 + q_tiles * 128 * d * 2 + 2 * stages * keys * d * 2 + stages * keys * 4 + bars * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
@@ -1125,7 +1134,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" => Some(128),
+        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1694,8 +1703,9 @@ mod tests {
         for d in [64, 128] {
             for (name, bytes) in [
                 ("fwd_wg", wg_smem(d)),
-                ("fwd_ws/fwd_wso/fwd_wsp", ws_smem(d, false)),
-                ("fwd_wsow/fwd_wspw", ws_smem(d, true)),
+                ("fwd_ws/fwd_wso/fwd_wsp", ws_smem(d, false, false)),
+                ("fwd_wsow/fwd_wspw", ws_smem(d, true, false)),
+                ("fwd_wspq", ws_smem(d, false, true)),
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
@@ -1710,7 +1720,12 @@ mod tests {
         assert!(wg_fused_wide_smem() <= SM90_SMEM);
         // The warp-specialised forward at D = 128 is the tightest: three stages of 64 KiB
         // plus the Q tile leave under 1 KiB.
-        assert!(SM90_SMEM - ws_smem(128, false) < 1024);
+        assert!(SM90_SMEM - ws_smem(128, false, false) < 1024);
+        // Two Q tiles and two stages: 32 KiB less than three stages and one Q tile.
+        assert_eq!(
+            ws_smem(128, false, false) - ws_smem(128, false, true),
+            32 * 1024 + 128 * 4
+        );
     }
 
     /// The whole-plan launch problem of `dims` and the (segment, dilation) pairs `pats`.
@@ -1837,6 +1852,7 @@ mod tests {
         assert_eq!(kv_box_rows("fwd_wsptn_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspx_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsps_f16_64"), Some(128));
+        assert_eq!(kv_box_rows("fwd_wspq_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
         assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
         for cp in [

@@ -974,8 +974,16 @@ struct KMaps {
 // packed at the item's end (wg_out_pack, L stored) and stored only once the next item's
 // S(0) is issued (wg_out_flush), so that the stores run under that MMA instead of in front
 // of it.
+// Q2 (fwd_wspq, with PS, 128-key tiles, Q by cp.async as always): two Q buffers and two K/V
+// stages instead of one and three (the same shared memory budget would not hold two Q tiles
+// and three stages: 2·32 + 3·64 KiB > 227 KiB at D = 128). With one buffer the producer may
+// load the next item's Q only once this item's last S has landed (qempty), and that item's
+// S(0) waits for the load's whole latency after the last P·V and the output stores; with
+// two, item i + 1's Q loads while item i still streams its keys (the producer waits for
+// item i - 1's qempty), and S(0) finds it there. Aimed at the head-group items (16 key
+// tiles each at the LongNet schedule), at the price of one stage of key prefetch.
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool NB = false, int XO = 0>
+          bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -985,10 +993,11 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     static_assert(BK == WG_BK || (BK == WIDE_BK && OV && !RA), "key tile: 128, or 176 (wide)");
     constexpr bool XI = XO == 2;
     static_assert(!XI || (PS && BK == WG_BK), "deferred output stores: persistent 128-key kernel only");
+    static_assert(!Q2 || (PS && !RA && BK == WG_BK), "two Q buffers: persistent 128-key kernel, Q in smem");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
     // stages fit in shared memory, not three.
-    constexpr int RQ = 128, CB = D / 64, NS = BK > WG_BK ? 2 : WS_STAGES;
+    constexpr int RQ = 128, CB = D / 64, NS = BK > WG_BK || Q2 ? 2 : WS_STAGES;
     // SPLIT (wide tiles): K and V stages are filled and released apart. With two stages and
     // one barrier pair per K+V stage, S(n + 1) would wait for the other warpgroup's P(n-1)·V
     // and then for the reload of that stage; apart, a K stage is free once both warpgroups'
@@ -999,14 +1008,17 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
     const u32 sQ = (raw + 1023) & ~1023u;
-    const u32 sK = sQ + CB * QB, sV = sK + NS * TILE;
+    constexpr int QN = Q2 ? 2 : 1;  // Q buffers
+    const u32 sK = sQ + QN * CB * QB, sV = sK + NS * TILE;
     // Key metadata: position, or -1 - position where the key is masked out / past the end.
     int* kposS = (int*)(smem_raw + (sV + NS * TILE - raw));
-    // full[NS], empty[NS], qfull, qempty: 8 bytes each
+    // full[NS], empty[NS], qfull, qempty (Q2: qfull[2], qempty[2]): 8 bytes each
     const u32 bars = smem_u32(kposS + NS * BK);
     auto full = [&](int st) { return bars + 8 * st; };
     auto empty = [&](int st) { return bars + 8 * (NS + st); };
-    const u32 qfull = bars + 8 * (2 * NS), qempty = bars + 8 * (2 * NS + 1);
+    // Q buffer j's barriers (j = 0 without Q2).
+    auto qfull = [&](int j) { return bars + 8 * (2 * NS + (Q2 ? j : 0)); };
+    auto qempty = [&](int j) { return bars + 8 * (2 * NS + (Q2 ? 2 + j : 1)); };
     // SPLIT: full / empty track the K half of a stage (and its key metadata), these the V half.
     auto fullv = [&](int st) { return bars + 8 * (2 * NS + 2 + st); };
     auto emptyv = [&](int st) { return bars + 8 * (3 * NS + 2 + st); };
@@ -1072,8 +1084,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 mbar_init(emptyv(st), 256);  // every consumer thread
             }
         }
-        mbar_init(qfull, 128);
-        mbar_init(qempty, 256);
+        for (int j = 0; j < QN; ++j) {
+            mbar_init(qfull(j), 128);
+            mbar_init(qempty(j), 256);
+        }
     }
     __syncthreads();
 
@@ -1099,9 +1113,12 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             int h, b;
             if (!item(w, t, h, b)) continue;
             const int g = h / (P.H / P.Hkv);
-            if (PS && done > 0) mbar_wait(qempty, (done - 1) & 1);  // the last item's S are done
-            load_rows_sw<D, 128, RQ>(sQ, q, t.cnt, qidx(P, b, t.base, h), (long long)P.H * P.D * t.step, pt);
-            mbar_cp_async_arrive(qfull);
+            // The buffer's previous item (Q2: two items back) has issued its last S.
+            const int qb = Q2 ? done & 1 : 0;
+            if (PS && done >= QN) mbar_wait(qempty(qb), ((done - QN) / QN) & 1);
+            load_rows_sw<D, 128, RQ>(sQ + qb * CB * QB, q, t.cnt, qidx(P, b, t.base, h),
+                                     (long long)P.H * P.D * t.step, pt);
+            mbar_cp_async_arrive(qfull(qb));
             ++done;
             PatState st;
             st.i = -1;
@@ -1180,7 +1197,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CR));
     const int wg = wg_index(), wq = warp & 3;
     const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
-    const u32 qa = sQ + wg * 64 * 128;
+    u32 qa = sQ + wg * 64 * 128;  // this warpgroup's Q rows (Q2: of this item's buffer)
     int it = 0, done = 0;  // stage counter, items computed
     // XI: the previous item's packed output rows, not yet stored (pend).
     u32 ob[2][D / 32][4];
@@ -1252,13 +1269,15 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         for (int x = 0; x < 2; ++x) part[x] = rin[x] && (((rp[x] - cs.a) % cs.r) == cs.o);
     };
 
-    mbar_wait(qfull, done & 1);
+    const int qb = Q2 ? done & 1 : 0;
+    mbar_wait(qfull(qb), (done / QN) & 1);
     ++done;
+    if constexpr (Q2) qa = sQ + qb * CB * QB + wg * 64 * 128;
     if constexpr (RA) {
         wg_frag_a<D>(qf, qa, QB, wq * 16 + (lane >> 2), lane);
         // PS: Q is in registers now; the producer may load the next item's Q at once
         // (without RA only once the item's last S has landed, below).
-        if constexpr (PS) mbar_arrive(qempty);
+        if constexpr (PS) mbar_arrive(qempty(0));
     }
     PatState cur;
     cur.i = -1;
@@ -1324,7 +1343,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             cur = nx;
             ++it;
         }
-        if constexpr (PS && !RA) mbar_arrive(qempty);  // every S of this item has landed
+        if constexpr (PS && !RA) mbar_arrive(qempty(qb));  // every S of this item has landed
         if (have) {
             if constexpr (SPLIT) {
                 mbar_wait(fullv(it % NS), (it / NS) & 1);
@@ -2474,6 +2493,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               const T* k, const T* v, const unsigned char* mask, T* out,          \
                               float* lse) {                                                       \
         fwd_ws<T, D, true, true, false, WG_BK, true, false, 1>(P, q, k, v, mask, out, lse, &km);  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspq_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_ws<T, D, true, true, false, WG_BK, true, false, 0, true>(P, q, k, v, mask, out, lse,  \
+                                                                     &km);                        \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
