@@ -82,9 +82,10 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// tensor-map box loads: `fwd_wspt` / `fwd_wsot`), 176-key tiles (`fwd_wspwt`
 /// where the default is persistent, `fwd_wsowt` elsewhere; `wideo`: `fwd_wsowt` throughout;
 /// `widecp`: 176-key tiles by cp.async, `fwd_wspw` / `fwd_wsow`), the persistent forward
-/// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`), and its
-/// 16-byte stores without that deferral (`stores16`: `fwd_wsps`), two Q buffers and two K/V
-/// stages (`qdouble`: `fwd_wspq`).
+/// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`), its
+/// 4-byte stores as up to stop 26 (`stores4`: `fwd_wspt`; the default since stop 27,
+/// `fwd_wsps`, stores 16 bytes per instruction), two Q buffers and two K/V stages
+/// (`qdouble`: `fwd_wspq`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -95,7 +96,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("fwdcp", |d, on| d.set_fwd_tma_loads(!on)),
     ("oldwaits", |d, on| d.set_wait_block_ends(!on)),
     ("xitem", |d, on| d.set_fwd_deferred_stores(on)),
-    ("stores16", |d, on| d.set_fwd_vector_stores(on)),
+    ("stores4", |d, on| d.set_fwd_vector_stores(!on)),
     ("qdouble", |d, on| d.set_fwd_double_q(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {

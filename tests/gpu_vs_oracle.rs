@@ -103,7 +103,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     let dev = dev();
     // warps = 0: the default kernels (on Hopper the warp-specialised wgmma forward with the
     // intra-warpgroup overlap, its K/V tiles by tensor-map box loads where the rows are boxes,
-    // persistent on non-causal problems: fwd_wspt / fwd_wsot; and the fused backward with
+    // persistent on non-causal problems: fwd_wsps / fwd_wsot; and the fused backward with
     // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
     // bwd_wgt2, at D = 128 with 80-row query tiles: bwd_wgt2w;
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
@@ -123,7 +123,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // fused backward's query tiles of 64 rows at D = 128 too (bwd_wgt2; the default there is
     // bwd_wgt2w, 80 rows); 17: the default with the persistent forward's output rows stored
     // under the next work item's first MMA (fwd_wspx; causal problems run fwd_wsot); 18: the
-    // same 16-byte stores at each item's end (fwd_wsps); 19: the persistent forward with two
+    // persistent forward's 4-byte stores at each item's end (fwd_wspt; the default, fwd_wsps,
+    // stores 16 bytes per instruction); 19: the persistent forward with two
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
@@ -146,7 +147,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
     dev.set_wait_block_ends(warps != 15);
     dev.set_fwd_deferred_stores(warps == 17);
-    dev.set_fwd_vector_stores(warps == 18);
+    dev.set_fwd_vector_stores(warps != 18);
     dev.set_fwd_double_q(warps == 19);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
@@ -485,10 +486,10 @@ fn persistent_forward_many_items() {
                 17 if causal => continue, // fwd_wsot again
                 17 => "fwd_wspx",
                 18 if causal => continue, // fwd_wsot again
-                18 => "fwd_wsps",
+                18 => "fwd_wspt (4-byte stores)",
                 19 if causal => continue,
                 19 => "fwd_wspq",
-                _ if causal => "fwd_wspt (causal)",
+                _ if causal => "fwd_wsps (causal)",
                 _ => continue, // the default kernel again
             };
             let t = std::time::Instant::now();
@@ -534,7 +535,7 @@ fn sanitizer_fused_tma() {
         all_dtypes_w(&case, KernelPref::Auto, true, 12);
         all_dtypes_w(&case, KernelPref::Auto, true, 13);
         all_dtypes_w(&case, KernelPref::Auto, true, 16);
-        // Not causal: the persistent forwards (fwd_wspt, fwd_wsp) too.
+        // Not causal: the persistent forwards (fwd_wsps, fwd_wsp) too.
         let mut free = sanitizer_case(d, combine, false);
         free.opts = free.opts.causal(false);
         all_dtypes(&free, KernelPref::Auto, true);
@@ -546,7 +547,7 @@ fn sanitizer_fused_tma() {
         // The persistent forward without the block end (fwd_wsptn).
         all_dtypes_w(&free, KernelPref::Auto, false, 15);
         // ... with the output stores under the next item's first MMA (fwd_wspx), and with
-        // the same 16-byte stores at each item's end (fwd_wsps).
+        // the 4-byte stores of fwd_wspt (the default, fwd_wsps, stores 16 bytes at a time).
         all_dtypes_w(&free, KernelPref::Auto, false, 17);
         all_dtypes_w(&free, KernelPref::Auto, false, 18);
         // ... and with two Q buffers (fwd_wspq).

@@ -209,7 +209,8 @@ pub struct Cuda {
     /// The persistent forward stores an item's output rows under the next item's first MMA
     /// (`fwd_wspx`; opt-in).
     fwd_deferred_stores: AtomicBool,
-    /// ... the same 16-byte stores at each item's end (`fwd_wsps`; opt-in, comparisons).
+    /// ... 16-byte stores at each item's end (`fwd_wsps`, the default since stop 27;
+    /// `false`: `fwd_wspt`'s 4-byte stores).
     fwd_vector_stores: AtomicBool,
     /// The persistent forward with two Q buffers and two K/V stages (`fwd_wspq`; opt-in).
     fwd_double_q: AtomicBool,
@@ -285,7 +286,7 @@ impl Cuda {
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
             fwd_deferred_stores: AtomicBool::new(false),
-            fwd_vector_stores: AtomicBool::new(false),
+            fwd_vector_stores: AtomicBool::new(true),
             fwd_double_q: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
@@ -577,7 +578,7 @@ impl Cuda {
     }
     /// Hopper warp-specialised forward (the overlapped 128-key kernels): the producer's K
     /// and V tiles loaded by the tensor memory accelerator, its thread 0 issuing a tile's box
-    /// loads (`true`, the default: `fwd_wspt` / `fwd_wsot`), or by 16-byte `cp.async` copies
+    /// loads (`true`, the default: `fwd_wsps` / `fwd_wsot`), or by 16-byte `cp.async` copies
     /// from all its 128 threads (`false`: `fwd_wsp` / `fwd_wso`, the default until stop 20).
     /// Box loads need a whole-device problem, at most 8 patterns, dilations dividing their
     /// segments and 16-byte aligned K, V; elsewhere the cp.async kernels run. On an H200 the
@@ -590,9 +591,10 @@ impl Cuda {
     pub fn fwd_tma_loads(&self) -> bool {
         self.fwd_tma_loads.load(Ordering::Relaxed)
     }
-    /// The persistent Hopper forward (`fwd_wspt`, the default on non-causal problems): end
-    /// the basic block before the wait for `P(c)·V(c)`, so that ptxas cannot schedule that
-    /// wait ahead of the softmax of `S(n)` meant to run under it (`true`, the default), or
+    /// The persistent Hopper forward (`fwd_wsps`, the default on non-causal problems, and
+    /// `fwd_wspt`): end the basic block before the wait for `P(c)·V(c)`, so that ptxas
+    /// cannot schedule that wait ahead of the softmax of `S(n)` meant to run under it
+    /// (`true`, the default), or
     /// leave the schedule to ptxas (`false`: `fwd_wsptn`, the kernel as up to stop 21, whose
     /// SASS has the wait before the whole softmax). For comparisons.
     pub fn set_wait_block_ends(&self, on: bool) {
@@ -605,10 +607,12 @@ impl Cuda {
     /// The persistent Hopper forward with box loads (non-causal problems): pack a work
     /// item's output rows at its end and store them only once the next item's first
     /// `S = Q·Kᵀ` is issued, so that the stores run under that MMA (`true`: `fwd_wspx`), or
-    /// store them before the next item starts (`false`, the default: `fwd_wspt`). `fwd_wspx`
-    /// also stores 16 bytes per instruction (after a transpose across each quad of lanes)
-    /// where `fwd_wspt` stores 4. Opt-in and not yet timed or run on a GPU (stop 26 had no
-    /// device); the GPU oracle tests cover it (code 17). See CUDA.md.
+    /// store them before the next item starts (`false`, the default: `fwd_wsps`, see
+    /// [`set_fwd_vector_stores`](Self::set_fwd_vector_stores)). Both store 16 bytes per
+    /// instruction (after a transpose across each quad of lanes). Opt-in: measured on an
+    /// H100 in stop 27 no better than `fwd_wsps` (head groups +7.7 / +6.4 / +3.8 / −1.0 %
+    /// against `fwd_wspt`, `fwd_wsps` +9.4 / +7.0 / +1.6 / +2.5 %); GPU oracle code 17. See
+    /// CUDA.md.
     pub fn set_fwd_deferred_stores(&self, on: bool) {
         self.fwd_deferred_stores.store(on, Ordering::Relaxed);
     }
@@ -617,10 +621,13 @@ impl Cuda {
         self.fwd_deferred_stores.load(Ordering::Relaxed)
     }
     /// The persistent Hopper forward with box loads (non-causal problems) storing its output
-    /// 16 bytes per instruction at each work item's end (`true`: `fwd_wsps`), i.e. the
-    /// stores of [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores) without the
-    /// deferral, to tell the two parts apart; that setting wins where both are on. Opt-in,
-    /// not yet run on a GPU (stop 26); GPU oracle code 18.
+    /// 16 bytes per instruction at each work item's end (`true`, the default since stop 27:
+    /// `fwd_wsps`), after a transpose across each quad of lanes, or 4 bytes per instruction
+    /// (`false`: `fwd_wspt`, the default up to stop 26; GPU oracle code 18). Measured on an
+    /// H100 against `fwd_wspt` in the same process (`benches/results/gpu_h100_s27.txt`):
+    /// head groups +9.4 / +7.0 / +1.6 / +2.5 % (16K … 1M), dense +1.5 / +2.6 %, LSE
+    /// +3.4 / +1.0 / −0.9 / −4.0 %. [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores)
+    /// and [`set_fwd_double_q`](Self::set_fwd_double_q) win where on.
     pub fn set_fwd_vector_stores(&self, on: bool) {
         self.fwd_vector_stores.store(on, Ordering::Relaxed);
     }
@@ -630,8 +637,10 @@ impl Cuda {
     }
     /// The persistent Hopper forward with box loads (non-causal problems) with two Q buffers
     /// and two K/V stages (`true`: `fwd_wspq`) instead of one and three, so that the next
-    /// work item's Q loads while this item still streams its keys (see hopper.cu). The two
-    /// settings above win where on. Opt-in, not yet run on a GPU (stop 27); GPU oracle code 19.
+    /// work item's Q loads while this item still streams its keys (see hopper.cu). Wins over
+    /// the vector stores; the deferred stores win over it. Opt-in: measured 31–42 % slower
+    /// than `fwd_wspt` on an H100 (stop 27: one stage of key prefetch is too few); GPU
+    /// oracle code 19.
     pub fn set_fwd_double_q(&self, on: bool) {
         self.fwd_double_q.store(on, Ordering::Relaxed);
     }
