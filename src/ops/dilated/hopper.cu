@@ -700,7 +700,7 @@ __device__ __forceinline__ void wg_out_flush(const u32 (&ob)[2][D / 32][4], T* c
             if (rin[x])
                 *(uint4*)(row[x] + (4 * g + (lane & 3)) * 8) = make_uint4(ob[x][g][0], ob[x][g][1], ob[x][g][2], ob[x][g][3]);
 }
-// Both at once (fwd_wsps).
+// Both at once (fwd_wsps, the persistent forward's default since stop 27).
 template <typename T, int D>
 __device__ __forceinline__ void wg_store16(const Params& P, const float (&o)[D / 2], float (&l)[2],
                                            const float (&m)[2], const int (&rp)[2], const bool (&rin)[2], int b,
@@ -712,7 +712,8 @@ __device__ __forceinline__ void wg_store16(const Params& P, const float (&o)[D /
 }
 // The epilogue of the kernels other than fwd_wspx and fwd_wsps: out = fac·O / l for rows
 // rp[x] (where rin[x]) in 4-byte stores from the accumulator layout, L as in wg_out_pack.
-// (Its 16-byte form, wg_store16, has not run on a GPU yet: fwd_wsps, fwd_wspx, opt-in.)
+// (Its 16-byte form, wg_store16, measured +1.5…+9.4 % on the persistent forward's dense and
+// head-group problems, stop 27; the other kernels are not measured with it yet.)
 template <typename T, int D>
 __device__ __forceinline__ void wg_store(const Params& P, const float (&o)[D / 2], float (&l)[2], const float (&m)[2],
                                          const int (&rp)[2], const bool (&rin)[2], int b, int h, int lane,
@@ -969,8 +970,9 @@ struct KMaps {
 // softmax of S(n).
 // XO, the output stores (stop 25's profile of the head-group forward: 8.3 % of the samples
 // on them, ~28 % outside the main loop, where an item has only 16 key tiles): 0, wg_store
-// (4-byte stores, the defaults); 1 (fwd_wsps, for comparisons): 16-byte stores at the item's
-// end (wg_out_pack + wg_out_flush); 2 (XI; fwd_wspx, with PS, 128-key tiles): the rows
+// (4-byte stores; fwd_wspt and the non-persistent kernels); 1 (fwd_wsps, the persistent
+// default since stop 27): 16-byte stores at the item's end (wg_out_pack + wg_out_flush);
+// 2 (XI; fwd_wspx, opt-in: no faster than 1, stop 27, with PS, 128-key tiles): the rows
 // packed at the item's end (wg_out_pack, L stored) and stored only once the next item's
 // S(0) is issued (wg_out_flush), so that the stores run under that MMA instead of in front
 // of it.
@@ -981,7 +983,8 @@ struct KMaps {
 // S(0) waits for the load's whole latency after the last P·V and the output stores; with
 // two, item i + 1's Q loads while item i still streams its keys (the producer waits for
 // item i - 1's qempty), and S(0) finds it there. Aimed at the head-group items (16 key
-// tiles each at the LongNet schedule), at the price of one stage of key prefetch.
+// tiles each at the LongNet schedule), at the price of one stage of key prefetch — which
+// costs far more: measured 31–42 % slower than fwd_wspt (stop 27); opt-in, for comparisons.
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
           bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
