@@ -85,7 +85,8 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`), its
 /// 4-byte stores as up to stop 26 (`stores4`: `fwd_wspt`; the default since stop 27,
 /// `fwd_wsps`, stores 16 bytes per instruction), two Q buffers and two K/V stages
-/// (`qdouble`: `fwd_wspq`).
+/// (`qdouble`: `fwd_wspq`), work items crossed in one turn on two Q tiles, three K and two
+/// V stages (`xcross`: `fwd_wspi`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -98,6 +99,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("xitem", |d, on| d.set_fwd_deferred_stores(on)),
     ("stores4", |d, on| d.set_fwd_vector_stores(!on)),
     ("qdouble", |d, on| d.set_fwd_double_q(on)),
+    ("xcross", |d, on| d.set_fwd_cross_items(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

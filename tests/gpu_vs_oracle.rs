@@ -125,7 +125,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // under the next work item's first MMA (fwd_wspx; causal problems run fwd_wsot); 18: the
     // persistent forward's 4-byte stores at each item's end (fwd_wspt; the default, fwd_wsps,
     // stores 16 bytes per instruction); 19: the persistent forward with two
-    // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 3: the
+    // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
+    // persistent forward with its work items crossed in one turn, on two Q tiles, three K and
+    // two V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -138,10 +140,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20
     ));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -149,6 +151,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_deferred_stores(warps == 17);
     dev.set_fwd_vector_stores(warps != 18);
     dev.set_fwd_double_q(warps == 19);
+    dev.set_fwd_cross_items(warps == 20);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -299,7 +302,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19][(case.seed % 20) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20][(case.seed % 21) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -344,6 +347,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 17);
                 all_dtypes_w(&case, KernelPref::Auto, true, 18);
                 all_dtypes_w(&case, KernelPref::Auto, true, 19);
+                all_dtypes_w(&case, KernelPref::Auto, true, 20);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -426,6 +430,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 17);
         all_dtypes_w(&case, KernelPref::Auto, true, 18);
         all_dtypes_w(&case, KernelPref::Auto, true, 19);
+        all_dtypes_w(&case, KernelPref::Auto, true, 20);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -469,7 +474,7 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19] {
+        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20] {
             let kernel = match warps {
                 0 => "default",
                 6 => "fwd_wsot",
@@ -489,11 +494,28 @@ fn persistent_forward_many_items() {
                 18 => "fwd_wspt (4-byte stores)",
                 19 if causal => continue,
                 19 => "fwd_wspq",
+                20 if causal => continue,
+                20 => "fwd_wspi",
                 _ if causal => "fwd_wsps (causal)",
                 _ => continue, // the default kernel again
             };
             let t = std::time::Instant::now();
             let e = check_w::<half::bf16>(&case, KernelPref::Auto, false, warps);
+            // The persistent kernels the codes stand for did run (the settings of check_w's
+            // last call are the device's still).
+            let expect = match warps {
+                _ if causal => None,
+                0 => Some("fwd_wsps_"),
+                17 => Some("fwd_wspx_"),
+                18 => Some("fwd_wspt_"),
+                19 => Some("fwd_wspq_"),
+                20 => Some("fwd_wspi_"),
+                _ => None,
+            };
+            if let Some(want) = expect {
+                let ran = gpu::tensor_core_kernel::<half::bf16>(&dev(), &case.plan()).unwrap_or_default();
+                assert!(ran.starts_with(want), "code {warps} ran {ran}, not {want}*");
+            }
             eprintln!(
                 "ok {kernel} n={n} {combine:?} causal={causal} : rel err bf16 {e:.1e} ({:.1} s)",
                 t.elapsed().as_secs_f64()
@@ -552,6 +574,8 @@ fn sanitizer_fused_tma() {
         all_dtypes_w(&free, KernelPref::Auto, false, 18);
         // ... and with two Q buffers (fwd_wspq).
         all_dtypes_w(&free, KernelPref::Auto, false, 19);
+        // ... and with the items crossed in one turn (fwd_wspi).
+        all_dtypes_w(&free, KernelPref::Auto, false, 20);
     }
 }
 

@@ -214,6 +214,8 @@ pub struct Cuda {
     fwd_vector_stores: AtomicBool,
     /// The persistent forward with two Q buffers and two K/V stages (`fwd_wspq`; opt-in).
     fwd_double_q: AtomicBool,
+    /// The persistent forward with work items crossed in one turn (`fwd_wspi`; opt-in).
+    fwd_cross_items: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -288,6 +290,7 @@ impl Cuda {
             fwd_deferred_stores: AtomicBool::new(false),
             fwd_vector_stores: AtomicBool::new(true),
             fwd_double_q: AtomicBool::new(false),
+            fwd_cross_items: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -647,6 +650,21 @@ impl Cuda {
     /// See [`set_fwd_double_q`](Self::set_fwd_double_q).
     pub fn fwd_double_q(&self) -> bool {
         self.fwd_double_q.load(Ordering::Relaxed)
+    }
+    /// The persistent Hopper forward with box loads (non-causal problems) with its work
+    /// items crossed in one ping-pong turn (`true`: `fwd_wspi`): the turn that issues an
+    /// item's last `P·V` issues the next item's first `S = Q·Kᵀ` with it, on a second Q tile
+    /// (K and V staged apart: three K stages, two V stages), and items without keys are
+    /// written by the producer warps without taking a turn (see hopper.cu). Aimed at the
+    /// head-group combine's short items. Wins over every other persistent-forward setting
+    /// but [`set_wait_block_ends`](Self::set_wait_block_ends)`(false)`. Opt-in until
+    /// measured; GPU oracle code 20.
+    pub fn set_fwd_cross_items(&self, on: bool) {
+        self.fwd_cross_items.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_cross_items`](Self::set_fwd_cross_items).
+    pub fn fwd_cross_items(&self) -> bool {
+        self.fwd_cross_items.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

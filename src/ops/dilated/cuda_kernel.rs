@@ -620,7 +620,7 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
     let tma = Prob::of_plan(plan, 0, false)
         .map(|pr| fwd_tma_fits(dev, &pr, std::mem::size_of::<E>(), 0, 0))
         .unwrap_or(false);
-    fwd_kernel::<E>(dev, plan.dims().head_dim, persist, tma).map(|k| k.name)
+    fwd_kernel::<E>(dev, plan.dims().head_dim, persist, plan.options().causal, tma).map(|k| k.name)
 }
 
 /// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
@@ -677,8 +677,9 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 
 /// The tensor-core forward for head dim `d`, if tensor cores take the problem.
 /// `persist`: the persistent kernel may run ([`may_persist`]).
+/// `causal`: the problem's causal mask (`fwd_wspi` takes non-causal problems only).
 /// `tma`: the key tiles by box loads ([`fwd_tma_fits`]; the overlapped 128-key kernels).
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) -> Option<Launch> {
+fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, causal: bool, tma: bool) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
@@ -697,6 +698,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 (true, true) if ra => ("wspr", true),
                 (true, false) if ra => ("wsor", false),
                 (true, true) if tma && !ends => ("wsptn", true),
+                (true, true) if tma && !causal && dev.fwd_cross_items() => ("wspi", true),
                 (true, true) if tma && dev.fwd_deferred_stores() => ("wspx", true),
                 (true, true) if tma && dev.fwd_double_q() => ("wspq", true),
                 (true, true) if tma && dev.fwd_vector_stores() => ("wsps", true),
@@ -708,7 +710,7 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, tma: bool) ->
                 name: format!("fwd_{kind}_{e}_{d}"),
                 rows: 128,
                 threads: 384,
-                smem: Some(ws_smem(d, wide, kind == "wspq")),
+                smem: Some(if kind == "wspi" { wspi_smem(d) } else { ws_smem(d, wide, kind == "wspq") }),
                 persistent,
             }
         } else {
@@ -765,6 +767,13 @@ fn ws_smem(d: usize, wide: bool, double_q: bool) -> u32 {
     };
     let q_tiles = if double_q { 2 } else { 1 };
     (1024 + q_tiles * 128 * d * 2 + 2 * stages * keys * d * 2 + stages * keys * 4 + bars * 8) as u32
+}
+
+/// Dynamic shared memory of `fwd_wspi_*` (hopper.cu): alignment slack, two Q tiles, three
+/// K stages and two V stages of 128 rows, key metadata per K stage, fourteen mbarriers
+/// (full and empty per K and per V stage, qfull and qempty per Q tile).
+fn wspi_smem(d: usize) -> u32 {
+    (1024 + 2 * 128 * d * 2 + (3 + 2) * 128 * d * 2 + 3 * 128 * 4 + 14 * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
@@ -1134,7 +1143,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" => Some(128),
+        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" | "wspi" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1200,7 +1209,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let (kp, _sk) = k.device_ptr(dev.stream());
     let (vp, _sv) = v.device_ptr(dev.stream());
     let tma = fwd_tma_fits(dev, pr, std::mem::size_of::<E>(), kp, vp);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, tma) {
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, p.causal != 0, tma) {
         let kmaps = match kv_box_rows(&l.name) {
             Some(rows) => Some(kv_tensor_maps(pr, E::NAME, kp, vp, rows)?),
             None => None,
@@ -1706,6 +1715,7 @@ mod tests {
                 ("fwd_ws/fwd_wso/fwd_wsp", ws_smem(d, false, false)),
                 ("fwd_wsow/fwd_wspw", ws_smem(d, true, false)),
                 ("fwd_wspq", ws_smem(d, false, true)),
+                ("fwd_wspi", wspi_smem(d)),
                 ("dq_wg/dkdv_wg", wg_bwd_smem(d)),
                 ("bwd_wg", wg_fused_smem(d)),
                 ("bwd_wgp", wg_fused_pp_smem(d)),
@@ -1853,6 +1863,7 @@ mod tests {
         assert_eq!(kv_box_rows("fwd_wspx_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wsps_f16_64"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspq_bf16_128"), Some(128));
+        assert_eq!(kv_box_rows("fwd_wspi_bf16_128"), Some(128));
         assert_eq!(kv_box_rows("fwd_wspwt_bf16_128"), Some(176));
         assert_eq!(kv_box_rows("fwd_wsowt_f16_128"), Some(176));
         for cp in [

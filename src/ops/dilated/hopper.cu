@@ -1410,6 +1410,304 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 #endif
 }
 
+// fwd_wspi (Cuda::set_fwd_cross_items, opt-in; bench variant `xcross`, GPU oracle code 20):
+// the persistent box-load forward with the work items crossed in one ping-pong turn, for
+// the short items of the head-group combine (16 key tiles each at the LongNet schedule,
+// where stop 25's profile put ~28 % of the consumers' samples outside the main loop).
+//
+// In fwd_wsps an item ends with its last P·V issued alone, the output stored, then the
+// next item's Q waited for, and its S(0) and softmax run outside the ping-pong. Here the
+// turn that issues an item's last P·V issues the next item's S(0) with it, as every
+// main-loop turn issues S(n) with P(c)·V(c): the tiles of all of a CTA's items form one
+// stream of turns. After that turn's waits the next item's softmax has run (under the
+// last P·V), P is packed, and the finished item's output is stored from its saved row
+// state while the other warpgroup's MMAs run.
+//
+// That needs the next item's Q before the current item ends: two Q tiles. Shared memory at
+// D = 128 holds them beside three K stages and two V stages (2·32 + 3·32 + 2·32 = 224 KiB):
+// K and V are staged apart (fullk / emptyk, fullv / emptyv), since a key tile must land a
+// turn before its P·V needs V (S(n) is issued with P(n-1)·V(n-1)) and is released once
+// both softmaxes read its metadata, while a V stage is held only from P·V's issue to its
+// wait. (fwd_wspq, two Q tiles and two K/V stages, measured 31–42 % slower, stop 27: K
+// needs its third stage.)
+//
+// Items without keys (under head groups most query tiles of the dilated heads: a head
+// takes part in one pattern) take no Q buffer and no turn: the producer writes their
+// output rows (zeros) and L (−inf) itself and moves on, so the consumers only see items
+// with keys. Non-causal problems only (the host's choice; causal ones keep fwd_wsot).
+template <typename T, int D>
+__device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
+                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                         T* __restrict__ out, float* __restrict__ lse, const KMaps* km) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BK = WG_BK, RQ = 128, CB = D / 64, NK = 3, NV = 2;
+    constexpr int QB = RQ * 128, KB = BK * 128, TILE = CB * KB, QT = CB * QB;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const u32 raw = smem_u32(smem_raw);
+    const u32 sQ = (raw + 1023) & ~1023u;  // two Q tiles
+    const u32 sK = sQ + 2 * QT, sV = sK + NK * TILE;
+    // Key metadata per K stage: position, or -1 - position where masked out / past the end.
+    int* kposS = (int*)(smem_raw + (sV + NV * TILE - raw));
+    // fullk[NK], emptyk[NK], fullv[NV], emptyv[NV], qfull[2], qempty[2]: 8 bytes each.
+    const u32 bars = smem_u32(kposS + NK * BK);
+    auto fullk = [&](int s) { return bars + 8 * s; };
+    auto emptyk = [&](int s) { return bars + 8 * (NK + s); };
+    auto fullv = [&](int s) { return bars + 8 * (2 * NK + s); };
+    auto emptyv = [&](int s) { return bars + 8 * (2 * NK + NV + s); };
+    auto qfull = [&](int j) { return bars + 8 * (2 * NK + 2 * NV + j); };
+    auto qempty = [&](int j) { return bars + 8 * (2 * NK + 2 * NV + 2 + j); };
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (P.causal) __trap();  // the host runs it on non-causal problems only (above)
+    // Work item w: as fwd_ws's (heads fastest under head groups, else tiles fastest).
+    const int nw = P.tiles * P.H * P.B;
+    auto item = [&](int w, Tile& t, int& h, int& b) {
+        int x;
+        if (P.headgroups) {
+            x = w / (P.H * P.B);
+            h = (w / P.B) % P.H;
+            b = w % P.B;
+        } else {
+            x = w % P.tiles;
+            h = (w / P.tiles) % P.H;
+            b = w / (P.tiles * P.H);
+        }
+        return decode_tile(P, x, RQ, t);
+    };
+    // From this CTA's item index wi on, the first item with keys: its tile, head, batch and
+    // first key tile (st); false when none is left. Producer thread zt >= 0 writes row zt
+    // of each item without keys on the way (zeros, L = -inf); the consumers pass -1.
+    auto next_keyed = [&](int& wi, Tile& t, int& h, int& b, PatState& st, int zt) {
+        for (;; ++wi) {
+            const int w = (int)blockIdx.x + wi * (int)gridDim.x;
+            if (w >= nw) return false;
+            if (!item(w, t, h, b)) continue;
+            st.i = -1;
+            st.m = 0;
+            st.k0 = 0;
+            if (tc_next<BK>(P, t, h, st, RQ)) return true;
+            if (zt >= 0 && zt < t.cnt) {
+                const int p = t.base + zt * t.step;
+                uint4* row = (uint4*)(out + qidx(P, b, p, h));
+#pragma unroll
+                for (int c = 0; c < D / 8; ++c) row[c] = make_uint4(0u, 0u, 0u, 0u);
+                lse[lidx(P, b, p, h)] = neg_inf();
+            }
+        }
+    };
+    if (tid == 0) {
+        for (int s = 0; s < NK; ++s) {
+            mbar_init(fullk(s), 129);  // 128 producer arrivals (key metadata) + thread 0's expect_tx
+            mbar_init(emptyk(s), 256);
+        }
+        for (int s = 0; s < NV; ++s) {
+            mbar_init(fullv(s), 1);  // thread 0's expect_tx
+            mbar_init(emptyv(s), 256);
+        }
+        for (int j = 0; j < 2; ++j) {
+            mbar_init(qfull(j), 128);  // the producer's cp.async arrivals
+            mbar_init(qempty(j), 256);
+        }
+    }
+    __syncthreads();
+
+    // setmaxnreg 80 / 208 (fwd_wsps: 72 / 208; at 72 this producer spilled 8 bytes around
+    // its Q loads).
+    if (warp >= 8) {
+        // Producer.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(80));
+        const int pt = tid - 256;
+        int it = 0, done = 0;  // key tiles, items with keys loaded
+        Tile t;
+        int h, b;
+        PatState st;
+        for (int wi = 0; next_keyed(wi, t, h, b, st, pt); ++wi) {
+            const int g = h / (P.H / P.Hkv), qb = done & 1;
+            // Two items back used this Q buffer; its every S has landed.
+            if (done >= 2) mbar_wait(qempty(qb), ((done - 2) >> 1) & 1);
+            load_rows_sw<D, 128, RQ>(sQ + qb * QT, q, t.cnt, qidx(P, b, t.base, h), (long long)P.H * P.D * t.step,
+                                     pt);
+            mbar_cp_async_arrive(qfull(qb));
+            ++done;
+            do {
+                const int sk = it % NK, sv = it % NV;
+                if (it >= NK) mbar_wait(emptyk(sk), ((it / NK) & 1) ^ 1);
+                const int c4 = box_segment(P, st.i, st.a, b);
+                if (pt == 0) {
+                    mbar_arrive_expect_tx(fullk(sk), CB * KB);
+#pragma unroll
+                    for (int c = 0; c < CB; ++c)
+                        tma_load5(&km->k[st.i], sK + sk * TILE + c * KB, fullk(sk), c * 64, g, st.o, st.k0, c4);
+                }
+                {
+                    const int jj = st.k0 + pt, kp = st.a + st.o + jj * st.r;
+                    bool ok = jj < st.m;
+                    if (ok && P.has_mask) ok = __ldg(mask + (long long)b * P.N + kp) != 0;
+                    kposS[sk * BK + pt] = ok ? kp : -1 - kp;
+                }
+                mbar_arrive(fullk(sk));
+                // V(it): its stage is free once both warpgroups' P·V of tile it - NV are done.
+                if (pt == 0) {
+                    if (it >= NV) mbar_wait(emptyv(sv), ((it / NV) & 1) ^ 1);
+                    mbar_arrive_expect_tx(fullv(sv), CB * KB);
+#pragma unroll
+                    for (int c = 0; c < CB; ++c)
+                        tma_load5(&km->v[st.i], sV + sv * TILE + c * KB, fullv(sv), c * 64, g, st.o, st.k0, c4);
+                }
+                ++it;
+            } while (tc_next<BK>(P, t, h, st, RQ));
+        }
+        cp_wait<0>();
+    } else {
+        // Consumers: warpgroup wg owns tile rows wg*64 .. wg*64 + 63.
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(208));
+        const int wg = wg_index(), wq = warp & 3;
+        const float sl2 = P.scale * 1.4426950408889634f;  // scale · log2(e)
+        int it = 0, done = 0, wi = 0;
+        Tile t;
+        int h, b;
+        PatState cur;
+        if (!next_keyed(wi, t, h, b, cur, -1)) return;
+        int rp[2];
+        bool rin[2], part[2];
+        auto rows_of = [&](const Tile& tt) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int row = wg * 64 + wq * 16 + (lane >> 2) + x * 8;
+                rp[x] = tt.base + row * tt.step;
+                rin[x] = row < tt.cnt;
+            }
+        };
+        auto set_part = [&](const PatState& cs) {
+#pragma unroll
+            for (int x = 0; x < 2; ++x) part[x] = rin[x] && (((rp[x] - cs.a) % cs.r) == cs.o);
+        };
+        float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+        float o[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+        float s[BK / 2];
+        u32 pa[BK / 16][4];
+        // Online softmax of the tile in `s` (K stage ks, pattern state cs): P left in `s`,
+        // the O rescale factors in al0, al1 (non-causal: only the key metadata masks).
+        auto softmax_p = [&](const PatState& cs, int ks, float& al0, float& al1) {
+            const int* kp = kposS + ks * BK;
+            const bool need_mask = !cs.all || P.has_mask || cs.k0 + BK > cs.m;
+            wg_softmax<BK>(
+                s, m, l, sl2, need_mask, lane,
+                [&](int col, bool& c0, bool& c1) {
+                    const bool ok = kp[col] >= 0;
+                    c0 = part[0] & ok;
+                    c1 = part[1] & ok;
+                },
+                al0, al1);
+        };
+        rows_of(t);
+        int qb = 0;  // this item's Q buffer
+        u32 qa = sQ + wg * 64 * 128;
+        mbar_wait(qfull(0), 0);
+        done = 1;
+        {
+            // The first item's S(0) and its softmax, outside the ping-pong.
+            mbar_wait(fullk(0), 0);
+            fence_proxy_async();
+            set_part(cur);
+            wg_fence();
+            wg_abt<T, D, BK>(s, qa, QB, sK, KB);
+            wg_commit();
+            wg_wait<0>();
+            reg_fence(s);
+            float al0, al1;
+            softmax_p(cur, 0, al0, al1);  // O is zero: nothing to rescale
+            mbar_arrive(emptyk(0));
+            wg_pack<T, BK>(s, pa);
+            if (wg == 1) named_arrive(1, 256);  // warpgroup 0 issues first
+        }
+        // Turn `it`: S(it + 1) — of this item, or of the next item's first key tile (a
+        // crossing) — and P(it)·V(it). cur steps on in place (one PatState live, not two:
+        // at D = 128 a copy spilled); ob, oh: the batch and head of the item whose P·V is
+        // issued, for its store.
+        int ob = b, oh = h;
+        while (true) {
+            const int vc = it % NV, kn = (it + 1) % NK, pi = cur.i;
+            ob = b;
+            oh = h;
+            bool cross = false;
+            if (!tc_next<BK>(P, t, h, cur, RQ)) {
+                ++wi;
+                if (!next_keyed(wi, t, h, b, cur, -1)) break;
+                cross = true;
+            }
+            u32 qn = qa;
+            int qbn = qb;
+            if (cross) {
+                qbn = done & 1;
+                mbar_wait(qfull(qbn), (done >> 1) & 1);
+                ++done;
+                qn = sQ + qbn * QT + wg * 64 * 128;
+            }
+            mbar_wait(fullk(kn), ((it + 1) / NK) & 1);
+            mbar_wait(fullv(vc), (it / NV) & 1);
+            fence_proxy_async();
+            named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
+            wg_fence();
+            wg_abt<T, D, BK>(s, qn, QB, sK + kn * TILE, KB);  // S(n) = Q K(n)ᵀ
+            wg_commit();
+            wg_xb<T, D, BK>(o, pa, sV + vc * TILE, KB);  // O += P(c) V(c)
+            wg_commit();
+            named_arrive(2 - wg, 256);  // the other warpgroup's turn
+            wg_wait<1>();               // S(n) has landed; P(c) V(c) may still run
+            reg_fence(s);
+            // A crossing: the finished item's row state kept for its store, the next item's
+            // started (its softmax then runs under this item's last P·V like any other).
+            const int prp[2] = {rp[0], rp[1]};
+            const bool prin[2] = {rin[0], rin[1]};
+            float pm[2] = {m[0], m[1]}, pl[2] = {l[0], l[1]};
+            if (cross) {
+                rows_of(t);
+                m[0] = m[1] = neg_inf();
+                l[0] = l[1] = 0.f;
+            }
+            if (cross || cur.i != pi) set_part(cur);
+            float al0, al1;
+            softmax_p(cur, kn, al0, al1);
+            mbar_arrive(emptyk(kn));  // K(n) and its key metadata are read
+            block_end_after(l[0], l[1]);  // the softmax above stays under P(c)·V(c)
+            wg_wait<0>();
+            reg_fence(o);
+            mbar_arrive(emptyv(vc));  // V(c) is no longer read
+            wg_pack<T, BK>(s, pa);
+            if (cross) {
+                mbar_arrive(qempty(qb));  // every S of the finished item has landed
+                wg_store16<T, D>(P, o, pl, pm, prp, prin, ob, oh, lane, out, lse);
+#pragma unroll
+                for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+                qb = qbn;
+            } else {
+                wg_rescale<D>(o, al0, al1);
+            }
+            qa = qn;
+            ++it;
+        }
+        // The last item's last P·V, alone.
+        const int vc = it % NV;
+        mbar_wait(fullv(vc), (it / NV) & 1);
+        fence_proxy_async();
+        named_sync(1 + wg, 256);
+        wg_fence();
+        wg_xb<T, D, BK>(o, pa, sV + vc * TILE, KB);
+        wg_commit();
+        if (wg == 0) named_arrive(2, 256);
+        wg_wait<0>();
+        reg_fence(o);
+        mbar_arrive(emptyv(vc));
+        wg_store16<T, D>(P, o, l, m, rp, rin, ob, oh, lane, out, lse);
+    }
+#else
+    __trap();
+#endif
+}
+
 // ---------------------------------------------------------------------------------------
 // Hopper backward: dq_tc / dkdv_tc (dilated.cu) on warpgroup MMAs. Two warpgroups, owner
 // tiles of 128 rows (64 per warpgroup), streamed tiles of BS rows in three stages with
@@ -2503,6 +2801,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               float* lse) {                                                       \
         fwd_ws<T, D, true, true, false, WG_BK, true, false, 0, true>(P, q, k, v, mask, out, lse,  \
                                                                      &km);                        \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        fwd_wspi_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
+                              const T* k, const T* v, const unsigned char* mask, T* out,          \
+                              float* lse) {                                                       \
+        fwd_wspi<T, D>(P, q, k, v, mask, out, lse, &km);                                          \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wsowt_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
