@@ -1517,18 +1517,39 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
         // Producer.
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(80));
         const int pt = tid - 256;
-        int it = 0, done = 0;  // key tiles, items with keys loaded
+        int it = 0, done = 0;  // key tiles loaded, Q tiles loaded (one per item with keys)
+        // Q of item `done` (tile tt, head hh, batch bb) into buffer done & 1, once the item two
+        // back has released it (every S of it has landed).
+        auto load_q = [&](const Tile& tt, int hh, int bb) {
+            const int qb = done & 1;
+            if (done >= 2) mbar_wait(qempty(qb), ((done - 2) >> 1) & 1);
+            // The row loop rolled: this is inlined in two places (with the loop unrolled, the
+            // producer spilled 252 bytes at D = 128).
+            load_rows_sw_rolled<D, 128, RQ>(sQ + qb * QT, q, tt.cnt, qidx(P, bb, tt.base, hh),
+                                            (long long)P.H * P.D * tt.step, pt);
+            mbar_cp_async_arrive(qfull(qb));
+            ++done;
+        };
+        int wi = 0;
         Tile t;
         int h, b;
         PatState st;
-        for (int wi = 0; next_keyed(wi, t, h, b, st, pt); ++wi) {
-            const int g = h / (P.H / P.Hkv), qb = done & 1;
-            // Two items back used this Q buffer; its every S has landed.
-            if (done >= 2) mbar_wait(qempty(qb), ((done - 2) >> 1) & 1);
-            load_rows_sw<D, 128, RQ>(sQ + qb * QT, q, t.cnt, qidx(P, b, t.base, h), (long long)P.H * P.D * t.step,
-                                     pt);
-            mbar_cp_async_arrive(qfull(qb));
-            ++done;
+        bool have = next_keyed(wi, t, h, b, st, pt);
+        if (have) load_q(t, h, b);
+        while (have) {
+            // The next item with keys, looked up now: its Q loads a few key tiles into this
+            // item (a whole item before its S(0), in the crossing turn, needs it), not at this
+            // item's end, where it would have about one turn to land.
+            int wn = wi + 1, hn, bn;
+            Tile tn;
+            bool nxt;
+            {
+                PatState sn;  // recomputed at the item's start (not kept live through this item)
+                nxt = next_keyed(wn, tn, hn, bn, sn, pt);
+            }
+            bool qdone = !nxt;
+            const int g = h / (P.H / P.Hkv);
+            int j = 0;  // key tiles of this item loaded
             do {
                 const int sk = it % NK, sv = it % NV;
                 if (it >= NK) mbar_wait(emptyk(sk), ((it / NK) & 1) ^ 1);
@@ -1555,7 +1576,26 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
                         tma_load5(&km->v[st.i], sV + sv * TILE + c * KB, fullv(sv), c * 64, g, st.o, st.k0, c4);
                 }
                 ++it;
+                // The next item's Q after this item's third key tile: its buffer's previous
+                // item was released in the turn that crossed into this item, which needs
+                // only this item's first K tile (issued), so the wait cannot hold it up.
+                if (++j == 3 && !qdone) {
+                    load_q(tn, hn, bn);
+                    qdone = true;
+                }
             } while (tc_next<BK>(P, t, h, st, RQ));
+            if (!qdone) load_q(tn, hn, bn);
+            wi = wn;
+            t = tn;
+            h = hn;
+            b = bn;
+            have = nxt;
+            if (have) {
+                st.i = -1;
+                st.m = 0;
+                st.k0 = 0;
+                tc_next<BK>(P, t, h, st, RQ);
+            }
         }
         cp_wait<0>();
     } else {
