@@ -513,7 +513,8 @@ fn persistent_forward_many_items() {
                 _ => None,
             };
             if let Some(want) = expect {
-                let ran = gpu::tensor_core_kernel::<half::bf16>(&dev(), &case.plan()).unwrap_or_default();
+                let ran =
+                    gpu::tensor_core_kernel::<half::bf16>(&dev(), &case.plan()).unwrap_or_default();
                 assert!(ran.starts_with(want), "code {warps} ran {ran}, not {want}*");
             }
             eprintln!(

@@ -620,7 +620,14 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
     let tma = Prob::of_plan(plan, 0, false)
         .map(|pr| fwd_tma_fits(dev, &pr, std::mem::size_of::<E>(), 0, 0))
         .unwrap_or(false);
-    fwd_kernel::<E>(dev, plan.dims().head_dim, persist, plan.options().causal, tma).map(|k| k.name)
+    fwd_kernel::<E>(
+        dev,
+        plan.dims().head_dim,
+        persist,
+        plan.options().causal,
+        tma,
+    )
+    .map(|k| k.name)
 }
 
 /// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
@@ -679,7 +686,13 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 /// `persist`: the persistent kernel may run ([`may_persist`]).
 /// `causal`: the problem's causal mask (`fwd_wspi` takes non-causal problems only).
 /// `tma`: the key tiles by box loads ([`fwd_tma_fits`]; the overlapped 128-key kernels).
-fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, causal: bool, tma: bool) -> Option<Launch> {
+fn fwd_kernel<E: CudaElement>(
+    dev: &Cuda,
+    d: usize,
+    persist: bool,
+    causal: bool,
+    tma: bool,
+) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
     }
@@ -710,7 +723,11 @@ fn fwd_kernel<E: CudaElement>(dev: &Cuda, d: usize, persist: bool, causal: bool,
                 name: format!("fwd_{kind}_{e}_{d}"),
                 rows: 128,
                 threads: 384,
-                smem: Some(if kind == "wspi" { wspi_smem(d) } else { ws_smem(d, wide, kind == "wspq") }),
+                smem: Some(if kind == "wspi" {
+                    wspi_smem(d)
+                } else {
+                    ws_smem(d, wide, kind == "wspq")
+                }),
                 persistent,
             }
         } else {
