@@ -985,6 +985,24 @@ struct KMaps {
 // item i - 1's qempty), and S(0) finds it there. Aimed at the head-group items (16 key
 // tiles each at the LongNet schedule), at the price of one stage of key prefetch — which
 // costs far more: measured 31–42 % slower than fwd_wspt (stop 27); opt-in, for comparisons.
+// The persistent forwards' work item w (not dealt in causal pairs): query tile x, head h,
+// batch b. Under head groups heads fastest, then tiles, then batches: measured 7-13 %
+// faster than the grid's order there (a head's items are few and short). Otherwise the
+// grid's order, tiles fastest, then heads, then batches, so that the CTAs running at one
+// time share one head's K/V in L2 (heads fastest measured 6-18 % slower on dense and LSE
+// problems).
+__device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& h, int& b) {
+    if (P.headgroups) {
+        x = w / (P.H * P.B);
+        h = (w / P.B) % P.H;
+        b = w % P.B;
+    } else {
+        x = w % P.tiles;
+        h = (w / P.tiles) % P.H;
+        b = w / (P.tiles * P.H);
+    }
+}
+
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
           bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
@@ -1043,19 +1061,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 b = sp / (np * P.H);
                 x = (w & 1) ? p : P.tiles - 1 - p;
                 if ((w & 1) && p == P.tiles - 1 - p) return false;  // an odd count's middle tile
-            } else if (P.headgroups) {
-                // Heads fastest, then tiles, then batches: measured 7-13 % faster than the
-                // grid's order under head groups (where a head's items are few and short).
-                x = w / (P.H * P.B);
-                h = (w / P.B) % P.H;
-                b = w % P.B;
             } else {
-                // The grid's order: tiles fastest, then heads, then batches, so that the CTAs
-                // running at one time share one head's K/V in L2 (heads fastest measured
-                // 6-18 % slower on dense and LSE problems).
-                x = w % P.tiles;
-                h = (w / P.tiles) % P.H;
-                b = w / (P.tiles * P.H);
+                item_order(P, w, x, h, b);
             }
             if (P.causal && !pairs) x = P.tiles - 1 - x;
         } else {
@@ -1463,15 +1470,7 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
     const int nw = P.tiles * P.H * P.B;
     auto item = [&](int w, Tile& t, int& h, int& b) {
         int x;
-        if (P.headgroups) {
-            x = w / (P.H * P.B);
-            h = (w / P.B) % P.H;
-            b = w % P.B;
-        } else {
-            x = w % P.tiles;
-            h = (w / P.tiles) % P.H;
-            b = w / (P.tiles * P.H);
-        }
+        item_order(P, w, x, h, b);
         return decode_tile(P, x, RQ, t);
     };
     // From this CTA's item index wi on, the first item with keys: its tile, head, batch and
