@@ -475,43 +475,32 @@ fn persistent_forward_many_items() {
             seed,
         };
         for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20] {
-            let kernel = match warps {
-                0 => "default",
-                6 => "fwd_wsot",
-                12 if causal => "fwd_wso",
-                12 => "fwd_wsp",
-                10 if causal => "fwd_wsor",
-                10 => "fwd_wspr",
-                11 if causal => "fwd_wsowt",
-                11 => "fwd_wspwt",
-                14 if causal => "fwd_wsow",
-                14 => "fwd_wspw",
-                15 if causal => continue, // fwd_wsot, the default kernel again
-                15 => "fwd_wsptn",
-                17 if causal => continue, // fwd_wsot again
-                17 => "fwd_wspx",
-                18 if causal => continue, // fwd_wsot again
-                18 => "fwd_wspt (4-byte stores)",
-                19 if causal => continue,
-                19 => "fwd_wspq",
-                20 if causal => continue,
-                20 => "fwd_wspi",
-                _ if causal => "fwd_wsps (causal)",
+            // The kernel each code stands for here, and for the persistent ones the name
+            // prefix of what must have run (the settings of check_w's last call are the
+            // device's still).
+            let (kernel, expect) = match warps {
+                0 if causal => ("default", None),
+                0 => ("default", Some("fwd_wsps_")),
+                6 => ("fwd_wsot", None),
+                12 if causal => ("fwd_wso", None),
+                12 => ("fwd_wsp", None),
+                10 if causal => ("fwd_wsor", None),
+                10 => ("fwd_wspr", None),
+                11 if causal => ("fwd_wsowt", None),
+                11 => ("fwd_wspwt", None),
+                14 if causal => ("fwd_wsow", None),
+                14 => ("fwd_wspw", None),
+                15 | 17 | 18 | 19 | 20 if causal => continue, // fwd_wsot, the default kernel again
+                15 => ("fwd_wsptn", None),
+                17 => ("fwd_wspx", Some("fwd_wspx_")),
+                18 => ("fwd_wspt (4-byte stores)", Some("fwd_wspt_")),
+                19 => ("fwd_wspq", Some("fwd_wspq_")),
+                20 => ("fwd_wspi", Some("fwd_wspi_")),
+                _ if causal => ("fwd_wsps (causal)", None),
                 _ => continue, // the default kernel again
             };
             let t = std::time::Instant::now();
             let e = check_w::<half::bf16>(&case, KernelPref::Auto, false, warps);
-            // The persistent kernels the codes stand for did run (the settings of check_w's
-            // last call are the device's still).
-            let expect = match warps {
-                _ if causal => None,
-                0 => Some("fwd_wsps_"),
-                17 => Some("fwd_wspx_"),
-                18 => Some("fwd_wspt_"),
-                19 => Some("fwd_wspq_"),
-                20 => Some("fwd_wspi_"),
-                _ => None,
-            };
             if let Some(want) = expect {
                 let ran =
                     gpu::tensor_core_kernel::<half::bf16>(&dev(), &case.plan()).unwrap_or_default();

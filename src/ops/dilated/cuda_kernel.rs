@@ -783,14 +783,32 @@ fn ws_smem(d: usize, wide: bool, double_q: bool) -> u32 {
         (128, 3, 8)
     };
     let q_tiles = if double_q { 2 } else { 1 };
-    (1024 + q_tiles * 128 * d * 2 + 2 * stages * keys * d * 2 + stages * keys * 4 + bars * 8) as u32
+    ws_layout(d, q_tiles, stages, stages, keys, bars)
 }
 
-/// Dynamic shared memory of `fwd_wspi_*` (hopper.cu): alignment slack, two Q tiles, three
-/// K stages and two V stages of 128 rows, key metadata per K stage, fourteen mbarriers
-/// (full and empty per K and per V stage, qfull and qempty per Q tile).
+/// Dynamic shared memory of `fwd_wspi_*` (hopper.cu): two Q tiles, three K stages and two V
+/// stages of 128 rows, fourteen mbarriers (full and empty per K and per V stage, qfull and
+/// qempty per Q tile).
 fn wspi_smem(d: usize) -> u32 {
-    (1024 + 2 * 128 * d * 2 + (3 + 2) * 128 * d * 2 + 3 * 128 * 4 + 14 * 8) as u32
+    ws_layout(d, 2, 3, 2, 128, 14)
+}
+
+/// The warp-specialised forwards' shared memory: 1024 bytes of alignment slack, `q_tiles`
+/// Q tiles of 128 rows, `k_stages` K and `v_stages` V tiles of `keys` rows, a key-metadata
+/// word per K stage row, `bars` mbarriers.
+fn ws_layout(
+    d: usize,
+    q_tiles: usize,
+    k_stages: usize,
+    v_stages: usize,
+    keys: usize,
+    bars: usize,
+) -> u32 {
+    (1024
+        + q_tiles * 128 * d * 2
+        + (k_stages + v_stages) * keys * d * 2
+        + k_stages * keys * 4
+        + bars * 8) as u32
 }
 
 /// Streamed tile rows of `dq_wg_*` / `dkdv_wg_*` (`WG_BS` in hopper.cu).
@@ -1742,6 +1760,8 @@ mod tests {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }
         }
+        // fwd_wspi (D = 128): 224 KiB of tiles, 1.5 KiB of key metadata, 14 mbarriers.
+        assert_eq!(wspi_smem(128), 1024 + 229_376 + 1_536 + 112);
         // bwd_wgt2w (D = 128): 416 bytes to spare, hence no alignment slack (hopper.cu).
         assert_eq!(wg_fused_wide_smem(), 232_032);
         assert!(wg_fused_wide_smem() <= SM90_SMEM);

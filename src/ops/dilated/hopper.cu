@@ -937,6 +937,24 @@ struct KMaps {
 // Key tile rows of the wide forward (fwd_wspw / fwd_wsow).
 #define WIDE_BK 176
 
+// The persistent forwards' work item w (not dealt in causal pairs): query tile x, head h,
+// batch b. Under head groups heads fastest, then tiles, then batches: measured 7-13 %
+// faster than the grid's order there (a head's items are few and short). Otherwise the
+// grid's order, tiles fastest, then heads, then batches, so that the CTAs running at one
+// time share one head's K/V in L2 (heads fastest measured 6-18 % slower on dense and LSE
+// problems).
+__device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& h, int& b) {
+    if (P.headgroups) {
+        x = w / (P.H * P.B);
+        h = (w / P.B) % P.H;
+        b = w % P.B;
+    } else {
+        x = w % P.tiles;
+        h = (w / P.tiles) % P.H;
+        b = w / (P.tiles * P.H);
+    }
+}
+
 // OV: intra-warpgroup overlap (FlashAttention-3's second overlap): S(n) and P(c)·V(c) are
 // two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
 // on the tensor cores, and only the O rescale and the packing of P(n) wait for it. Same
@@ -985,24 +1003,6 @@ struct KMaps {
 // item i - 1's qempty), and S(0) finds it there. Aimed at the head-group items (16 key
 // tiles each at the LongNet schedule), at the price of one stage of key prefetch — which
 // costs far more: measured 31–42 % slower than fwd_wspt (stop 27); opt-in, for comparisons.
-// The persistent forwards' work item w (not dealt in causal pairs): query tile x, head h,
-// batch b. Under head groups heads fastest, then tiles, then batches: measured 7-13 %
-// faster than the grid's order there (a head's items are few and short). Otherwise the
-// grid's order, tiles fastest, then heads, then batches, so that the CTAs running at one
-// time share one head's K/V in L2 (heads fastest measured 6-18 % slower on dense and LSE
-// problems).
-__device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& h, int& b) {
-    if (P.headgroups) {
-        x = w / (P.H * P.B);
-        h = (w / P.B) % P.H;
-        b = w % P.B;
-    } else {
-        x = w % P.tiles;
-        h = (w / P.tiles) % P.H;
-        b = w / (P.tiles * P.H);
-    }
-}
-
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
           bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
