@@ -20,7 +20,7 @@ Usage: python3 scripts/wspi_model.py [schedules]   (default 3000; seeded, so rep
 import random
 import sys
 
-NK, NV = 3, 2
+NK, NV = 2, 3  # fwd_wspi's K and V stages (hopper.cu)
 
 
 class Bar:

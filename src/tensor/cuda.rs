@@ -654,7 +654,7 @@ impl Cuda {
     /// The persistent Hopper forward with box loads (non-causal problems) with its work
     /// items crossed in one ping-pong turn (`true`: `fwd_wspi`): the turn that issues an
     /// item's last `P·V` issues the next item's first `S = Q·Kᵀ` with it, on a second Q tile
-    /// (K and V staged apart: three K stages, two V stages), and items without keys are
+    /// (K and V staged apart: two K stages, three V stages), and items without keys are
     /// written by the producer warps without taking a turn (see hopper.cu). Aimed at the
     /// head-group combine's short items. Wins over every other persistent-forward setting
     /// but [`set_wait_block_ends`](Self::set_wait_block_ends)`(false)`. Opt-in until

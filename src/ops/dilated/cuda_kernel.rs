@@ -786,11 +786,11 @@ fn ws_smem(d: usize, wide: bool, double_q: bool) -> u32 {
     ws_layout(d, q_tiles, stages, stages, keys, bars)
 }
 
-/// Dynamic shared memory of `fwd_wspi_*` (hopper.cu): two Q tiles, three K stages and two V
+/// Dynamic shared memory of `fwd_wspi_*` (hopper.cu): two Q tiles, two K stages and three V
 /// stages of 128 rows, fourteen mbarriers (full and empty per K and per V stage, qfull and
 /// qempty per Q tile).
 fn wspi_smem(d: usize) -> u32 {
-    ws_layout(d, 2, 3, 2, 128, 14)
+    ws_layout(d, 2, 2, 3, 128, 14)
 }
 
 /// The warp-specialised forwards' shared memory: 1024 bytes of alignment slack, `q_tiles`
@@ -1760,8 +1760,9 @@ mod tests {
                 assert!(bytes <= SM90_SMEM, "{name} D={d}: {bytes} B");
             }
         }
-        // fwd_wspi (D = 128): 224 KiB of tiles, 1.5 KiB of key metadata, 14 mbarriers.
-        assert_eq!(wspi_smem(128), 1024 + 229_376 + 1_536 + 112);
+        // fwd_wspi (D = 128): 224 KiB of tiles, 1 KiB of key metadata (two K stages), 14
+        // mbarriers.
+        assert_eq!(wspi_smem(128), 1024 + 229_376 + 1_024 + 112);
         // bwd_wgt2w (D = 128): 416 bytes to spare, hence no alignment slack (hopper.cu).
         assert_eq!(wg_fused_wide_smem(), 232_032);
         assert!(wg_fused_wide_smem() <= SM90_SMEM);

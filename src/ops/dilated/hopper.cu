@@ -1431,12 +1431,18 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // state while the other warpgroup's MMAs run.
 //
 // That needs the next item's Q before the current item ends: two Q tiles. Shared memory at
-// D = 128 holds them beside three K stages and two V stages (2·32 + 3·32 + 2·32 = 224 KiB):
-// K and V are staged apart (fullk / emptyk, fullv / emptyv), since a key tile must land a
-// turn before its P·V needs V (S(n) is issued with P(n-1)·V(n-1)) and is released once
-// both softmaxes read its metadata, while a V stage is held only from P·V's issue to its
-// wait. (fwd_wspq, two Q tiles and two K/V stages, measured 31–42 % slower, stop 27: K
-// needs its third stage.)
+// D = 128 holds them beside two K stages and three V stages (2·32 + 2·32 + 3·32 = 224 KiB):
+// K and V are staged apart (fullk / emptyk, fullv / emptyv). A key tile is released once
+// both softmaxes read it and its metadata (mid-turn), a V stage only once its P·V has been
+// waited for (the turn's end). With NK K and NV V stages, K(x) is loaded once the softmax
+// of S(x - NK) is done and needed by the turn that issues S(x): NK - 0.5 turns of lead;
+// V(x) once P·V(x - NV) is done, needed by the turn that issues P·V(x): NV - 1 turns (a
+// turn: both warpgroups' S and P·V of one tile). The default's three K/V stages give K one
+// turn and V two. Stop 29 measured NK = 3, NV = 2 (V one turn; thread 0 issues K(x + 1)
+// only after V(x), so K one turn too) 17–31 % slower than the default on every
+// non-causal case, as fwd_wspq (two K/V stages, stop 27) was 31–42 %: V's one turn does
+// not hide its load. Hence NK = 2, NV = 3: K 1.5 turns, V two, and thread 0's V wait (for
+// P·V(x - 3)) is then never the later of its two waits.
 //
 // Items without keys (under head groups most query tiles of the dilated heads: a head
 // takes part in one pattern) take no Q buffer and no turn: the producer writes their
@@ -1447,7 +1453,7 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
                          const T* __restrict__ v, const unsigned char* __restrict__ mask,
                          T* __restrict__ out, float* __restrict__ lse, const KMaps* km) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    constexpr int BK = WG_BK, RQ = 128, CB = D / 64, NK = 3, NV = 2;
+    constexpr int BK = WG_BK, RQ = 128, CB = D / 64, NK = 2, NV = 3;
     constexpr int QB = RQ * 128, KB = BK * 128, TILE = CB * KB, QT = CB * QB;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const u32 raw = smem_u32(smem_raw);
