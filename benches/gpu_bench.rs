@@ -85,7 +85,7 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// storing an item's output under the next item's first MMA (`xitem`: `fwd_wspx`), its
 /// 4-byte stores as up to stop 26 (`stores4`: `fwd_wspt`; the default since stop 27,
 /// `fwd_wsps`, stores 16 bytes per instruction), two Q buffers and two K/V stages
-/// (`qdouble`: `fwd_wspq`), work items crossed in one turn on two Q tiles, three K and two
+/// (`qdouble`: `fwd_wspq`), work items crossed in one turn on two Q tiles, two K and three
 /// V stages (`xcross`: `fwd_wspi`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),

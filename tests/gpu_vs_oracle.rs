@@ -126,8 +126,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // persistent forward's 4-byte stores at each item's end (fwd_wspt; the default, fwd_wsps,
     // stores 16 bytes per instruction); 19: the persistent forward with two
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
-    // persistent forward with its work items crossed in one turn, on two Q tiles, three K and
-    // two V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
+    // persistent forward with its work items crossed in one turn, on two Q tiles, two K and
+    // three V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
