@@ -891,6 +891,22 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
             : "memory");
     } while (!done);
 }
+// Two barriers' phases: both probed at once (mbarrier.test_wait, which never suspends), so
+// that the two round trips overlap where both phases are already complete (the usual case
+// in a pipelined loop), then each still open one waited for as mbar_wait does. fwd_wspi
+// waits for its K and V stages apart: two waits in a row cost its turn two latencies
+// (stop 30's profile: ~11k stall samples on the pair, ~4 % of its loop's).
+__device__ __forceinline__ void mbar_wait2(u32 a, u32 pa, u32 b, u32 pb) {
+    u32 da, db;
+    asm volatile(
+        "{\n.reg .pred p, q;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%2], %3;\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 q, [%4], %5;\nselp.u32 %0, 1, 0, p;\nselp.u32 %1, 1, 0, q;\n}\n"
+        : "=r"(da), "=r"(db)
+        : "r"(a), "r"(pa), "r"(b), "r"(pb)
+        : "memory");
+    if (!da) mbar_wait(a, pa);
+    if (!db) mbar_wait(b, pb);
+}
 __device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
@@ -1681,21 +1697,22 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
         // 14 % slower on dense problems, which have almost no crossings).
         int ob = b, oh = h;
         auto turn = [&](const bool XC, int pi) {
-            const int vc = it % NV, kn = (it + 1) % NK;
-            u32 qn = qa;
+            // The turn counter and Q's buffer through one shuffle (uni): ptxas keeps them in
+            // vector registers here (next_keyed's loop), and every stage index, barrier
+            // address and descriptor built from them was vector arithmetic, ~50 R2UR and
+            // ~50 moves a turn (stop 30's profile); from the shuffled copy it is uniform.
+            const u32 pk = uni(((u32)it << 1) | (u32)qb);
+            const int iu = (int)(pk >> 1), vc = iu % NV, kn = (iu + 1) % NK;
+            u32 qu = sQ + (pk & 1) * QT + wg * 64 * 128;
             int qbn = qb;
             if (XC) {
                 qbn = done & 1;
                 mbar_wait(qfull(qbn), (done >> 1) & 1);
                 ++done;
-                qn = sQ + qbn * QT + wg * 64 * 128;
+                qu = uni(sQ + qbn * QT + wg * 64 * 128);
             }
-            // The three tiles' addresses through a shuffle: without it ptxas kept them (and
-            // every descriptor built from them) in vector registers, ~50 R2UR and ~50 moves
-            // a turn (stop 30's profile).
-            const u32 qu = uni(qn), ku = uni(sK + kn * TILE), vu = uni(sV + vc * TILE);
-            mbar_wait(fullk(kn), ((it + 1) / NK) & 1);
-            mbar_wait(fullv(vc), (it / NV) & 1);
+            const u32 ku = sK + kn * TILE, vu = sV + vc * TILE;
+            mbar_wait2(fullk(kn), ((iu + 1) / NK) & 1, fullv(vc), (iu / NV) & 1);
             fence_proxy_async();
             named_sync(1 + wg, 256);  // this warpgroup's turn to issue MMAs
             wg_fence();
@@ -1740,7 +1757,6 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
                 wg_pack<T, BK>(s, pa);
                 wg_rescale<D>(o, al0, al1);
             }
-            qa = qn;
             ++it;
         };
         while (true) {
