@@ -1458,7 +1458,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
 // only after V(x), so K one turn too) 17–31 % slower than the default on every
 // non-causal case, as fwd_wspq (two K/V stages, stop 27) was 31–42 %: V's one turn does
 // not hide its load. Hence NK = 2, NV = 3: K 1.5 turns, V two, and thread 0's V wait (for
-// P·V(x - 3)) is then never the later of its two waits.
+// P·V(x - 3)) is then never the later of its two waits. Stop 30 ran that (−14…−27 %),
+// profiled it (the consumers' loop ran 25 % more instructions than fwd_wsps's: its counter
+// and addresses in vector registers) and made the loop's arithmetic uniform and the
+// crossing turn a copy of its own (below): −4…−22 %, still opt-in (CUDA.md, stop 30).
 //
 // Items without keys (under head groups most query tiles of the dilated heads: a head
 // takes part in one pattern) take no Q buffer and no turn: the producer writes their
