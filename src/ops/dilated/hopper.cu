@@ -1705,7 +1705,7 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
             // address and descriptor built from them was vector arithmetic, ~50 R2UR and
             // ~50 moves a turn (stop 30's profile); from the shuffled copy it is uniform (and
             // ptxas, seeing that, keeps `it` and `qb` in uniform registers and drops the
-            // shuffle: no SHFL.IDX in this turn's SASS).
+            // shuffle: one SHFL.IDX is left in the whole kernel's SASS).
             const u32 pk = uni(((u32)it << 1) | (u32)qb);
             const int iu = (int)(pk >> 1), vc = iu % NV, kn = (iu + 1) % NK;
             u32 qu = sQ + (pk & 1) * QT + wg * 64 * 128;
