@@ -657,9 +657,9 @@ impl Cuda {
     /// (K and V staged apart: two K stages, three V stages), and items without keys are
     /// written by the producer warps without taking a turn (see hopper.cu). Aimed at the
     /// head-group combine's short items. Wins over every other persistent-forward setting
-    /// but [`set_wait_block_ends`](Self::set_wait_block_ends)`(false)`. Opt-in: stop 29
-    /// measured it (then with three K stages and two V) 17–31 % slower than the default;
-    /// the stage counts since are not measured yet. GPU oracle code 20.
+    /// but [`set_wait_block_ends`](Self::set_wait_block_ends)`(false)`. Opt-in: slower than
+    /// the default on every case measured (H100, stop 30: 4–22 %; CUDA.md). GPU oracle
+    /// code 20.
     pub fn set_fwd_cross_items(&self, on: bool) {
         self.fwd_cross_items.store(on, Ordering::Relaxed);
     }

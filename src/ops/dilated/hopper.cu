@@ -1755,38 +1755,33 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
             named_arrive(2 - wg, 256);  // the other warpgroup's turn
             wg_wait<1>();               // S(n) has landed; P(c) V(c) may still run
             reg_fence(s);
-            float al0, al1;
+            // A crossing: the finished item's row state kept for its store, the next item's
+            // started (its softmax then runs under this item's last P·V like any other).
+            // Without XC the copies are dead and the branches folded away.
+            const int prp[2] = {rp[0], rp[1]};
+            const bool prin[2] = {rin[0], rin[1]};
+            float pm[2] = {m[0], m[1]}, pl[2] = {l[0], l[1]};
             if (XC) {
-                // The finished item's row state kept for its store, the next item's started
-                // (its softmax then runs under this item's last P·V like any other).
-                const int prp[2] = {rp[0], rp[1]};
-                const bool prin[2] = {rin[0], rin[1]};
-                float pm[2] = {m[0], m[1]}, pl[2] = {l[0], l[1]};
                 rows_of(t);
                 m[0] = m[1] = neg_inf();
                 l[0] = l[1] = 0.f;
-                set_part(cur);
-                softmax_p(cur, kn, al0, al1);
-                mbar_arrive(emptyk(kn));  // K(n) and its key metadata are read
-                block_end_after(l[0], l[1]);  // the softmax above stays under P(c)·V(c)
-                wg_wait<0>();
-                reg_fence(o);
-                mbar_arrive(emptyv(vc));  // V(c) is no longer read
-                wg_pack<T, BK>(s, pa);
+            }
+            if (XC || cur.i != pi) set_part(cur);
+            float al0, al1;
+            softmax_p(cur, kn, al0, al1);
+            mbar_arrive(emptyk(kn));  // K(n) and its key metadata are read
+            block_end_after(l[0], l[1]);  // the softmax above stays under P(c)·V(c)
+            wg_wait<0>();
+            reg_fence(o);
+            mbar_arrive(emptyv(vc));  // V(c) is no longer read
+            wg_pack<T, BK>(s, pa);
+            if (XC) {
                 mbar_arrive(qempty(qb));  // every S of the finished item has landed
                 wg_store16<T, D>(P, o, pl, pm, prp, prin, ob, oh, lane, out, lse);
 #pragma unroll
                 for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
                 qb = qbn;
             } else {
-                if (cur.i != pi) set_part(cur);
-                softmax_p(cur, kn, al0, al1);
-                mbar_arrive(emptyk(kn));
-                block_end_after(l[0], l[1]);
-                wg_wait<0>();
-                reg_fence(o);
-                mbar_arrive(emptyv(vc));
-                wg_pack<T, BK>(s, pa);
                 wg_rescale<D>(o, al0, al1);
             }
             ++it;
