@@ -930,13 +930,6 @@ __device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int
         "r"(c4)
         : "memory");
 }
-// The same box into L2 only (no shared memory, no barrier): a hint, done when the load that
-// follows finds it there.
-__device__ __forceinline__ void tma_prefetch5(const TMap* map, int c0, int c1, int c2, int c3, int c4) {
-    asm volatile("cp.async.bulk.prefetch.tensor.5d.L2.global.tile [%0, {%1, %2, %3, %4, %5}];"
-                 ::"l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
-                 : "memory");
-}
 // The last box coordinate of a row-loading map (LMaps, KMaps): segment a / w of batch b of
 // pattern i, in the view's merged (segment, batch) dimension B·N/w.
 __device__ __forceinline__ int box_segment(const Params& P, int i, int a, int b) {
@@ -1517,18 +1510,12 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
             st.m = 0;
             st.k0 = 0;
             if (tc_next<BK>(P, t, h, st, RQ)) return true;
-            if (zt >= 0) {
-                // The rows' 16-byte vectors dealt across the 128 producer threads, so that a
-                // warp's store covers two whole rows (16 full sectors). Thread zt writing row
-                // zt (stop 29's build) made each store touch 32 rows, half a sector each: in
-                // stop 30's profile (head groups, 16K) 47 % more L2 write sectors than
-                // fwd_wsps for the same bytes.
-                constexpr int RV = D / 8;
-                for (int e = zt; e < t.cnt * RV; e += 128) {
-                    uint4* row = (uint4*)(out + qidx(P, b, t.base + (e / RV) * t.step, h));
-                    row[e % RV] = make_uint4(0u, 0u, 0u, 0u);
-                }
-                if (zt < t.cnt) lse[lidx(P, b, t.base + zt * t.step, h)] = neg_inf();
+            if (zt >= 0 && zt < t.cnt) {
+                const int p = t.base + zt * t.step;
+                uint4* row = (uint4*)(out + qidx(P, b, p, h));
+#pragma unroll
+                for (int c = 0; c < D / 8; ++c) row[c] = make_uint4(0u, 0u, 0u, 0u);
+                lse[lidx(P, b, p, h)] = neg_inf();
             }
         }
     };
@@ -1583,20 +1570,11 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
             {
                 PatState sn;  // recomputed at the item's start (not kept live through this item)
                 nxt = next_keyed(wn, tn, hn, bn, sn, pt);
-                // The next item's first K and V tiles into L2, a whole item ahead: under head
-                // groups an item is the first to read its (head, segment) rows often, and
-                // its first tile, loaded with the usual lead of 1.5 turns, came from DRAM
-                // late (stop 30's profile, head groups 16K: the crossing turn found K not
-                // yet landed in 61 % of crossings, other turns in 2.5 %; a quarter of the
-                // TMA bytes missed L2).
-                if (nxt && pt == 0) {
-                    const int gn = hn / (P.H / P.Hkv), c4 = box_segment(P, sn.i, sn.a, bn);
-#pragma unroll
-                    for (int c = 0; c < CB; ++c) {
-                        tma_prefetch5(&km->k[sn.i], c * 64, gn, sn.o, sn.k0, c4);
-                        tma_prefetch5(&km->v[sn.i], c * 64, gn, sn.o, sn.k0, c4);
-                    }
-                }
+                // Measured and not kept (stop 31, H100, CUDA.md): the next item's first K
+                // and V tiles prefetched into L2 here (cp.async.bulk.prefetch.tensor) with
+                // the keyless items' zero rows stored coalesced across the producer's
+                // threads: head groups and LSE 1.3…4.2 % slower (16K…1M, two calls); the
+                // coalesced stores alone -2.3…+0.9 %, within the rounds' spread.
             }
             bool qdone = !nxt;
             const int g = h / (P.H / P.Hkv);
