@@ -959,33 +959,15 @@ struct KMaps {
 // grid's order, tiles fastest, then heads, then batches, so that the CTAs running at one
 // time share one head's K/V in L2 (heads fastest measured 6-18 % slower on dense and LSE
 // problems).
-// Under head groups the tiles go class fastest (HG_CLASS_FAST): item index xi = c + step ·
-// (tic + tpc · bi) is tile x = tic + tpc · (c + step · bi) of decode_tile (tile tic of
-// residue class c of block bi), so the step classes of one stretch of 128 · step rows run
-// together. In decode_tile's own order (tic fastest) the items of one block walk through
-// every class in turn, and a head group's K/V rows (a segment of the dense group is read by
-// all step classes of its rows) are read again a whole block of items later: at N = 1M on
-// the LongNet schedule `fwd_wsps` read 21.5 GB from DRAM for 12.9 GB of Q, K and V, at an
-// L2 hit rate of 59 % (stop 31's profile; the block's K/V of all four groups is ~60 MB,
-// more than the H100's 50 MB L2). Class fastest, a group's segment is read within
-// w / (128 · step) of those stretches. CF: the kernels that load K/V as boxes (fwd_wsps,
-// fwd_wspt, fwd_wspi; the cp.async fwd_wsp, a fallback, keeps decode_tile's order: the
-// reordering's divisions cost it a 44-byte spill).
-#ifndef HG_CLASS_FAST
-#define HG_CLASS_FAST 1
-#endif
-template <bool CF>
+// Measured and not kept (stop 31, H100, CUDA.md): under head groups the residue classes
+// fastest instead of decode_tile's tiles (a head group's segment then read by consecutive
+// items) cut fwd_wsps's DRAM reads at 1M from 21.5 to 19.6 GB but not its time (16K +7.0,
+// 64K -0.3, 256K -0.4, 1M -3.1 %, within the rounds' spread of up to 5 %).
 __device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& h, int& b) {
     if (P.headgroups) {
         x = w / (P.H * P.B);
         h = (w / P.B) % P.H;
         b = w % P.B;
-        if (HG_CLASS_FAST && CF) {
-            // P.tiles = (N / blk) · step · tpc (the host's Prob::tiles).
-            const int tpc = P.tiles / ((P.N / P.blk) * P.step);
-            const int c = x % P.step, r = x / P.step;
-            x = r % tpc + tpc * (c + P.step * (r / tpc));
-        }
     } else {
         x = w % P.tiles;
         h = (w / P.tiles) % P.H;
@@ -1100,7 +1082,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 x = (w & 1) ? p : P.tiles - 1 - p;
                 if ((w & 1) && p == P.tiles - 1 - p) return false;  // an odd count's middle tile
             } else {
-                item_order<TK>(P, w, x, h, b);
+                item_order(P, w, x, h, b);
             }
             if (P.causal && !pairs) x = P.tiles - 1 - x;
         } else {
@@ -1517,7 +1499,7 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
     const int nw = P.tiles * P.H * P.B;
     auto item = [&](int w, Tile& t, int& h, int& b) {
         int x;
-        item_order<true>(P, w, x, h, b);
+        item_order(P, w, x, h, b);
         return decode_tile(P, x, RQ, t);
     };
     // From this CTA's item index wi on, the first item with keys: its tile, head, batch and
