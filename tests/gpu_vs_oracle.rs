@@ -127,9 +127,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // stores 16 bytes per instruction); 19: the persistent forward with two
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
     // persistent forward with its work items crossed in one turn, on two Q tiles, two K and
-    // three V stages (fwd_wspi; causal problems run fwd_wsot); 21: the default with the
-    // head-group combine's items without keys on the consumers (fwd_wsps; the default there,
-    // fwd_wspk, hands them to its producer); 3: the
+    // three V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -142,13 +140,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20
     ));
-    dev.set_fused_dq_tma(matches!(
-        warps,
-        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
-    ));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -157,7 +152,6 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_vector_stores(warps != 18);
     dev.set_fwd_double_q(warps == 19);
     dev.set_fwd_cross_items(warps == 20);
-    dev.set_fwd_skip_keyless(warps != 21);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -308,8 +302,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
-            [(case.seed % 22) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20][(case.seed % 21) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -355,7 +348,6 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 18);
                 all_dtypes_w(&case, KernelPref::Auto, true, 19);
                 all_dtypes_w(&case, KernelPref::Auto, true, 20);
-                all_dtypes_w(&case, KernelPref::Auto, true, 21);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -439,7 +431,6 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 18);
         all_dtypes_w(&case, KernelPref::Auto, true, 19);
         all_dtypes_w(&case, KernelPref::Auto, true, 20);
-        all_dtypes_w(&case, KernelPref::Auto, true, 21);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -483,13 +474,12 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20, 21] {
+        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20] {
             // The kernel each code stands for here, and for the persistent ones the name
             // prefix of what must have run (the settings of check_w's last call are the
             // device's still).
             let (kernel, expect) = match warps {
                 0 if causal => ("default", None),
-                0 if combine == Combine::HeadGroups => ("default", Some("fwd_wspk_")),
                 0 => ("default", Some("fwd_wsps_")),
                 6 => ("fwd_wsot", None),
                 12 if causal => ("fwd_wso", None),
@@ -500,13 +490,12 @@ fn persistent_forward_many_items() {
                 11 => ("fwd_wspwt", None),
                 14 if causal => ("fwd_wsow", None),
                 14 => ("fwd_wspw", None),
-                15 | 17 | 18 | 19 | 20 | 21 if causal => continue, // fwd_wsot, the default kernel again
+                15 | 17 | 18 | 19 | 20 if causal => continue, // fwd_wsot, the default kernel again
                 15 => ("fwd_wsptn", None),
                 17 => ("fwd_wspx", Some("fwd_wspx_")),
                 18 => ("fwd_wspt (4-byte stores)", Some("fwd_wspt_")),
                 19 => ("fwd_wspq", Some("fwd_wspq_")),
                 20 => ("fwd_wspi", Some("fwd_wspi_")),
-                21 if combine == Combine::HeadGroups => ("fwd_wsps", Some("fwd_wsps_")),
                 _ if causal => ("fwd_wsps (causal)", None),
                 _ => continue, // the default kernel again
             };
@@ -577,9 +566,6 @@ fn sanitizer_fused_tma() {
         all_dtypes_w(&free, KernelPref::Auto, false, 19);
         // ... and with the items crossed in one turn (fwd_wspi).
         all_dtypes_w(&free, KernelPref::Auto, false, 20);
-        // ... and under head groups with the items without keys on the consumers (fwd_wsps;
-        // the default above, fwd_wspk, gives them to its producer).
-        all_dtypes_w(&free, KernelPref::Auto, false, 21);
     }
 }
 

@@ -212,9 +212,6 @@ pub struct Cuda {
     /// ... 16-byte stores at each item's end (`fwd_wsps`, the default since stop 27;
     /// `false`: `fwd_wspt`'s 4-byte stores).
     fwd_vector_stores: AtomicBool,
-    /// Under head groups the persistent forward's producer writes the items without keys
-    /// (`fwd_wspk`, the default since stop 31; `false`: `fwd_wsps`).
-    fwd_skip_keyless: AtomicBool,
     /// The persistent forward with two Q buffers and two K/V stages (`fwd_wspq`; opt-in).
     fwd_double_q: AtomicBool,
     /// The persistent forward with work items crossed in one turn (`fwd_wspi`; opt-in).
@@ -292,7 +289,6 @@ impl Cuda {
             wait_block_ends: AtomicBool::new(true),
             fwd_deferred_stores: AtomicBool::new(false),
             fwd_vector_stores: AtomicBool::new(true),
-            fwd_skip_keyless: AtomicBool::new(true),
             fwd_double_q: AtomicBool::new(false),
             fwd_cross_items: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
@@ -641,19 +637,6 @@ impl Cuda {
     /// See [`set_fwd_vector_stores`](Self::set_fwd_vector_stores).
     pub fn fwd_vector_stores(&self) -> bool {
         self.fwd_vector_stores.load(Ordering::Relaxed)
-    }
-    /// Under the head-group combine, the persistent Hopper forward with 16-byte stores
-    /// (`fwd_wsps`) hands its work items without keys (most query tiles of the dilated
-    /// heads: a head takes part in one pattern) to its producer warpgroup, which writes
-    /// their zero rows and `L = -inf`; the consumers and the Q buffer see only items with
-    /// keys (`true`, the default: `fwd_wspk`; `false`: `fwd_wsps` loads Q for them and its
-    /// consumers store their zeros). The other combines run `fwd_wsps` either way.
-    pub fn set_fwd_skip_keyless(&self, on: bool) {
-        self.fwd_skip_keyless.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_fwd_skip_keyless`](Self::set_fwd_skip_keyless).
-    pub fn fwd_skip_keyless(&self) -> bool {
-        self.fwd_skip_keyless.load(Ordering::Relaxed)
     }
     /// The persistent Hopper forward with box loads (non-causal problems) with two Q buffers
     /// and two K/V stages (`true`: `fwd_wspq`) instead of one and three, so that the next

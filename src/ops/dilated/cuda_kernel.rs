@@ -626,7 +626,6 @@ pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<Str
         persist,
         plan.options().causal,
         tma,
-        matches!(plan.options().combine, Combine::HeadGroups),
     )
     .map(|k| k.name)
 }
@@ -687,15 +686,12 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 /// `persist`: the persistent kernel may run ([`may_persist`]).
 /// `causal`: the problem's causal mask (`fwd_wspi` takes non-causal problems only).
 /// `tma`: the key tiles by box loads ([`fwd_tma_fits`]; the overlapped 128-key kernels).
-/// `headgroups`: the head-group combine (`fwd_wspk` takes its items without keys off the
-/// consumers, [`Cuda::set_fwd_skip_keyless`]).
 fn fwd_kernel<E: CudaElement>(
     dev: &Cuda,
     d: usize,
     persist: bool,
     causal: bool,
     tma: bool,
-    headgroups: bool,
 ) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
@@ -718,13 +714,7 @@ fn fwd_kernel<E: CudaElement>(
                 (true, true) if tma && !causal && dev.fwd_cross_items() => ("wspi", true),
                 (true, true) if tma && dev.fwd_deferred_stores() => ("wspx", true),
                 (true, true) if tma && dev.fwd_double_q() => ("wspq", true),
-                (true, true) if tma && dev.fwd_vector_stores() => {
-                    if headgroups && dev.fwd_skip_keyless() {
-                        ("wspk", true)
-                    } else {
-                        ("wsps", true)
-                    }
-                }
+                (true, true) if tma && dev.fwd_vector_stores() => ("wsps", true),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
                 (false, _) => ("ws", false),
@@ -1188,7 +1178,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspk" | "wspq" | "wspi" => Some(128),
+        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" | "wspi" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1254,14 +1244,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let (kp, _sk) = k.device_ptr(dev.stream());
     let (vp, _sv) = v.device_ptr(dev.stream());
     let tma = fwd_tma_fits(dev, pr, std::mem::size_of::<E>(), kp, vp);
-    if let Some(l) = fwd_kernel::<E>(
-        dev,
-        dm.head_dim,
-        persist,
-        p.causal != 0,
-        tma,
-        p.headgroups != 0,
-    ) {
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, p.causal != 0, tma) {
         let kmaps = match kv_box_rows(&l.name) {
             Some(rows) => Some(kv_tensor_maps(pr, E::NAME, kp, vp, rows)?),
             None => None,

@@ -1024,7 +1024,7 @@ __device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& 
 // tiles each at the LongNet schedule), at the price of one stage of key prefetch — which
 // costs far more: measured 31–42 % slower than fwd_wspt (stop 27); opt-in, for comparisons.
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool NB = false, int XO = 0, bool Q2 = false, bool SK = false>
+          bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -1142,23 +1142,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             Tile t;
             int h, b;
             if (!item(w, t, h, b)) continue;
-            if constexpr (SK) {
-                // An item without keys: its rows here (zeros, L = -inf), no Q, no turn.
-                PatState z;
-                z.i = -1;
-                z.m = 0;
-                z.k0 = 0;
-                if (!tc_next<BK>(P, t, h, z, RQ)) {
-                    if (pt < t.cnt) {
-                        const int p = t.base + pt * t.step;
-                        uint4* row = (uint4*)(out + qidx(P, b, p, h));
-#pragma unroll
-                        for (int c = 0; c < D / 8; ++c) row[c] = make_uint4(0u, 0u, 0u, 0u);
-                        lse[lidx(P, b, p, h)] = neg_inf();
-                    }
-                    continue;
-                }
-            }
+            // Items without keys (head groups) go through here and the consumers like any
+            // other: Q loaded, zeros stored by the consumers. Measured and not kept (stop
+            // 31, H100, CUDA.md): this producer writing their rows and loading no Q for
+            // them, the consumers skipping them, was 2.1…2.9 % slower on head groups.
             const int g = h / (P.H / P.Hkv);
             // The buffer's previous item (Q2: two items back) has issued its last S.
             const int qb = Q2 ? done & 1 : 0;
@@ -1260,14 +1247,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     Tile t;
     int h, b;
     if (!item(w, t, h, b)) continue;
-    if constexpr (SK) {
-        // Items without keys are the producer's (above).
-        PatState z;
-        z.i = -1;
-        z.m = 0;
-        z.k0 = 0;
-        if (!tc_next<BK>(P, t, h, z, RQ)) continue;
-    }
     int rp[2];
     bool rin[2], part[2];
 #pragma unroll
@@ -2910,13 +2889,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                               const T* k, const T* v, const unsigned char* mask, T* out,          \
                               float* lse) {                                                       \
         fwd_ws<T, D, true, true, false, WG_BK, true, false, 1>(P, q, k, v, mask, out, lse, &km);  \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        fwd_wspk_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
-                              const T* k, const T* v, const unsigned char* mask, T* out,          \
-                              float* lse) {                                                       \
-        fwd_ws<T, D, true, true, false, WG_BK, true, false, 1, false, true>(P, q, k, v, mask, out, \
-                                                                            lse, &km);            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
         fwd_wspq_##NAME##_##D(const __grid_constant__ KMaps km, const Params P, const T* q,        \
