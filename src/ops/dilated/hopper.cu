@@ -1681,7 +1681,8 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
         };
         rows_of(t);
         int qb = 0;  // this item's Q buffer
-        u32 qa = sQ + wg * 64 * 128;
+        // The first item's Q rows (buffer 0); the turns take theirs from qb.
+        const u32 qa = sQ + wg * 64 * 128;
         mbar_wait(qfull(0), 0);
         done = 1;
         {
