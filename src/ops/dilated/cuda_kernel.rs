@@ -649,12 +649,12 @@ fn mc_pairs_fit(pr: &Prob) -> bool {
     pr.dims.head_dim == 128
         && blk > 0
         && step > 0
-        && pr.dims.seq % blk == 0
-        && blk % step == 0
-        && (blk / step).div_ceil(128) % 2 == 0
+        && pr.dims.seq.is_multiple_of(blk)
+        && blk.is_multiple_of(step)
+        && (blk / step).div_ceil(128).is_multiple_of(2)
         && pr.p.r[..pr.npat]
             .iter()
-            .all(|&r| r > 0 && step % r as usize == 0)
+            .all(|&r| r > 0 && step.is_multiple_of(r as usize))
 }
 
 /// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
