@@ -86,8 +86,7 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// 4-byte stores as up to stop 26 (`stores4`: `fwd_wspt`; the default since stop 27,
 /// `fwd_wsps`, stores 16 bytes per instruction), two Q buffers and two K/V stages
 /// (`qdouble`: `fwd_wspq`), work items crossed in one turn on two Q tiles, two K and three
-/// V stages (`xcross`: `fwd_wspi`), clusters of two CTAs sharing their K/V tiles by multicast
-/// (`mcast`: `fwd_wspm`, where the query tiles pair up).
+/// V stages (`xcross`: `fwd_wspi`).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -101,7 +100,6 @@ const FWD_VARIANTS: &[Variant] = &[
     ("stores4", |d, on| d.set_fwd_vector_stores(!on)),
     ("qdouble", |d, on| d.set_fwd_double_q(on)),
     ("xcross", |d, on| d.set_fwd_cross_items(on)),
-    ("mcast", |d, on| d.set_fwd_multicast(on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

@@ -127,9 +127,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // stores 16 bytes per instruction); 19: the persistent forward with two
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
     // persistent forward with its work items crossed in one turn, on two Q tiles, two K and
-    // three V stages (fwd_wspi; causal problems run fwd_wsot); 21: the persistent forward in
-    // clusters of two CTAs sharing their K/V tiles by multicast (fwd_wspm, where the query
-    // tiles pair up; elsewhere and on causal problems the default); 3: the
+    // three V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -142,13 +140,10 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20
     ));
-    dev.set_fused_dq_tma(matches!(
-        warps,
-        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
-    ));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
+    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -157,7 +152,6 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_vector_stores(warps != 18);
     dev.set_fwd_double_q(warps == 19);
     dev.set_fwd_cross_items(warps == 20);
-    dev.set_fwd_multicast(warps == 21);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -517,61 +511,6 @@ fn persistent_forward_many_items() {
                 t.elapsed().as_secs_f64()
             );
         }
-    }
-}
-
-/// The clustered forward (`fwd_wspm`, code 21): pairs of query tiles sharing K/V tiles by
-/// multicast, several pair items per cluster, under head groups (dilated heads with keyless
-/// items), the LSE combine and dense attention, with GQA and a padding mask; the kernel
-/// that ran is checked by name. Causal problems and D = 64 fall back to the default.
-#[test]
-#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
-fn multicast_forward_pairs() {
-    let mut seed = 60;
-    for (combine, schedule, n, d, causal, want) in [
-        (
-            Combine::HeadGroups,
-            vec![(1024, 1), (2048, 2), (4096, 4)],
-            8192,
-            128,
-            false,
-            "fwd_wspm_",
-        ),
-        (
-            Combine::Lse,
-            vec![(1024, 1), (2048, 2), (4096, 4)],
-            8192,
-            128,
-            false,
-            "fwd_wspm_",
-        ),
-        (Combine::Lse, vec![(4096, 1)], 4096, 128, false, "fwd_wspm_"),
-        (Combine::Lse, vec![(4096, 1)], 4096, 128, true, "fwd_wsot_"),
-        (Combine::Lse, vec![(4096, 1)], 4096, 64, false, "fwd_wsps_"),
-    ] {
-        seed += 1;
-        let case = Case {
-            dims: Dims {
-                batch: 2,
-                seq: n,
-                heads: 4,
-                kv_heads: 2,
-                head_dim: d,
-            },
-            schedule: schedule.iter().map(|&(w, r)| Pattern::new(w, r)).collect(),
-            opts: Options::default().combine(combine).causal(causal),
-            mask: Some((0..2 * n).map(|i| i % 13 != 5).collect()),
-            seed,
-        };
-        let t = std::time::Instant::now();
-        let e = check_w::<half::bf16>(&case, KernelPref::Auto, seed % 2 == 0, 21);
-        let ran = gpu::tensor_core_kernel::<half::bf16>(&dev(), &case.plan()).unwrap_or_default();
-        assert!(ran.starts_with(want), "code 21 ran {ran}, not {want}*");
-        let e16 = check_w::<half::f16>(&case, KernelPref::Auto, false, 21);
-        eprintln!(
-            "ok {ran} n={n} d={d} {combine:?} causal={causal}: rel err bf16 {e:.1e}, f16 {e16:.1e} ({:.1} s)",
-            t.elapsed().as_secs_f64()
-        );
     }
 }
 

@@ -216,7 +216,6 @@ pub struct Cuda {
     fwd_double_q: AtomicBool,
     /// The persistent forward with work items crossed in one turn (`fwd_wspi`; opt-in).
     fwd_cross_items: AtomicBool,
-    fwd_multicast: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -292,7 +291,6 @@ impl Cuda {
             fwd_vector_stores: AtomicBool::new(true),
             fwd_double_q: AtomicBool::new(false),
             fwd_cross_items: AtomicBool::new(false),
-            fwd_multicast: AtomicBool::new(false),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -668,23 +666,6 @@ impl Cuda {
     /// See [`set_fwd_cross_items`](Self::set_fwd_cross_items).
     pub fn fwd_cross_items(&self) -> bool {
         self.fwd_cross_items.load(Ordering::Relaxed)
-    }
-    /// The persistent Hopper forward with box loads (non-causal problems, D = 128) in
-    /// clusters of two CTAs that take two query tiles of one head at a time and share their
-    /// K/V tiles: each CTA loads half of every tile's columns into both (`true`:
-    /// `fwd_wspm`, multicast box loads), so the L2 serves each K/V byte once per pair
-    /// (FlashAttention-3 runs its D = 128 non-causal forward in such clusters). Only where
-    /// every pair of query tiles reads the same keys (the host checks the tile layout);
-    /// elsewhere the default. [`set_fwd_cross_items`](Self::set_fwd_cross_items),
-    /// [`set_fwd_deferred_stores`](Self::set_fwd_deferred_stores) and
-    /// [`set_fwd_double_q`](Self::set_fwd_double_q) win where on. Opt-in; GPU oracle
-    /// code 21.
-    pub fn set_fwd_multicast(&self, on: bool) {
-        self.fwd_multicast.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_fwd_multicast`](Self::set_fwd_multicast).
-    pub fn fwd_multicast(&self) -> bool {
-        self.fwd_multicast.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

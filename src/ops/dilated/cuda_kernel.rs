@@ -617,44 +617,17 @@ fn check_inputs<E>(
 pub fn tensor_core_kernel<E: CudaElement>(dev: &Cuda, plan: &Plan) -> Option<String> {
     let persist = may_persist(dev, plan.options().causal, true);
     // Device addresses unknown here: taken as aligned (as every cudarc allocation is).
-    let (tma, pairs) = Prob::of_plan(plan, 0, false)
-        .map(|pr| {
-            (
-                fwd_tma_fits(dev, &pr, std::mem::size_of::<E>(), 0, 0),
-                mc_pairs_fit(&pr),
-            )
-        })
-        .unwrap_or((false, false));
+    let tma = Prob::of_plan(plan, 0, false)
+        .map(|pr| fwd_tma_fits(dev, &pr, std::mem::size_of::<E>(), 0, 0))
+        .unwrap_or(false);
     fwd_kernel::<E>(
         dev,
         plan.dims().head_dim,
         persist,
         plan.options().causal,
         tma,
-        pairs,
     )
     .map(|k| k.name)
-}
-
-/// `fwd_wspm` ([`Cuda::set_fwd_multicast`]) may take the problem: head dim 128, and query
-/// tiles 2x and 2x + 1 of every (head, batch) exist and read the same key tiles, so that
-/// the cluster's two CTAs stream one sequence of K/V tiles. That holds where every block
-/// is whole (`blk` divides N), its residue classes have equal counts (`step` divides
-/// `blk`) cut into an even number of 128-row tiles (a pair then lies in one class of one
-/// block, hence in one segment of every pattern), and every dilation divides `step` (every
-/// row of a tile takes part in a pattern or none does). Causal problems are excluded by
-/// `fwd_kernel` (their key ranges differ between the tiles).
-fn mc_pairs_fit(pr: &Prob) -> bool {
-    let (blk, step) = (pr.p.blk as usize, pr.p.step as usize);
-    pr.dims.head_dim == 128
-        && blk > 0
-        && step > 0
-        && pr.dims.seq.is_multiple_of(blk)
-        && blk.is_multiple_of(step)
-        && (blk / step).div_ceil(128).is_multiple_of(2)
-        && pr.p.r[..pr.npat]
-            .iter()
-            .all(|&r| r > 0 && step.is_multiple_of(r as usize))
 }
 
 /// The forward's key tiles may come by tensor-map box loads (`fwd_wspt` / `fwd_wsot`,
@@ -713,14 +686,12 @@ fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
 /// `persist`: the persistent kernel may run ([`may_persist`]).
 /// `causal`: the problem's causal mask (`fwd_wspi` takes non-causal problems only).
 /// `tma`: the key tiles by box loads ([`fwd_tma_fits`]; the overlapped 128-key kernels).
-/// `pairs`: the query tiles pair up for `fwd_wspm` ([`mc_pairs_fit`]).
 fn fwd_kernel<E: CudaElement>(
     dev: &Cuda,
     d: usize,
     persist: bool,
     causal: bool,
     tma: bool,
-    pairs: bool,
 ) -> Option<Launch> {
     if !tensor_cores::<E>(dev, d) {
         return None;
@@ -743,7 +714,6 @@ fn fwd_kernel<E: CudaElement>(
                 (true, true) if tma && !causal && dev.fwd_cross_items() => ("wspi", true),
                 (true, true) if tma && dev.fwd_deferred_stores() => ("wspx", true),
                 (true, true) if tma && dev.fwd_double_q() => ("wspq", true),
-                (true, true) if tma && !causal && pairs && dev.fwd_multicast() => ("wspm", true),
                 (true, true) if tma && dev.fwd_vector_stores() => ("wsps", true),
                 (true, true) => (if tma { "wspt" } else { "wsp" }, true),
                 (true, false) => (if tma { "wsot" } else { "wso" }, false),
@@ -1208,7 +1178,7 @@ unsafe impl DeviceRepr for KvMaps {}
 fn kv_box_rows(kernel: &str) -> Option<u32> {
     let kind = kernel.strip_prefix("fwd_")?.split('_').next()?;
     match kind {
-        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" | "wspi" | "wspm" => Some(128),
+        "wspt" | "wsot" | "wsptn" | "wspx" | "wsps" | "wspq" | "wspi" => Some(128),
         "wspwt" | "wsowt" => Some(176),
         _ => None,
     }
@@ -1274,8 +1244,7 @@ pub(crate) fn forward_launch<E: CudaElement>(
     let (kp, _sk) = k.device_ptr(dev.stream());
     let (vp, _sv) = v.device_ptr(dev.stream());
     let tma = fwd_tma_fits(dev, pr, std::mem::size_of::<E>(), kp, vp);
-    let pairs = mc_pairs_fit(pr);
-    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, p.causal != 0, tma, pairs) {
+    if let Some(l) = fwd_kernel::<E>(dev, dm.head_dim, persist, p.causal != 0, tma) {
         let kmaps = match kv_box_rows(&l.name) {
             Some(rows) => Some(kv_tensor_maps(pr, E::NAME, kp, vp, rows)?),
             None => None,
@@ -1292,19 +1261,6 @@ pub(crate) fn forward_launch<E: CudaElement>(
                 msg: format!("{items} work items exceed the persistent forward's 32-bit index"),
             })?;
             cfg.grid_dim = ((items as u32).min(dev.sm_count()).max(1), 1, 1);
-            if l.name.starts_with("fwd_wspm_") {
-                // Clusters of two CTAs (compiled in), each taking a pair of tiles: as many
-                // clusters as fit on the device at once, at most one per pair.
-                let two = LaunchConfig {
-                    grid_dim: (2, 1, 1),
-                    ..cfg
-                };
-                let fit = f
-                    .occupancy_max_active_clusters(two, dev.stream())
-                    .map_err(dev_err("cluster occupancy of fwd_wspm"))?;
-                let clusters = fit.min(items as u32 / 2).max(1);
-                cfg.grid_dim = (2 * clusters, 1, 1);
-            }
         }
         let mut b = dev.stream().launch_builder(&f);
         if let Some(m) = kmaps.as_ref() {

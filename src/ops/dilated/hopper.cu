@@ -930,44 +930,6 @@ __device__ __forceinline__ void tma_load5(const TMap* map, u32 dst, u32 bar, int
         "r"(c4)
         : "memory");
 }
-// Thread block clusters (fwd_wspm: two CTAs, one per SM of a pair, share their K/V tiles).
-// This CTA's rank in its cluster.
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-// Every thread of every CTA of the cluster: the CTAs' earlier shared-memory writes (the
-// mbarrier inits, after fence_mbar_init) are visible to the others after it, and no CTA
-// leaves while another may still arrive on its barriers or write its shared memory.
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// After mbar_init, before cluster_sync: the inits made visible to the cluster's other CTAs.
-__device__ __forceinline__ void fence_mbar_init() {
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-// Arrive on the mbarrier at this CTA's shared address `bar` in the cluster's CTA `peer`
-// (release at cluster scope: this CTA's reads of the stage, which the arrival frees, come
-// before the peer's next write into it).
-__device__ __forceinline__ void mbar_arrive_peer(u32 bar, u32 peer) {
-    asm volatile(
-        "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar),
-        "r"(peer)
-        : "memory");
-}
-// tma_load5 multicast: the box lands at shared address dst of every CTA of the cluster in
-// `ctas` (a bit per rank), and its bytes complete on the mbarrier at `bar` in each of them.
-__device__ __forceinline__ void tma_load5_mc(const TMap* map, u32 dst, u32 bar, int c0, int c1, int c2, int c3,
-                                             int c4, unsigned short ctas) {
-    asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-        " [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;" ::"r"(dst),
-        "l"(reinterpret_cast<unsigned long long>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4),
-        "h"(ctas)
-        : "memory");
-}
 // The last box coordinate of a row-loading map (LMaps, KMaps): segment a / w of batch b of
 // pattern i, in the view's merged (segment, batch) dimension B·N/w.
 __device__ __forceinline__ int box_segment(const Params& P, int i, int a, int b) {
@@ -1062,7 +1024,7 @@ __device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& 
 // tiles each at the LongNet schedule), at the price of one stage of key prefetch — which
 // costs far more: measured 31–42 % slower than fwd_wspt (stop 27); opt-in, for comparisons.
 template <typename T, int D, bool OV, bool PS, bool RA = false, int BK = WG_BK, bool TK = false,
-          bool NB = false, int XO = 0, bool Q2 = false, bool MC = false>
+          bool NB = false, int XO = 0, bool Q2 = false>
 __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const unsigned char* __restrict__ mask,
                        T* __restrict__ out, float* __restrict__ lse, const KMaps* km = nullptr) {
@@ -1073,8 +1035,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     constexpr bool XI = XO == 2;
     static_assert(!XI || (PS && BK == WG_BK), "deferred output stores: persistent 128-key kernel only");
     static_assert(!Q2 || (PS && !RA && BK == WG_BK), "two Q buffers: persistent 128-key kernel, Q in smem");
-    static_assert(!MC || (PS && TK && BK == WG_BK && !Q2 && XO == 1 && D == 128),
-                  "K/V multicast: fwd_wsps (D = 128: each CTA loads one 64-column box of K and V)");
     // Wide key tiles (BK = 176, FlashAttention-3's choice for D = 128 without a causal mask):
     // more MMA time per ping-pong turn for the other warpgroup's softmax to hide under; two
     // stages fit in shared memory, not three.
@@ -1112,26 +1072,9 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     const bool pairs = PS && P.causal && !P.headgroups;
     const int np = (P.tiles + 1) / 2;
     // Work item w: its tile, head and batch; false where the tile slot is empty.
-    // MC: the cluster's pair item w, query tiles 2x' and 2x' + 1 of one (head, batch) in
-    // the order of item_order over P.tiles / 2 tile pairs; this CTA takes 2x' + its rank.
-    // Both tiles exist and read the same key tiles (the host's mc_pairs_fit).
-    const int rank = MC ? (int)cluster_rank() : 0, tp = P.tiles / 2;
     auto item = [&](int w, Tile& t, int& h, int& b) {
         int x;
-        if constexpr (MC) {
-            if (P.headgroups) {
-                x = w / (P.H * P.B);
-                h = (w / P.B) % P.H;
-                b = w % P.B;
-            } else {
-                x = w % tp;
-                h = (w / tp) % P.H;
-                b = w / (tp * P.H);
-            }
-            x = 2 * x + rank;
-            if (!decode_tile(P, x, RQ, t)) __trap();  // the pair would fall out of step
-            return true;
-        } else if constexpr (PS) {
+        if constexpr (PS) {
             if (pairs) {
                 const int sp = w >> 1, p = sp % np;
                 h = (sp / np) % P.H;
@@ -1149,9 +1092,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         }
         return decode_tile(P, x, RQ, t);
     };
-    // MC: cluster c = blockIdx.x / 2 of gridDim.x / 2 takes the pair items c, c + gridDim.x / 2, ...
-    const int w0 = PS ? (int)blockIdx.x / (MC ? 2 : 1) : 0, wstep = PS ? (int)gridDim.x / (MC ? 2 : 1) : 1;
-    const int nw = PS ? (pairs ? 2 * np : MC ? tp : P.tiles) * P.H * P.B : 1;
+    const int w0 = PS ? (int)blockIdx.x : 0, wstep = PS ? (int)gridDim.x : 1;
+    const int nw = PS ? (pairs ? 2 * np : P.tiles) * P.H * P.B : 1;
     // This CTA's i-th work item w; false when it has none left.
     auto kth = [&](int i, int& w) {
         w = pairs ? 2 * (w0 + (i >> 1) * wstep) + (i & 1) : w0 + i * wstep;
@@ -1166,9 +1108,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
         for (int st = 0; st < NS; ++st) {
             // 128 cp.async arrivals (TK: thread 0's expect_tx) + 128 producer arrivals
             mbar_init(full(st), TK ? 129 : 256);
-            // every consumer thread; MC: and one thread of each of the peer's consumer
-            // warpgroups, whose MMAs read the half of the stage this CTA multicasts
-            mbar_init(empty(st), MC ? 258 : 256);
+            mbar_init(empty(st), 256);  // every consumer thread
             if constexpr (SPLIT) {
                 mbar_init(fullv(st), TK ? 1 : 128);  // 128 cp.async arrivals (TK: expect_tx)
                 mbar_init(emptyv(st), 256);  // every consumer thread
@@ -1178,10 +1118,8 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             mbar_init(qfull(j), 128);
             mbar_init(qempty(j), 256);
         }
-        if constexpr (MC) fence_mbar_init();
     }
     __syncthreads();
-    if constexpr (MC) cluster_sync();  // the peer's barriers are initialised before any use
 
     // Registers per thread after setmaxnreg: producer PR, consumers CR. The CTA holds what
     // the launch gave it (384 threads x 168) and setmaxnreg only moves registers between its
@@ -1227,19 +1165,13 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 const long long step = (long long)st.r * P.Hkv * P.D;
                 if constexpr (TK) {
                     // SPLIT: the K half here, the V half below on its own barrier.
-                    if (MC && pt == 0) {
-                        // All four boxes' bytes land here, two of them multicast by the peer
-                        // (whose bytes may complete before this expect_tx: the phase cannot
-                        // complete while this thread's arrival is missing). This CTA loads
-                        // the K and V columns 64·rank.. into both CTAs: the stage is free in
-                        // both, as empty(s) counts the peer's consumers too.
-                        mbar_arrive_expect_tx(full(s), 2 * CB * KB);
-                        const int c4 = box_segment(P, st.i, st.a, b);
-                        tma_load5_mc(&km->k[st.i], sK + s * TILE + rank * KB, full(s), rank * 64, g, st.o, st.k0,
-                                     c4, 3);
-                        tma_load5_mc(&km->v[st.i], sV + s * TILE + rank * KB, full(s), rank * 64, g, st.o, st.k0,
-                                     c4, 3);
-                    } else if (pt == 0) {
+                    // Measured and not kept (stop 32, H100, CUDA.md): fwd_wspm, this kernel
+                    // in clusters of two CTAs taking query tiles 2x and 2x + 1 of a head,
+                    // each loading one 64-column box of K and V into both by multicast
+                    // (empty then also counting the peer's two consumer warpgroups), as
+                    // FlashAttention-3's D = 128 non-causal forward: correct, but 16-27 %
+                    // slower on dense, head-group and LSE problems (commit 546ffdd has it).
+                    if (pt == 0) {
                         mbar_arrive_expect_tx(full(s), (SPLIT ? 1 : 2) * CB * KB);
                         const int c4 = box_segment(P, st.i, st.a, b);
 #pragma unroll
@@ -1446,9 +1378,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             reg_fence(o);
             // K(c) and V(c) are no longer read (SPLIT: V(c); K(c) was released a tile ago).
             mbar_arrive(SPLIT ? emptyv(sc) : empty(sc));
-            // MC: the peer's multicast half of the stage is read too (the warpgroup's MMAs
-            // are complete once any of its threads has waited for them).
-            if (MC && (tid & 127) == 0) mbar_arrive_peer(empty(sc), rank ^ 1);
             wg_rescale<D>(o, al0, al1);
             wg_pack<T, BK>(s, pa);
             cur = nx;
@@ -1468,7 +1397,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
             wg_wait<0>();
             reg_fence(o);
             mbar_arrive(SPLIT ? emptyv(it % NS) : empty(it % NS));
-            if (MC && (tid & 127) == 0) mbar_arrive_peer(empty(it % NS), rank ^ 1);
             ++it;
         }
     } else {
@@ -1514,8 +1442,6 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     }  // work items
     flush();  // the last item's rows
     }  // consumers
-    // MC: neither CTA leaves while the other may still arrive on its barriers.
-    if constexpr (MC) cluster_sync();
 #else
     __trap();
 #endif
@@ -3101,19 +3027,6 @@ WG(bf16, bf16, 64)
 WG(bf16, bf16, 128)
 WG(f16, f16, 64)
 WG(f16, f16, 128)
-
-// fwd_wspm (Cuda::set_fwd_multicast): fwd_wsps in clusters of two CTAs that share their
-// K/V tiles by multicast box loads, head dim 128 only.
-#define WGM(T, NAME)                                                                              \
-    extern "C" __global__ void __launch_bounds__(384, 1) __cluster_dims__(2, 1, 1)               \
-        fwd_wspm_##NAME##_128(const __grid_constant__ KMaps km, const Params P, const T* q,       \
-                              const T* k, const T* v, const unsigned char* mask, T* out,          \
-                              float* lse) {                                                       \
-        fwd_ws<T, 128, true, true, false, WG_BK, true, false, 1, false, true>(P, q, k, v, mask,  \
-                                                                             out, lse, &km);      \
-    }
-WGM(bf16, bf16)
-WGM(f16, f16)
 
 // bwd_wgt2 with query tiles of 80 rows (BS = 80 in dkdv_wg), head dim 128 only.
 #define WG_BS_WIDE 80
