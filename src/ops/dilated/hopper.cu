@@ -1587,7 +1587,7 @@ __device__ void fwd_wspi(const Params& P, const T* __restrict__ q, const T* __re
                 // Measured and not kept (stop 31, H100, CUDA.md): the next item's first K
                 // and V tiles prefetched into L2 here (cp.async.bulk.prefetch.tensor) with
                 // the keyless items' zero rows stored coalesced across the producer's
-                // threads: head groups and LSE 1.3…4.2 % slower (16K…1M, two calls); the
+                // threads: head groups and LSE 1.3…5.9 % slower (16K…1M, two calls); the
                 // coalesced stores alone -2.3…+0.9 %, within the rounds' spread.
             }
             bool qdone = !nxt;
