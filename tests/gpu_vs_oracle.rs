@@ -127,7 +127,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // stores 16 bytes per instruction); 19: the persistent forward with two
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
     // persistent forward with its work items crossed in one turn, on two Q tiles, two K and
-    // three V stages (fwd_wspi; causal problems run fwd_wsot); 3: the
+    // three V stages (fwd_wspi; causal problems run fwd_wsot); 21: the default with the
+    // fused backward's Q/dO and metadata loaded by a producer warpgroup (bwd_wgt2wp at
+    // D = 128 where Q and dO are boxes; elsewhere the default); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -140,10 +142,14 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
     ));
-    dev.set_fused_dq_tma(matches!(warps, 0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20));
+    dev.set_fused_dq_tma(matches!(
+        warps,
+        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
+    ));
+    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
+    dev.set_bwd_producer(warps == 21);
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -302,7 +308,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20][(case.seed % 21) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21][(case.seed % 22) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -348,6 +354,7 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 18);
                 all_dtypes_w(&case, KernelPref::Auto, true, 19);
                 all_dtypes_w(&case, KernelPref::Auto, true, 20);
+                all_dtypes_w(&case, KernelPref::Auto, true, 21);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -431,6 +438,7 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 18);
         all_dtypes_w(&case, KernelPref::Auto, true, 19);
         all_dtypes_w(&case, KernelPref::Auto, true, 20);
+        all_dtypes_w(&case, KernelPref::Auto, true, 21);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -511,6 +519,70 @@ fn persistent_forward_many_items() {
                 t.elapsed().as_secs_f64()
             );
         }
+    }
+}
+
+/// The backward with a producer warpgroup (`bwd_wgt2wp`, code 21) against the oracle, and
+/// that it is what ran: dense with GQA and a padding mask, causal or not, and a dilated
+/// schedule under both combines whose segments' query rows (48, 24, 12 per class) fill no
+/// 80-row tile (rows past a segment's end come from the box loads as zeros).
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
+fn producer_backward_matches_oracle() {
+    let _ = NEEDS_GPU;
+    let dense = |causal: bool, seed: u64| Case {
+        dims: Dims {
+            batch: 2,
+            seq: 320,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 128,
+        },
+        schedule: vec![Pattern::new(320, 1)],
+        opts: Options::default().causal(causal),
+        mask: Some((0..640).map(|i| i % 9 != 5).collect()),
+        seed,
+    };
+    let dilated = |combine: Combine, causal: bool, seed: u64| Case {
+        dims: Dims {
+            batch: 1,
+            seq: 480,
+            heads: 6,
+            kv_heads: 3,
+            head_dim: 128,
+        },
+        schedule: vec![
+            Pattern::new(48, 1),
+            Pattern::new(96, 4),
+            Pattern::new(480, 40),
+        ],
+        opts: Options::default().combine(combine).causal(causal),
+        mask: None,
+        seed,
+    };
+    let cases = [
+        dense(false, 301),
+        dense(true, 302),
+        dilated(Combine::Lse, false, 303),
+        dilated(Combine::HeadGroups, false, 304),
+        dilated(Combine::Lse, true, 305),
+    ];
+    for case in &cases {
+        BWD.store(2, Ordering::Relaxed);
+        let t = std::time::Instant::now();
+        let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, 21);
+        let ran = dev().last_fused_backward();
+        assert!(ran.starts_with("bwd_wgt2wp_bf16"), "code 21 ran {ran}");
+        let eh = check_w::<half::f16>(case, KernelPref::Auto, true, 21);
+        let ran = dev().last_fused_backward();
+        assert!(ran.starts_with("bwd_wgt2wp_f16"), "code 21 ran {ran}");
+        eprintln!(
+            "ok bwd_wgt2wp n={} {:?} causal={} : rel err bf16 {eb:.1e} f16 {eh:.1e} ({:.1} s)",
+            case.dims.seq,
+            case.opts.combine,
+            case.opts.causal,
+            t.elapsed().as_secs_f64()
+        );
     }
 }
 

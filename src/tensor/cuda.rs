@@ -22,7 +22,7 @@
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use dfdx::shapes::Shape;
@@ -202,6 +202,10 @@ pub struct Cuda {
     fused_tma_loads: AtomicBool,
     /// `bwd_wgt2` at D = 128 with query tiles of 80 rows (`bwd_wgt2w`; the default).
     bwd_wide_tiles: AtomicBool,
+    /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; opt-in).
+    bwd_producer: AtomicBool,
+    /// The name of the fused Hopper backward kernel launched last (tests ask which ran).
+    last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
     /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
     /// hoist (`false`: `fwd_wsptn`).
@@ -285,6 +289,8 @@ impl Cuda {
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
             bwd_wide_tiles: AtomicBool::new(true),
+            bwd_producer: AtomicBool::new(false),
+            last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
             fwd_deferred_stores: AtomicBool::new(false),
@@ -578,6 +584,32 @@ impl Cuda {
     /// See [`set_bwd_wide_tiles`](Self::set_bwd_wide_tiles).
     pub fn bwd_wide_tiles(&self) -> bool {
         self.bwd_wide_tiles.load(Ordering::Relaxed)
+    }
+    /// Hopper fused backward with 80-row query tiles (`bwd_wgt2w`): a third, producer
+    /// warpgroup loads each query tile's Q and dO by tensor-map box loads and its L and Δ
+    /// (`true`: `bwd_wgt2wp`, FlashAttention-3's arrangement, `setmaxnreg` 24 / 240), or the
+    /// two consumer warpgroups issue those loads themselves under their MMAs (`false`, the
+    /// default). Where `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps
+    /// (or not 16-byte aligned), this has no effect.
+    pub fn set_bwd_producer(&self, on: bool) {
+        self.bwd_producer.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_producer`](Self::set_bwd_producer).
+    pub fn bwd_producer(&self) -> bool {
+        self.bwd_producer.load(Ordering::Relaxed)
+    }
+    /// The name of the fused Hopper backward kernel this device launched last (empty if
+    /// none yet), so that a test can check which kernel its settings chose.
+    pub fn last_fused_backward(&self) -> String {
+        self.last_fused_bwd
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+    pub(crate) fn note_fused_backward(&self, name: &str) {
+        if let Ok(mut s) = self.last_fused_bwd.lock() {
+            name.clone_into(&mut s);
+        }
     }
     /// Hopper warp-specialised forward (the overlapped 128-key kernels): the producer's K
     /// and V tiles loaded by the tensor memory accelerator, its thread 0 issuing a tile's box

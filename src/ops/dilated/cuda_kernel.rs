@@ -1076,18 +1076,20 @@ fn loads_fit(pr: &Prob, elem_bytes: usize, x: u64, y: u64) -> bool {
 /// box loads of `bwd_wgt3_*`: dims (D, H, r, w/r, B·N/w) with byte strides (2·D, 2·H·D,
 /// 2·r·H·D, 2·w·H·D), so that a segment's rows a + o + r·j are the box rows
 /// (·, h, o, j, b·N/w + a/w) and rows past the segment's end (j ≥ w/r) lie outside the map
-/// and load as zeros; boxes of 64 columns × 64 rows (the wgmma layout's column blocks).
-/// Needs r | w (and w | N, which every plan has: [`dq_rows_are_boxes`]). `kv = Some(rows)`:
-/// over K or V (`Hkv` heads, boxes of `rows` rows: the forward's key tiles) instead.
+/// and load as zeros; boxes of 64 columns × `rows` rows (the wgmma layout's column blocks;
+/// 64 for `bwd_wgt3`, [`WG_BS_WIDE`] for `bwd_wgt2wp`). Needs r | w (and w | N, which every
+/// plan has: [`dq_rows_are_boxes`]). `kv`: over K or V (`Hkv` heads: the forward's key
+/// tiles) instead.
 fn load_map(
     pr: &Prob,
     i: usize,
     dtype: cudarc::driver::sys::CUtensorMapDataType,
     ptr: u64,
-    kv: Option<u32>,
+    kv: bool,
+    rows: u32,
     what: &str,
 ) -> Result<cudarc::driver::sys::CUtensorMap> {
-    let g = load_map_geometry(pr, i, kv).ok_or_else(|| Error::Device {
+    let g = load_map_geometry(pr, i, kv, rows).ok_or_else(|| Error::Device {
         msg: format!(
             "tensor map of {what}: pattern {i}'s rows (w {}, r {}) are no box",
             pr.p.w[i], pr.p.r[i]
@@ -1105,11 +1107,10 @@ fn load_map(
 
 /// [`load_map`]'s shape (16-bit rows), `None` where the dilation does not divide the
 /// segment.
-fn load_map_geometry(pr: &Prob, i: usize, kv: Option<u32>) -> Option<MapGeometry> {
+fn load_map_geometry(pr: &Prob, i: usize, kv: bool, rows: u32) -> Option<MapGeometry> {
     let p = &pr.p;
     let (n, d, b) = (p.n as u64, p.d as u64, p.b as u64);
-    let h = if kv.is_some() { p.hkv } else { p.h } as u64;
-    let rows = kv.unwrap_or(WG_BS as u32);
+    let h = if kv { p.hkv } else { p.h } as u64;
     let (w, r) = (p.w[i] as u64, p.r[i] as u64);
     if r == 0 || !w.is_multiple_of(r) || !n.is_multiple_of(w) {
         return None;
@@ -1123,14 +1124,21 @@ fn load_map_geometry(pr: &Prob, i: usize, kv: Option<u32>) -> Option<MapGeometry
 
 /// The maps of `bwd_wgt3_*` over dQ (f32, `dq`), Q (`q`) and dO (`dout`), element type
 /// `name` (`bf16` or `f16`).
-fn load_tensor_maps(pr: &Prob, name: &str, dq: u64, q: u64, dout: u64) -> Result<LoadMaps> {
+fn load_tensor_maps(
+    pr: &Prob,
+    name: &str,
+    dq: u64,
+    q: u64,
+    dout: u64,
+    rows: u32,
+) -> Result<LoadMaps> {
     let dtype = map_dtype(pr, name, "bwd_wgt3")?;
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps: LoadMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
-        maps.dq[i] = dq_map(pr, i, dq, WG_BS as u32)?;
-        maps.q[i] = load_map(pr, i, dtype, q, None, "Q")?;
-        maps.o[i] = load_map(pr, i, dtype, dout, None, "dO")?;
+        maps.dq[i] = dq_map(pr, i, dq, rows)?;
+        maps.q[i] = load_map(pr, i, dtype, q, false, rows, "Q")?;
+        maps.o[i] = load_map(pr, i, dtype, dout, false, rows, "dO")?;
     }
     Ok(maps)
 }
@@ -1191,8 +1199,8 @@ fn kv_tensor_maps(pr: &Prob, name: &str, k: u64, v: u64, rows: u32) -> Result<Kv
     // SAFETY: CUtensorMap is plain old data (an opaque array of u64); zero is a valid value.
     let mut maps: KvMaps = unsafe { std::mem::zeroed() };
     for i in 0..pr.npat {
-        maps.k[i] = load_map(pr, i, dtype, k, Some(rows), "K")?;
-        maps.v[i] = load_map(pr, i, dtype, v, Some(rows), "V")?;
+        maps.k[i] = load_map(pr, i, dtype, k, true, rows, "K")?;
+        maps.v[i] = load_map(pr, i, dtype, v, true, rows, "V")?;
     }
     Ok(maps)
 }
@@ -1430,25 +1438,36 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // bwd_wgt2 with 80-row query tiles (D = 128, the default: bwd_wgt2w).
+        // bwd_wgt2 with 80-row query tiles (D = 128, the default: bwd_wgt2w), with a
+        // producer warpgroup where asked for and Q, dO are boxes (bwd_wgt2wp).
         let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
-        let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) {
+        let producer = wide
+            && dev.bwd_producer()
+            && loads_fit(
+                pr,
+                std::mem::size_of::<E>(),
+                q.device_ptr(dev.stream()).0,
+                grad_out.device_ptr(dev.stream()).0,
+            );
+        let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) && !producer {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             let rows = if wide { WG_BS_WIDE } else { WG_BS };
             Some(dq_tensor_maps(pr, ptr, rows as u32)?)
         } else {
             None
         };
-        let lmaps = if choice == HopperBwd::Wgt3 {
+        let lmaps = if choice == HopperBwd::Wgt3 || producer {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             let (qp, _sq) = q.device_ptr(dev.stream());
             let (op, _so) = grad_out.device_ptr(dev.stream());
-            Some(load_tensor_maps(pr, E::NAME, ptr, qp, op)?)
+            let rows = if producer { WG_BS_WIDE } else { WG_BS };
+            Some(load_tensor_maps(pr, E::NAME, ptr, qp, op, rows as u32)?)
         } else {
             None
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
+            HopperBwd::Wgt2 if producer => ("wgt2wp", wg_fused_wide_smem()),
             HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),
@@ -1456,7 +1475,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
             _ => ("wg", wg_fused_smem(d)),
         };
         let name = format!("bwd_{kind}_{}_{d}", E::NAME);
-        let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, 256), Some(smem))?;
+        let threads = if producer { 384 } else { 256 };
+        let (f, cfg) = kernel(dev, &name, pr, (128, dm.kv_heads, threads), Some(smem))?;
         let mut b = dev.stream().launch_builder(&f);
         if let Some(m) = maps.as_ref() {
             b.arg(m);
@@ -1476,11 +1496,13 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dv)
             .arg(&mut dqacc);
         // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
-        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` / `bwd_wgt3_*` (the
-        // tensor maps first, encoded over dqacc and, for bwd_wgt3, over q and grad_out, all
+        // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` / `bwd_wgt3_*` /
+        // `bwd_wgt2wp_*` (the tensor maps first, encoded over dqacc and, for bwd_wgt3 and
+        // bwd_wgt2wp, over q and grad_out with boxes of their query tile's rows, all
         // of which stay alive and are passed too); each tile writes its own dk/dv rows;
         // dqacc only receives atomic adds (reduce-adds through the maps).
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
+        dev.note_fused_backward(&name);
         let name = format!("dq_convert_{}", E::NAME);
         let f = function(dev, &name)?;
         let n = dm.q_len() as i64;
@@ -1856,9 +1878,9 @@ mod tests {
         for (i, pat) in plan.patterns().iter().enumerate() {
             let (w, r) = (pat.segment, pat.dilation);
             let dq = dq_map_geometry(&pr, i, 64);
-            for (kv, heads) in [(None, h), (Some(128), hkv)] {
-                let g = load_map_geometry(&pr, i, kv).unwrap();
-                assert_eq!(g.boxes[3], kv.unwrap_or(64));
+            for (kv, rows, heads) in [(false, 64, h), (false, 80, h), (true, 128, hkv)] {
+                let g = load_map_geometry(&pr, i, kv, rows).unwrap();
+                assert_eq!(g.boxes[3], rows);
                 for b in 0..bsz {
                     for a in (0..n).step_by(w) {
                         for o in 0..r {
@@ -1869,7 +1891,7 @@ mod tests {
                                     let want = (row * heads as u64 + hh as u64) * d as u64;
                                     let c = [0, hh as u64, o as u64, j as u64, seg];
                                     assert_eq!(g.offset(c, 2), Some(2 * want), "pattern {i}");
-                                    if kv.is_none() {
+                                    if !kv {
                                         let c =
                                             [0, hh as u64, o as u64, (a / r + j) as u64, b as u64];
                                         assert_eq!(
@@ -1889,8 +1911,8 @@ mod tests {
         }
         // A dilation that does not divide its segment: no load map.
         let pr = prob_of(Dims::mha(1, 100, 4, 64), &[(50, 1), (100, 3)]);
-        assert!(load_map_geometry(&pr, 0, None).is_some());
-        assert!(load_map_geometry(&pr, 1, None).is_none());
+        assert!(load_map_geometry(&pr, 0, false, 64).is_some());
+        assert!(load_map_geometry(&pr, 1, false, 64).is_none());
     }
 
     #[test]

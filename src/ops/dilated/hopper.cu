@@ -2287,8 +2287,15 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // exactly, so their staged rows are zeros without a mask. Shared memory: 232,032 of
 // 232,448 bytes, which leaves no alignment slack: the layout starts at the dynamic
 // shared memory's base, which the kernel checks is 1024-byte aligned (it traps if not).
+// WP (bwd_wgt2wp, with SW; opt-in, Cuda::set_bwd_producer): bwd_wgt2w with a third, producer
+// warpgroup, as FlashAttention-3 runs its backward (setmaxnreg 24 / 240): its thread 0 loads
+// each query tile's Q and dO by box loads (the maps of bwd_wgt3, boxes of 80 rows) and its
+// 128 threads load the tile's L and Δ and write its metadata, so that the consumers issue no
+// copies, no address arithmetic and no global loads of their own; the full barriers count
+// the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
+// by cp.async and wait for it once.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false>
+          bool TQ = false, bool WP = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2307,6 +2314,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TR || (FQ && PP), "TMA dQ: fused ping-pong kernel only");
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
+    static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
@@ -2374,12 +2382,50 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             mbar_init(stgdone(1), 1);
         }
     }
-    if (PP) pipe.init(tid, TQ ? 257 : 512);  // its __syncthreads publishes these too
+    if (PP) pipe.init(tid, TQ ? 257 : WP ? 129 : 512);  // its __syncthreads publishes these too
     const int grp = P.H / P.Hkv;
     const long long krow = (long long)P.Hkv * P.D * t.step;
+    if constexpr (WP) {
+        if (wg == 2) {
+            // Producer (24 registers): the query tiles in the consumers' order (kv_next),
+            // one stage ahead of them (NS = 2: a stage is released after its tile's MMAs).
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+            const int pt = tid - 256;
+            KvState st;
+            st.hh = 0;
+            st.i = -1;
+            st.m = 0;
+            st.q0 = 0;
+            for (int qi = 0; kv_next<BS>(P, t, g, grp, b, mask, st); ++qi) {
+                const int s = qi % NS;
+                pipe.acquire(qi);
+                const u32 bar = pipe.full(qi);
+                if (pt == 0) {
+                    mbar_arrive_expect_tx(bar, 2 * CB * BS * 128);
+                    const int c4 = box_segment(P, st.i, st.a, b);
+#pragma unroll
+                    for (int c = 0; c < CB; ++c) {
+                        tma_load5(&tq[st.i], sQ + s * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
+                        tma_load5(&to[st.i], sO + s * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
+                    }
+                }
+                query_put<BS>(P, query_pre<BS>(P, st, b, lse, delta, pt), pt, qmeta + s * BS);
+                mbar_arrive(bar);
+            }
+            return;
+        }
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+    }
     load_rows2_sw<D, NT, RK>(sK, k, sV, v,
                              t.cnt, kidx(P, b, t.base, g), krow, tid);
     if (!PP) cp_commit();  // PP: tile 0's barrier arrival covers these copies too
+    if constexpr (WP) {
+        // The owner tile, once (no consumer barrier arrival covers it here).
+        cp_commit();
+        cp_wait<0>();
+        fence_proxy_async();
+        named_sync(5, 256);
+    }
     const float LOG2E = 1.4426950408889634f;
 
     // The rows of query tile `qi` into `stage` (cp.async; TQ: box loads completing on the
@@ -2435,9 +2481,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     cur.m = 0;
     cur.q0 = 0;
     bool have = kv_next<BS>(P, t, g, grp, b, mask, cur);
-    if (have) query_put<BS>(P, load_q(cur, 0, 0), tid, qmeta);
+    if (!WP && have) query_put<BS>(P, load_q(cur, 0, 0), tid, qmeta);
     if (PP) {
-        if (have) produced(0);
+        if (!WP && have) produced(0);
         if ((TU1 || TU2) && have && wg == 1) named_arrive(1, 256);
     } else {
         cp_commit();
@@ -2576,9 +2622,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         bool hn = kv_next<BS>(P, t, g, grp, b, mask, nx);
         const int ns = stage == NS - 1 ? 0 : stage + 1;
         QPre pre{};
-        constexpr bool LATE = PP && !DW && (LOAD_LATE & (FQ ? 4 : 2));
+        constexpr bool LATE = PP && !DW && !WP && (LOAD_LATE & (FQ ? 4 : 2));
         if constexpr (PP) {
-            if constexpr (!LATE) {
+            if constexpr (!LATE && !WP) {
                 if (hn) {
                     pipe.acquire(it + 1);
                     pre = load_q(nx, ns, it + 1);
@@ -2695,6 +2741,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             }
             fence_proxy_async();
             mbar_arrive(dsfull(it));
+            // WP: dK reads this warpgroup's own dS block from here (below), once all four of
+            // its warps have written it.
+            if constexpr (WP) named_sync(6 + wg, 128);
         } else if constexpr (FQ) {
             if (PP && it >= 2) mbar_wait(dsempty(it), ((it >> 1) & 1) ^ 1);
             // dSᵀ rows r0, r1 (keys), query columns 8n + 2(lane & 3) + {0, 1}.
@@ -2723,7 +2772,17 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             if (CB == 2 || wg < CB) dq_mma(sdSb);
             wg_commit();
         }
-        wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
+        if constexpr (WP) {
+            // dK += dSᵀ Q with dSᵀ (this warpgroup's 64 keys × BS queries) read MN-major from
+            // its dS block, so that the dSᵀ fragments need no registers past the stmatrix
+            // (at 240 registers the consumers spilled with them).
+            const u64 da0 = wg_desc(sdSb + wg * (BS * 128), 16, 1024), db0 = wg_desc(qb, SB, 1024);
+#pragma unroll
+            for (int kc = 0; kc < BS / 16; ++kc)
+                Wg<T>::ss128t(adk, wg_desc_at(da0, kc * 16 * 128), wg_desc_at(db0, kc * 16 * 128), 1);
+        } else {
+            wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
+        }
         if constexpr (FQ && PP && !DQF) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
@@ -2773,7 +2832,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // iteration's barrier (PP: the full barrier, arrived at here) publishes it. FQ:
         // before the reductions, which would otherwise hold it up (and the other warpgroup
         // waiting on it).
-        if (hn) {
+        if (!WP && hn) {
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) produced(it + 1);
         }
@@ -3038,5 +3097,15 @@ WG(f16, f16, 128)
         dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true>(P, q, k, v, mask, lse, dout,   \
                                                                    delta, dk, dv, dqacc, tms.m);  \
     }
+#define WGWP(T, NAME)                                                                             \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        bwd_wgt2wp_##NAME##_128(const __grid_constant__ LMaps lms, const Params P, const T* q,    \
+                                const T* k, const T* v, const unsigned char* mask, const float* lse, \
+                                const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {  \
+        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true>(                  \
+            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
+    }
 WGW(bf16, bf16)
 WGW(f16, f16)
+WGWP(bf16, bf16)
+WGWP(f16, f16)
