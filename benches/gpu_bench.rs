@@ -130,6 +130,10 @@ const BWD_VARIANTS: &[Variant] = &[
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
     ("narrowq", |d, on| d.set_bwd_wide_tiles(!on)),
     ("producer", |d, on| d.set_bwd_producer(on)),
+    ("producerdq", |d, on| {
+        d.set_bwd_producer(on);
+        d.set_bwd_deferred_dq(on)
+    }),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

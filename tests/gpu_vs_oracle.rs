@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::gpu::*;
@@ -28,6 +28,9 @@ use proptest::prelude::*;
 /// Backward variant the next checks use: `v % 3` is the tensor-core dK/dV kernel
 /// (`Cuda::set_bwd_variant`), `v >= 3` runs dQ on 4 warps instead of 8.
 static BWD: AtomicU8 = AtomicU8::new(2);
+/// Code 21's backward issues each tile's dQ MMA in the next tile's turn
+/// (`Cuda::set_bwd_deferred_dq`: `bwd_wgt2wpd`).
+static DEFERRED_DQ: AtomicBool = AtomicBool::new(false);
 
 const NEEDS_GPU: &str = "needs a CUDA GPU: run with --ignored on the GPU machine";
 
@@ -150,6 +153,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     ));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
     dev.set_bwd_producer(warps == 21);
+    dev.set_bwd_deferred_dq(DEFERRED_DQ.load(Ordering::Relaxed));
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -567,23 +571,33 @@ fn producer_backward_matches_oracle() {
         dilated(Combine::HeadGroups, false, 304),
         dilated(Combine::Lse, true, 305),
     ];
-    for case in &cases {
-        BWD.store(2, Ordering::Relaxed);
-        let t = std::time::Instant::now();
-        let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, 21);
-        let ran = dev().last_fused_backward();
-        assert!(ran.starts_with("bwd_wgt2wp_bf16"), "code 21 ran {ran}");
-        let eh = check_w::<half::f16>(case, KernelPref::Auto, true, 21);
-        let ran = dev().last_fused_backward();
-        assert!(ran.starts_with("bwd_wgt2wp_f16"), "code 21 ran {ran}");
-        eprintln!(
-            "ok bwd_wgt2wp n={} {:?} causal={} : rel err bf16 {eb:.1e} f16 {eh:.1e} ({:.1} s)",
-            case.dims.seq,
-            case.opts.combine,
-            case.opts.causal,
-            t.elapsed().as_secs_f64()
-        );
+    for (deferred, kernel) in [(false, "bwd_wgt2wp"), (true, "bwd_wgt2wpd")] {
+        DEFERRED_DQ.store(deferred, Ordering::Relaxed);
+        for case in &cases {
+            BWD.store(2, Ordering::Relaxed);
+            let t = std::time::Instant::now();
+            let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, 21);
+            let ran = dev().last_fused_backward();
+            assert!(
+                ran.starts_with(&format!("{kernel}_bf16")),
+                "code 21 ran {ran}"
+            );
+            let eh = check_w::<half::f16>(case, KernelPref::Auto, true, 21);
+            let ran = dev().last_fused_backward();
+            assert!(
+                ran.starts_with(&format!("{kernel}_f16")),
+                "code 21 ran {ran}"
+            );
+            eprintln!(
+                "ok {kernel} n={} {:?} causal={} : rel err bf16 {eb:.1e} f16 {eh:.1e} ({:.1} s)",
+                case.dims.seq,
+                case.opts.combine,
+                case.opts.causal,
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
+    DEFERRED_DQ.store(false, Ordering::Relaxed);
 }
 
 /// The sanitizer's case: N = 96, GQA, causal, a padding mask, two patterns (one dilated).

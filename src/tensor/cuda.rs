@@ -204,6 +204,8 @@ pub struct Cuda {
     bwd_wide_tiles: AtomicBool,
     /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; opt-in).
     bwd_producer: AtomicBool,
+    /// ... each tile's dQ MMA issued in the next tile's turn (`bwd_wgt2wpd`; opt-in).
+    bwd_deferred_dq: AtomicBool,
     /// The name of the fused Hopper backward kernel launched last (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
@@ -290,6 +292,7 @@ impl Cuda {
             fused_tma_loads: AtomicBool::new(false),
             bwd_wide_tiles: AtomicBool::new(true),
             bwd_producer: AtomicBool::new(false),
+            bwd_deferred_dq: AtomicBool::new(false),
             last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
@@ -597,6 +600,17 @@ impl Cuda {
     /// See [`set_bwd_producer`](Self::set_bwd_producer).
     pub fn bwd_producer(&self) -> bool {
         self.bwd_producer.load(Ordering::Relaxed)
+    }
+    /// With [`set_bwd_producer`](Self::set_bwd_producer): each query tile's dQ MMA issued
+    /// in the next tile's dV/dK turn, when the other warpgroup's dS rows are long written,
+    /// with its staging and reduce-adds (`true`: `bwd_wgt2wpd`), or in its own tile's turn
+    /// after waiting for them (`false`, `bwd_wgt2wp`).
+    pub fn set_bwd_deferred_dq(&self, on: bool) {
+        self.bwd_deferred_dq.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_deferred_dq`](Self::set_bwd_deferred_dq).
+    pub fn bwd_deferred_dq(&self) -> bool {
+        self.bwd_deferred_dq.load(Ordering::Relaxed)
     }
     /// The name of the fused Hopper backward kernel this device launched last (empty if
     /// none yet), so that a test can check which kernel its settings chose.

@@ -118,6 +118,16 @@ template <> struct Wg<bf16> {
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
             : "l"(da), "l"(db), "r"(acc));
     }
+    // D[64x80] = A(smem, MN-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss80az(float (&d)[40], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39])
+            : "l"(da), "l"(db), "r"(0));
+    }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
         asm volatile(
@@ -279,6 +289,16 @@ template <> struct Wg<f16> {
             "%40, %41, p, 1, 1, 1, 0;\n}\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
             : "l"(da), "l"(db), "r"(acc));
+    }
+    // D[64x80] = A(smem, MN-major) * B(smem, K-major)^T (D written only)
+    __device__ __forceinline__ static void ss80az(float (&d)[40], u64 da, u64 db) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, "
+            "%40, %41, p, 1, 1, 1, 0;\n}\n"
+            : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39])
+            : "l"(da), "l"(db), "r"(0));
     }
     // D[64x128] (+)= A(smem, K-major) * B(smem, K-major)^T
     __device__ __forceinline__ static void ss128(float (&d)[64], u64 da, u64 db, int acc) {
@@ -2294,8 +2314,14 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies, no address arithmetic and no global loads of their own; the full barriers count
 // the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
 // by cp.async and wait for it once.
+// DQD (bwd_wgt2wpd, with WP; opt-in, Cuda::set_bwd_deferred_dq): a tile's dQ MMA is issued
+// in the next tile's dV/dK turn (and after the loop for the last tile), when the other
+// warpgroup's dS rows have long been written: the wait for them before the dQ MMA held
+// 4.6 % of bwd_wgt2wp's consumer stall samples (stop 33's profile). The tile's staging and
+// reduce-adds move with it; the two dS buffers suffice, since buffer (it - 1) & 1 is read by
+// tile it's dQ MMA and written again by tile it + 1.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool WP = false>
+          bool TQ = false, bool WP = false, bool DQD = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2315,6 +2341,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
+    static_assert(!DQD || WP, "deferred dQ: bwd_wgt2wp only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
@@ -2491,6 +2518,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 
     int stage = 0, cur_hi = -1, it = 0;
     bool part0 = false, part1 = false;
+    KvState prev = cur;  // DQD: the tile whose dQ is issued in this one's turn
     // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
     u32 xp[BS / 16][4], xs[BS / 16][4];
     // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major; A: the dSᵀ buffer abuf):
@@ -2505,7 +2533,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int kc = 0; kc < RK / 16; ++kc) {
                 const u64 da = wg_desc_at(da0, kc * 16 * 128);
                 const u64 db = wg_desc_at(db0, (kc >> 2) * (BS * 128) + (kc & 3) * 32);
-                Wg<T>::ss80a(dqa, da, db, kc);
+                // WP: the first MMA writes dqa without reading it, so that dqa is not live
+                // across tiles (DQD issues it conditionally: ptxas spilled 484 bytes).
+                if (WP && kc == 0)
+                    Wg<T>::ss80az(dqa, da, db);
+                else
+                    Wg<T>::ss80a(dqa, da, db, kc);
             }
         } else if constexpr (FQ) {
             const u64 da0 = wg_desc(abuf, 16, 1024), db0 = wg_desc(sK + wg * OB, 16, 1024);
@@ -2630,7 +2663,14 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                     pre = load_q(nx, ns, it + 1);
                 }
             }
-            pipe.wait_full(it);
+            if constexpr (WP) {
+                // Box loads and the producer's metadata stores need no proxy fence here (the
+                // wgmma reads the box loads' async-proxy writes; the metadata is read by
+                // plain loads): 2.5 % of the consumers' stall samples sat on it (stop 33).
+                mbar_wait(pipe.full(it), (it / NS) & 1);
+            } else {
+                pipe.wait_full(it);
+            }
         } else {
             if (hn) pre = load_q(nx, ns, it + 1);
             cp_commit();
@@ -2649,6 +2689,21 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // Keys this thread's rows do not take part in never pass the causal test below.
         const int k0e = part0 ? k0p : KEY_NONE, k1e = part1 ? k1p : KEY_NONE;
         float s[BS / 2], dp[BS / 2];
+        // The causal limit and L of the first MPRE column groups (below). WP: loaded here,
+        // before the S and dP MMAs: loaded after them their latency under the MMAs' shared
+        // memory traffic still held up the softmax's first FMA (3.6 % of the consumers'
+        // stall samples, stop 33's profile).
+        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
+        float2 mpre[MPRE > 0 ? MPRE : 1][2];
+        auto load_mpre = [&]() {
+#pragma unroll
+            for (int n = 0; n < MPRE; ++n) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j)
+                    mpre[n][j] = *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
+            }
+        };
+        if constexpr (WP) load_mpre();
         if (TU1) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
@@ -2664,7 +2719,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         if constexpr (TR) {
             // The previous tile's reduce-adds have read the staging buffer (under S and dP).
-            if (!TR_EAGER && wg < CB && issuer && it > 0) {
+            if (!TR_EAGER && wg < CB && issuer && it > (DQD ? 1 : 0)) {
                 bulk_wait_read0();
                 mbar_arrive(stgdone(wg));
             }
@@ -2673,14 +2728,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
         // Not in the deferred-wait and lockstep fused kernels: at 255 registers they spill.
-        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
-        float2 mpre[MPRE > 0 ? MPRE : 1][2];
-#pragma unroll
-        for (int n = 0; n < MPRE; ++n) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
-                mpre[n][j] = *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
-        }
+        if constexpr (!WP) load_mpre();
         // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
         wg_wait<1>();  // DW: the previous tile's dV and dK MMAs too
         reg_fence(s);
@@ -2783,7 +2831,14 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         } else {
             wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
         }
-        if constexpr (FQ && PP && !DQF) {
+        if constexpr (DQD) {
+            // The previous tile's dQ (both warpgroups' dS rows of it are long written).
+            // At it = 0 the product reads the unwritten buffer 1 and is discarded: a wgmma
+            // issued under a branch made ptxas serialise every MMA of the loop.
+            if (it > 0) mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
+            fence_proxy_async();
+            dq_mma(sdS + ((it + 1) & 1) * DSB);
+        } else if constexpr (FQ && PP && !DQF) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
             mbar_wait(dsfull(it), (it >> 1) & 1);
@@ -2820,7 +2875,13 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 reg_fence(adk);
                 if (wg < CB) reg_fence(dqa);
             }
-            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
+            // This thread's warpgroup has read sdSb (DQD: the previous tile's buffer, read by
+            // its dK MMA then and by its dQ MMA now).
+            if (DQD) {
+                if (it > 0) mbar_arrive(dsempty(it - 1));
+            } else if (PP) {
+                mbar_arrive(dsempty(it));
+            }
             if (TS && !DQF) pipe.release(it);  // two stages: free the stage as early as possible
         } else if constexpr (!DW) {
             wg_wait<0>();
@@ -2836,7 +2897,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) produced(it + 1);
         }
-        if constexpr (TR) {
+        if constexpr (DQD) {
+            if (it > 0) dq_stage(it - 1, prev, qon0, qon1);
+            prev = cur;
+        } else if constexpr (TR) {
             if (wg < CB) dq_stage(it, cur, qon0, qon1);
             if constexpr (DQF) {
                 wg_wait<0>();  // dK
@@ -2859,6 +2923,24 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         reg_fence(adk);
         reg_fence(xp);
         reg_fence(xs);
+    }
+    if constexpr (DQD) {
+        // The last tile's dQ: its MMA, staging and reduce-adds (the staging before it has
+        // been read once its reduce-adds have: the arrival tile it + 1 would have made).
+        if (it > 0) {
+            if (issuer && it > 1) {
+                bulk_wait_read0();
+                mbar_arrive(stgdone(wg));
+            }
+            mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
+            fence_proxy_async();
+            wg_fence();
+            dq_mma(sdS + ((it - 1) & 1) * DSB);
+            wg_commit();
+            wg_wait<0>();
+            reg_fence(dqa);
+            dq_stage(it - 1, prev, false, false);
+        }
     }
     if constexpr (TR) {
         // The last tile's reduce-adds: read (the other warpgroup may be waiting to stage)
@@ -3105,7 +3187,17 @@ WG(f16, f16, 128)
         dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true>(                  \
             P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
     }
+#define WGWPD(T, NAME)                                                                            \
+    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
+        bwd_wgt2wpd_##NAME##_128(const __grid_constant__ LMaps lms, const Params P, const T* q,   \
+                                 const T* k, const T* v, const unsigned char* mask, const float* lse, \
+                                 const T* dout, const float* delta, T* dk, T* dv, float* dqacc) { \
+        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true, true>(            \
+            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
+    }
 WGW(bf16, bf16)
 WGW(f16, f16)
 WGWP(bf16, bf16)
 WGWP(f16, f16)
+WGWPD(bf16, bf16)
+WGWPD(f16, f16)
