@@ -2689,21 +2689,19 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // Keys this thread's rows do not take part in never pass the causal test below.
         const int k0e = part0 ? k0p : KEY_NONE, k1e = part1 ? k1p : KEY_NONE;
         float s[BS / 2], dp[BS / 2];
-        // The causal limit and L of the first MPRE column groups (below). WP: loaded here,
+        // WP: the causal limit and L of the first column groups (mpre below) loaded here,
         // before the S and dP MMAs: loaded after them their latency under the MMAs' shared
         // memory traffic still held up the softmax's first FMA (3.6 % of the consumers'
         // stall samples, stop 33's profile).
-        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
-        float2 mpre[MPRE > 0 ? MPRE : 1][2];
-        auto load_mpre = [&]() {
+        float2 mprew[WP ? 4 : 1][2];
+        if constexpr (WP) {
 #pragma unroll
-            for (int n = 0; n < MPRE; ++n) {
+            for (int n = 0; n < 4; ++n) {
 #pragma unroll
                 for (int j = 0; j < 2; ++j)
-                    mpre[n][j] = *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
+                    mprew[n][j] = *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
             }
-        };
-        if constexpr (WP) load_mpre();
+        }
         if (TU1) turn_begin(wg);
         wg_fence();
         wg_abt<T, D, BS, DW>(s, sK + wg * 64 * 128, OB, qb, SB);  // Sᵀ = K Qᵀ
@@ -2728,7 +2726,15 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
         // Not in the deferred-wait and lockstep fused kernels: at 255 registers they spill.
-        if constexpr (!WP) load_mpre();
+        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
+        float2 mpre[MPRE > 0 ? MPRE : 1][2];
+#pragma unroll
+        for (int n = 0; n < MPRE; ++n) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+                mpre[n][j] = WP ? mprew[n < 4 ? n : 0][j]
+                                : *reinterpret_cast<const float2*>(qm + n * 8 + (lane & 3) * 2 + j);
+        }
         // Pᵀ (and fac·Pᵀ packed for dV) while dPᵀ is still being computed.
         wg_wait<1>();  // DW: the previous tile's dV and dK MMAs too
         reg_fence(s);
