@@ -113,10 +113,10 @@ const FWD_VARIANTS: &[Variant] = &[
 
 /// Backward alternatives (the default on Hopper: `bwd_wgt2`, the fused backward with its dQ
 /// through the tensor memory accelerator and a staging buffer per warpgroup, at D = 128
-/// with query tiles of 80 rows, `bwd_wgt2w`): its query tiles of 64 rows at D = 128 too
-/// (`bwd_wgt2`, `narrowq`), its Q/dO tiles by tensor-map box loads (`bwd_wgt3`,
-/// `tmaloads`), a producer warpgroup for the 80-row tiles' Q/dO and metadata (`bwd_wgt2wp`,
-/// `producer`), the mma.sync
+/// with query tiles of 80 rows and a producer warpgroup for their Q/dO tiles and metadata,
+/// `bwd_wgt2wp`): the 80-row tiles without the producer (`bwd_wgt2w`, `noproducer`), query
+/// tiles of 64 rows at D = 128 too (`bwd_wgt2`, `narrowq`), its Q/dO tiles by tensor-map box
+/// loads (`bwd_wgt3`, `tmaloads`), the mma.sync
 /// kernels, the two passes (`dq_wgr` + `dkdv_wg`, the default until stop 20), fused dQ by
 /// per-thread atomics with the ping-pong turns (`bwd_wgp`), one staging buffer for both
 /// warpgroups (`bwd_wgt`), the fused kernel in lockstep (`bwd_wg`), the lockstep two-pass
@@ -129,11 +129,7 @@ const BWD_VARIANTS: &[Variant] = &[
     ("fusedt", |d, on| d.set_fused_dq_tma_split(!on)),
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
     ("narrowq", |d, on| d.set_bwd_wide_tiles(!on)),
-    ("producer", |d, on| d.set_bwd_producer(on)),
-    ("producerdq", |d, on| {
-        d.set_bwd_producer(on);
-        d.set_bwd_deferred_dq(on)
-    }),
+    ("noproducer", |d, on| d.set_bwd_producer(!on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use common::gpu::*;
@@ -28,9 +28,6 @@ use proptest::prelude::*;
 /// Backward variant the next checks use: `v % 3` is the tensor-core dK/dV kernel
 /// (`Cuda::set_bwd_variant`), `v >= 3` runs dQ on 4 warps instead of 8.
 static BWD: AtomicU8 = AtomicU8::new(2);
-/// Code 21's backward issues each tile's dQ MMA in the next tile's turn
-/// (`Cuda::set_bwd_deferred_dq`: `bwd_wgt2wpd`).
-static DEFERRED_DQ: AtomicBool = AtomicBool::new(false);
 
 const NEEDS_GPU: &str = "needs a CUDA GPU: run with --ignored on the GPU machine";
 
@@ -108,7 +105,8 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // intra-warpgroup overlap, its K/V tiles by tensor-map box loads where the rows are boxes,
     // persistent on non-causal problems: fwd_wsps / fwd_wsot; and the fused backward with
     // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
-    // bwd_wgt2, at D = 128 with 80-row query tiles: bwd_wgt2w;
+    // bwd_wgt2, at D = 128 with 80-row query tiles and a producer warpgroup: bwd_wgt2wp
+    // (bwd_wgt2w where Q and dO are no boxes of its maps);
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
     // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
     // code below but 1, 9 and 12 runs); 1:
@@ -131,8 +129,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // Q buffers and two K/V stages (fwd_wspq; causal problems run fwd_wsot); 20: the
     // persistent forward with its work items crossed in one turn, on two Q tiles, two K and
     // three V stages (fwd_wspi; causal problems run fwd_wsot); 21: the default with the
-    // fused backward's Q/dO and metadata loaded by a producer warpgroup (bwd_wgt2wp at
-    // D = 128 where Q and dO are boxes; elsewhere the default); 3: the
+    // 80-row fused backward's Q/dO and metadata loaded by its consumer warpgroups, without
+    // the producer warpgroup (bwd_wgt2w, the default of stops 24-32; elsewhere the
+    // default); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -152,8 +151,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
         0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
     ));
     dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
-    dev.set_bwd_producer(warps == 21);
-    dev.set_bwd_deferred_dq(DEFERRED_DQ.load(Ordering::Relaxed));
+    dev.set_bwd_producer(warps != 21);
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -526,10 +524,11 @@ fn persistent_forward_many_items() {
     }
 }
 
-/// The backward with a producer warpgroup (`bwd_wgt2wp`, code 21) against the oracle, and
-/// that it is what ran: dense with GQA and a padding mask, causal or not, and a dilated
-/// schedule under both combines whose segments' query rows (48, 24, 12 per class) fill no
-/// 80-row tile (rows past a segment's end come from the box loads as zeros).
+/// The 80-row fused backward with its producer warpgroup (`bwd_wgt2wp`, the default, code 0)
+/// and without (`bwd_wgt2w`, code 21) against the oracle, and that each is what ran: dense
+/// with GQA and a padding mask, causal or not, and a dilated schedule under both combines
+/// whose segments' query rows (48, 24, 12 per class) fill no 80-row tile (rows past a
+/// segment's end come from the box loads as zeros).
 #[test]
 #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
 fn producer_backward_matches_oracle() {
@@ -571,23 +570,16 @@ fn producer_backward_matches_oracle() {
         dilated(Combine::HeadGroups, false, 304),
         dilated(Combine::Lse, true, 305),
     ];
-    for (deferred, kernel) in [(false, "bwd_wgt2wp"), (true, "bwd_wgt2wpd")] {
-        DEFERRED_DQ.store(deferred, Ordering::Relaxed);
+    for (code, kernel) in [(0, "bwd_wgt2wp"), (21, "bwd_wgt2w")] {
         for case in &cases {
             BWD.store(2, Ordering::Relaxed);
             let t = std::time::Instant::now();
-            let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, 21);
+            let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, code);
             let ran = dev().last_fused_backward();
-            assert!(
-                ran.starts_with(&format!("{kernel}_bf16")),
-                "code 21 ran {ran}"
-            );
-            let eh = check_w::<half::f16>(case, KernelPref::Auto, true, 21);
+            assert_eq!(ran, format!("{kernel}_bf16_128"), "code {code}");
+            let eh = check_w::<half::f16>(case, KernelPref::Auto, true, code);
             let ran = dev().last_fused_backward();
-            assert!(
-                ran.starts_with(&format!("{kernel}_f16")),
-                "code 21 ran {ran}"
-            );
+            assert_eq!(ran, format!("{kernel}_f16_128"), "code {code}");
             eprintln!(
                 "ok {kernel} n={} {:?} causal={} : rel err bf16 {eb:.1e} f16 {eh:.1e} ({:.1} s)",
                 case.dims.seq,
@@ -597,7 +589,6 @@ fn producer_backward_matches_oracle() {
             );
         }
     }
-    DEFERRED_DQ.store(false, Ordering::Relaxed);
 }
 
 /// The sanitizer's case: N = 96, GQA, causal, a padding mask, two patterns (one dilated).

@@ -202,10 +202,8 @@ pub struct Cuda {
     fused_tma_loads: AtomicBool,
     /// `bwd_wgt2` at D = 128 with query tiles of 80 rows (`bwd_wgt2w`; the default).
     bwd_wide_tiles: AtomicBool,
-    /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; opt-in).
+    /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; the default since stop 33).
     bwd_producer: AtomicBool,
-    /// ... each tile's dQ MMA issued in the next tile's turn (`bwd_wgt2wpd`; opt-in).
-    bwd_deferred_dq: AtomicBool,
     /// The name of the fused Hopper backward kernel launched last (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
@@ -291,8 +289,7 @@ impl Cuda {
             fused_dq_tma_split: AtomicBool::new(true),
             fused_tma_loads: AtomicBool::new(false),
             bwd_wide_tiles: AtomicBool::new(true),
-            bwd_producer: AtomicBool::new(false),
-            bwd_deferred_dq: AtomicBool::new(false),
+            bwd_producer: AtomicBool::new(true),
             last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
@@ -590,27 +587,19 @@ impl Cuda {
     }
     /// Hopper fused backward with 80-row query tiles (`bwd_wgt2w`): a third, producer
     /// warpgroup loads each query tile's Q and dO by tensor-map box loads and its L and Δ
-    /// (`true`: `bwd_wgt2wp`, FlashAttention-3's arrangement, `setmaxnreg` 24 / 240), or the
-    /// two consumer warpgroups issue those loads themselves under their MMAs (`false`, the
-    /// default). Where `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps
-    /// (or not 16-byte aligned), this has no effect.
+    /// (`true`, the default since stop 33: `bwd_wgt2wp`, FlashAttention-3's arrangement,
+    /// `setmaxnreg` 24 / 240), or the two consumer warpgroups issue those loads themselves
+    /// under their MMAs (`false`: `bwd_wgt2w`, the default of stops 24–32). Where
+    /// `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps (or not 16-byte
+    /// aligned, or the plan has more than 8 patterns), `bwd_wgt2w` runs. Stop 33 on an H100,
+    /// same process, two rounds: forward + backward +2.9…+5.0 % on dense problems, +0.9…+2.7 %
+    /// on the head-group and LSE benches but LSE at 16K (−3.5 %; `gpu_h100_s33.txt`).
     pub fn set_bwd_producer(&self, on: bool) {
         self.bwd_producer.store(on, Ordering::Relaxed);
     }
     /// See [`set_bwd_producer`](Self::set_bwd_producer).
     pub fn bwd_producer(&self) -> bool {
         self.bwd_producer.load(Ordering::Relaxed)
-    }
-    /// With [`set_bwd_producer`](Self::set_bwd_producer): each query tile's dQ MMA issued
-    /// in the next tile's dV/dK turn, when the other warpgroup's dS rows are long written,
-    /// with its staging and reduce-adds (`true`: `bwd_wgt2wpd`), or in its own tile's turn
-    /// after waiting for them (`false`, `bwd_wgt2wp`).
-    pub fn set_bwd_deferred_dq(&self, on: bool) {
-        self.bwd_deferred_dq.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_bwd_deferred_dq`](Self::set_bwd_deferred_dq).
-    pub fn bwd_deferred_dq(&self) -> bool {
-        self.bwd_deferred_dq.load(Ordering::Relaxed)
     }
     /// The name of the fused Hopper backward kernel this device launched last (empty if
     /// none yet), so that a test can check which kernel its settings chose.

@@ -1467,9 +1467,6 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt2 if producer && dev.bwd_deferred_dq() => {
-                ("wgt2wpd", wg_fused_wide_smem())
-            }
             HopperBwd::Wgt2 if producer => ("wgt2wp", wg_fused_wide_smem()),
             HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),

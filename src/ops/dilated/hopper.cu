@@ -2314,14 +2314,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies, no address arithmetic and no global loads of their own; the full barriers count
 // the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
 // by cp.async and wait for it once.
-// DQD (bwd_wgt2wpd, with WP; opt-in, Cuda::set_bwd_deferred_dq): a tile's dQ MMA is issued
-// in the next tile's dV/dK turn (and after the loop for the last tile), when the other
-// warpgroup's dS rows have long been written: the wait for them before the dQ MMA held
-// 4.6 % of bwd_wgt2wp's consumer stall samples (stop 33's profile). The tile's staging and
-// reduce-adds move with it; the two dS buffers suffice, since buffer (it - 1) & 1 is read by
-// tile it's dQ MMA and written again by tile it + 1.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool WP = false, bool DQD = false>
+          bool TQ = false, bool WP = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2341,7 +2335,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
-    static_assert(!DQD || WP, "deferred dQ: bwd_wgt2wp only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
@@ -2425,6 +2418,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             st.q0 = 0;
             for (int qi = 0; kv_next<BS>(P, t, g, grp, b, mask, st); ++qi) {
                 const int s = qi % NS;
+                // L and Δ of the tile's rows, in flight while the stage is still being read.
+                const QPre pre = query_pre<BS>(P, st, b, lse, delta, pt);
                 pipe.acquire(qi);
                 const u32 bar = pipe.full(qi);
                 if (pt == 0) {
@@ -2436,7 +2431,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                         tma_load5(&to[st.i], sO + s * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
                     }
                 }
-                query_put<BS>(P, query_pre<BS>(P, st, b, lse, delta, pt), pt, qmeta + s * BS);
+                query_put<BS>(P, pre, pt, qmeta + s * BS);
                 mbar_arrive(bar);
             }
             return;
@@ -2518,7 +2513,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
 
     int stage = 0, cur_hi = -1, it = 0;
     bool part0 = false, part1 = false;
-    KvState prev = cur;  // DQD: the tile whose dQ is issued in this one's turn
     // fac·Pᵀ and dSᵀ as A fragments (DW: read by the MMAs until the next tile's wait).
     u32 xp[BS / 16][4], xs[BS / 16][4];
     // dQ[:, 64wg..] = dS · K (both from shared memory, MN-major; A: the dSᵀ buffer abuf):
@@ -2533,8 +2527,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int kc = 0; kc < RK / 16; ++kc) {
                 const u64 da = wg_desc_at(da0, kc * 16 * 128);
                 const u64 db = wg_desc_at(db0, (kc >> 2) * (BS * 128) + (kc & 3) * 32);
-                // WP: the first MMA writes dqa without reading it, so that dqa is not live
-                // across tiles (DQD issues it conditionally: ptxas spilled 484 bytes).
+                // WP: the first MMA writes dqa without reading it (no value of dqa is live
+                // across tiles then).
                 if (WP && kc == 0)
                     Wg<T>::ss80az(dqa, da, db);
                 else
@@ -2717,7 +2711,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         }
         if constexpr (TR) {
             // The previous tile's reduce-adds have read the staging buffer (under S and dP).
-            if (!TR_EAGER && wg < CB && issuer && it > (DQD ? 1 : 0)) {
+            if (!TR_EAGER && wg < CB && issuer && it > 0) {
                 bulk_wait_read0();
                 mbar_arrive(stgdone(wg));
             }
@@ -2837,14 +2831,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         } else {
             wg_xb<T, D, BS>(adk, xs, qb, SB);  // dK += dSᵀ Q
         }
-        if constexpr (DQD) {
-            // The previous tile's dQ (both warpgroups' dS rows of it are long written).
-            // At it = 0 the product reads the unwritten buffer 1 and is discarded: a wgmma
-            // issued under a branch made ptxas serialise every MMA of the loop.
-            if (it > 0) mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
-            fence_proxy_async();
-            dq_mma(sdS + ((it + 1) & 1) * DSB);
-        } else if constexpr (FQ && PP && !DQF) {
+        if constexpr (FQ && PP && !DQF) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
             mbar_wait(dsfull(it), (it >> 1) & 1);
@@ -2881,13 +2868,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                 reg_fence(adk);
                 if (wg < CB) reg_fence(dqa);
             }
-            // This thread's warpgroup has read sdSb (DQD: the previous tile's buffer, read by
-            // its dK MMA then and by its dQ MMA now).
-            if (DQD) {
-                if (it > 0) mbar_arrive(dsempty(it - 1));
-            } else if (PP) {
-                mbar_arrive(dsempty(it));
-            }
+            if (PP) mbar_arrive(dsempty(it));  // this thread's warpgroup has read sdSb
             if (TS && !DQF) pipe.release(it);  // two stages: free the stage as early as possible
         } else if constexpr (!DW) {
             wg_wait<0>();
@@ -2903,10 +2884,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             query_put<BS>(P, pre, tid, qmeta + ns * BS);
             if (PP) produced(it + 1);
         }
-        if constexpr (DQD) {
-            if (it > 0) dq_stage(it - 1, prev, qon0, qon1);
-            prev = cur;
-        } else if constexpr (TR) {
+        if constexpr (TR) {
             if (wg < CB) dq_stage(it, cur, qon0, qon1);
             if constexpr (DQF) {
                 wg_wait<0>();  // dK
@@ -2929,24 +2907,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         reg_fence(adk);
         reg_fence(xp);
         reg_fence(xs);
-    }
-    if constexpr (DQD) {
-        // The last tile's dQ: its MMA, staging and reduce-adds (the staging before it has
-        // been read once its reduce-adds have: the arrival tile it + 1 would have made).
-        if (it > 0) {
-            if (issuer && it > 1) {
-                bulk_wait_read0();
-                mbar_arrive(stgdone(wg));
-            }
-            mbar_wait(dsfull(it - 1), ((it - 1) >> 1) & 1);
-            fence_proxy_async();
-            wg_fence();
-            dq_mma(sdS + ((it - 1) & 1) * DSB);
-            wg_commit();
-            wg_wait<0>();
-            reg_fence(dqa);
-            dq_stage(it - 1, prev, false, false);
-        }
     }
     if constexpr (TR) {
         // The last tile's reduce-adds: read (the other warpgroup may be waiting to stage)
@@ -3193,17 +3153,8 @@ WG(f16, f16, 128)
         dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true>(                  \
             P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
     }
-#define WGWPD(T, NAME)                                                                            \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        bwd_wgt2wpd_##NAME##_128(const __grid_constant__ LMaps lms, const Params P, const T* q,   \
-                                 const T* k, const T* v, const unsigned char* mask, const float* lse, \
-                                 const T* dout, const float* delta, T* dk, T* dv, float* dqacc) { \
-        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true, true>(            \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
-    }
 WGW(bf16, bf16)
 WGW(f16, f16)
 WGWP(bf16, bf16)
 WGWP(f16, f16)
-WGWPD(bf16, bf16)
-WGWPD(f16, f16)
+
