@@ -592,8 +592,9 @@ impl Cuda {
     /// under their MMAs (`false`: `bwd_wgt2w`, the default of stops 24–32). Where
     /// `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps (or not 16-byte
     /// aligned, or the plan has more than 8 patterns), `bwd_wgt2w` runs. Stop 33 on an H100,
-    /// same process, two rounds: forward + backward +2.9…+5.0 % on dense problems, +0.9…+2.7 %
-    /// on the head-group and LSE benches but LSE at 16K (−3.5 %; `gpu_h100_s33.txt`).
+    /// same process, three rounds of medians: forward + backward +3.0…+10.2 % on the dense
+    /// benches, +0.8…+4.8 % on the head-group and LSE benches but LSE at 16K, which measured
+    /// −3.4 / −3.5 / +8.7 % (`benches/results/gpu_h100_s33.txt`).
     pub fn set_bwd_producer(&self, on: bool) {
         self.bwd_producer.store(on, Ordering::Relaxed);
     }
