@@ -99,10 +99,11 @@ fn wrapper(
     s
 }
 
-/// The wrappers, for bf16 and f16 and N = 64 and 128 (and `ss80`, `ss80a`, `ss176`, `ss176z`): (prefix, suffix, comment, transpose
+/// The wrappers, for bf16 and f16 and N = 64 and 128 (and `ss80`, `ss80a`, `ss80az`, `ss176`, `ss176z`): (prefix, suffix, comment, transpose
 /// immediates, scale-d). Prefix `ss`: A and B in shared memory; `rs`: A in registers.
 /// `ssN` (both K-major), `ssNz` (its first k16 step, D written only), `ssNt` (both
-/// MN-major), `ssNa` (A MN-major, B K-major; N = 80 only), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
+/// MN-major), `ssNa` (A MN-major, B K-major; N = 80 only), `ssNaz` (its first k16 step, D
+/// written only; N = 80 only), `rsN` (B MN-major, always accumulating), `rsNk` (B K-major, `acc` = 0 for the
 /// first k16 step), `rsNkz` (its first k16 step, D written only).
 const WRAPPERS: &[(&str, &str, &str, &str, Acc)] = &[
     (
@@ -132,6 +133,13 @@ const WRAPPERS: &[(&str, &str, &str, &str, Acc)] = &[
         "(+)= A(smem, MN-major) * B(smem, K-major)^T",
         "1, 0",
         Acc::Arg,
+    ),
+    (
+        "ss",
+        "az",
+        "= A(smem, MN-major) * B(smem, K-major)^T (D written only)",
+        "1, 0",
+        Acc::Never,
     ),
     (
         "rs",
@@ -168,11 +176,12 @@ fn generate() -> String {
                     continue;
                 }
                 // N = 80: the backward with 80-query tiles (bwd_wgt2w): Sᵀ and dPᵀ (`ss80`)
-                // and dQᵀ = Kᵀ dSᵀ (`ss80a`); `ssNa` exists for N = 80 only.
+                // and dQᵀ = Kᵀ dSᵀ (`ss80a`; `ss80az` its first step in bwd_wgt2wp); `ssNa`
+                // and `ssNaz` exist for N = 80 only.
                 let keep = if n == 80 {
-                    prefix == "ss" && (suffix.is_empty() || suffix == "a")
+                    prefix == "ss" && (suffix.is_empty() || suffix == "a" || suffix == "az")
                 } else {
-                    suffix != "a"
+                    suffix != "a" && suffix != "az"
                 };
                 if !keep {
                     continue;
