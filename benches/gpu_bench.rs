@@ -130,12 +130,6 @@ const BWD_VARIANTS: &[Variant] = &[
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
     ("narrowq", |d, on| d.set_bwd_wide_tiles(!on)),
     ("noproducer", |d, on| d.set_bwd_producer(!on)),
-    ("turns0", |d, on| {
-        d.set_bwd_producer_turns(if on { 0 } else { 2 })
-    }),
-    ("turns3", |d, on| {
-        d.set_bwd_producer_turns(if on { 3 } else { 2 })
-    }),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

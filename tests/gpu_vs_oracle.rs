@@ -524,9 +524,8 @@ fn persistent_forward_many_items() {
     }
 }
 
-/// The 80-row fused backward with its producer warpgroup (`bwd_wgt2wp`, the default, code 0;
-/// with its other ping-pong turns, `bwd_wgt2wpt0` / `bwd_wgt2wpt3`) and without (`bwd_wgt2w`,
-/// code 21) against the oracle, and that each is what ran: dense
+/// The 80-row fused backward with its producer warpgroup (`bwd_wgt2wp`, the default, code 0)
+/// and without (`bwd_wgt2w`, code 21) against the oracle, and that each is what ran: dense
 /// with GQA and a padding mask, causal or not, and a dilated schedule under both combines
 /// whose segments' query rows (48, 24, 12 per class) fill no 80-row tile (rows past a
 /// segment's end come from the box loads as zeros).
@@ -571,13 +570,7 @@ fn producer_backward_matches_oracle() {
         dilated(Combine::HeadGroups, false, 304),
         dilated(Combine::Lse, true, 305),
     ];
-    for (code, turns, kernel) in [
-        (0, 2, "bwd_wgt2wp"),
-        (0, 0, "bwd_wgt2wpt0"),
-        (0, 3, "bwd_wgt2wpt3"),
-        (21, 2, "bwd_wgt2w"),
-    ] {
-        dev().set_bwd_producer_turns(turns);
+    for (code, kernel) in [(0, "bwd_wgt2wp"), (21, "bwd_wgt2w")] {
         for case in &cases {
             BWD.store(2, Ordering::Relaxed);
             let t = std::time::Instant::now();
@@ -596,7 +589,6 @@ fn producer_backward_matches_oracle() {
             );
         }
     }
-    dev().set_bwd_producer_turns(2);
 }
 
 /// The sanitizer's case: N = 96, GQA, causal, a padding mask, two patterns (one dilated).

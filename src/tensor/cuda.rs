@@ -204,8 +204,6 @@ pub struct Cuda {
     bwd_wide_tiles: AtomicBool,
     /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; the default since stop 33).
     bwd_producer: AtomicBool,
-    /// `bwd_wgt2wp`'s ping-pong turns (2, the default; 0 or 3: `bwd_wgt2wpt0` / `bwd_wgt2wpt3`).
-    bwd_producer_turns: AtomicU8,
     /// The name of the fused Hopper backward kernel launched last (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
@@ -292,7 +290,6 @@ impl Cuda {
             fused_tma_loads: AtomicBool::new(false),
             bwd_wide_tiles: AtomicBool::new(true),
             bwd_producer: AtomicBool::new(true),
-            bwd_producer_turns: AtomicU8::new(2),
             last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
@@ -604,17 +601,6 @@ impl Cuda {
     /// See [`set_bwd_producer`](Self::set_bwd_producer).
     pub fn bwd_producer(&self) -> bool {
         self.bwd_producer.load(Ordering::Relaxed)
-    }
-    /// The ping-pong turns of `bwd_wgt2wp` (see [`set_bwd_producer`](Self::set_bwd_producer)):
-    /// which MMA phases its two consumer warpgroups issue in turns — 2 (the default) the
-    /// dV/dK/dQ phase, 0 none (`bwd_wgt2wpt0`), 3 both that and the S/dP phase
-    /// (`bwd_wgt2wpt3`); other values mean 2. The default was measured on `bwd_wgt2w`.
-    pub fn set_bwd_producer_turns(&self, turns: u8) {
-        self.bwd_producer_turns.store(turns, Ordering::Relaxed);
-    }
-    /// See [`set_bwd_producer_turns`](Self::set_bwd_producer_turns).
-    pub fn bwd_producer_turns(&self) -> u8 {
-        self.bwd_producer_turns.load(Ordering::Relaxed)
     }
     /// The name of the fused Hopper backward kernel this device launched last (empty if
     /// none yet), so that a test can check which kernel its settings chose.

@@ -1467,14 +1467,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
-            HopperBwd::Wgt2 if producer => {
-                let kind = match dev.bwd_producer_turns() {
-                    0 => "wgt2wpt0",
-                    3 => "wgt2wpt3",
-                    _ => "wgt2wp",
-                };
-                (kind, wg_fused_wide_smem())
-            }
+            HopperBwd::Wgt2 if producer => ("wgt2wp", wg_fused_wide_smem()),
             HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt => ("wgt", wg_fused_tma_smem(d)),

@@ -2254,6 +2254,11 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // The ping-pong turns of dkdv_wg, per MMA phase: bit 0 the Sᵀ/dPᵀ phase, bit 1 the dV/dK
 // (and fused dQ) phase; FUSED_TURNS for the fused bwd_wgp, DKDV_TURNS for the two-pass dK/dV
 // kernel (not the deferred-wait one, which runs free).
+// Stop 33 measured bwd_wgt2wp (the producer kernel) with 0 and 3 against 2, same process,
+// two rounds (commit bef8ced has them as bwd_wgt2wpt0 / bwd_wgt2wpt3): 0 was 0.5-7.3 % slower
+// on every bench case but dense causal 16K, whose default row ran slow in every such round;
+// 3 gained up to 2.2 % on dense non-causal problems and lost 2-3 % on dense causal 64K, 3-4 %
+// on LSE 16K and 11-14 % on LSE 64K (benches/results/gpu_h100_s33.txt).
 #ifndef FUSED_TURNS
 #define FUSED_TURNS 2
 #endif
@@ -2315,7 +2320,7 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
 // by cp.async and wait for it once.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool WP = false, int WT = -1>
+          bool TQ = false, bool WP = false>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2326,10 +2331,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // The ping-pong turns only in the fused kernel (bwd_wgp), whose dQ MMA waits on the
     // other warpgroup's dSᵀ rows: the two-pass dK/dV pass runs free (see dq_wg, stop 17).
     // Which MMA phases take turns: FUSED_TURNS / DKDV_TURNS above.
-    // WT >= 0 (bwd_wgt2wpt0 / bwd_wgt2wpt3, opt-in: Cuda::set_bwd_producer_turns): the
-    // turns of bwd_wgt2wp in place of FUSED_TURNS, which was measured on the kernels whose
-    // consumers still issued their own loads.
-    constexpr int TM = WT >= 0 ? WT : FQ ? FUSED_TURNS : (DW ? 0 : DKDV_TURNS);
+    constexpr int TM = FQ ? FUSED_TURNS : (DW ? 0 : DKDV_TURNS);
     constexpr bool TU1 = PP && (TM & 1), TU2 = PP && (TM & 2);
     constexpr int RK = 128, NT = 256, CB = D / 64;
     constexpr int OB = RK * 128, SB = BS * 128, ST = CB * SB;
@@ -2338,7 +2340,6 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
-    static_assert(WT < 0 || WP, "turn override: bwd_wgt2wp only");
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
@@ -3157,23 +3158,8 @@ WG(f16, f16, 128)
         dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true>(                  \
             P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
     }
-// bwd_wgt2wp with other ping-pong turns (WT): none, or both MMA phases.
-#define WGWPT(T, NAME, TURNS)                                                                     \
-    extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        bwd_wgt2wpt##TURNS##_##NAME##_128(const __grid_constant__ LMaps lms, const Params P,      \
-                                          const T* q, const T* k, const T* v,                     \
-                                          const unsigned char* mask, const float* lse,            \
-                                          const T* dout, const float* delta, T* dk, T* dv,        \
-                                          float* dqacc) {                                         \
-        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true, TURNS>(           \
-            P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
-    }
 WGW(bf16, bf16)
 WGW(f16, f16)
 WGWP(bf16, bf16)
 WGWP(f16, f16)
-WGWPT(bf16, bf16, 0)
-WGWPT(f16, f16, 0)
-WGWPT(bf16, bf16, 3)
-WGWPT(f16, f16, 3)
 
