@@ -893,7 +893,8 @@ enum HopperBwd {
     /// Fused, dQ by bulk tensor reduce-adds from one staging buffer.
     Wgt,
     /// Fused, dQ by bulk tensor reduce-adds, a staging buffer per warpgroup, Q/dO tiles by
-    /// cp.async (at D = 128 with query tiles of 80 rows, `bwd_wgt2w`, unless turned off).
+    /// cp.async (at D = 128 with query tiles of 80 rows, `bwd_wgt2w`, unless turned off; with
+    /// a producer warpgroup loading them by box loads, `bwd_wgt2wp`, where they fit its maps).
     Wgt2,
     /// `Wgt2` with the Q/dO tiles by tensor-map box loads (opt-in: measured the same).
     Wgt3,
@@ -1438,8 +1439,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .stream()
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
-        // bwd_wgt2 with 80-row query tiles (D = 128, the default: bwd_wgt2w), with a
-        // producer warpgroup where asked for and Q, dO are boxes (bwd_wgt2wp).
+        // bwd_wgt2 with 80-row query tiles (D = 128: bwd_wgt2w), with a producer warpgroup
+        // where set (the default since stop 33) and Q, dO fit its maps (bwd_wgt2wp).
         let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
         let producer = wide
             && dev.bwd_producer()

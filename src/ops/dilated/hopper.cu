@@ -2312,7 +2312,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // exactly, so their staged rows are zeros without a mask. Shared memory: 232,032 of
 // 232,448 bytes, which leaves no alignment slack: the layout starts at the dynamic
 // shared memory's base, which the kernel checks is 1024-byte aligned (it traps if not).
-// WP (bwd_wgt2wp, with SW; opt-in, Cuda::set_bwd_producer): bwd_wgt2w with a third, producer
+// WP (bwd_wgt2wp, with SW; the default at D = 128 since stop 33, Cuda::set_bwd_producer(false)
+// gives bwd_wgt2w): bwd_wgt2w with a third, producer
 // warpgroup, as FlashAttention-3 runs its backward (setmaxnreg 24 / 240): its thread 0 loads
 // each query tile's Q and dO by box loads (the maps of bwd_wgt3, boxes of 80 rows) and its
 // 128 threads load the tile's L and Δ and write its metadata, so that the consumers issue no
@@ -2690,8 +2691,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         float s[BS / 2], dp[BS / 2];
         // WP: the causal limit and L of the first column groups (mpre below) loaded here,
         // before the S and dP MMAs: loaded after them their latency under the MMAs' shared
-        // memory traffic still held up the softmax's first FMA (3.6 % of the consumers'
-        // stall samples, stop 33's profile).
+        // memory traffic held up the softmax's first FMA (3.6 % of the consumers' stall
+        // samples in stop 33's first profile). Not measured alone; the next profile still
+        // had the softmax's FMAs waiting on the metadata's shared loads (4.2 % on one).
         float2 mprew[WP ? 4 : 1][2];
         if constexpr (WP) {
 #pragma unroll
