@@ -204,7 +204,7 @@ pub struct Cuda {
     bwd_wide_tiles: AtomicBool,
     /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; the default since stop 33).
     bwd_producer: AtomicBool,
-    /// The name of the fused Hopper backward kernel launched last (tests ask which ran).
+    /// The name of the fused Hopper backward kernel of the last backward (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
     /// A branch before the persistent forward's wait for P·V that ptxas would otherwise
@@ -592,8 +592,8 @@ impl Cuda {
     /// under their MMAs (`false`: `bwd_wgt2w`, the default of stops 24–32). Where
     /// `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps (or not 16-byte
     /// aligned, or the plan has more than 8 patterns), `bwd_wgt2w` runs. Stop 33 on an H100,
-    /// same process, three rounds of medians: forward + backward +3.0…+10.2 % on the dense
-    /// benches, +0.8…+4.8 % on the head-group and LSE benches but LSE at 16K, which measured
+    /// same process, three rounds of medians: forward + backward +2.3…+5.1 % on the dense
+    /// benches (dense causal 16K, whose default row ran slow in two rounds, +3.3…+10.2 %), +0.8…+4.8 % on the head-group and LSE benches but LSE at 16K, which measured
     /// −3.4 / −3.5 / +8.7 % (`benches/results/gpu_h100_s33.txt`).
     pub fn set_bwd_producer(&self, on: bool) {
         self.bwd_producer.store(on, Ordering::Relaxed);
@@ -602,8 +602,9 @@ impl Cuda {
     pub fn bwd_producer(&self) -> bool {
         self.bwd_producer.load(Ordering::Relaxed)
     }
-    /// The name of the fused Hopper backward kernel this device launched last (empty if
-    /// none yet), so that a test can check which kernel its settings chose.
+    /// The name of the fused Hopper backward kernel of this device's last backward (empty if
+    /// that backward was not fused, or none ran yet), so that a test can check which kernel
+    /// its settings chose.
     pub fn last_fused_backward(&self) -> String {
         self.last_fused_bwd
             .lock()

@@ -1413,6 +1413,13 @@ pub(crate) fn backward_launch<E: CudaElement>(
     let wg = wgmma::<E>(dev, d);
     // Hopper, fused (hopper_backward says which kernel): dK/dV and dQ (into an f32 buffer)
     // in one pass, then dq = scale·acc.
+    // Q and dO fit the box-load maps (bwd_wgt3, bwd_wgt2wp).
+    let loadable = loads_fit(
+        pr,
+        std::mem::size_of::<E>(),
+        q.device_ptr(dev.stream()).0,
+        grad_out.device_ptr(dev.stream()).0,
+    );
     let choice = if wg {
         hopper_backward(
             BwdFlags {
@@ -1424,12 +1431,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             },
             pr.whole_device,
             dq_rows_are_boxes(pr),
-            loads_fit(
-                pr,
-                std::mem::size_of::<E>(),
-                q.device_ptr(dev.stream()).0,
-                grad_out.device_ptr(dev.stream()).0,
-            ),
+            loadable,
         )
     } else {
         HopperBwd::TwoPass
@@ -1442,14 +1444,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
         // bwd_wgt2 with 80-row query tiles (D = 128: bwd_wgt2w), with a producer warpgroup
         // where set (the default since stop 33) and Q, dO fit its maps (bwd_wgt2wp).
         let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
-        let producer = wide
-            && dev.bwd_producer()
-            && loads_fit(
-                pr,
-                std::mem::size_of::<E>(),
-                q.device_ptr(dev.stream()).0,
-                grad_out.device_ptr(dev.stream()).0,
-            );
+        let producer = wide && dev.bwd_producer() && loadable;
         let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) && !producer {
             let (ptr, _sync) = dqacc.device_ptr(dev.stream());
             let rows = if wide { WG_BS_WIDE } else { WG_BS };
@@ -1519,8 +1514,9 @@ pub(crate) fn backward_launch<E: CudaElement>(
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         return Ok(CudaGrads { dq, dk, dv });
     }
-    // The dQ and dK/dV kernels: Hopper (`wgmma`; one CTA barrier per tile, or ping-pong
-    // between the warpgroups), mma.sync (variants chosen on the device), or generic.
+    dev.note_fused_backward(""); // this backward is not fused
+                                 // The dQ and dK/dV kernels: Hopper (`wgmma`; one CTA barrier per tile, or ping-pong
+                                 // between the warpgroups), mma.sync (variants chosen on the device), or generic.
     let tc = tensor_cores::<E>(dev, d);
     // mma.sync streamed tiles of BS rows (64 for D = 64, 32 for D = 128); shared memory =
     // owner tiles + 3 stages x 2 streamed tiles, rows padded by 8 elements, + per-row
