@@ -114,7 +114,10 @@ const FWD_VARIANTS: &[Variant] = &[
 /// Backward alternatives (the default on Hopper: `bwd_wgt2`, the fused backward with its dQ
 /// through the tensor memory accelerator and a staging buffer per warpgroup, at D = 128
 /// with query tiles of 80 rows and a producer warpgroup for their Q/dO tiles and metadata,
-/// `bwd_wgt2wp`): the 80-row tiles without the producer (`bwd_wgt2w`, `noproducer`), query
+/// `bwd_wgt2wp`, its metadata split into arrays, `bwd_wgt2ws`, on non-causal problems without
+/// causal limits, `bwd_wgt2wsn`): the metadata as one record per query (`bwd_wgt2wp`,
+/// `aosmeta`), the causal kernel on non-causal problems too (`causalkern`), the 80-row tiles
+/// without the producer (`bwd_wgt2w`, `noproducer`), query
 /// tiles of 64 rows at D = 128 too (`bwd_wgt2`, `narrowq`), its Q/dO tiles by tensor-map box
 /// loads (`bwd_wgt3`, `tmaloads`), the mma.sync
 /// kernels, the two passes (`dq_wgr` + `dkdv_wg`, the default until stop 20), fused dQ by
@@ -130,6 +133,8 @@ const BWD_VARIANTS: &[Variant] = &[
     ("tmaloads", |d, on| d.set_fused_tma_loads(on)),
     ("narrowq", |d, on| d.set_bwd_wide_tiles(!on)),
     ("noproducer", |d, on| d.set_bwd_producer(!on)),
+    ("aosmeta", |d, on| d.set_bwd_split_meta(!on)),
+    ("causalkern", |d, on| d.set_bwd_noncausal_kernel(!on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

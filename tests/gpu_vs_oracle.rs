@@ -131,7 +131,11 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // three V stages (fwd_wspi; causal problems run fwd_wsot); 21: the default with the
     // 80-row fused backward's Q/dO and metadata loaded by its consumer warpgroups, without
     // the producer warpgroup (bwd_wgt2w, the default of stops 24-32; elsewhere the
-    // default); 3: the
+    // default); 22: the default with the producer backward's metadata as one record per query
+    // (bwd_wgt2wp, the default of stop 33; the default since stop 34 splits it into arrays:
+    // bwd_wgt2ws, for non-causal problems without causal limits: bwd_wgt2wsn); 23: the
+    // default with the split metadata's causal kernel for non-causal problems too
+    // (bwd_wgt2ws); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -144,14 +148,19 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
     ));
     dev.set_fused_dq_tma(matches!(
         warps,
-        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21
+        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
     ));
-    dev.set_fused_dq_tma_split(matches!(warps, 0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21));
+    dev.set_fused_dq_tma_split(matches!(
+        warps,
+        0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
+    ));
     dev.set_bwd_producer(warps != 21);
+    dev.set_bwd_split_meta(warps != 22);
+    dev.set_bwd_noncausal_kernel(warps != 23);
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -310,7 +319,7 @@ proptest! {
     #[ignore = "needs a CUDA GPU: run with --ignored on the GPU machine"]
     fn tensor_core_kernels_match_oracle(case in case_with_d(200, 2, vec![64, 128])) {
         BWD.store(((case.seed / 3) % 6) as u8, Ordering::Relaxed);
-        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21][(case.seed % 22) as usize];
+        let w = [0, 1, 3, 4, 8, 2, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23][(case.seed % 24) as usize];
         all_dtypes_w(&case, KernelPref::Auto, true, w);
         BWD.store(2, Ordering::Relaxed);
     }
@@ -357,6 +366,8 @@ fn longnet_schedule_matches_oracle() {
                 all_dtypes_w(&case, KernelPref::Auto, true, 19);
                 all_dtypes_w(&case, KernelPref::Auto, true, 20);
                 all_dtypes_w(&case, KernelPref::Auto, true, 21);
+                all_dtypes_w(&case, KernelPref::Auto, true, 22);
+                all_dtypes_w(&case, KernelPref::Auto, true, 23);
                 BWD.store(2, Ordering::Relaxed);
                 all_dtypes_w(
                     &case,
@@ -441,6 +452,8 @@ fn dense_matches_oracle() {
         all_dtypes_w(&case, KernelPref::Auto, true, 19);
         all_dtypes_w(&case, KernelPref::Auto, true, 20);
         all_dtypes_w(&case, KernelPref::Auto, true, 21);
+        all_dtypes_w(&case, KernelPref::Auto, true, 22);
+        all_dtypes_w(&case, KernelPref::Auto, true, 23);
         all_dtypes_w(&case, KernelPref::Auto, true, 3);
         all_dtypes_w(&case, KernelPref::Auto, true, 5);
         all_dtypes_w(&case, KernelPref::Auto, true, 6);
@@ -524,8 +537,11 @@ fn persistent_forward_many_items() {
     }
 }
 
-/// The 80-row fused backward with its producer warpgroup (`bwd_wgt2wp`, the default, code 0)
-/// and without (`bwd_wgt2w`, code 21) against the oracle, and that each is what ran: dense
+/// The 80-row fused backward with its producer warpgroup against the oracle, and that each
+/// kernel is what ran: the default (code 0) with split metadata (`bwd_wgt2ws`; non-causal
+/// problems `bwd_wgt2wsn`), one record per query (`bwd_wgt2wp`, code 22), the causal kernel
+/// on every problem (`bwd_wgt2ws`, code 23), and without the producer (`bwd_wgt2w`, code
+/// 21): dense
 /// with GQA and a padding mask, causal or not, and a dilated schedule under both combines
 /// whose segments' query rows (48, 24, 12 per class) fill no 80-row tile (rows past a
 /// segment's end come from the box loads as zeros).
@@ -570,8 +586,14 @@ fn producer_backward_matches_oracle() {
         dilated(Combine::HeadGroups, false, 304),
         dilated(Combine::Lse, true, 305),
     ];
-    for (code, kernel) in [(0, "bwd_wgt2wp"), (21, "bwd_wgt2w")] {
+    for code in [0, 23, 22, 21] {
         for case in &cases {
+            let kernel = match code {
+                0 if !case.opts.causal => "bwd_wgt2wsn",
+                0 | 23 => "bwd_wgt2ws",
+                22 => "bwd_wgt2wp",
+                _ => "bwd_wgt2w",
+            };
             BWD.store(2, Ordering::Relaxed);
             let t = std::time::Instant::now();
             let eb = check_w::<half::bf16>(case, KernelPref::Auto, true, code);

@@ -204,6 +204,11 @@ pub struct Cuda {
     bwd_wide_tiles: AtomicBool,
     /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; the default since stop 33).
     bwd_producer: AtomicBool,
+    /// `bwd_wgt2wp`'s query metadata split into arrays (`bwd_wgt2ws`; the default since
+    /// stop 34).
+    bwd_split_meta: AtomicBool,
+    /// ... and for non-causal problems without causal limits (`bwd_wgt2wsn`).
+    bwd_noncausal_kernel: AtomicBool,
     /// The name of the fused Hopper backward kernel of the last backward (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
@@ -290,6 +295,8 @@ impl Cuda {
             fused_tma_loads: AtomicBool::new(false),
             bwd_wide_tiles: AtomicBool::new(true),
             bwd_producer: AtomicBool::new(true),
+            bwd_split_meta: AtomicBool::new(true),
+            bwd_noncausal_kernel: AtomicBool::new(true),
             last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
@@ -601,6 +608,27 @@ impl Cuda {
     /// See [`set_bwd_producer`](Self::set_bwd_producer).
     pub fn bwd_producer(&self) -> bool {
         self.bwd_producer.load(Ordering::Relaxed)
+    }
+    /// The producer backward's per-query metadata (causal limit, L, Δ) as three arrays
+    /// (`true`, the default since stop 34: `bwd_wgt2ws`), so that a consumer thread reads a
+    /// pair of query columns' values with one 8-byte shared load, or as one 16-byte record
+    /// per query (`false`: `bwd_wgt2wp`, stop 33).
+    pub fn set_bwd_split_meta(&self, on: bool) {
+        self.bwd_split_meta.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_split_meta`](Self::set_bwd_split_meta).
+    pub fn bwd_split_meta(&self) -> bool {
+        self.bwd_split_meta.load(Ordering::Relaxed)
+    }
+    /// With split metadata, non-causal problems run a kernel without causal limits
+    /// (`true`, the default: `bwd_wgt2wsn`, which reads only L and Δ and loads L of the
+    /// first eight column groups before the S and dP MMAs), or the causal one (`false`).
+    pub fn set_bwd_noncausal_kernel(&self, on: bool) {
+        self.bwd_noncausal_kernel.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_bwd_noncausal_kernel`](Self::set_bwd_noncausal_kernel).
+    pub fn bwd_noncausal_kernel(&self) -> bool {
+        self.bwd_noncausal_kernel.load(Ordering::Relaxed)
     }
     /// The name of the fused Hopper backward kernel of this device's last backward (empty if
     /// that backward was not fused, or none ran yet), so that a test can check which kernel

@@ -1463,6 +1463,10 @@ pub(crate) fn backward_launch<E: CudaElement>(
         };
         let (kind, smem) = match choice {
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
+            HopperBwd::Wgt2 if producer && dev.bwd_split_meta() => {
+                let nc = p.causal == 0 && dev.bwd_noncausal_kernel();
+                (if nc { "wgt2wsn" } else { "wgt2ws" }, wg_fused_wide_smem())
+            }
             HopperBwd::Wgt2 if producer => ("wgt2wp", wg_fused_wide_smem()),
             HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),
             HopperBwd::Wgt2 => ("wgt2", wg_fused_tma2_smem(d)),
@@ -1493,7 +1497,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .arg(&mut dqacc);
         // SAFETY: order and types match `bwd_wg_*` / `bwd_wgp_*` (as `dkdv_wg_*`, plus
         // dqacc: B·N·H·D f32, zeroed) and `bwd_wgt_*` / `bwd_wgt2_*` / `bwd_wgt3_*` /
-        // `bwd_wgt2wp_*` (the tensor maps first, encoded over dqacc and, for bwd_wgt3 and
+        // `bwd_wgt2wp_*` / `bwd_wgt2ws_*` / `bwd_wgt2wsn_*` (the tensor maps first, encoded over dqacc and, for bwd_wgt3 and
         // bwd_wgt2wp, over q and grad_out with boxes of their query tile's rows, all
         // of which stay alive and are passed too); each tile writes its own dk/dv rows;
         // dqacc only receives atomic adds (reduce-adds through the maps).

@@ -2165,6 +2165,20 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
                                 __int_as_float(ok ? r.qp : -1));
     }
 }
+// The same metadata split into arrays of ROWS words each (bwd_wgt2ws, dkdv_wg's MS): causal
+// limits, L·log2 e, Δ, so that a thread reads a column pair's L (or limits, or Δ) with one
+// 8-byte shared load instead of two. The positions are not stored: the kernels using it
+// reduce dQ through tensor maps.
+template <int ROWS>
+__device__ __forceinline__ void query_put_split(const Params& P, const QPre& r, int tid, float* meta) {
+    const float LOG2E = 1.4426950408889634f;
+    if (tid < ROWS) {
+        const bool ok = r.ok && r.L != neg_inf();
+        meta[tid] = __int_as_float(P.causal ? r.qp : KEY_NONE - 1);
+        meta[ROWS + tid] = ok ? r.L * LOG2E : __int_as_float(0x7f800000);
+        meta[2 * ROWS + tid] = ok ? r.Dl : 0.f;
+    }
+}
 
 // dst[8n + {0, 1}] += a[4n + j + {0, 1}] for n < 8, in f32, where `on`: one predicate for
 // the row and one address pair with immediate offsets. With `if (ptr)` around each
@@ -2261,6 +2275,8 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // on LSE 16K and 11-14 % on LSE 64K (benches/results/gpu_h100_s33.txt).
 #ifndef FUSED_TURNS
 #define FUSED_TURNS 2
+// bwd_wgt2wsn: column groups whose L the consumers load before the S and dP MMAs.
+#define MS_PRE_NC 8
 #endif
 #ifndef DKDV_TURNS
 #define DKDV_TURNS 0
@@ -2321,7 +2337,7 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
 // by cp.async and wait for it once.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
-          bool TQ = false, bool WP = false>
+          bool TQ = false, int WP = 0>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
                         const T* __restrict__ v, const unsigned char* __restrict__ mask,
                         const float* __restrict__ lse, const T* __restrict__ dout,
@@ -2341,6 +2357,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
+    // WP >= 2: the metadata split into arrays (MS), WP == 3: for non-causal problems (NC).
+    constexpr bool MS = WP >= 2, NC = WP == 3;
+    if (NC && P.causal) __trap();  // the host launches NC for non-causal problems only
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
@@ -2437,7 +2456,10 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                         tma_load5(&to[st.i], sO + s * ST + c * SB, bar, c * 64, st.h, st.o, st.q0, c4);
                     }
                 }
-                query_put<BS>(P, pre, pt, qmeta + s * BS);
+                if constexpr (MS)
+                    query_put_split<BS>(P, pre, pt, reinterpret_cast<float*>(qmeta + s * BS));
+                else
+                    query_put<BS>(P, pre, pt, qmeta + s * BS);
                 mbar_arrive(bar);
             }
             return;
@@ -2694,8 +2716,20 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // memory traffic held up the softmax's first FMA (3.6 % of the consumers' stall
         // samples in stop 33's first profile). Not measured alone; the next profile still
         // had the softmax's FMAs waiting on the metadata's shared loads (4.2 % on one).
-        float2 mprew[WP ? 4 : 1][2];
-        if constexpr (WP) {
+        float2 mprew[WP && !MS ? 4 : 1][2];
+        // MS: {L, L} of column pairs (and {limit, limit}, causal) of the first MPW groups.
+        constexpr int MPW = !MS ? 1 : NC ? MS_PRE_NC : 4;
+        const float* const qmf = reinterpret_cast<const float*>(qm);
+        float2 mlw[MPW];
+        int2 mcw[NC || !MS ? 1 : MPW];
+        if constexpr (MS) {
+#pragma unroll
+            for (int n = 0; n < MPW; ++n) {
+                const int c = n * 8 + (lane & 3) * 2;
+                mlw[n] = *reinterpret_cast<const float2*>(qmf + BS + c);
+                if constexpr (!NC) mcw[NC ? 0 : n] = *reinterpret_cast<const int2*>(qmf + c);
+            }
+        } else if constexpr (WP) {
 #pragma unroll
             for (int n = 0; n < 4; ++n) {
 #pragma unroll
@@ -2727,7 +2761,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         // being computed: after the wait (its memory clobber keeps later loads behind it)
         // the softmax's first FMAs waited on these loads (~11 % of dkdv_wg's stall samples).
         // Not in the deferred-wait and lockstep fused kernels: at 255 registers they spill.
-        constexpr int MPRE = (DW || (FQ && !PP)) ? 0 : 4;
+        constexpr int MPRE = (DW || (FQ && !PP) || MS) ? 0 : 4;
         float2 mpre[MPRE > 0 ? MPRE : 1][2];
 #pragma unroll
         for (int n = 0; n < MPRE; ++n) {
@@ -2744,19 +2778,45 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             reg_fence(xs);
             if (it > 0) pipe.release(it - 1);
         }
+        if constexpr (MS) {
+            // One shared load for L (and one for the causal limits) of a column pair. NC:
+            // no causal limit; a key this thread's row does not take part in gives P = 0.
 #pragma unroll
-        for (int n = 0; n < BS / 8; ++n) {
+            for (int n = 0; n < BS / 8; ++n) {
+                const int c = n * 8 + (lane & 3) * 2;
+                const float2 l2 = n < MPW ? mlw[n < MPW ? n : 0] : *reinterpret_cast<const float2*>(qmf + BS + c);
+                int2 c2 = make_int2(0, 0);
+                if constexpr (!NC) c2 = n < MPW ? mcw[n < MPW ? n : 0] : *reinterpret_cast<const int2*>(qmf + c);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int col = n * 8 + (lane & 3) * 2 + j;
-                // {causal limit, L·log2 e (+inf: no query)} of query_meta4's float4 (Δ, position)
-                const float2 mt = n < MPRE ? mpre[n < MPRE ? n : 0][j]
-                                           : *reinterpret_cast<const float2*>(qm + col);
-                const int lim = __float_as_int(mt.x);
-                const float x0 = ex2(fmaf(s[4 * n + j], sl2, -mt.y));
-                const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -mt.y));
-                s[4 * n + j] = k0e <= lim ? x0 : 0.f;
-                s[4 * n + 2 + j] = k1e <= lim ? x1 : 0.f;
+                for (int j = 0; j < 2; ++j) {
+                    const float l = j ? l2.y : l2.x;
+                    const float x0 = ex2(fmaf(s[4 * n + j], sl2, -l));
+                    const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -l));
+                    if constexpr (NC) {
+                        s[4 * n + j] = part0 ? x0 : 0.f;
+                        s[4 * n + 2 + j] = part1 ? x1 : 0.f;
+                    } else {
+                        const int lim = j ? c2.y : c2.x;
+                        s[4 * n + j] = k0e <= lim ? x0 : 0.f;
+                        s[4 * n + 2 + j] = k1e <= lim ? x1 : 0.f;
+                    }
+                }
+            }
+        } else {
+#pragma unroll
+            for (int n = 0; n < BS / 8; ++n) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int col = n * 8 + (lane & 3) * 2 + j;
+                    // {causal limit, L·log2 e (+inf: no query)} of query_meta4's float4 (Δ, position)
+                    const float2 mt = n < MPRE ? mpre[n < MPRE ? n : 0][j]
+                                               : *reinterpret_cast<const float2*>(qm + col);
+                    const int lim = __float_as_int(mt.x);
+                    const float x0 = ex2(fmaf(s[4 * n + j], sl2, -mt.y));
+                    const float x1 = ex2(fmaf(s[4 * n + 2 + j], sl2, -mt.y));
+                    s[4 * n + j] = k0e <= lim ? x0 : 0.f;
+                    s[4 * n + 2 + j] = k1e <= lim ? x1 : 0.f;
+                }
             }
         }
         {
@@ -2769,9 +2829,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
+            // MS: Δ of the column pair in one shared load.
+            const float2 d2 = MS ? *reinterpret_cast<const float2*>(qmf + 2 * BS + n * 8 + (lane & 3) * 2)
+                                 : make_float2(0.f, 0.f);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const float dqc = qm[n * 8 + (lane & 3) * 2 + j].z;
+                const float dqc = MS ? (j ? d2.y : d2.x) : qm[n * 8 + (lane & 3) * 2 + j].z;
                 dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * P.fac - dqc);  // dS
                 dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * P.fac - dqc);
             }
@@ -3152,16 +3215,20 @@ WG(f16, f16, 128)
         dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true>(P, q, k, v, mask, lse, dout,   \
                                                                    delta, dk, dv, dqacc, tms.m);  \
     }
-#define WGWP(T, NAME)                                                                             \
+#define WGWP(T, NAME, KN, WPV)                                                                    \
     extern "C" __global__ void __launch_bounds__(384, 1)                                          \
-        bwd_wgt2wp_##NAME##_128(const __grid_constant__ LMaps lms, const Params P, const T* q,    \
+        bwd_##KN##_##NAME##_128(const __grid_constant__ LMaps lms, const Params P, const T* q,    \
                                 const T* k, const T* v, const unsigned char* mask, const float* lse, \
                                 const T* dout, const float* delta, T* dk, T* dv, float* dqacc) {  \
-        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, true>(                  \
+        dkdv_wg<T, 128, WG_BS_WIDE, true, true, false, true, true, false, WPV>(                   \
             P, q, k, v, mask, lse, dout, delta, dk, dv, dqacc, lms.dq, lms.q, lms.o);             \
     }
 WGW(bf16, bf16)
 WGW(f16, f16)
-WGWP(bf16, bf16)
-WGWP(f16, f16)
+WGWP(bf16, bf16, wgt2wp, 1)
+WGWP(f16, f16, wgt2wp, 1)
+WGWP(bf16, bf16, wgt2ws, 2)
+WGWP(f16, f16, wgt2ws, 2)
+WGWP(bf16, bf16, wgt2wsn, 3)
+WGWP(f16, f16, wgt2wsn, 3)
 
