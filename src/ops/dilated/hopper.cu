@@ -2357,8 +2357,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
-    // WP >= 2: the metadata split into arrays (MS), WP == 3: for non-causal problems (NC).
-    constexpr bool MS = WP >= 2, NC = WP == 3;
+    // WP >= 2: the metadata split into arrays (MS), WP >= 3: for non-causal problems (NC),
+    // WP == 4: with the dP wait anchored after part of the softmax (NA, below).
+    constexpr bool MS = WP >= 2, NC = WP >= 3, NA = WP == 4;
     if (NC && P.causal) __trap();  // the host launches NC for non-causal problems only
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
@@ -2825,13 +2826,25 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
             wg_pack<T, BS>(fp, xp);
         }
+        // NA (bwd_wgt2wsna): the first column group's Δ loaded from an address that depends
+        // on the packed fac·Pᵀ of the first two column groups (their OR is never all ones:
+        // P ≥ 0), so that ptxas keeps the wait for dP below after their softmax (SASS: after
+        // 15 of the 40 exponentials; stop 33's bwd_wgt2wp had 29 before it). Without it (no
+        // shared loads left in the softmax: NC) ptxas placed the wait before all of them;
+        // anchored on four groups or more it ran out of registers and serialized the MMAs.
+        float2 d2first = make_float2(0.f, 0.f);
+        if constexpr (NA) {
+            const u32 any = xp[0][0] | xp[0][1] | xp[0][2] | xp[0][3];
+            d2first = *reinterpret_cast<const float2*>(qmf + 2 * BS + (lane & 3) * 2 + (any == ~0u ? 8 : 0));
+        }
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
             // MS: Δ of the column pair in one shared load.
-            const float2 d2 = MS ? *reinterpret_cast<const float2*>(qmf + 2 * BS + n * 8 + (lane & 3) * 2)
-                                 : make_float2(0.f, 0.f);
+            const float2 d2 = !MS ? make_float2(0.f, 0.f)
+                              : NA && n == 0 ? d2first
+                                             : *reinterpret_cast<const float2*>(qmf + 2 * BS + n * 8 + (lane & 3) * 2);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const float dqc = MS ? (j ? d2.y : d2.x) : qm[n * 8 + (lane & 3) * 2 + j].z;
@@ -3231,4 +3244,6 @@ WGWP(bf16, bf16, wgt2ws, 2)
 WGWP(f16, f16, wgt2ws, 2)
 WGWP(bf16, bf16, wgt2wsn, 3)
 WGWP(f16, f16, wgt2wsn, 3)
+WGWP(bf16, bf16, wgt2wsna, 4)
+WGWP(f16, f16, wgt2wsna, 4)
 
