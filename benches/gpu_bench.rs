@@ -135,7 +135,6 @@ const BWD_VARIANTS: &[Variant] = &[
     ("noproducer", |d, on| d.set_bwd_producer(!on)),
     ("aosmeta", |d, on| d.set_bwd_split_meta(!on)),
     ("causalkern", |d, on| d.set_bwd_noncausal_kernel(!on)),
-    ("ncanchor", |d, on| d.set_bwd_nc_anchor(on)),
     ("fusedls", |d, on| d.set_bwd_pingpong(!on)),
     ("lockstep", |d, on| {
         d.set_fused_dq(!on);

@@ -135,8 +135,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // (bwd_wgt2wp, the default of stop 33; the default since stop 34 splits it into arrays:
     // bwd_wgt2ws, for non-causal problems without causal limits: bwd_wgt2wsn); 23: the
     // default with the split metadata's causal kernel for non-causal problems too
-    // (bwd_wgt2ws); 24: the default with the non-causal kernel's wait for dP anchored after
-    // part of its softmax (bwd_wgt2wsna); 3: the
+    // (bwd_wgt2ws); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -149,20 +148,19 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
     ));
     dev.set_fused_dq_tma(matches!(
         warps,
-        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
+        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
     ));
     dev.set_fused_dq_tma_split(matches!(
         warps,
-        0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
+        0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
     ));
     dev.set_bwd_producer(warps != 21);
     dev.set_bwd_split_meta(warps != 22);
     dev.set_bwd_noncausal_kernel(warps != 23);
-    dev.set_bwd_nc_anchor(warps == 24);
     dev.set_bwd_wide_tiles(warps != 16);
     dev.set_fused_tma_loads(warps == 13);
     dev.set_fwd_tma_loads(warps != 12 && warps != 14);
@@ -588,12 +586,11 @@ fn producer_backward_matches_oracle() {
         dilated(Combine::HeadGroups, false, 304),
         dilated(Combine::Lse, true, 305),
     ];
-    for code in [0, 24, 23, 22, 21] {
+    for code in [0, 23, 22, 21] {
         for case in &cases {
             let kernel = match code {
                 0 if !case.opts.causal => "bwd_wgt2wsn",
-                24 if !case.opts.causal => "bwd_wgt2wsna",
-                0 | 23 | 24 => "bwd_wgt2ws",
+                0 | 23 => "bwd_wgt2ws",
                 22 => "bwd_wgt2wp",
                 _ => "bwd_wgt2w",
             };

@@ -209,8 +209,6 @@ pub struct Cuda {
     bwd_split_meta: AtomicBool,
     /// ... and for non-causal problems without causal limits (`bwd_wgt2wsn`).
     bwd_noncausal_kernel: AtomicBool,
-    /// ... with its wait for dP anchored after part of the softmax (`bwd_wgt2wsna`).
-    bwd_nc_anchor: AtomicBool,
     /// The name of the fused Hopper backward kernel of the last backward (tests ask which ran).
     last_fused_bwd: Mutex<String>,
     fwd_tma_loads: AtomicBool,
@@ -299,7 +297,6 @@ impl Cuda {
             bwd_producer: AtomicBool::new(true),
             bwd_split_meta: AtomicBool::new(true),
             bwd_noncausal_kernel: AtomicBool::new(true),
-            bwd_nc_anchor: AtomicBool::new(false),
             last_fused_bwd: Mutex::new(String::new()),
             fwd_tma_loads: AtomicBool::new(true),
             wait_block_ends: AtomicBool::new(true),
@@ -632,16 +629,6 @@ impl Cuda {
     /// See [`set_bwd_noncausal_kernel`](Self::set_bwd_noncausal_kernel).
     pub fn bwd_noncausal_kernel(&self) -> bool {
         self.bwd_noncausal_kernel.load(Ordering::Relaxed)
-    }
-    /// The non-causal kernel with its wait for dP kept after the softmax of the first two
-    /// column groups by an address dependency (`true`: `bwd_wgt2wsna`), or placed by ptxas
-    /// before all of the softmax (`false`, the default: `bwd_wgt2wsn`).
-    pub fn set_bwd_nc_anchor(&self, on: bool) {
-        self.bwd_nc_anchor.store(on, Ordering::Relaxed);
-    }
-    /// See [`set_bwd_nc_anchor`](Self::set_bwd_nc_anchor).
-    pub fn bwd_nc_anchor(&self) -> bool {
-        self.bwd_nc_anchor.load(Ordering::Relaxed)
     }
     /// The name of the fused Hopper backward kernel of this device's last backward (empty if
     /// that backward was not fused, or none ran yet), so that a test can check which kernel

@@ -1465,12 +1465,7 @@ pub(crate) fn backward_launch<E: CudaElement>(
             HopperBwd::Wgt3 => ("wgt3", wg_fused_tma2_smem(d)),
             HopperBwd::Wgt2 if producer && dev.bwd_split_meta() => {
                 let nc = p.causal == 0 && dev.bwd_noncausal_kernel();
-                let kind = match (nc, dev.bwd_nc_anchor()) {
-                    (false, _) => "wgt2ws",
-                    (true, false) => "wgt2wsn",
-                    (true, true) => "wgt2wsna",
-                };
-                (kind, wg_fused_wide_smem())
+                (if nc { "wgt2wsn" } else { "wgt2ws" }, wg_fused_wide_smem())
             }
             HopperBwd::Wgt2 if producer => ("wgt2wp", wg_fused_wide_smem()),
             HopperBwd::Wgt2 if wide => ("wgt2w", wg_fused_wide_smem()),

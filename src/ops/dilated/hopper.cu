@@ -2328,7 +2328,7 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // exactly, so their staged rows are zeros without a mask. Shared memory: 232,032 of
 // 232,448 bytes, which leaves no alignment slack: the layout starts at the dynamic
 // shared memory's base, which the kernel checks is 1024-byte aligned (it traps if not).
-// WP (bwd_wgt2wp, with SW; the default at D = 128 since stop 33, Cuda::set_bwd_producer(false)
+// WP (bwd_wgt2wp, with SW; the default at D = 128 in stop 33, Cuda::set_bwd_producer(false)
 // gives bwd_wgt2w): bwd_wgt2w with a third, producer
 // warpgroup, as FlashAttention-3 runs its backward (setmaxnreg 24 / 240): its thread 0 loads
 // each query tile's Q and dO by box loads (the maps of bwd_wgt3, boxes of 80 rows) and its
@@ -2336,6 +2336,15 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // copies, no address arithmetic and no global loads of their own; the full barriers count
 // the 128 producer arrivals and thread 0's expect_tx. The consumers load the owner K/V tile
 // by cp.async and wait for it once.
+// WP = 2 (bwd_wgt2ws, MS; the default since stop 34, Cuda::set_bwd_split_meta(false) gives
+// bwd_wgt2wp): the same with the tile's metadata as three arrays of 80 words (causal limit,
+// L·log2 e, Δ; query_put_split) instead of one 16-byte record per query: a consumer thread's
+// two query columns 8n + 2(lane & 3) + {0, 1} are adjacent words, so one 8-byte shared
+// load gives a pair's L (limits, Δ) where the records took two (30 loads per tile instead
+// of 40). WP = 3 (bwd_wgt2wsn, NC; non-causal problems): no causal limits, a key row this
+// thread does not take part in gives P = 0 by its own predicate (part0 / part1), so that
+// the softmax reads only L, the first eight column groups' before the S and dP MMAs (16
+// registers, as bwd_wgt2wp's four groups of {limit, L}), and the loop 20 loads per tile.
 template <typename T, int D, int BS, bool FQ, bool PP, bool DW = false, bool TR = false, bool TS = false,
           bool TQ = false, int WP = 0>
 __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __restrict__ k,
@@ -2357,9 +2366,8 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     static_assert(!TS || TR, "split staging: TMA dQ kernel only");
     static_assert(!TQ || TS, "TMA Q/dO loads: split-staging kernel only");
     static_assert(!WP || (BS == 80 && TS && !TQ), "producer warpgroup: bwd_wgt2w only");
-    // WP >= 2: the metadata split into arrays (MS), WP >= 3: for non-causal problems (NC),
-    // WP == 4: with the dP wait anchored after part of the softmax (NA, below).
-    constexpr bool MS = WP >= 2, NC = WP >= 3, NA = WP == 4;
+    // WP >= 2: the metadata split into arrays (MS), WP == 3: for non-causal problems (NC).
+    constexpr bool MS = WP >= 2, NC = WP == 3;
     if (NC && P.causal) __trap();  // the host launches NC for non-causal problems only
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
@@ -2826,25 +2834,18 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
             wg_pack<T, BS>(fp, xp);
         }
-        // NA (bwd_wgt2wsna): the first column group's Δ loaded from an address that depends
-        // on the packed fac·Pᵀ of the first two column groups (their OR is never all ones:
-        // P ≥ 0), so that ptxas keeps the wait for dP below after their softmax (SASS: after
-        // 15 of the 40 exponentials; stop 33's bwd_wgt2wp had 29 before it). Without it (no
-        // shared loads left in the softmax: NC) ptxas placed the wait before all of them;
-        // anchored on four groups or more it ran out of registers and serialized the MMAs.
-        float2 d2first = make_float2(0.f, 0.f);
-        if constexpr (NA) {
-            const u32 any = xp[0][0] | xp[0][1] | xp[0][2] | xp[0][3];
-            d2first = *reinterpret_cast<const float2*>(qmf + 2 * BS + (lane & 3) * 2 + (any == ~0u ? 8 : 0));
-        }
+        // NC: with no shared loads left in the softmax, ptxas places this wait before all of
+        // its exponentials (SASS; bwd_wgt2wp had 29 of 40 before it). Stop 34 kept it after
+        // the first two column groups' softmax by an address dependency (the first Δ load's
+        // address on their packed fac·Pᵀ; on four groups or more ptxas ran out of registers
+        // and serialized the MMAs): 2.9-16 % slower on every non-causal bench, so it is gone.
         wg_wait<0>();
         reg_fence(dp);
 #pragma unroll
         for (int n = 0; n < BS / 8; ++n) {
             // MS: Δ of the column pair in one shared load.
-            const float2 d2 = !MS ? make_float2(0.f, 0.f)
-                              : NA && n == 0 ? d2first
-                                             : *reinterpret_cast<const float2*>(qmf + 2 * BS + n * 8 + (lane & 3) * 2);
+            const float2 d2 = MS ? *reinterpret_cast<const float2*>(qmf + 2 * BS + n * 8 + (lane & 3) * 2)
+                                 : make_float2(0.f, 0.f);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const float dqc = MS ? (j ? d2.y : d2.x) : qm[n * 8 + (lane & 3) * 2 + j].z;
@@ -3244,6 +3245,4 @@ WGWP(bf16, bf16, wgt2ws, 2)
 WGWP(f16, f16, wgt2ws, 2)
 WGWP(bf16, bf16, wgt2wsn, 3)
 WGWP(f16, f16, wgt2wsn, 3)
-WGWP(bf16, bf16, wgt2wsna, 4)
-WGWP(f16, f16, wgt2wsna, 4)
 
