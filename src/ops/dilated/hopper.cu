@@ -2166,19 +2166,17 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
     }
 }
 // The same metadata split into arrays of ROWS words each (bwd_wgt2ws, dkdv_wg's MS): causal
-// limits, L·log2 e − log2 fac, Δ / fac, so that a thread reads a column pair's L (or
-// limits, or Δ) with one 8-byte shared load instead of two, and the exponential gives
-// fac·P (the dV operand) without a multiply: dS = P·(fac·dP − Δ) = fac·P·(dP − Δ/fac)
-// (fac = 1 or 1/G > 0). The positions are not stored: the kernels using it reduce dQ
-// through tensor maps.
+// limits, L·log2 e, Δ, so that a thread reads a column pair's L (or limits, or Δ) with one
+// 8-byte shared load instead of two. The positions are not stored: the kernels using it
+// reduce dQ through tensor maps.
 template <int ROWS>
 __device__ __forceinline__ void query_put_split(const Params& P, const QPre& r, int tid, float* meta) {
     const float LOG2E = 1.4426950408889634f;
     if (tid < ROWS) {
         const bool ok = r.ok && r.L != neg_inf();
         meta[tid] = __int_as_float(P.causal ? r.qp : KEY_NONE - 1);
-        meta[ROWS + tid] = ok ? r.L * LOG2E - __log2f(P.fac) : __int_as_float(0x7f800000);
-        meta[2 * ROWS + tid] = ok ? r.Dl / P.fac : 0.f;
+        meta[ROWS + tid] = ok ? r.L * LOG2E : __int_as_float(0x7f800000);
+        meta[2 * ROWS + tid] = ok ? r.Dl : 0.f;
     }
 }
 
@@ -2833,7 +2831,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         {
             float fp[BS / 2];
 #pragma unroll
-            for (int i = 0; i < BS / 2; ++i) fp[i] = MS ? s[i] : s[i] * P.fac;  // fac·P for dV (MS: s)
+            for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
             wg_pack<T, BS>(fp, xp);
         }
         // NC: with no shared loads left in the softmax, ptxas places this wait before all of
@@ -2850,11 +2848,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                                  : make_float2(0.f, 0.f);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                // MS: s = fac·P and dqc = Δ / fac (query_put_split).
                 const float dqc = MS ? (j ? d2.y : d2.x) : qm[n * 8 + (lane & 3) * 2 + j].z;
-                const float f = MS ? 1.f : P.fac;
-                dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * f - dqc);  // dS
-                dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * f - dqc);
+                dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * P.fac - dqc);  // dS
+                dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * P.fac - dqc);
             }
         }
         wg_pack<T, BS>(dp, xs);
