@@ -626,8 +626,9 @@ impl Cuda {
     }
     /// With split metadata, non-causal problems run a kernel without causal limits
     /// (`true`, the default: `bwd_wgt2wsn`, which reads only L and Δ and loads L of the
-    /// first eight column groups before the S and dP MMAs), or the causal one (`false`; on
-    /// non-causal problems 0.0…14.4 % slower in stop 34's rounds, most on LSE at 64K).
+    /// first eight column groups before the S and dP MMAs), or the causal one (`false`; in stop
+    /// 34's two rounds it was slower in 10 of 12 non-causal cases, by up to 14.4 % on LSE
+    /// at 64K, equal in one and +1.7 % in one).
     pub fn set_bwd_noncausal_kernel(&self, on: bool) {
         self.bwd_noncausal_kernel.store(on, Ordering::Relaxed);
     }
