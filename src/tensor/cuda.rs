@@ -202,7 +202,8 @@ pub struct Cuda {
     fused_tma_loads: AtomicBool,
     /// `bwd_wgt2` at D = 128 with query tiles of 80 rows (`bwd_wgt2w`; the default).
     bwd_wide_tiles: AtomicBool,
-    /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`; the default since stop 33).
+    /// `bwd_wgt2w` with a producer warpgroup (`bwd_wgt2wp`, `bwd_wgt2ws`, `bwd_wgt2wsn`; the
+    /// default since stop 33).
     bwd_producer: AtomicBool,
     /// `bwd_wgt2wp`'s query metadata split into arrays (`bwd_wgt2ws`; the default since
     /// stop 34).
@@ -594,7 +595,8 @@ impl Cuda {
     }
     /// Hopper fused backward with 80-row query tiles (`bwd_wgt2w`): a third, producer
     /// warpgroup loads each query tile's Q and dO by tensor-map box loads and its L and Δ
-    /// (`true`, the default since stop 33: `bwd_wgt2wp`, FlashAttention-3's arrangement,
+    /// (`true`, the default since stop 33: `bwd_wgt2wp`, since stop 34 `bwd_wgt2ws` /
+    /// `bwd_wgt2wsn`, see [`set_bwd_split_meta`](Self::set_bwd_split_meta); FlashAttention-3's arrangement,
     /// `setmaxnreg` 24 / 240), or the two consumer warpgroups issue those loads themselves
     /// under their MMAs (`false`: `bwd_wgt2w`, the default of stops 24–32). Where
     /// `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps (or not 16-byte

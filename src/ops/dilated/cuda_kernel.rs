@@ -1442,7 +1442,8 @@ pub(crate) fn backward_launch<E: CudaElement>(
             .alloc_zeros::<f32>(dm.q_len())
             .map_err(dev_err("device allocation"))?;
         // bwd_wgt2 with 80-row query tiles (D = 128: bwd_wgt2w), with a producer warpgroup
-        // where set (the default since stop 33) and Q, dO fit its maps (bwd_wgt2wp).
+        // where set (the default since stop 33) and Q, dO fit its maps (bwd_wgt2wp; since stop
+        // 34 with its metadata split into arrays: bwd_wgt2ws, non-causal bwd_wgt2wsn).
         let wide = choice == HopperBwd::Wgt2 && d == 128 && dev.bwd_wide_tiles();
         let producer = wide && dev.bwd_producer() && loadable;
         let maps = if matches!(choice, HopperBwd::Wgt | HopperBwd::Wgt2) && !producer {
