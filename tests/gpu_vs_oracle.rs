@@ -106,8 +106,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // persistent on non-causal problems: fwd_wsps / fwd_wsot; and the fused backward with
     // its dQ through the tensor memory accelerator and a staging buffer per warpgroup:
     // bwd_wgt2, at D = 128 with 80-row query tiles and a producer warpgroup: bwd_wgt2ws,
-    // non-causal bwd_wgt2wsn
-    // (bwd_wgt2w where Q and dO are no boxes of its maps);
+    // non-causal bwd_wgt2wsn (bwd_wgt2w where Q and dO are no boxes of its maps);
     // where a dilation divides neither N nor its segment the two-pass ping-pong wgmma
     // backward, its dQ pass with register A operands: dq_wgr + dkdv_wg, which every other
     // code below but 1, 9 and 12 runs); 1:

@@ -596,14 +596,15 @@ impl Cuda {
     /// Hopper fused backward with 80-row query tiles (`bwd_wgt2w`): a third, producer
     /// warpgroup loads each query tile's Q and dO by tensor-map box loads and its L and Δ
     /// (`true`, the default since stop 33: `bwd_wgt2wp`, since stop 34 `bwd_wgt2ws` /
-    /// `bwd_wgt2wsn`, see [`set_bwd_split_meta`](Self::set_bwd_split_meta); FlashAttention-3's arrangement,
-    /// `setmaxnreg` 24 / 240), or the two consumer warpgroups issue those loads themselves
-    /// under their MMAs (`false`: `bwd_wgt2w`, the default of stops 24–32). Where
-    /// `bwd_wgt2w` does not run, or Q and dO are no boxes of the plan's maps (or not 16-byte
-    /// aligned, or the plan has more than 8 patterns), `bwd_wgt2w` runs. Stop 33 on an H100,
-    /// same process, three rounds of medians: forward + backward +2.3…+5.1 % on the dense
-    /// benches (dense causal 16K, whose default row ran slow in two rounds, +3.3…+10.2 %), +0.8…+4.8 % on the head-group and LSE benches but LSE at 16K, which measured
-    /// −3.4 / −3.5 / +8.7 % (`benches/results/gpu_h100_s33.txt`).
+    /// `bwd_wgt2wsn`, see [`set_bwd_split_meta`](Self::set_bwd_split_meta);
+    /// FlashAttention-3's arrangement, `setmaxnreg` 24 / 240), or the two consumer
+    /// warpgroups issue those loads themselves under their MMAs (`false`: `bwd_wgt2w`, the
+    /// default of stops 24–32). Where `bwd_wgt2w` does not run, or Q and dO are no boxes of
+    /// the plan's maps (or not 16-byte aligned, or the plan has more than 8 patterns),
+    /// `bwd_wgt2w` runs. Stop 33 on an H100, same process, three rounds of medians: forward +
+    /// backward +2.3…+5.1 % on the dense benches (dense causal 16K, whose default row ran
+    /// slow in two rounds, +3.3…+10.2 %), +0.8…+4.8 % on the head-group and LSE benches but
+    /// LSE at 16K, which measured −3.4 / −3.5 / +8.7 % (`benches/results/gpu_h100_s33.txt`).
     pub fn set_bwd_producer(&self, on: bool) {
         self.bwd_producer.store(on, Ordering::Relaxed);
     }

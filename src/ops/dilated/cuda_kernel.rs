@@ -1519,9 +1519,10 @@ pub(crate) fn backward_launch<E: CudaElement>(
         unsafe { b.launch(cfg) }.map_err(dev_err(&name))?;
         return Ok(CudaGrads { dq, dk, dv });
     }
-    dev.note_fused_backward(""); // this backward is not fused
-                                 // The dQ and dK/dV kernels: Hopper (`wgmma`; one CTA barrier per tile, or ping-pong
-                                 // between the warpgroups), mma.sync (variants chosen on the device), or generic.
+    // This backward is not fused: the dQ and dK/dV kernels, Hopper (`wgmma`; one CTA barrier
+    // per tile, or ping-pong between the warpgroups), mma.sync (variants chosen on the
+    // device), or generic.
+    dev.note_fused_backward("");
     let tc = tensor_cores::<E>(dev, d);
     // mma.sync streamed tiles of BS rows (64 for D = 64, 32 for D = 128); shared memory =
     // owner tiles + 3 stages x 2 streamed tiles, rows padded by 8 elements, + per-row

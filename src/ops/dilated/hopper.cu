@@ -2736,7 +2736,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
             for (int n = 0; n < MPW; ++n) {
                 const int c = n * 8 + (lane & 3) * 2;
                 mlw[n] = *reinterpret_cast<const float2*>(qmf + BS + c);
-                if constexpr (!NC) mcw[NC ? 0 : n] = *reinterpret_cast<const int2*>(qmf + c);
+                if constexpr (!NC) mcw[n] = *reinterpret_cast<const int2*>(qmf + c);
             }
         } else if constexpr (WP) {
 #pragma unroll
