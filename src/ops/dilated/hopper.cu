@@ -2284,7 +2284,7 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // (the producer kernels; that wait held 48 k of bwd_wgt2wsn's 600 k loop stall samples in
 // stop 34's profile). Built, not yet run: 0 keeps the kernels as measured.
 #ifndef DQ_OWN_FIRST
-#define DQ_OWN_FIRST 0
+#define DQ_OWN_FIRST 1
 #endif
 #ifndef DKDV_TURNS
 #define DKDV_TURNS 0
