@@ -51,23 +51,57 @@ if [ "${PRECOMPILE:-1}" != 0 ]; then
 fi
 cp scripts/gpu_run.sh "$stage/run_all.sh"
 cp scripts/ab_compare.py "$stage/"
-# BASE_REV=<git revision>: also the bench of that revision, as gpu_bench_base, for the `ab`
-# and `variants` stages (the builds timed in one call, alternating). Built from a temporary
-# worktree into this target folder, so only the crate itself recompiles.
-if [ -n "${BASE_REV:-}" ]; then
+# at_rev REV TARGET...: builds TARGET (gpu_bench, gpu_vs_oracle) at git revision REV from a
+# temporary worktree into this target folder (only the crate itself recompiles), prints each
+# executable's path, one per line, and (PRECOMPILE, as above) puts that revision's module
+# into $stage/kernels, so that its processes on the device load it instead of compiling it
+# (~140 s each on a fresh machine: stop 35 staged this by hand).
+at_rev() {
+  local rev=$1 wt t bin
+  shift
   wt=$(mktemp -d)
-  git worktree add -q --detach "$wt" "$BASE_REV"
-  base_bin=$(cargo bench --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" --features cuda \
-    --bench gpu_bench --no-run --message-format=json 2>/dev/null | exe gpu_bench || true)
+  git worktree add -q --detach "$wt" "$rev"
+  for t in "$@"; do
+    case $t in
+      gpu_bench) bin=$(cargo bench --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" \
+        --features cuda --bench gpu_bench --no-run --message-format=json 2>/dev/null | exe gpu_bench || true) ;;
+      gpu_vs_oracle) bin=$(cargo test --release --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" \
+        --features cuda --test gpu_vs_oracle --no-run --message-format=json 2>/dev/null | exe gpu_vs_oracle || true) ;;
+    esac
+    [ -n "$bin" ] || { git worktree remove --force "$wt"; echo "build of $t at $rev failed" >&2; return 1; }
+    echo "$bin"
+  done
+  if [ "${PRECOMPILE:-1}" != 0 ]; then
+    cargo build --release --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" --features cuda \
+      --example precompile_kernels 2>/dev/null
+    LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+      target/release/examples/precompile_kernels sm_90a target/precompiled-kernels | cut -d: -f1 \
+      | xargs -I{} cp {} "$stage/kernels/" >&2
+  fi
   git worktree remove --force "$wt"
-  # The base's build shares this target folder; without a fresh mtime here, the next cargo
-  # build of this checkout linked a bench against the base's library (seen in stop 23).
+  # The worktree's build shares this target folder; without a fresh mtime here, the next
+  # cargo build of this checkout linked a bench against the base's library (seen in stop 23).
   touch src/lib.rs
-  [ -n "$base_bin" ] || { echo "build of $BASE_REV failed" >&2; exit 1; }
+}
+# BASE_REV=<git revision>: also the bench of that revision, as gpu_bench_base, for the `ab`
+# and `variants` stages (the builds timed in one call, alternating), with its module.
+if [ -n "${BASE_REV:-}" ]; then
+  base_bin=$(at_rev "$BASE_REV" gpu_bench) || exit 1
   cp "$base_bin" "$stage/gpu_bench_base"
   strip "$stage/gpu_bench_base" 2>/dev/null || true
   echo "gpu_bench_base: the bench at $BASE_REV ($(git rev-parse --short "$BASE_REV"))"
 fi
+# VARIANTS="<name>=<git revision> ...": for the `variants` stage, each revision's oracle
+# tests and bench as gpu_vs_oracle_<name> / gpu_bench_<name>, with its module (e.g. stop
+# 35's VARIANTS="fold=5217af1 dqo=476e24e" with BASE_REV=HEAD).
+for nv in ${VARIANTS:-}; do
+  name=${nv%%=*}
+  bins=$(at_rev "${nv#*=}" gpu_vs_oracle gpu_bench) || exit 1
+  cp "$(echo "$bins" | sed -n 1p)" "$stage/gpu_vs_oracle_$name"
+  cp "$(echo "$bins" | sed -n 2p)" "$stage/gpu_bench_$name"
+  strip "$stage/gpu_vs_oracle_$name" "$stage/gpu_bench_$name" 2>/dev/null || true
+  echo "gpu_vs_oracle_$name, gpu_bench_$name: at ${nv#*=} ($(git rev-parse --short "${nv#*=}"))"
+done
 du -sh "$stage"
 cat <<MSG
 Staged into $stage. On the device tool (it ships the lead checkout; stage there with
@@ -76,7 +110,7 @@ GPU_STAGE_DIR=<that checkout>/.gpu), run:
   run  carry=[".gpu"]  command="bash .gpu/run_all.sh ring ringbench" (kind nvidia-h200-x2)
 (stages: tests sanitize bench peers quick ring ringbench profile ab variants; default all but ring,
 ringbench, profile, ab, variants; ab and variants need BASE_REV here: this build, or each
-gpu_bench_<v> / gpu_vs_oracle_<v> copied into the stage after this script, against that one,
+VARIANTS build (gpu_bench_<v> / gpu_vs_oracle_<v>), against that one,
 same call; results in ab.txt / variants.txt, round logs in ab_runs.tar / variants_runs.tar)
 A call may run 600 s at most; where the stages together need more (without the staged
 kernels, PRECOMPILE=0, the module's first compile and load on a fresh H200 alone took
