@@ -32,6 +32,17 @@ cp "$example_bin" "$stage/ring_nccl"
 strip "$stage"/gpu_vs_oracle "$stage"/gpu_bench "$stage"/gpu_ring "$stage"/nccl_ring \
   "$stage"/gpu_ring_bench "$stage"/ring_nccl 2>/dev/null || true
 cp benches/peers/torch_dilated.py "$stage/"
+# stage_module [CARGO_ARGS...]: builds precompile_kernels (this checkout's, or with
+# CARGO_ARGS "--manifest-path <worktree>/Cargo.toml --target-dir <here>" a worktree's),
+# compiles its module into target/precompiled-kernels (named by the sources' key: a file
+# already there is kept) and copies it into $stage/kernels; prints its path.
+stage_module() {
+  local cubin
+  cargo build --release "$@" --features cuda --example precompile_kernels 2>/dev/null || return 1
+  cubin=$(LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    target/release/examples/precompile_kernels sm_90a target/precompiled-kernels | cut -d: -f1) || return 1
+  [ -n "$cubin" ] && cp "$cubin" "$stage/kernels/" && echo "$cubin"
+}
 # The kernels, compiled here ahead of time with NVRTC 13.0 (the GPU machine's CUDA version;
 # NVIDIA's PyPI wheel, fetched once by ptx_check.py into its cache folder) into the folder
 # the run script points DILATED_ATTENTION_KERNEL_CACHE at: every process there (tests,
@@ -39,14 +50,8 @@ cp benches/peers/torch_dilated.py "$stage/"
 # machine until stop 22). The same SASS ptx_check.py shows. PRECOMPILE=0 skips it.
 if [ "${PRECOMPILE:-1}" != 0 ]; then
   nvrtc_lib=$(python3 -c 'import sys; sys.path.insert(0, "scripts"); import ptx_check; print(ptx_check.toolkit()[0])')
-  cargo build --release --features cuda --example precompile_kernels 2>/dev/null
-  # Kept in target/precompiled-kernels (named by the sources' key: unchanged sources are
-  # not compiled again), the current one copied into the stage.
-  cubin=$(LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    target/release/examples/precompile_kernels sm_90a target/precompiled-kernels | cut -d: -f1) \
-    || { echo "precompile failed (PRECOMPILE=0 stages without)" >&2; exit 1; }
   mkdir -p "$stage/kernels"
-  cp "$cubin" "$stage/kernels/"
+  cubin=$(stage_module) || { echo "precompile failed (PRECOMPILE=0 stages without)" >&2; exit 1; }
   echo "kernels: $cubin"
 fi
 cp scripts/gpu_run.sh "$stage/run_all.sh"
@@ -72,11 +77,8 @@ at_rev() {
     echo "$bin"
   done
   if [ "${PRECOMPILE:-1}" != 0 ]; then
-    cargo build --release --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" --features cuda \
-      --example precompile_kernels 2>/dev/null
-    LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-      target/release/examples/precompile_kernels sm_90a target/precompiled-kernels | cut -d: -f1 \
-      | xargs -I{} cp {} "$stage/kernels/" >&2
+    stage_module --manifest-path "$wt/Cargo.toml" --target-dir "$root/target" >&2 \
+      || { git worktree remove --force "$wt"; echo "precompile at $rev failed" >&2; return 1; }
   fi
   git worktree remove --force "$wt"
   # The worktree's build shares this target folder; without a fresh mtime here, the next
