@@ -41,7 +41,7 @@ pub(crate) const BK: usize = 64;
 
 /// An arithmetic progression of rows: element `j` is buffer row `row0 + j·row_step` at
 /// global position `pos0 + j·pos_step`. Positions increase with `j`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Prog {
     pub row0: usize,
     pub row_step: usize,
@@ -481,13 +481,29 @@ pub(crate) unsafe fn merge_tile<T: Element>(
     qp: Prog,
     fac: T,
 ) {
+    // SAFETY: forwarded contract.
+    unsafe { merge_rows((&sc.m, &sc.l, &sc.acc), cx, b, h, qp, fac) }
+}
+
+/// [`merge_tile`] from a tile's running max `m`, sum `l` and unnormalised output `acc`.
+///
+/// # Safety
+/// As [`merge_tile`].
+unsafe fn merge_rows<T: Element>(
+    (m, l_sum, acc_all): (&[T], &[T], &[T]),
+    cx: &FwdCtx<'_, T>,
+    b: usize,
+    h: usize,
+    qp: Prog,
+    fac: T,
+) {
     let d = cx.q.d;
     let ninf = T::neg_infinity();
     for i in 0..qp.count {
-        if sc.l[i] == T::zero() {
+        if l_sum[i] == T::zero() {
             continue; // empty key set: lse_i = -inf, out_i = 0, nothing to merge
         }
-        let lse_i = sc.m[i] + sc.l[i].ln();
+        let lse_i = m[i] + l_sum[i].ln();
         let row = qp.row(i);
         // SAFETY: exclusivity of (b, row, h) is this function's contract.
         let (o, l) = unsafe { (cx.out.row_mut(b, row, h), cx.lse.row_mut(b, row, h)) };
@@ -503,8 +519,8 @@ pub(crate) unsafe fn merge_tile<T: Element>(
         } else {
             (l_old - l_new).exp()
         };
-        let w_new = (lse_i - l_new).exp() * fac / sc.l[i];
-        let acc = &sc.acc[i * d..(i + 1) * d];
+        let w_new = (lse_i - l_new).exp() * fac / l_sum[i];
+        let acc = &acc_all[i * d..(i + 1) * d];
         for (x, &a) in o.iter_mut().zip(acc) {
             *x = *x * w_old + a * w_new;
         }
@@ -521,6 +537,22 @@ pub(crate) fn forward<T: Element>(
     mask: Option<&[bool]>,
     out: &mut [T],
     lse: &mut [T],
+) {
+    forward_with(plan, q, k, v, mask, out, lse, true);
+}
+
+/// [`forward`], with `chunked = false` forcing one query tile per work item (the
+/// per-tile path the chunked one must reproduce bit for bit; tested below).
+#[allow(clippy::too_many_arguments)]
+fn forward_with<T: Element>(
+    plan: &Plan,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[bool]>,
+    out: &mut [T],
+    lse: &mut [T],
+    chunked: bool,
 ) {
     let dm = *plan.dims();
     out.fill(T::zero());
@@ -552,6 +584,15 @@ pub(crate) fn forward<T: Element>(
         lse: ViewMut::new(lse, n, dm.heads, 1),
     };
     let fac = T::of(plan.pattern_factor());
+    #[cfg(target_arch = "x86_64")]
+    if chunked
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && super::cpu_simd::available(d)
+    {
+        forward_chunked(plan, &cx, fac);
+        return;
+    }
+    let _ = chunked;
     for i in 0..plan.num_patterns() {
         let total = query_tiles(plan, i);
         (0..total).into_par_iter().for_each_init(
@@ -568,8 +609,82 @@ pub(crate) fn forward<T: Element>(
     }
 }
 
+/// [`forward`] on the AVX-512 path (`T` = f32): work items are chunks of up to
+/// [`CHUNK`] query tiles of one (batch, head, segment), which share each packed key tile
+/// ([`super::cpu_simd::fwd_chunk`]). The input rows of a head lie `H·D` floats apart, a
+/// stride that maps a segment's rows onto a few cache sets: one tile per item re-read
+/// every key tile from beyond L2 for each of its query tiles.
+#[cfg(target_arch = "x86_64")]
+fn forward_chunked<T: Element>(plan: &Plan, cx: &FwdCtx<'_, T>, fac: T) {
+    let dm = *plan.dims();
+    let d = dm.head_dim;
+    let vf = view_f32::<T>;
+    let t = super::cpu_simd::TileIn {
+        q: vf(cx.q),
+        k: vf(cx.k),
+        v: vf(cx.v),
+        kmask: cx.kmask,
+        causal: cx.causal,
+        scale: cx.scale.f64() as f32,
+    };
+    let threads = rayon::current_num_threads();
+    for i in 0..plan.num_patterns() {
+        let p = plan.patterns()[i];
+        let nqt = p.segment.div_ceil(p.dilation).div_ceil(BQ);
+        let total = query_tiles(plan, i);
+        // Enough items to balance the workers (about four each), at most CHUNK tiles.
+        let chunk = (total / (4 * threads).max(1)).clamp(1, CHUNK.min(nqt));
+        let nch = nqt.div_ceil(chunk);
+        let items = total / nqt * nch;
+        (0..items).into_par_iter().for_each_init(
+            || super::cpu_simd::SimdScratch::new(d),
+            |ss, item| {
+                let (seg, ch) = (item / nch, item % nch);
+                let mut tiles = [None; CHUNK];
+                let mut qps = [Prog::default(); CHUNK];
+                let mut n = 0;
+                for qt in ch * chunk..((ch + 1) * chunk).min(nqt) {
+                    if let Some(tile) = query_tile(plan, i, seg * nqt + qt) {
+                        qps[n] = tile.qp;
+                        tiles[n] = Some(tile);
+                        n += 1;
+                    }
+                }
+                let Some(QueryTile { b, h, kp, .. }) = tiles[0] else {
+                    return;
+                };
+                // SAFETY: `SimdScratch` exists only where `cpu_simd::available(d)` held
+                // (checked by the caller); every tile has 1..=BQ rows.
+                unsafe {
+                    super::cpu_simd::fwd_chunk(ss, &t, (b, h, h / dm.group()), &qps[..n], kp)
+                };
+                for (st, qp) in ss.tiles().iter().zip(&qps[..n]) {
+                    let bq = qp.count;
+                    // SAFETY: within pattern i, the tile (b, h, s, qt) is the only one that
+                    // covers its rows of head h in batch b.
+                    unsafe {
+                        merge_rows(
+                            (ts(&st.mx[..bq]), ts(&st.l[..bq]), ts(&st.acc[..bq * d])),
+                            cx,
+                            b,
+                            h,
+                            *qp,
+                            fac,
+                        )
+                    };
+                }
+            },
+        );
+    }
+}
+
+/// Query tiles per work item of [`forward_chunked`].
+#[cfg(target_arch = "x86_64")]
+const CHUNK: usize = 8;
+
 /// Work item `item` of a per-pattern pass over query tiles: items enumerate
 /// `(batch, head, segment, query tile)` with the tile index fastest.
+#[derive(Clone, Copy)]
 pub(crate) struct QueryTile {
     pub b: usize,
     pub h: usize,
@@ -624,6 +739,15 @@ fn f32s<T: 'static>(x: &[T]) -> &[f32] {
     assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
     // SAFETY: T is f32 (asserted), so this is the identity.
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()) }
+}
+
+/// `&[f32]` as `&[T]` when `T` is `f32`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn ts<T: 'static>(x: &[f32]) -> &[T] {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
+    // SAFETY: T is f32 (asserted), so this is the identity.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<T>(), x.len()) }
 }
 
 /// `&mut [T]` as `&mut [f32]` when `T` is `f32`.
@@ -1146,4 +1270,65 @@ fn pattern_delta<T: Element>(
             }
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::{Combine, Dims, Options, Pattern};
+
+    /// The chunked AVX-512 forward gives bitwise the per-tile path's output and `L`
+    /// (every tile's operations are the same, in the same order), with several query
+    /// tiles per chunk, a partial last tile, GQA, a padding mask and causal or not.
+    #[test]
+    fn chunked_forward_is_the_per_tile_forward() {
+        #[cfg(target_arch = "x86_64")]
+        if !super::super::cpu_simd::available(64) {
+            eprintln!("skipped: no AVX-512 on this CPU, so no chunked path to compare");
+            return;
+        }
+        let dims = Dims {
+            batch: 2,
+            seq: 1200,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+        };
+        let schedule = [
+            Pattern::new(400, 1),
+            Pattern::new(600, 2),
+            Pattern::new(1200, 3),
+        ];
+        let mut seed = 0x9e37_79b9_u32;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as f32 / u32::MAX as f32 - 0.5
+        };
+        let q: Vec<f32> = (0..dims.q_len()).map(|_| rnd()).collect();
+        let k: Vec<f32> = (0..dims.kv_len()).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..dims.kv_len()).map(|_| rnd()).collect();
+        let mask: Vec<bool> = (0..dims.batch * dims.seq).map(|i| i % 7 != 3).collect();
+        for causal in [false, true] {
+            for combine in [Combine::Lse, Combine::HeadGroups] {
+                let plan = Plan::new(
+                    dims,
+                    &schedule,
+                    Options::default().causal(causal).combine(combine),
+                )
+                .unwrap();
+                let run = |chunked: bool| {
+                    let mut out = vec![f32::NAN; dims.q_len()];
+                    let mut lse = vec![f32::NAN; dims.lse_len()];
+                    forward_with(&plan, &q, &k, &v, Some(&mask), &mut out, &mut lse, chunked);
+                    (out, lse)
+                };
+                let (a, b) = (run(true), run(false));
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a.0), bits(&b.0), "out, causal {causal}, {combine:?}");
+                assert_eq!(bits(&a.1), bits(&b.1), "L, causal {causal}, {combine:?}");
+            }
+        }
+    }
 }

@@ -43,26 +43,55 @@ pub(crate) fn available(d: usize) -> bool {
         && std::arch::is_x86_feature_detected!("avx512f")
 }
 
+/// Online-softmax state of one query tile: `Qᵀ` (scaled, `D × QC`, zero past `bq`), the
+/// running max and sum per query, and the unnormalised output (`BQ × D`).
+pub(crate) struct QState {
+    qt: Vec<f32>,
+    pub mx: Vec<f32>,
+    pub l: Vec<f32>,
+    pub acc: Vec<f32>,
+}
+
+impl QState {
+    fn new(d: usize) -> Self {
+        QState {
+            qt: vec![0.0; d * QC],
+            mx: vec![0.0; QC],
+            l: vec![0.0; QC],
+            acc: vec![0.0; BQ * d],
+        }
+    }
+}
+
 /// Scratch of the fast path (per worker).
 pub(crate) struct SimdScratch {
-    qt: Vec<f32>, // D × QC
+    d: usize,
+    /// One state per query tile of a chunk ([`fwd_chunk`]); `tiles[0]` serves
+    /// [`fwd_accumulate`].
+    tiles: Vec<QState>,
     st: Vec<f32>, // BK × QC
-    mx: Vec<f32>, // QC
-    l: Vec<f32>,  // QC
     kpos: Vec<usize>,
     kok: Vec<bool>,
+    kpk: Vec<f32>, // BK × D: the key tile's rows, packed
+    vpk: Vec<f32>, // BK × D: the value tile's rows, packed
 }
 
 impl SimdScratch {
     pub fn new(d: usize) -> Self {
         SimdScratch {
-            qt: vec![0.0; d * QC],
+            d,
+            tiles: vec![QState::new(d)],
             st: vec![0.0; BK * QC],
-            mx: vec![0.0; QC],
-            l: vec![0.0; QC],
             kpos: vec![0; BK],
             kok: vec![true; BK],
+            kpk: vec![0.0; BK * d],
+            vpk: vec![0.0; BK * d],
         }
+    }
+
+    /// The states of the last [`fwd_chunk`] (or `fwd_accumulate`), tile by tile.
+    pub fn tiles(&self) -> &[QState] {
+        &self.tiles
     }
 }
 
@@ -87,114 +116,208 @@ pub(crate) struct TileIn<'a> {
 pub(crate) unsafe fn fwd_accumulate(
     ss: &mut SimdScratch,
     t: &TileIn<'_>,
-    (b, h, g): (usize, usize, usize),
+    bhg: (usize, usize, usize),
     qp: Prog,
     kp: Prog,
     m_out: &mut [f32],
     l_out: &mut [f32],
     acc_out: &mut [f32],
 ) {
+    let (d, bq) = (t.q.d, qp.count);
+    // SAFETY: forwarded contract.
+    unsafe { fwd_chunk(ss, t, bhg, &[qp], kp) };
+    let st = &ss.tiles[0];
+    m_out[..bq].copy_from_slice(&st.mx[..bq]);
+    l_out[..bq].copy_from_slice(&st.l[..bq]);
+    acc_out[..bq * d].copy_from_slice(&st.acc[..bq * d]);
+}
+
+/// The forward accumulation of several query tiles `qps` of one (batch, head, segment,
+/// offset) against their common key progression `kp`. Key tile by key tile: the tile's K
+/// and V rows are packed once (see [`pack_rows`]) and every query tile that attends any
+/// of it runs its scores, softmax and `P·V` on the packed copy. Each tile's floating-point
+/// operations are those of a single-tile call, in the same order, so the results are
+/// bitwise the same; the states are left in [`SimdScratch::tiles`].
+///
+/// # Safety
+/// [`available`]`(d)` must be true; every `qps[c]` has `1..=BQ` rows.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn fwd_chunk(
+    ss: &mut SimdScratch,
+    t: &TileIn<'_>,
+    (b, h, g): (usize, usize, usize),
+    qps: &[Prog],
+    kp: Prog,
+) {
     let d = t.q.d;
-    let bq = qp.count;
-    debug_assert!(bq <= QC && d.is_multiple_of(16));
-    // Qᵀ, scaled, zero past bq.
-    ss.qt.fill(0.0);
-    for i in 0..bq {
-        let src = &t.q.data[t.q.at(b, qp.row(i), h)..][..d];
-        for (dd, &x) in src.iter().enumerate() {
-            ss.qt[dd * QC + i] = x * t.scale;
-        }
+    assert!(d == ss.d && d.is_multiple_of(16));
+    while ss.tiles.len() < qps.len() {
+        ss.tiles.push(QState::new(d));
     }
-    ss.mx.fill(f32::NEG_INFINITY);
-    ss.l.fill(0.0);
-    let acc = &mut acc_out[..bq * d];
-    acc.fill(0.0);
-    let qmin = qp.pos(0);
-    let qmax = qp.pos(bq - 1);
+    let mut qmax_all = 0;
+    for (st, qp) in ss.tiles.iter_mut().zip(qps) {
+        let bq = qp.count;
+        assert!((1..=BQ).contains(&bq));
+        // Qᵀ, scaled, zero past bq.
+        st.qt.fill(0.0);
+        for i in 0..bq {
+            let src = &t.q.data[t.q.at(b, qp.row(i), h)..][..d];
+            for (dd, &x) in src.iter().enumerate() {
+                st.qt[dd * QC + i] = x * t.scale;
+            }
+        }
+        st.mx.fill(f32::NEG_INFINITY);
+        st.l.fill(0.0);
+        st.acc[..bq * d].fill(0.0);
+        qmax_all = qmax_all.max(qp.pos(bq - 1));
+    }
 
     let mut k0 = 0;
     while k0 < kp.count {
         let bk = BK.min(kp.count - k0);
         let kt = kp.sub(k0, bk);
-        if t.causal && kt.pos0 > qmax {
-            break;
+        if t.causal && kt.pos0 > qmax_all {
+            break; // positions increase: no tile attends a later key
         }
         let k_start = t.k.at(b, kt.row0, g);
         let k_stride = kt.row_step * t.k.heads * d;
         let v_start = t.v.at(b, kt.row0, g);
         let v_stride = kt.row_step * t.v.heads * d;
-        let krows = &t.k.data[k_start..];
-        let vrows = &t.v.data[v_start..];
-        assert!(krows.len() >= (bk - 1) * k_stride + d && vrows.len() >= (bk - 1) * v_stride + d);
-
-        // Sᵀ = K · Qᵀ.
-        // SAFETY: rows j < bk of K lie in `krows` (asserted), Qᵀ is d × QC, Sᵀ is BK × QC.
-        unsafe { scores_t(&mut ss.st, &ss.qt, krows, k_stride, bk, d) };
-
-        // Masks: padding mask per key row, causal per (key, query).
+        // SAFETY: AVX-512F (this function's contract); bounds asserted inside.
+        unsafe {
+            pack_rows(&mut ss.kpk, &t.k.data[k_start..], k_stride, bk, d);
+            pack_rows(&mut ss.vpk, &t.v.data[v_start..], v_stride, bk, d);
+        }
+        // Key metadata: padding mask per key row, positions for the causal mask.
         let mut any_mask = false;
         for j in 0..bk {
             ss.kpos[j] = kt.pos(j);
             ss.kok[j] = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
             any_mask |= !ss.kok[j];
         }
-        let kmax = ss.kpos[bk - 1];
-        if any_mask || (t.causal && kmax > qmin) {
-            for j in 0..bk {
-                let row = &mut ss.st[j * QC..j * QC + QC];
-                if !ss.kok[j] {
-                    row.fill(f32::NEG_INFINITY);
-                } else if t.causal && ss.kpos[j] > qmin {
-                    for (i, x) in row[..bq].iter_mut().enumerate() {
-                        if ss.kpos[j] > qp.pos(i) {
-                            *x = f32::NEG_INFINITY;
-                        }
+        for (st, qp) in ss.tiles.iter_mut().zip(qps) {
+            if t.causal && kt.pos0 > qp.pos(qp.count - 1) {
+                continue; // this tile attends none of these keys
+            }
+            let keys = KeyTile {
+                k: &ss.kpk,
+                v: &ss.vpk,
+                pos: &ss.kpos[..bk],
+                ok: &ss.kok[..bk],
+                any_mask,
+            };
+            // SAFETY: forwarded contract; the packed tiles hold bk rows of d.
+            unsafe { key_tile(st, &mut ss.st, &keys, qp, t.causal, d) };
+        }
+        k0 += bk;
+    }
+}
+
+/// One packed key tile with its metadata.
+struct KeyTile<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    pos: &'a [usize],
+    ok: &'a [bool],
+    any_mask: bool,
+}
+
+/// One query tile against one key tile: `Sᵀ = K·Qᵀ`, masks, the online softmax down the
+/// columns of `Sᵀ`, `acc = α·acc + P·V`.
+///
+/// # Safety
+/// AVX-512F; `keys.k`, `keys.v` hold `bk = keys.pos.len()` rows of `d`; `sbuf` is
+/// `BK × QC`; `st` is sized for `d`.
+#[target_feature(enable = "avx512f")]
+unsafe fn key_tile(
+    st: &mut QState,
+    sbuf: &mut [f32],
+    keys: &KeyTile<'_>,
+    qp: &Prog,
+    causal: bool,
+    d: usize,
+) {
+    let (bq, bk) = (qp.count, keys.pos.len());
+    let qmin = qp.pos(0);
+    // SAFETY: the packed K tile holds bk rows of d, Qᵀ is d × QC, Sᵀ is BK × QC.
+    unsafe { scores_t(sbuf, &st.qt, keys.k, d, bk, d) };
+    if keys.any_mask || (causal && keys.pos[bk - 1] > qmin) {
+        for j in 0..bk {
+            let row = &mut sbuf[j * QC..j * QC + QC];
+            if !keys.ok[j] {
+                row.fill(f32::NEG_INFINITY);
+            } else if causal && keys.pos[j] > qmin {
+                for (i, x) in row[..bq].iter_mut().enumerate() {
+                    if keys.pos[j] > qp.pos(i) {
+                        *x = f32::NEG_INFINITY;
                     }
                 }
             }
         }
-
-        // Online softmax down the columns of Sᵀ.
-        let mut alpha = [1.0f32; QC];
-        let mut msafe = [0.0f32; QC];
-        let mut mnew = [f32::NEG_INFINITY; QC];
-        // SAFETY: `mx` has QC = 64 floats, Sᵀ rows j < bk ≤ BK have QC floats each.
-        unsafe { col_max(&mut mnew, &ss.mx, &ss.st, bk) };
-        for i in 0..QC {
-            msafe[i] = if mnew[i] == f32::NEG_INFINITY {
-                0.0
-            } else {
-                mnew[i]
-            };
-            alpha[i] = fast_exp_f32(ss.mx[i] - msafe[i]);
-            ss.mx[i] = mnew[i];
-        }
-        let mut sums = [0.0f32; QC];
-        for j in 0..bk {
-            let row = &mut ss.st[j * QC..j * QC + QC];
-            for i in 0..QC {
-                let p = fast_exp_f32(row[i] - msafe[i]);
-                row[i] = p;
-                sums[i] += p;
-            }
-        }
-        for i in 0..QC {
-            ss.l[i] = ss.l[i] * alpha[i] + sums[i];
-        }
-        for (i, &a) in alpha.iter().enumerate().take(bq) {
-            if a != 1.0 {
-                for x in &mut acc[i * d..(i + 1) * d] {
-                    *x *= a;
-                }
-            }
-        }
-        // acc += P · V.
-        // SAFETY: rows j < bk of V lie in `vrows` (asserted); Pᵀ is BK × QC; acc is bq × d.
-        unsafe { acc_rows(acc, &ss.st, (1, QC), vrows, v_stride, bq, bk, d) };
-        k0 += bk;
     }
-    m_out[..bq].copy_from_slice(&ss.mx[..bq]);
-    l_out[..bq].copy_from_slice(&ss.l[..bq]);
+
+    // Online softmax down the columns of Sᵀ.
+    let mut alpha = [1.0f32; QC];
+    let mut msafe = [0.0f32; QC];
+    let mut mnew = [f32::NEG_INFINITY; QC];
+    // SAFETY: `mx` has QC = 64 floats, Sᵀ rows j < bk ≤ BK have QC floats each.
+    unsafe { col_max(&mut mnew, &st.mx, sbuf, bk) };
+    for i in 0..QC {
+        msafe[i] = if mnew[i] == f32::NEG_INFINITY {
+            0.0
+        } else {
+            mnew[i]
+        };
+        alpha[i] = fast_exp_f32(st.mx[i] - msafe[i]);
+        st.mx[i] = mnew[i];
+    }
+    let mut sums = [0.0f32; QC];
+    for j in 0..bk {
+        let row = &mut sbuf[j * QC..j * QC + QC];
+        for i in 0..QC {
+            let p = fast_exp_f32(row[i] - msafe[i]);
+            row[i] = p;
+            sums[i] += p;
+        }
+    }
+    for i in 0..QC {
+        st.l[i] = st.l[i] * alpha[i] + sums[i];
+    }
+    let acc = &mut st.acc[..bq * d];
+    for (i, &a) in alpha.iter().enumerate().take(bq) {
+        if a != 1.0 {
+            for x in &mut acc[i * d..(i + 1) * d] {
+                *x *= a;
+            }
+        }
+    }
+    // acc += P · V.
+    // SAFETY: the packed V tile holds bk rows of d; Pᵀ is BK × QC; acc is bq × d.
+    unsafe { acc_rows(acc, sbuf, (1, QC), keys.v, d, bq, bk, d) };
+}
+
+/// Copy `bk` rows of `d` floats (row `j` at `src[j·stride..]`) into `dst` back to back:
+/// the tile's rows are `H·D·r` floats apart in the input, a stride that maps them onto a
+/// few L1 sets, so the products read them from a packed copy instead.
+///
+/// # Safety
+/// AVX-512F; `d % 16 == 0`.
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows(dst: &mut [f32], src: &[f32], stride: usize, bk: usize, d: usize) {
+    assert!(dst.len() >= bk * d && (bk == 0 || src.len() >= (bk - 1) * stride + d));
+    let (dp, sp) = (dst.as_mut_ptr(), src.as_ptr());
+    // A mask the compiler cannot see through: a plain load/store loop becomes one
+    // `memmove` call per row, several times slower on rows of 64–512 bytes.
+    let all = std::hint::black_box(0xffff_u16);
+    for j in 0..bk {
+        for c in (0..d).step_by(16) {
+            // SAFETY: in bounds by the assert above (d % 16 == 0).
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(all, sp.add(j * stride + c));
+                _mm512_mask_storeu_ps(dp.add(j * d + c), all, x);
+            }
+        }
+    }
 }
 
 /// `out[i] = max(m[i], max_j Sᵀ[j, i])` over the `QC` columns, in four registers.
@@ -237,6 +360,11 @@ unsafe fn scores_t(st: &mut [f32], qt: &[f32], k: &[f32], ks: usize, bk: usize, 
         // SAFETY: forwarded contract.
         unsafe { scores_block::<JB>(st, qt, k, ks, j, d) };
         j += JB;
+    }
+    if j + 4 <= bk {
+        // SAFETY: forwarded contract.
+        unsafe { scores_block::<4>(st, qt, k, ks, j, d) };
+        j += 4;
     }
     while j < bk {
         // SAFETY: forwarded contract.
