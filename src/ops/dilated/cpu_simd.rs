@@ -508,29 +508,68 @@ unsafe fn acc_block<const C: usize, const RB: usize>(
     }
 }
 
-/// Scratch of the fast backward (per worker).
-pub(crate) struct SimdBwdScratch {
-    qt: Vec<f32>,  // D × QC: scale·Qᵀ
-    got: Vec<f32>, // D × QC: dO'ᵀ
-    pt: Vec<f32>,  // BK × QC: Pᵀ
-    dst: Vec<f32>, // BK × QC: dSᵀ
+/// The query side of one tile in the fast backward: `scale·Qᵀ` and `dO'ᵀ` (`D × QC`,
+/// zero past `bq`), `L` (`+inf` past `bq` and where `L = −inf`, so `P = 0`), `Δ`, positions.
+pub(crate) struct BwdQ {
+    qt: Vec<f32>,
+    got: Vec<f32>,
     lsafe: [f32; QC],
     delta: [f32; QC],
     qpos: [usize; QC],
     bq: usize,
 }
 
-impl SimdBwdScratch {
+impl BwdQ {
     pub fn new(d: usize) -> Self {
-        SimdBwdScratch {
+        BwdQ {
             qt: vec![0.0; d * QC],
             got: vec![0.0; d * QC],
-            pt: vec![0.0; BK * QC],
-            dst: vec![0.0; BK * QC],
             lsafe: [f32::INFINITY; QC],
             delta: [0.0; QC],
             qpos: [0; QC],
             bq: 0,
+        }
+    }
+}
+
+/// One key tile of the fast backward: its K and V rows packed back to back (see
+/// [`pack_rows`]), positions and padding mask.
+pub(crate) struct BwdKeys {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    pos: [usize; BK],
+    ok: [bool; BK],
+    bk: usize,
+}
+
+impl BwdKeys {
+    /// Rows of the packed tile.
+    pub fn rows(&self) -> usize {
+        self.bk
+    }
+
+    pub fn new(d: usize) -> Self {
+        BwdKeys {
+            k: vec![0.0; BK * d],
+            v: vec![0.0; BK * d],
+            pos: [0; BK],
+            ok: [true; BK],
+            bk: 0,
+        }
+    }
+}
+
+/// Scratch of the fast backward (per worker): `Pᵀ` and `dSᵀ` of the current tile pair.
+pub(crate) struct SimdBwdScratch {
+    pt: Vec<f32>,  // BK × QC: Pᵀ
+    dst: Vec<f32>, // BK × QC: dSᵀ
+}
+
+impl SimdBwdScratch {
+    pub fn new() -> Self {
+        SimdBwdScratch {
+            pt: vec![0.0; BK * QC],
+            dst: vec![0.0; BK * QC],
         }
     }
 }
@@ -540,14 +579,13 @@ pub(crate) struct BwdIn<'a> {
     pub k: View<'a, f32>,
     pub v: View<'a, f32>,
     pub kmask: Option<&'a [bool]>,
-    pub causal: bool,
 }
 
 /// Load the query side of a tile: `q` (scaled) and `go` (`dO'`) are the row-major tiles
 /// the generic path gathered (`bq × d`), `lse`/`delta` the tile's `L` and `Δ`.
 /// Columns past `bq` get `L = +inf` (so `P = 0`) and zero `dO'`.
 pub(crate) fn bwd_load_q(
-    bs: &mut SimdBwdScratch,
+    bs: &mut BwdQ,
     q: &[f32],
     go: &[f32],
     lse: &[f32],
@@ -579,50 +617,72 @@ pub(crate) fn bwd_load_q(
     }
 }
 
-/// `Pᵀ = exp(Sᵀ - L)` and `dSᵀ = Pᵀ ∘ (dPᵀ - Δ)` for key tile `kt` (kv head `g`), with
-/// `Sᵀ = K·(scale·Q)ᵀ` and `dPᵀ = V·dO'ᵀ`; masked pairs get `P = 0`.
+/// Pack key tile `kt` (kv head `g` of batch `b`): its K and V rows and metadata.
 ///
 /// # Safety
-/// AVX-512F ([`available`]`(d)`); [`bwd_load_q`] ran for the current query tile.
+/// AVX-512F ([`available`]`(d)`); `kt` has `1..=BK` rows inside the inputs.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn bwd_p_ds(
-    bs: &mut SimdBwdScratch,
+pub(crate) unsafe fn bwd_pack_keys(
+    keys: &mut BwdKeys,
     t: &BwdIn<'_>,
     (b, g): (usize, usize),
     kt: &Prog,
 ) {
     let d = t.k.d;
     let bk = kt.count;
+    assert!((1..=BK).contains(&bk));
     let ks = kt.row_step * t.k.heads * d;
     let vs = kt.row_step * t.v.heads * d;
-    let krows = &t.k.data[t.k.at(b, kt.row0, g)..];
-    let vrows = &t.v.data[t.v.at(b, kt.row0, g)..];
-    assert!(krows.len() >= (bk - 1) * ks + d && vrows.len() >= (bk - 1) * vs + d);
-    // SAFETY: rows j < bk of K and V in bounds (asserted); tiles sized D × QC, BK × QC.
+    // SAFETY: AVX-512F (this function's contract); bounds asserted inside.
     unsafe {
-        scores_t(&mut bs.pt, &bs.qt, krows, ks, bk, d);
-        scores_t(&mut bs.dst, &bs.got, vrows, vs, bk, d);
+        pack_rows(&mut keys.k, &t.k.data[t.k.at(b, kt.row0, g)..], ks, bk, d);
+        pack_rows(&mut keys.v, &t.v.data[t.v.at(b, kt.row0, g)..], vs, bk, d);
     }
-    let bq = bs.bq;
-    let qmin = bs.qpos[0];
     for j in 0..bk {
-        let kpos = kt.pos(j);
-        let ok = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
+        keys.pos[j] = kt.pos(j);
+        keys.ok[j] = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
+    }
+    keys.bk = bk;
+}
+
+/// `Pᵀ = exp(Sᵀ - L)` and `dSᵀ = Pᵀ ∘ (dPᵀ - Δ)` for a packed key tile against a query
+/// tile, with `Sᵀ = K·(scale·Q)ᵀ` and `dPᵀ = V·dO'ᵀ`; masked pairs get `P = 0`.
+///
+/// # Safety
+/// AVX-512F ([`available`]`(d)`); `q` and `keys` were loaded for head dim `d`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn bwd_p_ds(
+    bs: &mut SimdBwdScratch,
+    q: &BwdQ,
+    keys: &BwdKeys,
+    causal: bool,
+    d: usize,
+) {
+    let bk = keys.bk;
+    // SAFETY: the packed tiles hold bk rows of d; tiles sized D × QC, BK × QC.
+    unsafe {
+        scores_t(&mut bs.pt, &q.qt, &keys.k, d, bk, d);
+        scores_t(&mut bs.dst, &q.got, &keys.v, d, bk, d);
+    }
+    let bq = q.bq;
+    let qmin = q.qpos[0];
+    for j in 0..bk {
+        let kpos = keys.pos[j];
         let prow = &mut bs.pt[j * QC..j * QC + QC];
         let drow = &mut bs.dst[j * QC..j * QC + QC];
-        if !ok {
+        if !keys.ok[j] {
             prow.fill(0.0);
             drow.fill(0.0);
             continue;
         }
         for i in 0..QC {
-            let p = fast_exp_f32(prow[i] - bs.lsafe[i]);
+            let p = fast_exp_f32(prow[i] - q.lsafe[i]);
             prow[i] = p;
-            drow[i] = p * (drow[i] - bs.delta[i]);
+            drow[i] = p * (drow[i] - q.delta[i]);
         }
-        if t.causal && kpos > qmin {
+        if causal && kpos > qmin {
             for i in 0..bq {
-                if kpos > bs.qpos[i] {
+                if kpos > q.qpos[i] {
                     prow[i] = 0.0;
                     drow[i] = 0.0;
                 }
@@ -632,13 +692,15 @@ pub(crate) unsafe fn bwd_p_ds(
 }
 
 /// Pass A: `dV[j] += Σ_i P[i, j] · dO'[i]`, `dK[j] += Σ_i dS[i, j] · (scale·q)[i]` into the
-/// `bk × d` tiles, after [`bwd_p_ds`].
+/// `bk × d` tiles, after [`bwd_p_ds`] for a query tile of `bq` rows.
 ///
 /// # Safety
 /// AVX-512F; `go`, `q` are the `bq × d` row-major tiles given to [`bwd_load_q`].
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn bwd_acc_kv(
     bs: &SimdBwdScratch,
+    bq: usize,
     dv: &mut [f32],
     dk: &mut [f32],
     go: &[f32],
@@ -646,7 +708,6 @@ pub(crate) unsafe fn bwd_acc_kv(
     bk: usize,
     d: usize,
 ) {
-    let bq = bs.bq;
     // SAFETY: A = Pᵀ/dSᵀ (BK × QC) read along rows, B = the bq × d query-side tiles.
     unsafe {
         acc_rows(dv, &bs.pt, (QC, 1), go, d, bk, bq, d);
@@ -655,21 +716,18 @@ pub(crate) unsafe fn bwd_acc_kv(
 }
 
 /// Pass B: `dQ[i] += Σ_j dS[i, j] · K[j]` (unscaled) into the `bq × d` tile, after
-/// [`bwd_p_ds`] for key tile `kt`.
+/// [`bwd_p_ds`] for the packed key tile `keys`.
 ///
 /// # Safety
 /// AVX-512F.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn bwd_acc_q(
     bs: &SimdBwdScratch,
+    bq: usize,
     dq: &mut [f32],
-    t: &BwdIn<'_>,
-    (b, g): (usize, usize),
-    kt: &Prog,
+    keys: &BwdKeys,
+    d: usize,
 ) {
-    let d = t.k.d;
-    let ks = kt.row_step * t.k.heads * d;
-    let krows = &t.k.data[t.k.at(b, kt.row0, g)..];
-    // SAFETY: A = dSᵀ read down a column, B = key rows of the tile (bounds asserted inside).
-    unsafe { acc_rows(dq, &bs.dst, (1, QC), krows, ks, bs.bq, kt.count, d) };
+    // SAFETY: A = dSᵀ read down a column, B = the packed key rows (bounds asserted inside).
+    unsafe { acc_rows(dq, &bs.dst, (1, QC), &keys.k, d, bq, keys.bk, d) };
 }
