@@ -26,7 +26,12 @@
 //! The tile products (`Q·Kᵀ`, `P·V`, `Pᵀ·dO`, `dSᵀ·Q`, `dS·K`) go through the `gemm`
 //! crate's single-threaded micro-kernels (runtime CPU dispatch); parallelism is over tiles.
 //! For f32 with `D % 16 == 0` on AVX-512 CPUs, `cpu_simd.rs` replaces the per-tile work
-//! with packing-free micro-kernels (its module docs explain the transposed layout).
+//! with its own micro-kernels (its module docs explain the transposed layout), and the
+//! single-device passes hand each worker a chunk of up to `CHUNK` (8) tiles of one segment
+//! (`forward_chunked`, `backward_chunked`), which share each key tile's packed rows or
+//! each query tile's gathered ones; scratch then grows to a few hundred KiB per worker,
+//! still nothing with `N`. The chunked passes give bitwise the per-tile results (tested
+//! below).
 
 #![allow(clippy::too_many_arguments)]
 
