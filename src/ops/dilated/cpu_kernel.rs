@@ -405,15 +405,7 @@ pub(crate) fn fwd_accumulate<T: Element>(
     #[cfg(target_arch = "x86_64")]
     if let Some(ss) = sc.simd.as_mut() {
         // `simd` is only built when T is f32 (TypeId checked in Scratch::new).
-        let vf = view_f32::<T>;
-        let t = super::cpu_simd::TileIn {
-            q: vf(cx.q),
-            k: vf(cx.k),
-            v: vf(cx.v),
-            kmask: cx.kmask,
-            causal: cx.causal,
-            scale: cx.scale.f64() as f32,
-        };
+        let t = tile_in(cx);
         // SAFETY: `simd` exists only when `cpu_simd::available(d)` held.
         unsafe {
             super::cpu_simd::fwd_accumulate(
@@ -563,20 +555,16 @@ pub(crate) fn forward<T: Element>(
     out: &mut [T],
     lse: &mut [T],
 ) {
-    forward_with(plan, q, k, v, mask, out, lse, true);
+    forward_with(plan, [q, k, v], mask, (out, lse), true);
 }
 
 /// [`forward`], with `chunked = false` forcing one query tile per work item (the
 /// per-tile path the chunked one must reproduce bit for bit; tested below).
-#[allow(clippy::too_many_arguments)]
 fn forward_with<T: Element>(
     plan: &Plan,
-    q: &[T],
-    k: &[T],
-    v: &[T],
+    [q, k, v]: [&[T]; 3],
     mask: Option<&[bool]>,
-    out: &mut [T],
-    lse: &mut [T],
+    (out, lse): (&mut [T], &mut [T]),
     chunked: bool,
 ) {
     let dm = *plan.dims();
@@ -643,15 +631,7 @@ fn forward_with<T: Element>(
 fn forward_chunked<T: Element>(plan: &Plan, cx: &FwdCtx<'_, T>, fac: T) {
     let dm = *plan.dims();
     let d = dm.head_dim;
-    let vf = view_f32::<T>;
-    let t = super::cpu_simd::TileIn {
-        q: vf(cx.q),
-        k: vf(cx.k),
-        v: vf(cx.v),
-        kmask: cx.kmask,
-        causal: cx.causal,
-        scale: cx.scale.f64() as f32,
-    };
+    let t = tile_in(cx);
     let threads = rayon::current_num_threads();
     for i in 0..plan.num_patterns() {
         let p = plan.patterns()[i];
@@ -782,6 +762,19 @@ fn f32s_mut<T: 'static>(x: &mut [T]) -> &mut [f32] {
     assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>());
     // SAFETY: T is f32 (asserted), so this is the identity.
     unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<f32>(), x.len()) }
+}
+
+/// The fast forward's view of a context (`T` = f32).
+#[cfg(target_arch = "x86_64")]
+fn tile_in<'a, T: Element>(cx: &FwdCtx<'a, T>) -> super::cpu_simd::TileIn<'a> {
+    super::cpu_simd::TileIn {
+        q: view_f32(cx.q),
+        k: view_f32(cx.k),
+        v: view_f32(cx.v),
+        kmask: cx.kmask,
+        causal: cx.causal,
+        scale: cx.scale.f64() as f32,
+    }
 }
 
 /// The fast backward's view of a context (`T` = f32).
@@ -1211,33 +1204,20 @@ fn backward_with<T: Element>(
         (0..total).into_par_iter().for_each_init(
             || (Scratch::new(d), Vec::with_capacity(group)),
             |(sc, qps), item| {
-                let kt_i = item % nkt;
-                let s = (item / nkt) % nseg;
-                let slot = (item / (nkt * nseg)) % group;
-                let g = (item / (nkt * nseg * group)) % dm.kv_heads;
-                let b = item / (nkt * nseg * group * dm.kv_heads);
-                let Some(&o) = offsets[g].get(slot) else {
+                let Some(KvItem {
+                    b,
+                    g,
+                    inner: kt_i,
+                    full,
+                }) = kv_item(plan, i, &offsets, nkt, item, qps)
+                else {
                     return;
                 };
-                let m = plan.rows_per_segment(i, o);
+                let m = full.count;
                 if kt_i * BK >= m {
                     return;
                 }
-                let a = s * w + o;
-                let full = Prog {
-                    row0: a,
-                    row_step: r,
-                    pos0: a,
-                    pos_step: r,
-                    count: m,
-                };
                 let kt = full.sub(kt_i * BK, BK.min(m - kt_i * BK));
-                qps.clear();
-                qps.extend(
-                    (g * group..(g + 1) * group)
-                        .filter(|&h| plan.offset(i, h) == Some(o))
-                        .map(|h| (h, full)),
-                );
                 // SAFETY: within pattern i, rows a + j·r (this tile's j) of kv head g in
                 // batch b belong to exactly this (b, g, offset, s, tile) item.
                 unsafe { bwd_kv_tile(sc, &cx, b, g, kt, qps, &dkv, &dvv) };
@@ -1256,6 +1236,53 @@ fn backward_with<T: Element>(
             },
         );
     }
+}
+
+/// A work item of pass A (dK, dV) of pattern `i`: batch `b`, kv head `g`, the key
+/// progression `full` of one (offset, segment), and the item's index `inner` within it.
+struct KvItem {
+    b: usize,
+    g: usize,
+    inner: usize,
+    full: Prog,
+}
+
+/// Decode pass-A item `item`, which enumerates `(b, g, offset slot, segment, inner)` with
+/// `inner` (`ninner` values) fastest, and list in `qps` the heads of kv head `g` that
+/// take that offset (each with the segment's progression). `None` where kv head `g` has
+/// fewer offsets than the slot.
+fn kv_item(
+    plan: &Plan,
+    i: usize,
+    offsets: &[Vec<usize>],
+    ninner: usize,
+    item: usize,
+    qps: &mut Vec<(usize, Prog)>,
+) -> Option<KvItem> {
+    let dm = plan.dims();
+    let (group, p) = (dm.group(), plan.patterns()[i]);
+    let nseg = dm.seq / p.segment;
+    let inner = item % ninner;
+    let s = (item / ninner) % nseg;
+    let slot = (item / (ninner * nseg)) % group;
+    let g = (item / (ninner * nseg * group)) % dm.kv_heads;
+    let b = item / (ninner * nseg * group * dm.kv_heads);
+    let &o = offsets[g].get(slot)?;
+    let a = s * p.segment + o;
+    let full = Prog {
+        row0: a,
+        row_step: p.dilation,
+        pos0: a,
+        pos_step: p.dilation,
+        count: plan.rows_per_segment(i, o),
+    };
+    qps.clear();
+    qps.extend(
+        (g * group..(g + 1) * group)
+            .filter(|&h| plan.offset(i, h) == Some(o))
+            .map(|h| (h, full)),
+    );
+    Some(KvItem { b, g, inner, full })
 }
 
 /// Pattern `i` of [`backward`] on the AVX-512 path (`T` = f32): pass A's items are chunks
@@ -1293,23 +1320,16 @@ fn backward_chunked<T: Element>(
             )
         },
         |(sc, ch, qps), item| {
-            let c = item % nch;
-            let s = (item / nch) % nseg;
-            let slot = (item / (nch * nseg)) % group;
-            let g = (item / (nch * nseg * group)) % dm.kv_heads;
-            let b = item / (nch * nseg * group * dm.kv_heads);
-            let Some(&o) = offsets[g].get(slot) else {
+            let Some(KvItem {
+                b,
+                g,
+                inner: c,
+                full,
+            }) = kv_item(plan, i, offsets, nch, item, qps)
+            else {
                 return;
             };
-            let m = plan.rows_per_segment(i, o);
-            let a = s * w + o;
-            let full = Prog {
-                row0: a,
-                row_step: r,
-                pos0: a,
-                pos_step: r,
-                count: m,
-            };
+            let m = full.count;
             let mut kts = [Prog::default(); CHUNK];
             let mut nk = 0;
             for kt_i in c * chunk..((c + 1) * chunk).min(nkt) {
@@ -1321,12 +1341,6 @@ fn backward_chunked<T: Element>(
             if nk == 0 {
                 return;
             }
-            qps.clear();
-            qps.extend(
-                (g * group..(g + 1) * group)
-                    .filter(|&h| plan.offset(i, h) == Some(o))
-                    .map(|h| (h, full)),
-            );
             ch.grow(nk, d);
             for (x, kt) in kts[..nk].iter().enumerate() {
                 // SAFETY: `available(d)` (the caller's check); kt is a tile inside the inputs.
@@ -1606,7 +1620,13 @@ mod tests {
                 let run = |chunked: bool| {
                     let mut out = vec![f32::NAN; dims.q_len()];
                     let mut lse = vec![f32::NAN; dims.lse_len()];
-                    forward_with(&plan, &q, &k, &v, Some(&mask), &mut out, &mut lse, chunked);
+                    forward_with(
+                        &plan,
+                        [&q, &k, &v],
+                        Some(&mask),
+                        (&mut out, &mut lse),
+                        chunked,
+                    );
                     (out, lse)
                 };
                 let (a, b) = (run(true), run(false));
