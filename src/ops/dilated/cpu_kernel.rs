@@ -1098,20 +1098,42 @@ pub(crate) fn backward<T: Element>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
-    backward_with(plan, [q, k, v], mask, (out, lse, go), [dq, dk, dv], true);
+    backward_with(
+        plan,
+        [q, k, v],
+        mask,
+        (out, lse, go),
+        [dq, dk, dv],
+        BwdPath::Auto,
+    );
 }
 
-/// [`backward`], with `chunked = false` forcing one tile per work item (the per-tile path
-/// the chunked one must reproduce bit for bit; tested below).
+/// Which work decomposition [`backward_with`] uses (the tests pin each; all give the same
+/// bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))] // `Chunked` and `Fused` are pinned by tests only
+enum BwdPath {
+    /// One tile per work item in both passes.
+    PerTile,
+    /// Chunks in both passes (AVX-512 path), never the fused pass A.
+    Chunked,
+    /// Chunks, with pass A fused (dQ too) wherever a segment's key tiles fit one chunk.
+    Fused,
+    /// [`BwdPath::Fused`] where the segments also keep the workers busy, else `Chunked`.
+    Auto,
+}
+
+/// [`backward`] along `path` (the per-tile path is what the chunked and fused ones must
+/// reproduce bit for bit; tested below).
 fn backward_with<T: Element>(
     plan: &Plan,
     [q, k, v]: [&[T]; 3],
     mask: Option<&[bool]>,
     (out, lse, go): (&[T], &[T], &[T]),
     [dq, dk, dv]: [&mut [T]; 3],
-    chunked: bool,
+    path: BwdPath,
 ) {
-    let _ = chunked;
+    let _ = path;
     let dm = *plan.dims();
     let (n, d) = (dm.seq, dm.head_dim);
     dq.fill(T::zero());
@@ -1194,9 +1216,9 @@ fn backward_with<T: Element>(
         #[cfg(target_arch = "x86_64")]
         if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && super::cpu_simd::available(d)
-            && chunked
+            && path != BwdPath::PerTile
         {
-            backward_chunked(plan, i, &cx, &offsets, (&dqv, &dkv, &dvv));
+            backward_chunked(plan, i, &cx, &offsets, (&dqv, &dkv, &dvv), path);
             continue;
         }
         // Pass A: dK, dV. Item = (b, g, offset slot, segment, key tile).
@@ -1297,6 +1319,7 @@ fn backward_chunked<T: Element>(
     cx: &BwdCtx<'_, T>,
     offsets: &[Vec<usize>],
     (dqv, dkv, dvv): (&ViewMut<T>, &ViewMut<T>, &ViewMut<T>),
+    path: BwdPath,
 ) {
     let dm = *plan.dims();
     let (n, d, group) = (dm.seq, dm.head_dim, dm.group());
@@ -1307,9 +1330,26 @@ fn backward_chunked<T: Element>(
     let threads = rayon::current_num_threads();
     let bin = bwd_in(cx);
 
-    // Pass A: dK, dV. Item = (b, g, offset slot, segment, chunk of key tiles).
+    // Pass A: dK, dV. Item = (b, g, offset slot, segment, chunk of key tiles). Where one
+    // chunk can hold all of a segment's key tiles and the segments alone keep the workers
+    // busy enough, the chunk is the whole segment and the item owns its queries' dQ rows too:
+    // it adds dS·K into each query tile's dQ right there (the five products of a fused
+    // backward instead of seven), and pass B does not run.
     let segs = dm.batch * dm.kv_heads * group * nseg;
-    let chunk = (segs * nkt / (4 * threads).max(1)).clamp(1, CHUNK.min(nkt));
+    let valid = dm.batch * nseg * offsets.iter().map(Vec::len).sum::<usize>();
+    let fused = nkt <= FUSED_TILES
+        && match path {
+            BwdPath::Fused => true,
+            // Five products per tile pair on ⌈valid / threads⌉ items per worker against
+            // seven spread evenly over the workers.
+            BwdPath::Auto => 5 * valid.div_ceil(threads) * threads <= 7 * valid,
+            BwdPath::PerTile | BwdPath::Chunked => false,
+        };
+    let chunk = if fused {
+        nkt
+    } else {
+        (segs * nkt / (4 * threads).max(1)).clamp(1, CHUNK.min(nkt))
+    };
     let nch = nkt.div_ceil(chunk);
     (0..segs * nch).into_par_iter().for_each_init(
         || {
@@ -1330,19 +1370,20 @@ fn backward_chunked<T: Element>(
                 return;
             };
             let m = full.count;
-            let mut kts = [Prog::default(); CHUNK];
-            let mut nk = 0;
+            let kts = &mut ch.kts;
+            kts.clear();
             for kt_i in c * chunk..((c + 1) * chunk).min(nkt) {
                 if kt_i * BK < m {
-                    kts[nk] = full.sub(kt_i * BK, BK.min(m - kt_i * BK));
-                    nk += 1;
+                    kts.push(full.sub(kt_i * BK, BK.min(m - kt_i * BK)));
                 }
             }
+            let nk = kts.len();
             if nk == 0 {
                 return;
             }
-            ch.grow(nk, d);
-            for (x, kt) in kts[..nk].iter().enumerate() {
+            ch.grow(nk, d, false);
+            let kts = std::mem::take(&mut ch.kts);
+            for (x, kt) in kts.iter().enumerate() {
                 // SAFETY: `available(d)` (the caller's check); kt is a tile inside the inputs.
                 unsafe { super::cpu_simd::bwd_pack_keys(&mut ch.keys[x], &bin, (b, g), kt) };
                 ch.dk[x][..kt.count * d].fill(0.0);
@@ -1359,7 +1400,7 @@ fn backward_chunked<T: Element>(
                     q0 += bq;
                     // The key tiles this query tile reaches (causal: those that start at
                     // or before its last query, the query tiles bwd_kv_tile keeps).
-                    let end = kts[..nk]
+                    let end = kts
                         .iter()
                         .take_while(|kt| !cx.causal || kt.pos0 <= qp.pos(bq - 1))
                         .count();
@@ -1368,6 +1409,7 @@ fn backward_chunked<T: Element>(
                     }
                     load_q_side(sc, cx, b, h, &qp);
                     simd_load_q(&mut f.q, sc, cx, b, h, &qp);
+                    ch.dq[..bq * d].fill(0.0);
                     let tiles = ch.keys.iter().zip(ch.dk.iter_mut().zip(ch.dv.iter_mut()));
                     for (keys, (dkt, dvt)) in tiles.take(end) {
                         // SAFETY: `available(d)`; the keys were packed for this tile.
@@ -1383,12 +1425,20 @@ fn backward_chunked<T: Element>(
                                 keys.rows(),
                                 d,
                             );
+                            if fused {
+                                super::cpu_simd::bwd_acc_q(&f.bs, bq, &mut ch.dq, keys, d);
+                            }
                         }
+                    }
+                    if fused {
+                        // SAFETY: the item holds every key tile of (b, g, o, s), so it is
+                        // the only one to write these dQ rows in pattern i.
+                        unsafe { add_dq(&ch.dq, cx, dqv, b, h, &qp) };
                     }
                 }
             }
             sc.simd_bwd = Some(f);
-            for (x, kt) in kts[..nk].iter().enumerate() {
+            for (x, kt) in kts.iter().enumerate() {
                 for j in 0..kt.count {
                     let row = kt.row(j);
                     // SAFETY: within pattern i, rows a + j·r of kv head g in batch b belong
@@ -1402,8 +1452,12 @@ fn backward_chunked<T: Element>(
                     }
                 }
             }
+            ch.kts = kts;
         },
     );
+    if fused {
+        return;
+    }
 
     // Pass B: dQ. Item = (b, h, segment, chunk of query tiles).
     let nqt = w.div_ceil(r).div_ceil(BQ);
@@ -1426,7 +1480,7 @@ fn backward_chunked<T: Element>(
             }
             let Some((b, h, kp)) = head else { return };
             let g = h / group;
-            ch.grow(nq, d);
+            ch.grow(nq, d, true);
             let Some(mut f) = sc.simd_bwd.take() else {
                 return;
             };
@@ -1459,46 +1513,83 @@ fn backward_chunked<T: Element>(
                 }
             }
             sc.simd_bwd = Some(f);
-            let scale = cx.scale.f64() as f32;
             for (x, qp) in qps[..nq].iter().enumerate() {
-                for i in 0..qp.count {
-                    // SAFETY: the item (b, h, s, tiles) is the only one covering these rows.
-                    let row = unsafe { dqv.row_mut(b, qp.row(i), h) };
-                    for (o, &y) in row.iter_mut().zip(&ch.dk[x][i * d..(i + 1) * d]) {
-                        *o += T::of((y * scale) as f64);
-                    }
-                }
+                // SAFETY: the item (b, h, s, tiles) is the only one covering these rows.
+                unsafe { add_dq(&ch.dk[x], cx, dqv, b, h, qp) };
             }
         },
     );
 }
 
+/// `dq` rows of query tile `qp` (head `h`, batch `b`) += `scale ·` the tile's unscaled
+/// accumulator `acc` (`qp.count × D`).
+///
+/// # Safety
+/// No other thread may touch those rows during the call.
+#[cfg(target_arch = "x86_64")]
+unsafe fn add_dq<T: Element>(
+    acc: &[f32],
+    cx: &BwdCtx<'_, T>,
+    dqv: &ViewMut<T>,
+    b: usize,
+    h: usize,
+    qp: &Prog,
+) {
+    let (d, scale) = (cx.q.d, cx.scale.f64() as f32);
+    for i in 0..qp.count {
+        // SAFETY: exclusivity is this function's contract.
+        let row = unsafe { dqv.row_mut(b, qp.row(i), h) };
+        for (o, &y) in row.iter_mut().zip(&acc[i * d..(i + 1) * d]) {
+            *o += T::of((y * scale) as f64);
+        }
+    }
+}
+
+/// Most key tiles in one pass-A item of [`backward_chunked`] when it also computes dQ
+/// (4 MiB of packed tiles and accumulators per worker at D = 64).
+#[cfg(target_arch = "x86_64")]
+const FUSED_TILES: usize = 64;
+
 /// Per-worker state of [`backward_chunked`]: packed key tiles with their dK, dV
-/// accumulators (pass A), query-tile states with their dQ accumulators in `dk` (pass B).
+/// accumulators (pass A), query-tile states with their dQ accumulators in `dk` (pass B),
+/// one query tile's dQ accumulator (fused pass A).
 #[cfg(target_arch = "x86_64")]
 struct ChunkBwd {
     keys: Vec<super::cpu_simd::BwdKeys>,
+    kts: Vec<Prog>,
     qs: Vec<super::cpu_simd::BwdQ>,
     dk: Vec<Vec<f32>>,
     dv: Vec<Vec<f32>>,
+    dq: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl ChunkBwd {
-    fn new(_d: usize) -> Self {
+    fn new(d: usize) -> Self {
         ChunkBwd {
             keys: Vec::new(),
+            kts: Vec::new(),
             qs: Vec::new(),
             dk: Vec::new(),
             dv: Vec::new(),
+            dq: vec![0.0; BQ * d],
         }
     }
-    fn grow(&mut self, n: usize, d: usize) {
-        while self.keys.len() < n {
-            self.keys.push(super::cpu_simd::BwdKeys::new(d));
-            self.qs.push(super::cpu_simd::BwdQ::new(d));
+    /// Room for `n` key tiles with dK, dV (pass A) or, `queries`, `n` query tiles with dQ
+    /// (pass B, in `dk`).
+    fn grow(&mut self, n: usize, d: usize, queries: bool) {
+        while self.dk.len() < n {
             self.dk.push(vec![0.0; BK.max(BQ) * d]);
-            self.dv.push(vec![0.0; BK * d]);
+        }
+        if queries {
+            while self.qs.len() < n {
+                self.qs.push(super::cpu_simd::BwdQ::new(d));
+            }
+        } else {
+            while self.keys.len() < n {
+                self.keys.push(super::cpu_simd::BwdKeys::new(d));
+                self.dv.push(vec![0.0; BK * d]);
+            }
         }
     }
 }
@@ -1576,6 +1667,17 @@ mod tests {
     use super::*;
     use crate::shape::{Combine, Dims, Options, Pattern};
 
+    /// `x` and `y` hold the same bits; else fail naming the first element that differs.
+    fn same_bits(x: &[f32], y: &[f32], what: &str) {
+        assert_eq!(x.len(), y.len(), "{what}: lengths");
+        if let Some(i) = (0..x.len()).find(|&i| x[i].to_bits() != y[i].to_bits()) {
+            panic!(
+                "{what}: element {i} differs: {} vs {} (per tile)",
+                x[i], y[i]
+            );
+        }
+    }
+
     /// The chunked AVX-512 forward and backward give bitwise the per-tile paths' output,
     /// `L`, dQ, dK and dV (every tile's operations are the same, in the same order), with
     /// several tiles per chunk, a partial last tile, GQA, a padding mask and causal or not.
@@ -1630,14 +1732,13 @@ mod tests {
                     (out, lse)
                 };
                 let (a, b) = (run(true), run(false));
-                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a.0), bits(&b.0), "out, causal {causal}, {combine:?}");
-                assert_eq!(bits(&a.1), bits(&b.1), "L, causal {causal}, {combine:?}");
+                same_bits(&a.0, &b.0, &format!("out, causal {causal}, {combine:?}"));
+                same_bits(&a.1, &b.1, &format!("L, causal {causal}, {combine:?}"));
                 // The backward from that forward: dQ, dK, dV, chunked and per tile.
                 let go: Vec<f32> = (0..dims.q_len())
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 64.0)
                     .collect();
-                let grads = |chunked: bool| {
+                let grads = |path: BwdPath| {
                     let mut g = [
                         vec![f32::NAN; dims.q_len()],
                         vec![f32::NAN; dims.kv_len()],
@@ -1650,18 +1751,22 @@ mod tests {
                         Some(&mask),
                         (&a.0, &a.1, &go),
                         [dq, dk, dv],
-                        chunked,
+                        path,
                     );
                     g
                 };
-                let (ga, gb) = (grads(true), grads(false));
-                for (name, x, y) in [
-                    ("dq", &ga[0], &gb[0]),
-                    ("dk", &ga[1], &gb[1]),
-                    ("dv", &ga[2], &gb[2]),
-                ] {
-                    assert!(x.iter().all(|f| f.is_finite()), "{name} not finite");
-                    assert_eq!(bits(x), bits(y), "{name}, causal {causal}, {combine:?}");
+                let gb = grads(BwdPath::PerTile);
+                for path in [BwdPath::Chunked, BwdPath::Fused, BwdPath::Auto] {
+                    let ga = grads(path);
+                    for (name, x, y) in [
+                        ("dq", &ga[0], &gb[0]),
+                        ("dk", &ga[1], &gb[1]),
+                        ("dv", &ga[2], &gb[2]),
+                    ] {
+                        assert!(x.iter().all(|f| f.is_finite()), "{name} not finite");
+                        let what = format!("{name}, {path:?}, causal {causal}, {combine:?}");
+                        same_bits(x, y, &what);
+                    }
                 }
             }
         }
