@@ -30,8 +30,11 @@
 //! single-device passes hand each worker a chunk of up to `CHUNK` (8) tiles of one segment
 //! (`forward_chunked`, `backward_chunked`), which share each key tile's packed rows or
 //! each query tile's gathered ones; scratch then grows to a few hundred KiB per worker,
-//! still nothing with `N`. The chunked passes give bitwise the per-tile results (tested
-//! below).
+//! still nothing with `N`. Where a segment has at most 64 key tiles and there are enough
+//! segments to share out, one backward item takes all of a segment's key tiles and also
+//! computes its queries' dQ (five tile products per pair instead of seven; up to ~4 MiB of
+//! scratch per worker at D = 64), and the second pass is skipped. The chunked and fused
+//! passes give bitwise the per-tile results (tested below).
 
 #![allow(clippy::too_many_arguments)]
 

@@ -40,7 +40,9 @@
 //! `dV += Pᵀ·dO'`, `dK += dSᵀ·Q` and `dQ += dS·K` by choosing which way it reads the
 //! transposed tile. The single-device backward runs in chunks too (`cpu_kernel`'s
 //! `backward_chunked`): pass A's chunks of key tiles share each query tile's gathered and
-//! transposed side ([`BwdQ`]), pass B's chunks of query tiles share each packed key tile.
+//! transposed side ([`BwdQ`]), pass B's chunks of query tiles share each packed key tile;
+//! where a chunk holds a whole segment, pass A adds `dS·K` into dQ too and pass B is
+//! skipped.
 //! Tested against the oracle by `tests/cpu_vs_oracle.rs` (`simd_head_dims_*`).
 
 #![cfg(target_arch = "x86_64")]
