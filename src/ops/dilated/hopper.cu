@@ -2166,17 +2166,19 @@ __device__ __forceinline__ void query_put(const Params& P, const QPre& r, int ti
     }
 }
 // The same metadata split into arrays of ROWS words each (bwd_wgt2ws, dkdv_wg's MS): causal
-// limits, L·log2 e, Δ, so that a thread reads a column pair's L (or limits, or Δ) with one
-// 8-byte shared load instead of two. The positions are not stored: the kernels using it
-// reduce dQ through tensor maps.
+// limits, L·log2 e − log2 fac, Δ / fac, so that a thread reads a column pair's L (or
+// limits, or Δ) with one 8-byte shared load instead of two, and the exponential gives
+// fac·P (the dV operand) without a multiply: dS = P·(fac·dP − Δ) = fac·P·(dP − Δ/fac)
+// (fac = 1 or 1/G > 0). The positions are not stored: the kernels using it reduce dQ
+// through tensor maps.
 template <int ROWS>
 __device__ __forceinline__ void query_put_split(const Params& P, const QPre& r, int tid, float* meta) {
     const float LOG2E = 1.4426950408889634f;
     if (tid < ROWS) {
         const bool ok = r.ok && r.L != neg_inf();
         meta[tid] = __int_as_float(P.causal ? r.qp : KEY_NONE - 1);
-        meta[ROWS + tid] = ok ? r.L * LOG2E : __int_as_float(0x7f800000);
-        meta[2 * ROWS + tid] = ok ? r.Dl : 0.f;
+        meta[ROWS + tid] = ok ? r.L * LOG2E - __log2f(P.fac) : __int_as_float(0x7f800000);
+        meta[2 * ROWS + tid] = ok ? r.Dl / P.fac : 0.f;
     }
 }
 
@@ -2278,6 +2280,12 @@ __device__ __forceinline__ void bulk_wait0() { asm volatile("cp.async.bulk.wait_
 // bwd_wgt2wsn: column groups whose L the consumers load before the S and dP MMAs.
 #define MS_PRE_NC 8
 #endif
+// Stop 35: dQ's MMAs over the warpgroup's own 64 keys before the wait for the other's dS
+// (the producer kernels; that wait held 48 k of bwd_wgt2wsn's 600 k loop stall samples in
+// stop 34's profile). Built, not yet run: 0 keeps the kernels as measured.
+#ifndef DQ_OWN_FIRST
+#define DQ_OWN_FIRST 1
+#endif
 #ifndef DKDV_TURNS
 #define DKDV_TURNS 0
 #endif
@@ -2371,6 +2379,9 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     if (NC && P.causal) __trap();  // the host launches NC for non-causal problems only
     constexpr int NS = TS ? 2 : 3;  // Q/dO stages
     constexpr bool SW = BS != 64;   // wide query tiles, dQ transposed (bwd_wgt2w, above)
+    // DQO: dQ's MMAs over the warpgroup's own keys issued before the wait for the other
+    // warpgroup's dS (DQ_OWN_FIRST; the producer kernels, D = 128, so CB == 2).
+    constexpr bool DQO = DQ_OWN_FIRST && WP && FQ && SW && CB == 2;
     static_assert(!FQ || BS == 64 || (BS == 80 && TS && !TQ && D == 128), "fused dQ: 64-row tiles, or 80 (bwd_wgt2w)");
     // One dS buffer (SW: BS query rows of 128 keys, two column blocks; else dSᵀ: RK key
     // rows of 64 queries) and one warpgroup's dQ staging buffer (64 f32 columns of BS rows).
@@ -2557,13 +2568,17 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
     // SW: dQᵀ[64wg.., :] = Kᵀ · dSᵀ (A: the owner K tile's column block wg, MN-major; B: the
     // dS buffer abuf, K-major, its column blocks BS·128 bytes apart).
     float dqa[FQ ? (SW ? BS / 2 : 32) : 1];
-    auto dq_mma = [&](u32 abuf) {
+    // [k0, k1): the key steps (16 keys each) to issue; DQO: in the order of this
+    // warpgroup's own 64 keys first (dq_own_first below), so that steps 0-3 read only the
+    // dS block it wrote itself.
+    auto dq_mma = [&](u32 abuf, int k0 = 0, int k1 = 8) {  // RK / 16 steps
         if constexpr (FQ && SW) {
             const u64 da0 = wg_desc(sK + wg * OB, 16, 1024), db0 = wg_desc(abuf, 16, 1024);
 #pragma unroll
-            for (int kc = 0; kc < RK / 16; ++kc) {
-                const u64 da = wg_desc_at(da0, kc * 16 * 128);
-                const u64 db = wg_desc_at(db0, (kc >> 2) * (BS * 128) + (kc & 3) * 32);
+            for (int kc = k0; kc < k1; ++kc) {
+                const int kk = DQO ? ((kc + 4 * wg) & 7) : kc;
+                const u64 da = wg_desc_at(da0, kk * 16 * 128);
+                const u64 db = wg_desc_at(db0, (kk >> 2) * (BS * 128) + (kk & 3) * 32);
                 // WP: the first MMA writes dqa without reading it (no value of dqa is live
                 // across tiles then).
                 if (WP && kc == 0)
@@ -2831,7 +2846,7 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         {
             float fp[BS / 2];
 #pragma unroll
-            for (int i = 0; i < BS / 2; ++i) fp[i] = s[i] * P.fac;  // fac·P for dV
+            for (int i = 0; i < BS / 2; ++i) fp[i] = MS ? s[i] : s[i] * P.fac;  // fac·P for dV (MS: s)
             wg_pack<T, BS>(fp, xp);
         }
         // NC: with no shared loads left in the softmax, ptxas places this wait before all of
@@ -2848,9 +2863,11 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
                                  : make_float2(0.f, 0.f);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
+                // MS: s = fac·P and dqc = Δ / fac (query_put_split).
                 const float dqc = MS ? (j ? d2.y : d2.x) : qm[n * 8 + (lane & 3) * 2 + j].z;
-                dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * P.fac - dqc);  // dS
-                dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * P.fac - dqc);
+                const float f = MS ? 1.f : P.fac;
+                dp[4 * n + j] = s[4 * n + j] * (dp[4 * n + j] * f - dqc);  // dS
+                dp[4 * n + 2 + j] = s[4 * n + 2 + j] * (dp[4 * n + 2 + j] * f - dqc);
             }
         }
         wg_pack<T, BS>(dp, xs);
@@ -2918,9 +2935,12 @@ __device__ void dkdv_wg(const Params& P, const T* __restrict__ q, const T* __res
         if constexpr (FQ && PP && !DQF) {
             // Both warpgroups' dSᵀ rows: the other one's arrive while this one's dV and dK
             // MMAs run. Then dQ in the same commit group, still in this warpgroup's turn.
+            // DQO: the half of dQ over this warpgroup's own keys first; its dS block is
+            // complete (named_sync above, which dK's MMAs rely on too).
+            if constexpr (DQO) dq_mma(sdSb, 0, 4);
             mbar_wait(dsfull(it), (it >> 1) & 1);
             fence_proxy_async();
-            if (CB == 2 || wg < CB) dq_mma(sdSb);
+            if (CB == 2 || wg < CB) dq_mma(sdSb, DQO ? 4 : 0, RK / 16);
         }
         wg_commit();
         if (TU2) turn_end(wg, !hn);
