@@ -11,13 +11,12 @@
 //! * the query tile is gathered **transposed** once per tile, `Qᵀ` (`D × 64`, scaled,
 //!   zero-padded past `bq`), and scores are computed transposed,
 //!   `Sᵀ[j, i] = Σ_d K[j, d] · Qᵀ[d, i]`: six key rows × four 16-lane query blocks in 24
-//!   registers, `K[j, d]` broadcast straight from the (strided) key rows;
+//!   registers, `K[j, d]` broadcast from the key rows;
 //! * in `Sᵀ` the online softmax runs **down the columns**: the running max, the `exp` and
 //!   the running sum of query `i` are lane `i` of a vector, with no horizontal reduction;
 //! * `acc[i, :] += Σ_j Pᵀ[j, i] · V[j, :]` broadcasts `Pᵀ[j, i]` against rows of `V`
-//!   read in place (up to 4 query rows × `D/16` vectors of accumulators).
-//!
-//! * K and V rows are **packed** per key tile ([`pack_rows`]) and the products read the
+//!   (up to 4 query rows × `D/16` vectors of accumulators);
+//! * K and V rows are **packed** per key tile ([`pack_keys`]) and the products read the
 //!   copy. In the `(B, N, H, D)` inputs a head's rows lie `H·D·r` floats apart (2 KiB at
 //!   H = 8, D = 64, r = 1), a power-of-two stride that maps a tile's 64 rows onto a few
 //!   cache sets: `P·V`, which reads every V row once per 4 query rows, and every query
@@ -36,7 +35,7 @@
 //!
 //! The backward reuses the layout: `Pᵀ = exp(K·(scale·Q)ᵀ − L)` and
 //! `dSᵀ = Pᵀ ∘ (V·dO'ᵀ − Δ)` are computed transposed by the same score kernel on packed key
-//! tiles ([`bwd_pack_keys`]), and one accumulate kernel ([`acc_rows`]) does `P·V`,
+//! tiles ([`pack_keys`]), and one accumulate kernel ([`acc_rows`]) does `P·V`,
 //! `dV += Pᵀ·dO'`, `dK += dSᵀ·Q` and `dQ += dS·K` by choosing which way it reads the
 //! transposed tile. The single-device backward runs in chunks too (`cpu_kernel`'s
 //! `backward_chunked`): pass A's chunks of key tiles share each query tile's gathered and
@@ -89,10 +88,7 @@ pub(crate) struct SimdScratch {
     /// [`fwd_accumulate`].
     tiles: Vec<QState>,
     st: Vec<f32>, // BK × QC
-    kpos: Vec<usize>,
-    kok: Vec<bool>,
-    kpk: Vec<f32>, // BK × D: the key tile's rows, packed
-    vpk: Vec<f32>, // BK × D: the value tile's rows, packed
+    keys: PackedKeys,
 }
 
 impl SimdScratch {
@@ -101,10 +97,7 @@ impl SimdScratch {
             d,
             tiles: vec![QState::new(d)],
             st: vec![0.0; BK * QC],
-            kpos: vec![0; BK],
-            kok: vec![true; BK],
-            kpk: vec![0.0; BK * d],
-            vpk: vec![0.0; BK * d],
+            keys: PackedKeys::new(d),
         }
     }
 
@@ -117,9 +110,7 @@ impl SimdScratch {
 /// Inputs of one query tile.
 pub(crate) struct TileIn<'a> {
     pub q: View<'a, f32>,
-    pub k: View<'a, f32>,
-    pub v: View<'a, f32>,
-    pub kmask: Option<&'a [bool]>,
+    pub kv: KvIn<'a>,
     pub causal: bool,
     pub scale: f32,
 }
@@ -198,69 +189,39 @@ pub(crate) unsafe fn fwd_chunk(
         if t.causal && kt.pos0 > qmax_all {
             break; // positions increase: no tile attends a later key
         }
-        let k_start = t.k.at(b, kt.row0, g);
-        let k_stride = kt.row_step * t.k.heads * d;
-        let v_start = t.v.at(b, kt.row0, g);
-        let v_stride = kt.row_step * t.v.heads * d;
-        // SAFETY: AVX-512F (this function's contract); bounds asserted inside.
-        unsafe {
-            pack_rows(&mut ss.kpk, &t.k.data[k_start..], k_stride, bk, d);
-            pack_rows(&mut ss.vpk, &t.v.data[v_start..], v_stride, bk, d);
-        }
-        // Key metadata: padding mask per key row, positions for the causal mask.
-        let mut any_mask = false;
-        for j in 0..bk {
-            ss.kpos[j] = kt.pos(j);
-            ss.kok[j] = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
-            any_mask |= !ss.kok[j];
-        }
+        // SAFETY: AVX-512F (this function's contract); kt is a tile inside the inputs.
+        unsafe { pack_keys(&mut ss.keys, &t.kv, (b, g), &kt) };
         for (st, qp) in ss.tiles.iter_mut().zip(qps) {
             if t.causal && kt.pos0 > qp.pos(qp.count - 1) {
                 continue; // this tile attends none of these keys
             }
-            let keys = KeyTile {
-                k: &ss.kpk,
-                v: &ss.vpk,
-                pos: &ss.kpos[..bk],
-                ok: &ss.kok[..bk],
-                any_mask,
-            };
-            // SAFETY: forwarded contract; the packed tiles hold bk rows of d.
-            unsafe { key_tile(st, &mut ss.st, &keys, qp, t.causal, d) };
+            // SAFETY: forwarded contract; the keys were packed for kt.
+            unsafe { key_tile(st, &mut ss.st, &ss.keys, qp, t.causal, d) };
         }
         k0 += bk;
     }
-}
-
-/// One packed key tile with its metadata.
-struct KeyTile<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    pos: &'a [usize],
-    ok: &'a [bool],
-    any_mask: bool,
 }
 
 /// One query tile against one key tile: `Sᵀ = K·Qᵀ`, masks, the online softmax down the
 /// columns of `Sᵀ`, `acc = α·acc + P·V`.
 ///
 /// # Safety
-/// AVX-512F; `keys.k`, `keys.v` hold `bk = keys.pos.len()` rows of `d`; `sbuf` is
-/// `BK × QC`; `st` is sized for `d`.
+/// AVX-512F; `keys` was packed for head dim `d`; `sbuf` is `BK × QC`; `st` is sized for
+/// `d`.
 #[target_feature(enable = "avx512f")]
 unsafe fn key_tile(
     st: &mut QState,
     sbuf: &mut [f32],
-    keys: &KeyTile<'_>,
+    keys: &PackedKeys,
     qp: &Prog,
     causal: bool,
     d: usize,
 ) {
-    let (bq, bk) = (qp.count, keys.pos.len());
+    let (bq, bk) = (qp.count, keys.bk);
     let qmin = qp.pos(0);
     // SAFETY: the packed K tile holds bk rows of d, Qᵀ is d × QC, Sᵀ is BK × QC.
-    unsafe { scores_t(sbuf, &st.qt, keys.k, d, bk, d) };
-    if keys.any_mask || (causal && keys.pos[bk - 1] > qmin) {
+    unsafe { scores_t(sbuf, &st.qt, &keys.k, d, bk, d) };
+    if keys.any_masked || (causal && keys.pos[bk - 1] > qmin) {
         for j in 0..bk {
             let row = &mut sbuf[j * QC..j * QC + QC];
             if !keys.ok[j] {
@@ -326,7 +287,7 @@ unsafe fn key_tile(
     }
     // acc += P · V.
     // SAFETY: the packed V tile holds bk rows of d; Pᵀ is BK × QC; acc is bq × d.
-    unsafe { acc_rows(acc, sbuf, (1, QC), keys.v, d, bq, bk, d) };
+    unsafe { acc_rows(acc, sbuf, (1, QC), &keys.v, d, bq, bk, d) };
 }
 
 /// Copy `bk` rows of `d` floats (row `j` at `src[j·stride..]`) into `dst` back to back:
@@ -603,28 +564,31 @@ impl BwdQ {
     }
 }
 
-/// One key tile of the fast backward: its K and V rows packed back to back (see
+/// One key tile, forward or backward: its K and V rows packed back to back (see
 /// [`pack_rows`]), positions and padding mask.
-pub(crate) struct BwdKeys {
+pub(crate) struct PackedKeys {
     k: Vec<f32>,
     v: Vec<f32>,
     pos: [usize; BK],
     ok: [bool; BK],
+    /// Whether any row is masked out.
+    any_masked: bool,
     bk: usize,
 }
 
-impl BwdKeys {
+impl PackedKeys {
     /// Rows of the packed tile.
     pub fn rows(&self) -> usize {
         self.bk
     }
 
     pub fn new(d: usize) -> Self {
-        BwdKeys {
+        PackedKeys {
             k: vec![0.0; BK * d],
             v: vec![0.0; BK * d],
             pos: [0; BK],
             ok: [true; BK],
+            any_masked: false,
             bk: 0,
         }
     }
@@ -645,8 +609,8 @@ impl SimdBwdScratch {
     }
 }
 
-/// Inputs of the fast backward for one (query tile, key tile) pair.
-pub(crate) struct BwdIn<'a> {
+/// The key side of the inputs: K, V and the key padding mask.
+pub(crate) struct KvIn<'a> {
     pub k: View<'a, f32>,
     pub v: View<'a, f32>,
     pub kmask: Option<&'a [bool]>,
@@ -693,9 +657,9 @@ pub(crate) fn bwd_load_q(
 /// # Safety
 /// AVX-512F ([`available`]`(d)`); `kt` has `1..=BK` rows inside the inputs.
 #[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn bwd_pack_keys(
-    keys: &mut BwdKeys,
-    t: &BwdIn<'_>,
+pub(crate) unsafe fn pack_keys(
+    keys: &mut PackedKeys,
+    t: &KvIn<'_>,
     (b, g): (usize, usize),
     kt: &Prog,
 ) {
@@ -709,9 +673,11 @@ pub(crate) unsafe fn bwd_pack_keys(
         pack_rows(&mut keys.k, &t.k.data[t.k.at(b, kt.row0, g)..], ks, bk, d);
         pack_rows(&mut keys.v, &t.v.data[t.v.at(b, kt.row0, g)..], vs, bk, d);
     }
+    keys.any_masked = false;
     for j in 0..bk {
         keys.pos[j] = kt.pos(j);
         keys.ok[j] = t.kmask.is_none_or(|m| m[b * t.k.rows + kt.row(j)]);
+        keys.any_masked |= !keys.ok[j];
     }
     keys.bk = bk;
 }
@@ -725,7 +691,7 @@ pub(crate) unsafe fn bwd_pack_keys(
 pub(crate) unsafe fn bwd_p_ds(
     bs: &mut SimdBwdScratch,
     q: &BwdQ,
-    keys: &BwdKeys,
+    keys: &PackedKeys,
     causal: bool,
     d: usize,
 ) {
@@ -804,7 +770,7 @@ pub(crate) unsafe fn bwd_acc_q(
     bs: &SimdBwdScratch,
     bq: usize,
     dq: &mut [f32],
-    keys: &BwdKeys,
+    keys: &PackedKeys,
     d: usize,
 ) {
     // SAFETY: A = dSᵀ read down a column, B = the packed key rows (bounds asserted inside).
