@@ -1736,11 +1736,8 @@ mod tests {
             return;
         }
         let dims = Dims {
-            batch: 2,
-            seq: 1200,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
+            kv_heads: 2, // GQA: two query heads per kv head
+            ..Dims::mha(2, 1200, 4, 64)
         };
         let schedule = [
             Pattern::new(400, 1),
