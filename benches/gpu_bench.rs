@@ -86,7 +86,9 @@ fn mma_sync(d: &Cuda, on: bool) {
 /// 4-byte stores as up to stop 26 (`stores4`: `fwd_wspt`; the default since stop 27,
 /// `fwd_wsps`, stores 16 bytes per instruction), two Q buffers and two K/V stages
 /// (`qdouble`: `fwd_wspq`), work items crossed in one turn on two Q tiles, two K and three
-/// V stages (`xcross`: `fwd_wspi`).
+/// V stages (`xcross`: `fwd_wspi`), the persistent forward's head-group items dealt in the
+/// grid's order (`griddeal`; by default the items with keys are dealt apart from the keyless
+/// ones, evenly).
 const FWD_VARIANTS: &[Variant] = &[
     ("mma", mma_sync),
     ("wg", |d, on| d.set_warp_specialized(!on)),
@@ -100,6 +102,7 @@ const FWD_VARIANTS: &[Variant] = &[
     ("stores4", |d, on| d.set_fwd_vector_stores(!on)),
     ("qdouble", |d, on| d.set_fwd_double_q(on)),
     ("xcross", |d, on| d.set_fwd_cross_items(on)),
+    ("griddeal", |d, on| d.set_fwd_keyed_first(!on)),
     ("wide", |d, on| d.set_fwd_wide_tiles(on)),
     ("widecp", |d, on| {
         d.set_fwd_wide_tiles(on);

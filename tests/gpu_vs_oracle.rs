@@ -135,7 +135,9 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     // (bwd_wgt2wp, the default of stop 33; the default since stop 34 splits it into arrays:
     // bwd_wgt2ws, for non-causal problems without causal limits: bwd_wgt2wsn); 23: the
     // default with the split metadata's causal kernel for non-causal problems too
-    // (bwd_wgt2ws); 3: the
+    // (bwd_wgt2ws); 24: the default with the persistent forward's head-group items dealt in
+    // the grid's order (fwd_wsps; by default the items with keys are numbered and dealt
+    // apart from the keyless ones); 3: the
     // lockstep wgmma forward and the two-pass lockstep backward; 5: the warp-specialised forward without
     // the overlap; 6: the overlapped forward, not persistent, and the dQ pass reading Q and
     // dO from shared memory (dq_wg + dkdv_wg); 7: the backward with deferred MMA waits
@@ -148,15 +150,15 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_persistent_causal(warps == 7);
     dev.set_fused_dq(matches!(
         warps,
-        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
+        0 | 1 | 9 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
     ));
     dev.set_fused_dq_tma(matches!(
         warps,
-        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
+        0 | 12 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
     ));
     dev.set_fused_dq_tma_split(matches!(
         warps,
-        0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23
+        0 | 13 | 15 | 16 | 17 | 18 | 19 | 20 | 21 | 22 | 23 | 24
     ));
     dev.set_bwd_producer(warps != 21);
     dev.set_bwd_split_meta(warps != 22);
@@ -169,6 +171,7 @@ fn check_w<E: CudaElement>(case: &Case, pref: KernelPref, grads: bool, warps: u8
     dev.set_fwd_vector_stores(warps != 18);
     dev.set_fwd_double_q(warps == 19);
     dev.set_fwd_cross_items(warps == 20);
+    dev.set_fwd_keyed_first(warps != 24);
     dev.set_bwd_pingpong(warps != 3 && warps != 9);
     dev.set_bwd_reg_operands(warps != 6);
     dev.set_bwd_deferred_waits(warps == 7);
@@ -479,6 +482,7 @@ fn persistent_forward_many_items() {
         (Combine::Lse, false, 4096, 43),
         (Combine::HeadGroups, true, 4096, 41),
         (Combine::Lse, true, 8192, 45),
+        (Combine::HeadGroups, false, 16384, 46),
     ] {
         let case = Case {
             dims: Dims {
@@ -497,7 +501,12 @@ fn persistent_forward_many_items() {
             mask: Some((0..2 * n).map(|i| i % 11 != 4).collect()),
             seed,
         };
-        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20] {
+        for warps in [0, 6, 7, 10, 11, 12, 14, 15, 17, 18, 19, 20, 24] {
+            // 16K under head groups: ~8 items per CTA, keyed and keyless (1024 items, 704
+            // with keys), dealt keyed first (0) and in the grid's order (24).
+            if n == 16384 && !matches!(warps, 0 | 24) {
+                continue;
+            }
             // The kernel each code stands for here, and for the persistent ones the name
             // prefix of what must have run (the settings of check_w's last call are the
             // device's still).
@@ -513,12 +522,13 @@ fn persistent_forward_many_items() {
                 11 => ("fwd_wspwt", None),
                 14 if causal => ("fwd_wsow", None),
                 14 => ("fwd_wspw", None),
-                15 | 17 | 18 | 19 | 20 if causal => continue, // fwd_wsot, the default kernel again
+                15 | 17 | 18 | 19 | 20 | 24 if causal => continue, // fwd_wsot, the default kernel again
                 15 => ("fwd_wsptn", None),
                 17 => ("fwd_wspx", Some("fwd_wspx_")),
                 18 => ("fwd_wspt (4-byte stores)", Some("fwd_wspt_")),
                 19 => ("fwd_wspq", Some("fwd_wspq_")),
                 20 => ("fwd_wspi", Some("fwd_wspi_")),
+                24 => ("fwd_wsps (items in the grid's order)", Some("fwd_wsps_")),
                 _ if causal => ("fwd_wsps (causal)", None),
                 _ => continue, // the default kernel again
             };

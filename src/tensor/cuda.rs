@@ -226,6 +226,9 @@ pub struct Cuda {
     fwd_double_q: AtomicBool,
     /// The persistent forward with work items crossed in one turn (`fwd_wspi`; opt-in).
     fwd_cross_items: AtomicBool,
+    /// The persistent forward deals head-group items with keys out apart from the keyless
+    /// ones (the default since stop 37; `false`: the grid's order).
+    fwd_keyed_first: AtomicBool,
     /// Hopper backward with ping-pong between warpgroups (`dq_wgr` + `dkdv_wg`, the
     /// default) or in lockstep (`dq_wgs` + `dkdv_wgs`).
     bwd_pingpong: AtomicBool,
@@ -305,6 +308,7 @@ impl Cuda {
             fwd_vector_stores: AtomicBool::new(true),
             fwd_double_q: AtomicBool::new(false),
             fwd_cross_items: AtomicBool::new(false),
+            fwd_keyed_first: AtomicBool::new(true),
             bwd_pingpong: AtomicBool::new(true),
             bwd_reg_operands: AtomicBool::new(true),
             bwd_deferred_waits: AtomicBool::new(false),
@@ -740,6 +744,20 @@ impl Cuda {
     /// See [`set_fwd_cross_items`](Self::set_fwd_cross_items).
     pub fn fwd_cross_items(&self) -> bool {
         self.fwd_cross_items.load(Ordering::Relaxed)
+    }
+    /// The persistent Hopper forward under the head-group combine (non-causal problems,
+    /// every dilation dividing the class step): work items with keys numbered before the
+    /// keyless ones and dealt out evenly, each CTA interleaving its two kinds (`true`, the
+    /// default since stop 37), or every item in the grid's order (`false`). Dealt in the
+    /// grid's order, the 960 keyed items of the LongNet schedule at 16K fall 5 to 9 to a CTA
+    /// (7.27 on average), so the busiest CTA does 1.24× the average keyed work (1.03× at 64K);
+    /// keyed first, 7 or 8. GPU oracle code 24 (`false`). See hopper.cu (`deal_keyed`).
+    pub fn set_fwd_keyed_first(&self, on: bool) {
+        self.fwd_keyed_first.store(on, Ordering::Relaxed);
+    }
+    /// See [`set_fwd_keyed_first`](Self::set_fwd_keyed_first).
+    pub fn fwd_keyed_first(&self) -> bool {
+        self.fwd_keyed_first.load(Ordering::Relaxed)
     }
     /// Hopper backward: stages tracked by mbarriers (`true`, the default: 2-5 % faster on an
     /// H100 than the lockstep kernels once the per-tile instruction count was cut, see

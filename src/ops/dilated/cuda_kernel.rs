@@ -53,6 +53,9 @@ pub(crate) struct Params {
     step: i32,
     /// Query tiles per (head, batch) of the forward grid; read by the persistent forward.
     tiles: i32,
+    /// Head groups: the number of work items with keys, which the persistent forward deals
+    /// out evenly apart from the keyless ones (`keyed_items`); 0 keeps the grid's order.
+    keyed: i32,
     scale: f32,
     fac: f32,
     w: [i32; MAX_PATTERNS],
@@ -63,7 +66,7 @@ pub(crate) struct Params {
 }
 
 // SAFETY: `Params` is plain old data with `#[repr(C)]` layout identical to the CUDA
-// `struct Params` (same field order and types: i64, 12 × i32, 2 × f32, 5 × i32[16]).
+// `struct Params` (same field order and types: i64, 13 × i32, 2 × f32, 5 × i32[16]).
 unsafe impl DeviceRepr for Params {}
 
 fn gcd(a: usize, b: usize) -> usize {
@@ -150,6 +153,7 @@ impl Prob {
             blk: to_i32("block", blk)?,
             step: to_i32("step", step)?,
             tiles: 0,
+            keyed: 0,
             scale: scale as f32,
             fac: fac as f32,
             w: [1; MAX_PATTERNS],
@@ -674,6 +678,41 @@ struct Launch {
 /// The hardware's block scheduler hands the next tile to whichever SM is free.
 pub(crate) fn persistent_pays(causal: bool) -> bool {
     !causal
+}
+
+/// The persistent forward's count of work items with keys under the head-group combine
+/// (`Params::keyed`; hopper.cu's `keyed_item` numbers them, `deal_keyed` deals them), or
+/// `None` where its numbering does not hold: causal problems (dealt heaviest first), a
+/// dilation not dividing the class step (a tile's rows would not all take part or all not),
+/// an offset not below its dilation, head groups that do not cover the heads in order, or
+/// `p.tiles` (set first) not `blocks × step × tiles per class` of `rows`-row tiles.
+/// Pattern i's heads have keys in the classes `c % r == off` of each block: `step / r` of
+/// its `step` classes.
+fn keyed_items(p: &Params, rows: usize) -> Option<i32> {
+    if p.headgroups == 0 || p.causal != 0 || p.blk <= 0 || p.step <= 0 || p.n % p.blk != 0 {
+        return None;
+    }
+    let g = usize::try_from(p.g).ok()?;
+    let (blk, step) = (p.blk as i64, p.step as i64);
+    let tpc = ((blk + step - 1) / step + rows as i64 - 1) / rows as i64;
+    let nb = i64::from(p.n) / blk;
+    if i64::from(p.tiles) != nb * step * tpc {
+        return None;
+    }
+    let mut next_head = 0;
+    let mut keyed = 0i64;
+    for i in 0..g {
+        let (r, off) = (i64::from(p.r[i]), i64::from(p.off[i]));
+        if r <= 0 || step % r != 0 || off >= r || p.hg0[i] != next_head || p.hg1[i] < p.hg0[i] {
+            return None;
+        }
+        next_head = p.hg1[i];
+        keyed += i64::from(p.hg1[i] - p.hg0[i]) * i64::from(p.b) * nb * (step / r) * tpc;
+    }
+    if next_head != p.h {
+        return None;
+    }
+    i32::try_from(keyed).ok()
 }
 
 /// The persistent forward may run: on a problem that may take every SM (`whole_device`),
@@ -1270,6 +1309,18 @@ pub(crate) fn forward_launch<E: CudaElement>(
                 msg: format!("{items} work items exceed the persistent forward's 32-bit index"),
             })?;
             cfg.grid_dim = ((items as u32).min(dev.sm_count()).max(1), 1, 1);
+            // The kernels that deal head-group items keyed first (hopper.cu's KF): the
+            // persistent 128-key box-load ones; the others keep the grid's order.
+            let kf = [
+                "fwd_wspt_",
+                "fwd_wsps_",
+                "fwd_wspx_",
+                "fwd_wspq_",
+                "fwd_wsptn_",
+            ];
+            if dev.fwd_keyed_first() && kf.iter().any(|k| l.name.starts_with(k)) {
+                p.keyed = keyed_items(&p, l.rows).unwrap_or(0);
+            }
         }
         let mut b = dev.stream().launch_builder(&f);
         if let Some(m) = kmaps.as_ref() {
@@ -1857,6 +1908,81 @@ mod tests {
     /// box coordinates say: the load maps' (·, h, o, j, b·N/w + a/w) and the dQ map's
     /// (·, h, o, a/r + j, b) address row a + o + r·j of the (B, N, H, D) tensor; one past a
     /// segment's last row is outside the load maps (zero-filled).
+    /// `keyed_items` against a count from SPEC §1's rows: under the head-group combine a
+    /// query row at position `p` of a head in pattern i's group takes part iff
+    /// `(p mod w) mod r == off` (w the capped segment); a tile (decode_tile's rows) has keys
+    /// iff its rows do, and they must agree. Where the numbering does not hold: `None`.
+    #[test]
+    fn keyed_items_count_the_tiles_with_keys() {
+        let hg = crate::shape::Options::default().combine(Combine::HeadGroups);
+        let case = |b, n, h, pats: &[(usize, usize)], opts: crate::shape::Options| {
+            let schedule: Vec<crate::shape::Pattern> = pats
+                .iter()
+                .map(|&(w, r)| crate::shape::Pattern::new(w, r))
+                .collect();
+            let dims = Dims {
+                batch: b,
+                seq: n,
+                heads: h,
+                kv_heads: h,
+                head_dim: 64,
+            };
+            let plan = Plan::new(dims, &schedule, opts).unwrap();
+            let mut pr = Prob::of_plan(&plan, 0, false).unwrap();
+            pr.p.tiles = pr.tiles(128) as i32;
+            (plan, pr)
+        };
+        let longnet = [(2048, 1), (4096, 2), (8192, 4), (16384, 8)];
+        for (b, n, h, pats) in [
+            (1, 16384, 16, &longnet[..]),
+            (1, 65536, 16, &longnet[..]),
+            (2, 4096, 4, &[(512, 1), (1024, 2), (2048, 4)][..]),
+            (3, 4096, 5, &[(512, 1), (1024, 2), (2048, 4)][..]),
+            (1, 1024, 3, &[(256, 2), (1024, 4)][..]),
+        ] {
+            let (plan, pr) = case(b, n, h, pats, hg);
+            let p = &pr.p;
+            let (blk, step) = (p.blk as usize, p.step as usize);
+            let tpc = blk.div_ceil(step).div_ceil(128);
+            let mut want = 0;
+            for hh in 0..h {
+                let i = (0..plan.num_patterns())
+                    .find(|&i| plan.head_group(i).contains(&hh))
+                    .unwrap();
+                let (w, r) = (plan.patterns()[i].segment, plan.patterns()[i].dilation);
+                let off = i % r;
+                for x in 0..p.tiles as usize {
+                    let (tic, c, bi) = (x % tpc, (x / tpc) % step, x / (tpc * step));
+                    let rows: Vec<bool> = (tic * 128..((tic + 1) * 128).min(blk / step))
+                        .map(|j| (bi * blk + c + j * step) % w % r == off)
+                        .collect();
+                    assert!(rows.iter().all(|&t| t == rows[0]), "a tile's rows agree");
+                    want += usize::from(rows[0]) * b;
+                }
+            }
+            assert_eq!(keyed_items(p, 128), Some(want as i32), "b={b} n={n} h={h}");
+        }
+        // 16K: 960 keyed tiles of 2048 (the figure in hopper.cu's comment).
+        assert_eq!(
+            keyed_items(&case(1, 16384, 16, &longnet, hg).1.p, 128),
+            Some(960)
+        );
+        // Not numbered: causal, the LSE combine, a dilation not dividing the class step.
+        assert_eq!(
+            keyed_items(&case(1, 16384, 16, &longnet, hg.causal(true)).1.p, 128),
+            None
+        );
+        let lse = crate::shape::Options::default();
+        assert_eq!(
+            keyed_items(&case(1, 16384, 16, &longnet, lse).1.p, 128),
+            None
+        );
+        assert_eq!(
+            keyed_items(&case(1, 96, 2, &[(32, 1), (96, 3)], hg).1.p, 128),
+            None
+        );
+    }
+
     #[test]
     fn tensor_map_boxes_address_the_dilated_rows() {
         let (bsz, n, h, hkv, d) = (2usize, 96usize, 4usize, 2usize, 64usize);

@@ -34,6 +34,7 @@ struct Params {
     int blk;                 // block length (divides every capped segment)
     int step;                // class step (divides blk)
     int tiles;               // query tiles per (head, batch): the persistent forward's items
+    int keyed;               // head groups: items with keys, dealt first (0: grid order)
     float scale;             // softmax scale
     float fac;               // output factor: 1 (Lse) or 1/G (HeadGroups)
     int w[MAXP];             // capped segment lengths

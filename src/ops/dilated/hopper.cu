@@ -995,6 +995,87 @@ __device__ __forceinline__ void item_order(const Params& P, int w, int& x, int& 
     }
 }
 
+// Head groups with P.keyed > 0 (the host sets it where every pattern's dilation divides the
+// class step, its offset is below its dilation, and the groups cover the heads in order, so
+// that a tile's rows take part in their head's pattern all or none: class c of the block
+// does iff c % r == off). The static deal in the grid's order gives CTAs unequal numbers of
+// items with keys (16 key tiles each at the LongNet schedule) and without (a Q load and
+// zeros): at 16K, 960 keyed items over 132 CTAs, 7.27 on average, up to 9 for some CTA and 5
+// for another (0.81 of an even deal). So the keyed items are numbered first, w < P.keyed,
+// pattern by pattern: heads fastest, then batches, tiles of a class, the pattern's classes,
+// blocks; the keyless ones after them in the same nesting (keyless_item). CTA c takes keyed
+// items c, c + G, ... and the keyless ones dealt on from there (w = P.keyed + u with
+// (P.keyed + u) % G == c), so every CTA's count of each kind is within one of the average,
+// and it interleaves the two kinds evenly (deal_keyed) so that the keyless items' memory
+// traffic runs beside other CTAs' MMAs as in the grid's order rather than in a phase of its
+// own at the end.
+__device__ __forceinline__ int tiles_per_class(const Params& P, int R) {
+    return ((P.blk + P.step - 1) / P.step + R - 1) / R;
+}
+// Tile x of the class `c`'s tile `tic` in block `bi` (decode_tile's numbering).
+__device__ __forceinline__ int class_tile(const Params& P, int tpc, int bi, int c, int tic) {
+    return (bi * P.step + c) * tpc + tic;
+}
+// The k-th item with keys (k < P.keyed).
+__device__ __forceinline__ void keyed_item(const Params& P, int R, int k, int& x, int& h,
+                                           int& b) {
+    const int tpc = tiles_per_class(P, R), nb = P.N / P.blk;
+    for (int i = 0; i < P.G; ++i) {
+        const int nh = P.hg1[i] - P.hg0[i], ncls = P.step / P.r[i];
+        const int cnt = nh * P.B * nb * ncls * tpc;
+        if (k < cnt) {
+            h = P.hg0[i] + k % nh;
+            k /= nh;
+            b = k % P.B;
+            k /= P.B;
+            const int tic = k % tpc;
+            k /= tpc;
+            x = class_tile(P, tpc, k / ncls, P.off[i] + (k % ncls) * P.r[i], tic);
+            return;
+        }
+        k -= cnt;
+    }
+    x = h = b = 0;  // unreachable: the host counted P.keyed from the same patterns
+}
+// The u-th item without keys: in pattern i's heads the classes c % r != off, r - 1 of
+// every r classes.
+__device__ __forceinline__ void keyless_item(const Params& P, int R, int u, int& x, int& h,
+                                             int& b) {
+    const int tpc = tiles_per_class(P, R), nb = P.N / P.blk;
+    for (int i = 0; i < P.G; ++i) {
+        const int nh = P.hg1[i] - P.hg0[i], r = P.r[i], ncls = P.step - P.step / r;
+        const int cnt = nh * P.B * nb * ncls * tpc;
+        if (u < cnt) {
+            h = P.hg0[i] + u % nh;
+            u /= nh;
+            b = u % P.B;
+            u /= P.B;
+            const int tic = u % tpc;
+            u /= tpc;
+            const int ci = u % ncls, j = ci % (r - 1);
+            x = class_tile(P, tpc, u / ncls, ci / (r - 1) * r + j + (j >= P.off[i] ? 1 : 0), tic);
+            return;
+        }
+        u -= cnt;
+    }
+    x = h = b = 0;  // unreachable: the host counted the items from the same patterns
+}
+// This CTA's i-th item w under the keyed-first deal (above); false when it has none left.
+// Of its nk keyed and nu keyless items, step i is keyed iff floor((i + 1)·nk / n) exceeds
+// floor(i·nk / n), n = nk + nu: the keyed items spread evenly over its steps.
+__device__ __forceinline__ bool deal_keyed(const Params& P, int i, int& w) {
+    const int G = (int)gridDim.x, c = (int)blockIdx.x, K = P.keyed;
+    const int U = P.tiles * P.H * P.B - K;
+    const int nk = c < K ? (K - 1 - c) / G + 1 : 0;
+    const int cu = ((c - K) % G + G) % G;  // this CTA's first keyless index
+    const int nu = cu < U ? (U - 1 - cu) / G + 1 : 0;
+    const int n = nk + nu;
+    if (i >= n) return false;
+    const int a = (int)((long long)i * nk / n), a1 = (int)((long long)(i + 1) * nk / n);
+    w = a1 > a ? c + a * G : K + cu + (i - a) * G;
+    return true;
+}
+
 // OV: intra-warpgroup overlap (FlashAttention-3's second overlap): S(n) and P(c)·V(c) are
 // two commit groups; the softmax of S(n) runs as soon as S(n) lands, while P(c)·V(c) is still
 // on the tensor cores, and only the O rescale and the packing of P(n) wait for it. Same
@@ -1090,6 +1171,10 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     // pair per step to each CTA, both members in a row. Computed, the busiest CTA then does
     // ~1.03x the average work (dealt one by one: 1.57x at 16K). np pair slots per head.
     const bool pairs = PS && P.causal && !P.headgroups;
+    // The keyed-first deal of head-group items (deal_keyed): the persistent 128-key box-load
+    // kernels only (fwd_wspt, fwd_wsps, fwd_wspx, fwd_wspq, fwd_wsptn); the others keep the
+    // grid's order (with it fwd_wsp spilled 40 bytes at D = 128, fwd_wspr 108, fwd_wspw 60).
+    constexpr bool KF = PS && TK && BK == WG_BK;
     const int np = (P.tiles + 1) / 2;
     // Work item w: its tile, head and batch; false where the tile slot is empty.
     auto item = [&](int w, Tile& t, int& h, int& b) {
@@ -1101,6 +1186,11 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
                 b = sp / (np * P.H);
                 x = (w & 1) ? p : P.tiles - 1 - p;
                 if ((w & 1) && p == P.tiles - 1 - p) return false;  // an odd count's middle tile
+            } else if (KF && P.keyed > 0) {
+                if (w < P.keyed)
+                    keyed_item(P, RQ, w, x, h, b);
+                else
+                    keyless_item(P, RQ, w - P.keyed, x, h, b);
             } else {
                 item_order(P, w, x, h, b);
             }
@@ -1116,6 +1206,7 @@ __device__ void fwd_ws(const Params& P, const T* __restrict__ q, const T* __rest
     const int nw = PS ? (pairs ? 2 * np : P.tiles) * P.H * P.B : 1;
     // This CTA's i-th work item w; false when it has none left.
     auto kth = [&](int i, int& w) {
+        if (KF && !pairs && P.keyed > 0) return deal_keyed(P, i, w);
         w = pairs ? 2 * (w0 + (i >> 1) * wstep) + (i & 1) : w0 + i * wstep;
         return w < nw;
     };
