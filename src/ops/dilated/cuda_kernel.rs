@@ -715,6 +715,19 @@ fn keyed_items(p: &Params, rows: usize) -> Option<i32> {
     i32::try_from(keyed).ok()
 }
 
+/// Whether the keyed-first deal pays for `keyed` items with keys over `ctas` CTAs: where a
+/// CTA gets at most 16 of them on average. Measured on an H100 against the grid's order
+/// (stop 37, `benches/results/gpu_h100_s37.txt`, three alternating rounds and the same
+/// process's `griddeal` row): the LongNet schedule's head-group forward at 16K (7.3 keyed
+/// items per CTA) +2.7 / +3.8 %, at 64K, 256K and 1M (29, 116 and 465 per CTA) −2.7 / −3.0,
+/// −1.5 / +1.7 and −2.1 / −2.9 %: where a CTA has many items the grid's order is within
+/// one item of an even deal already, and it shares K/V in L2 better (numbered pattern by
+/// pattern, the CTAs of one moment work on one head group). The bound between 7.3 and 29
+/// is a choice, not a measurement.
+pub(crate) fn keyed_first_pays(keyed: i32, ctas: u32) -> bool {
+    keyed > 0 && i64::from(keyed) <= 16 * i64::from(ctas)
+}
+
 /// The persistent forward may run: on a problem that may take every SM (`whole_device`),
 /// where it pays, or causal with [`Cuda::set_fwd_persistent_causal`].
 fn may_persist(dev: &Cuda, causal: bool, whole_device: bool) -> bool {
@@ -1319,7 +1332,10 @@ pub(crate) fn forward_launch<E: CudaElement>(
                 "fwd_wsptn_",
             ];
             if dev.fwd_keyed_first() && kf.iter().any(|k| l.name.starts_with(k)) {
-                p.keyed = keyed_items(&p, l.rows).unwrap_or(0);
+                let keyed = keyed_items(&p, l.rows).unwrap_or(0);
+                if keyed_first_pays(keyed, cfg.grid_dim.0) {
+                    p.keyed = keyed;
+                }
             }
         }
         let mut b = dev.stream().launch_builder(&f);
@@ -1962,7 +1978,10 @@ mod tests {
             }
             assert_eq!(keyed_items(p, 128), Some(want as i32), "b={b} n={n} h={h}");
         }
-        // 16K: 960 keyed tiles of 2048 (the figure in hopper.cu's comment).
+        // 16K: 960 keyed tiles of 2048 (the figure in hopper.cu's comment), dealt keyed
+        // first on 132 SMs; 64K's 3840 are not.
+        assert!(keyed_first_pays(960, 132) && !keyed_first_pays(3840, 132));
+        assert!(!keyed_first_pays(0, 132));
         assert_eq!(
             keyed_items(&case(1, 16384, 16, &longnet, hg).1.p, 128),
             Some(960)
