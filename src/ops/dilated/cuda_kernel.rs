@@ -54,7 +54,8 @@ pub(crate) struct Params {
     /// Query tiles per (head, batch) of the forward grid; read by the persistent forward.
     tiles: i32,
     /// Head groups: the number of work items with keys, which the persistent forward deals
-    /// out evenly apart from the keyless ones (`keyed_items`); 0 keeps the grid's order.
+    /// out evenly apart from the keyless ones (`keyed_items`), set where that pays
+    /// (`keyed_first_pays`); 0 keeps the grid's order.
     keyed: i32,
     scale: f32,
     fac: f32,
@@ -1322,20 +1323,12 @@ pub(crate) fn forward_launch<E: CudaElement>(
                 msg: format!("{items} work items exceed the persistent forward's 32-bit index"),
             })?;
             cfg.grid_dim = ((items as u32).min(dev.sm_count()).max(1), 1, 1);
-            // The kernels that deal head-group items keyed first (hopper.cu's KF): the
-            // persistent 128-key box-load ones; the others keep the grid's order.
-            let kf = [
-                "fwd_wspt_",
-                "fwd_wsps_",
-                "fwd_wspx_",
-                "fwd_wspq_",
-                "fwd_wsptn_",
-            ];
-            if dev.fwd_keyed_first() && kf.iter().any(|k| l.name.starts_with(k)) {
-                let keyed = keyed_items(&p, l.rows).unwrap_or(0);
-                if keyed_first_pays(keyed, cfg.grid_dim.0) {
-                    p.keyed = keyed;
-                }
+            // Only the persistent 128-key box-load kernels read it (hopper.cu's KF); the
+            // others keep the grid's order whatever it holds.
+            if dev.fwd_keyed_first() {
+                p.keyed = keyed_items(&p, l.rows)
+                    .filter(|&k| keyed_first_pays(k, cfg.grid_dim.0))
+                    .unwrap_or(0);
             }
         }
         let mut b = dev.stream().launch_builder(&f);
